@@ -1,0 +1,370 @@
+//! The gateway's configuration: a TOML file on top of an embedded default.
+//!
+//! Loading has two phases. The user's file is merged over the embedded default
+//! ([`DEFAULT_TOML`]) as TOML tables, so every key exists afterwards; then one walk over the
+//! merged table converts and checks each value. The walk never stops at the first problem: it
+//! collects every unknown key, wrong type and out-of-range value, each named by its path
+//! (`mqtt.listen`, `alerts.rules[1].metric`), and [`ConfigErrors`] reports them all.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fleetgate_protocol::{AlertKind, HwMetric, Severity};
+
+mod walk;
+
+use walk::{Problems, Section};
+
+/// The embedded default configuration, with a comment on every setting.
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub mqtt: Mqtt,
+    pub http: Http,
+    pub storage: Storage,
+    pub retention: Retention,
+    pub ingest: Ingest,
+    pub alerts: Alerts,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mqtt {
+    pub listen: SocketAddr,
+    pub max_connections: usize,
+    pub connect_timeout: Duration,
+    pub max_packet_bytes: usize,
+    pub max_keep_alive: Duration,
+    pub router: Router,
+}
+
+/// Sizes of the embedded broker's in-memory logs (see ARCHITECTURE.md, "Memory budget").
+#[derive(Debug, Clone, PartialEq)]
+pub struct Router {
+    pub ingest_segment_bytes: usize,
+    pub ingest_segment_count: usize,
+    pub device_segment_bytes: usize,
+    pub device_segment_count: usize,
+    pub max_outgoing_packet_count: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Http {
+    pub listen: SocketAddr,
+    /// `None`: from the environment or the data dir (the gateway decides).
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Storage {
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retention {
+    pub telemetry_per_device: u64,
+    pub telemetry_max_age: Duration,
+    pub logs_per_device: u64,
+    pub resolved_alerts_max_age: Duration,
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ingest {
+    pub queue: usize,
+    pub batch: usize,
+    pub reject_log_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alerts {
+    pub rules: Vec<AlertRule>,
+}
+
+/// Opens an alert when `metric` crosses `trigger`, resolves it when the metric is back past
+/// `clear` (hysteresis, so a value hovering at the threshold does not flap).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertRule {
+    pub metric: HwMetric,
+    pub trigger: Trigger,
+    pub clear: f64,
+    pub kind: AlertKind,
+    pub severity: Severity,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Trigger {
+    Above(f64),
+    Below(f64),
+}
+
+impl AlertRule {
+    /// Whether `value` opens the alert.
+    pub fn fires(&self, value: f64) -> bool {
+        match self.trigger {
+            Trigger::Above(t) => value > t,
+            Trigger::Below(t) => value < t,
+        }
+    }
+
+    /// Whether `value` resolves an open alert.
+    pub fn clears(&self, value: f64) -> bool {
+        match self.trigger {
+            Trigger::Above(_) => value <= self.clear,
+            Trigger::Below(_) => value >= self.clear,
+        }
+    }
+}
+
+/// One problem in a config file, named by its path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path of the key, e.g. `mqtt.listen`; empty for problems with the whole file.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors {
+    pub source_name: String,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        let s = if n == 1 { "" } else { "s" };
+        write!(f, "{} has {n} problem{s}:", self.source_name)?;
+        for e in &self.errors {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The embedded default is checked by a unit test; it cannot fail at run time.
+        Config::from_toml_str(DEFAULT_TOML, "embedded default")
+            .unwrap_or_else(|e| panic!("embedded default config is invalid: {e}"))
+    }
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            source_name: name.clone(),
+            errors: vec![ConfigError {
+                path: String::new(),
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        Config::from_toml_str(&text, &name)
+    }
+
+    /// Parses and checks config text; `source_name` names it in error messages.
+    pub fn from_toml_str(text: &str, source_name: &str) -> Result<Config, ConfigErrors> {
+        let fail = |errors| ConfigErrors {
+            source_name: source_name.to_owned(),
+            errors,
+        };
+        let user: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            fail(vec![ConfigError {
+                path: String::new(),
+                message: format!("not valid TOML: {}", e.message()),
+            }])
+        })?;
+        let mut merged: toml::Table = DEFAULT_TOML
+            .parse()
+            .map_err(|e: toml::de::Error| fail(vec![walk::internal(e.message())]))?;
+        walk::merge(&mut merged, user);
+
+        let mut problems = Problems::default();
+        let config = Config::walk(Section::root(&merged), &mut problems);
+        problems.into_result(config).map_err(fail)
+    }
+
+    fn walk(mut root: Section<'_>, p: &mut Problems) -> Config {
+        let mut mqtt = root.section(p, "mqtt");
+        let mut router = mqtt.section(p, "router");
+        let router = Router {
+            ingest_segment_bytes: router.usize(p, "ingest_segment_bytes", 1024..=1 << 30),
+            ingest_segment_count: router.usize(p, "ingest_segment_count", 1..=64),
+            device_segment_bytes: router.usize(p, "device_segment_bytes", 1024..=1 << 30),
+            device_segment_count: router.usize(p, "device_segment_count", 1..=64),
+            max_outgoing_packet_count: router.usize(p, "max_outgoing_packet_count", 1..=10_000)
+                as u64,
+        }
+        .finish_with(router, p);
+        let mqtt = Mqtt {
+            listen: mqtt.socket_addr(p, "listen"),
+            max_connections: mqtt.usize(p, "max_connections", 1..=1_000_000),
+            connect_timeout: mqtt.duration(p, "connect_timeout", ms(100)..=secs(65)),
+            max_packet_bytes: mqtt.usize(p, "max_packet_bytes", 1024..=256 << 20),
+            max_keep_alive: mqtt.duration(p, "max_keep_alive", secs(1)..=secs(65_535)),
+            router,
+        }
+        .finish_with(mqtt, p);
+
+        let mut http = root.section(p, "http");
+        let token = http.string(p, "token");
+        if !token.is_empty() && token.len() < 16 {
+            http.error(p, "token", "must be at least 16 characters (or empty)");
+        }
+        let http = Http {
+            listen: http.socket_addr(p, "listen"),
+            token: (!token.is_empty()).then_some(token),
+        }
+        .finish_with(http, p);
+
+        let mut storage = root.section(p, "storage");
+        let data_dir = storage.string(p, "data_dir");
+        if data_dir.is_empty() {
+            storage.error(p, "data_dir", "must not be empty");
+        }
+        let storage = Storage {
+            data_dir: PathBuf::from(data_dir),
+        }
+        .finish_with(storage, p);
+
+        let mut ret = root.section(p, "retention");
+        let retention = Retention {
+            telemetry_per_device: ret.usize(p, "telemetry_per_device", 1..=100_000_000) as u64,
+            telemetry_max_age: ret.duration(p, "telemetry_max_age", secs(60)..=days(36_500)),
+            logs_per_device: ret.usize(p, "logs_per_device", 1..=1_000_000) as u64,
+            resolved_alerts_max_age: ret.duration(
+                p,
+                "resolved_alerts_max_age",
+                secs(60)..=days(36_500),
+            ),
+            interval: ret.duration(p, "interval", secs(1)..=days(1)),
+        }
+        .finish_with(ret, p);
+
+        let mut ing = root.section(p, "ingest");
+        let ingest = Ingest {
+            queue: ing.usize(p, "queue", 16..=10_000_000),
+            batch: ing.usize(p, "batch", 1..=1_000_000),
+            reject_log_interval: ing.duration(p, "reject_log_interval", ms(0)..=days(1)),
+        }
+        .finish_with(ing, p);
+
+        let mut alerts = root.section(p, "alerts");
+        let rules = alerts
+            .tables(p, "rules")
+            .into_iter()
+            .filter_map(|rule| AlertRule::walk(rule, p))
+            .collect();
+        let alerts = Alerts { rules }.finish_with(alerts, p);
+
+        Config {
+            mqtt,
+            http,
+            storage,
+            retention,
+            ingest,
+            alerts,
+        }
+        .finish_with(root, p)
+    }
+}
+
+impl AlertRule {
+    fn walk(mut s: Section<'_>, p: &mut Problems) -> Option<AlertRule> {
+        let metric_name = s.string(p, "metric");
+        let metric = HwMetric::from_name(&metric_name);
+        if metric.is_none() {
+            let names: Vec<_> = HwMetric::ALL.iter().map(|m| m.name()).collect();
+            s.error(
+                p,
+                "metric",
+                &format!("unknown metric {metric_name:?}; one of {names:?}"),
+            );
+        }
+        let above = s.opt_float(p, "above");
+        let below = s.opt_float(p, "below");
+        let trigger = match (above, below) {
+            (Some(a), None) => Some(Trigger::Above(a)),
+            (None, Some(b)) => Some(Trigger::Below(b)),
+            (Some(_), Some(_)) => {
+                s.error(p, "above", "give either `above` or `below`, not both");
+                None
+            }
+            (None, None) => {
+                s.error(p, "above", "give a threshold: `above` or `below`");
+                None
+            }
+        };
+        let clear = s.opt_float(p, "clear");
+        match (trigger, clear) {
+            (Some(Trigger::Above(t)), Some(c)) if c > t => {
+                s.error(p, "clear", "must not be greater than `above`");
+            }
+            (Some(Trigger::Below(t)), Some(c)) if c < t => {
+                s.error(p, "clear", "must not be less than `below`");
+            }
+            _ => {}
+        }
+        let kind = s.string(p, "kind");
+        if kind.is_empty() || kind.len() > fleetgate_protocol::limits::MAX_NAME_LEN {
+            s.error(p, "kind", "must be 1 to 64 characters");
+        }
+        let severity_name = s.string(p, "severity");
+        let severity = Severity::from_name(&severity_name);
+        if severity.is_none() {
+            s.error(p, "severity", "must be one of info, warning, critical");
+        }
+        let rule = (|| {
+            let trigger = trigger?;
+            Some(AlertRule {
+                metric: metric?,
+                clear: clear.unwrap_or(match trigger {
+                    Trigger::Above(t) | Trigger::Below(t) => t,
+                }),
+                trigger,
+                kind: AlertKind::from_name(&kind),
+                severity: severity?,
+            })
+        })();
+        s.finish(p);
+        rule
+    }
+}
+
+/// Checks a section for unknown keys once its known keys have been read.
+trait FinishWith: Sized {
+    fn finish_with(self, section: Section<'_>, p: &mut Problems) -> Self {
+        section.finish(p);
+        self
+    }
+}
+
+impl<T> FinishWith for T {}
+
+const fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+const fn days(n: u64) -> Duration {
+    Duration::from_secs(n * 86_400)
+}
+
+#[cfg(test)]
+mod tests;

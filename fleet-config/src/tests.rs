@@ -1,0 +1,167 @@
+use super::*;
+
+fn errors(text: &str) -> Vec<String> {
+    Config::from_toml_str(text, "test.toml")
+        .unwrap_err()
+        .errors
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+#[test]
+fn embedded_default_is_valid_and_documented() {
+    let c = Config::default();
+    assert_eq!(c.mqtt.listen, "127.0.0.1:1883".parse().unwrap());
+    assert_eq!(c.http.listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(c.storage.data_dir, PathBuf::from("./fleetgate-data"));
+    assert_eq!(c.http.token, None);
+    assert_eq!(c.retention.telemetry_max_age, days(7));
+    assert_eq!(c.alerts.rules.len(), 3);
+    assert_eq!(c.alerts.rules[0].metric, HwMetric::TempC);
+    assert_eq!(c.alerts.rules[0].trigger, Trigger::Above(85.0));
+    assert_eq!(c.alerts.rules[0].kind, AlertKind::Thermal);
+    // Every key in the default file is preceded by a comment somewhere in its section.
+    assert!(DEFAULT_TOML.lines().filter(|l| l.starts_with('#')).count() > 30);
+}
+
+#[test]
+fn empty_file_is_the_default() {
+    assert_eq!(Config::from_toml_str("", "x").unwrap(), Config::default());
+}
+
+#[test]
+fn a_partial_file_overrides_only_what_it_names() {
+    let c = Config::from_toml_str(
+        "[mqtt]\nlisten = \"0.0.0.0:1884\"\n[retention]\ntelemetry_max_age = \"36h\"\n",
+        "x",
+    )
+    .unwrap();
+    let d = Config::default();
+    assert_eq!(c.mqtt.listen, "0.0.0.0:1884".parse().unwrap());
+    assert_eq!(c.mqtt.max_connections, d.mqtt.max_connections);
+    assert_eq!(c.retention.telemetry_max_age, secs(36 * 3600));
+    assert_eq!(c.retention.logs_per_device, d.retention.logs_per_device);
+    assert_eq!(c.alerts, d.alerts);
+}
+
+#[test]
+fn rules_replace_the_default_rules() {
+    let c = Config::from_toml_str(
+        "[[alerts.rules]]\nmetric = \"inference_latency_us\"\nabove = 50000\nkind = \"slow\"\nseverity = \"info\"\n",
+        "x",
+    )
+    .unwrap();
+    assert_eq!(
+        c.alerts.rules,
+        vec![AlertRule {
+            metric: HwMetric::InferenceLatencyUs,
+            trigger: Trigger::Above(50_000.0),
+            clear: 50_000.0,
+            kind: AlertKind::Custom("slow".into()),
+            severity: Severity::Info,
+        }]
+    );
+    assert!(
+        Config::from_toml_str("[alerts]\nrules = []\n", "x")
+            .unwrap()
+            .alerts
+            .rules
+            .is_empty()
+    );
+}
+
+#[test]
+fn every_problem_is_named_by_its_path() {
+    let text = r#"
+[mqtt]
+listen = "localhost"
+max_connections = 0
+connect_timeout = 5
+lisen = "typo"
+
+[mqtt.router]
+ingest_segment_bytes = 10
+
+[http]
+token = "short"
+
+[retention]
+telemetry_max_age = "7 fortnights"
+
+[storage]
+data_dir = 3
+
+[[alerts.rules]]
+metric = "temperature"
+above = 80
+below = 10
+kind = "thermal"
+severity = "urgent"
+
+[bogus]
+x = 1
+"#;
+    assert_eq!(
+        errors(text),
+        vec![
+            "mqtt.router.ingest_segment_bytes: 10 is out of range 1024..=1073741824",
+            "mqtt.listen: \"localhost\" is not an IP address and port such as \"127.0.0.1:1883\"",
+            "mqtt.max_connections: 0 is out of range 1..=1000000",
+            "mqtt.connect_timeout: expected a duration like \"5s\", found integer",
+            "mqtt.lisen: unknown key",
+            "http.token: must be at least 16 characters (or empty)",
+            "storage.data_dir: expected a string, found integer",
+            "storage.data_dir: must not be empty",
+            "retention.telemetry_max_age: \"7 fortnights\" is not a duration (unknown time unit \"fortnights\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few variations))",
+            "alerts.rules[0].metric: unknown metric \"temperature\"; one of [\"cpu_pct\", \"free_mem_bytes\", \"temp_c\", \"battery_mv\", \"power_mw\", \"inference_latency_us\"]",
+            "alerts.rules[0].above: give either `above` or `below`, not both",
+            "alerts.rules[0].severity: must be one of info, warning, critical",
+            "bogus: unknown key",
+        ]
+    );
+}
+
+#[test]
+fn syntax_errors_and_wrong_shapes() {
+    let e = errors("[mqtt\nlisten=1");
+    assert_eq!(e.len(), 1);
+    assert!(e[0].starts_with("not valid TOML"), "{e:?}");
+    assert_eq!(
+        errors("mqtt = 5"),
+        ["mqtt: expected a table, found integer"]
+    );
+    assert_eq!(
+        errors("[alerts]\nrules = 1"),
+        ["alerts.rules: expected an array of tables, found integer"]
+    );
+    assert_eq!(
+        errors("[[alerts.rules]]\nmetric = \"temp_c\"\nkind = \"thermal\"\nseverity = \"info\"\n"),
+        ["alerts.rules[0].above: give a threshold: `above` or `below`"]
+    );
+    assert_eq!(
+        errors(
+            "[[alerts.rules]]\nmetric = \"temp_c\"\nabove = 80\nclear = 90\nkind = \"thermal\"\nseverity = \"info\"\n"
+        ),
+        ["alerts.rules[0].clear: must not be greater than `above`"]
+    );
+}
+
+#[test]
+fn display_lists_all_problems() {
+    let e = Config::from_toml_str("[mqtt]\nx = 1\ny = 2\n", "gw.toml").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "gw.toml has 2 problems:\n  mqtt.x: unknown key\n  mqtt.y: unknown key"
+    );
+}
+
+#[test]
+fn rule_hysteresis() {
+    let rule = &Config::default().alerts.rules[0];
+    assert!(rule.fires(85.5) && !rule.fires(85.0));
+    assert!(rule.clears(80.0) && !rule.clears(80.5));
+    let battery = &Config::default().alerts.rules[1];
+    assert!(battery.fires(3299.0) && !battery.fires(3300.0));
+    assert!(battery.clears(3400.0) && !battery.clears(3399.0));
+}

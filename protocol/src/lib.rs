@@ -1,0 +1,29 @@
+//! The fleetgate wire protocol: device identity, the MQTT topic scheme, every message a device
+//! and the gateway exchange, and both encodings of them (postcard and JSON).
+//!
+//! This crate does no I/O and needs no `std`: it builds for `thumbv7em-none-eabihf`, so the same
+//! code that the gateway uses to decode a message is what a device uses to encode it. Time,
+//! randomness and keys are always arguments.
+//!
+//! Compatibility rules (see `docs/protocol.md`):
+//! - postcard encodes enum variants by index: enums are append-only, never reordered;
+//! - a postcard payload starts with a format byte ([`codec::POSTCARD_FORMAT`]) so a future
+//!   layout can be told apart from this one;
+//! - golden-byte tests pin every encoding.
+
+#![no_std]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+pub mod codec;
+pub mod id;
+pub mod limits;
+pub mod messages;
+pub mod topic;
+
+pub use codec::{DecodeError, Encoding, decode, encode};
+pub use id::{DeviceId, IdError};
+pub use messages::*;
+pub use topic::{Channel, Downlink, Topic, TopicError, Uplink};

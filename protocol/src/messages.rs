@@ -1,0 +1,433 @@
+//! Every message a device and the gateway exchange.
+//!
+//! The same types serve both encodings. For JSON, optional fields may be left out (they default)
+//! and unknown fields are refused, so a typo in a hand-written payload is an error rather than a
+//! silently missing value. For postcard every field is always present, in declaration order.
+//! Never reorder fields or enum variants: that changes the postcard bytes (golden tests pin them).
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use semver::Version;
+use serde::{Deserialize, Serialize};
+
+use crate::limits::{self, Invalid, Validate};
+
+/// A firmware image or model a device has installed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Installed {
+    pub name: String,
+    pub version: Version,
+    /// Monotonic release counter of this artifact (anti-rollback); 0 when unknown.
+    #[serde(default)]
+    pub release: u64,
+}
+
+/// What a device is made of. Rollouts use it to pick compatible artifacts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HardwareProfile {
+    /// CPU architecture, e.g. `armv7em`, `xtensa`, `aarch64`.
+    pub arch: String,
+    /// Board or device class, e.g. `esp32s3-cam`, `rpi4`.
+    pub class: String,
+    pub ram_bytes: u64,
+    pub flash_bytes: u64,
+    /// Accelerator, e.g. `ethos-u55`, `coral-tpu`.
+    #[serde(default)]
+    pub accelerator: Option<String>,
+    /// Inference runtime and its version, e.g. `tflm 2.14.0`.
+    #[serde(default)]
+    pub runtime: Option<Installed>,
+}
+
+/// Sent by a device after every connect: who it is and what it runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    pub firmware: Installed,
+    #[serde(default)]
+    pub models: Vec<Installed>,
+    pub hardware: HardwareProfile,
+    /// Boot counter (or random per boot): telemetry sequence numbers restart with each boot.
+    #[serde(default)]
+    pub boot: u32,
+    /// Current telemetry interval in milliseconds; 0 when the device does not report one.
+    #[serde(default)]
+    pub telemetry_interval_ms: u32,
+}
+
+/// Hardware health, each value optional: a device reports what it can measure.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HardwareMetrics {
+    pub cpu_pct: Option<f32>,
+    pub free_mem_bytes: Option<u64>,
+    pub temp_c: Option<f32>,
+    pub battery_mv: Option<u32>,
+    pub power_mw: Option<f32>,
+    pub inference_latency_us: Option<u32>,
+}
+
+/// Names one of the [`HardwareMetrics`] values, for alert rules and rollout health gates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HwMetric {
+    CpuPct,
+    FreeMemBytes,
+    TempC,
+    BatteryMv,
+    PowerMw,
+    InferenceLatencyUs,
+}
+
+impl HwMetric {
+    pub const ALL: [HwMetric; 6] = [
+        HwMetric::CpuPct,
+        HwMetric::FreeMemBytes,
+        HwMetric::TempC,
+        HwMetric::BatteryMv,
+        HwMetric::PowerMw,
+        HwMetric::InferenceLatencyUs,
+    ];
+
+    /// The field name in [`HardwareMetrics`], also used in configs and the API.
+    pub const fn name(self) -> &'static str {
+        match self {
+            HwMetric::CpuPct => "cpu_pct",
+            HwMetric::FreeMemBytes => "free_mem_bytes",
+            HwMetric::TempC => "temp_c",
+            HwMetric::BatteryMv => "battery_mv",
+            HwMetric::PowerMw => "power_mw",
+            HwMetric::InferenceLatencyUs => "inference_latency_us",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<HwMetric> {
+        HwMetric::ALL.into_iter().find(|m| m.name() == name)
+    }
+}
+
+impl HardwareMetrics {
+    /// The value of one metric, if the device reported it.
+    pub fn get(&self, metric: HwMetric) -> Option<f64> {
+        match metric {
+            HwMetric::CpuPct => self.cpu_pct.map(f64::from),
+            HwMetric::FreeMemBytes => self.free_mem_bytes.map(|v| v as f64),
+            HwMetric::TempC => self.temp_c.map(f64::from),
+            HwMetric::BatteryMv => self.battery_mv.map(f64::from),
+            HwMetric::PowerMw => self.power_mw.map(f64::from),
+            HwMetric::InferenceLatencyUs => self.inference_latency_us.map(f64::from),
+        }
+    }
+}
+
+impl AlertKind {
+    /// The snake_case name used in JSON, configs and the API; custom kinds are their own name.
+    pub fn name(&self) -> &str {
+        match self {
+            AlertKind::Thermal => "thermal",
+            AlertKind::BrownOut => "brown_out",
+            AlertKind::OutOfMemory => "out_of_memory",
+            AlertKind::WatchdogReset => "watchdog_reset",
+            AlertKind::SensorFault => "sensor_fault",
+            AlertKind::Custom(name) => name,
+        }
+    }
+
+    /// Parses a kind name; a name that is not a built-in kind is a custom kind.
+    pub fn from_name(name: &str) -> AlertKind {
+        match name {
+            "thermal" => AlertKind::Thermal,
+            "brown_out" => AlertKind::BrownOut,
+            "out_of_memory" => AlertKind::OutOfMemory,
+            "watchdog_reset" => AlertKind::WatchdogReset,
+            "sensor_fault" => AlertKind::SensorFault,
+            other => AlertKind::Custom(String::from(other)),
+        }
+    }
+}
+
+impl Severity {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Severity> {
+        [Severity::Info, Severity::Warning, Severity::Critical]
+            .into_iter()
+            .find(|s| s.name() == name)
+    }
+}
+
+impl LogLevel {
+    pub const fn name(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+/// What the model did since the previous telemetry message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelMetrics {
+    pub name: String,
+    pub version: Version,
+    /// Inferences run in this interval.
+    #[serde(default)]
+    pub inferences: u32,
+    /// Count of each predicted class in this interval, indexed by class id.
+    #[serde(default)]
+    pub class_counts: Vec<u32>,
+    #[serde(default)]
+    pub mean_confidence: Option<f32>,
+}
+
+/// One raw model input (a row, one value per feature in the baseline's order), with what the
+/// model predicted for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSample {
+    pub values: Vec<f32>,
+    #[serde(default)]
+    pub prediction: Option<u16>,
+    #[serde(default)]
+    pub confidence: Option<f32>,
+}
+
+/// Counts of one feature's inputs on the baseline's bins (devices that received the bin edges
+/// send these instead of raw samples).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureBins {
+    pub feature: u16,
+    pub counts: Vec<u32>,
+}
+
+/// Periodic report of a device: hardware health, model behaviour and drift inputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Telemetry {
+    /// Boot this sequence belongs to (see [`Hello::boot`]).
+    #[serde(default)]
+    pub boot: u32,
+    /// Per-device sequence number, +1 for each telemetry message within a boot. The gateway
+    /// counts gaps as lost messages and repeats as duplicates.
+    pub seq: u32,
+    /// Device clock, Unix milliseconds; 0 when the device has no clock.
+    #[serde(default)]
+    pub time_ms: u64,
+    #[serde(default)]
+    pub hw: HardwareMetrics,
+    #[serde(default)]
+    pub model: Option<ModelMetrics>,
+    #[serde(default)]
+    pub samples: Vec<InputSample>,
+    #[serde(default)]
+    pub bins: Vec<FeatureBins>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertKind {
+    Thermal,
+    BrownOut,
+    OutOfMemory,
+    WatchdogReset,
+    SensorFault,
+    Custom(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+/// A hardware or application problem the device noticed itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Alert {
+    pub kind: AlertKind,
+    pub severity: Severity,
+    /// The measured value that triggered the alert (temperature, millivolts, ...).
+    #[serde(default)]
+    pub value: Option<f32>,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub time_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogLine {
+    pub level: LogLevel,
+    pub text: String,
+    #[serde(default)]
+    pub time_ms: u64,
+}
+
+/// What the gateway asks a device to do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Answer with an ack; proves the command path works end to end.
+    Ping,
+    Reboot,
+    SetTelemetryInterval {
+        interval_ms: u32,
+    },
+}
+
+/// A command for one device. `id` is unique per gateway and comes back in the [`CommandAck`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Command {
+    pub id: u64,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckStatus {
+    Done,
+    Rejected { reason: String },
+    Unsupported,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandAck {
+    pub id: u64,
+    pub status: AckStatus,
+}
+
+impl Validate for Installed {
+    fn validate(&self) -> Result<(), Invalid> {
+        limits::name("name", &self.name)
+    }
+}
+
+impl Validate for HardwareProfile {
+    fn validate(&self) -> Result<(), Invalid> {
+        limits::name("hardware.arch", &self.arch)?;
+        limits::name("hardware.class", &self.class)?;
+        if let Some(acc) = &self.accelerator {
+            limits::name("hardware.accelerator", acc)?;
+        }
+        if let Some(rt) = &self.runtime {
+            rt.validate()?;
+        }
+        Ok(())
+    }
+}
+
+impl Validate for Hello {
+    fn validate(&self) -> Result<(), Invalid> {
+        self.firmware.validate()?;
+        limits::count("models", self.models.len(), limits::MAX_MODELS)?;
+        self.models.iter().try_for_each(Validate::validate)?;
+        self.hardware.validate()
+    }
+}
+
+impl Validate for HardwareMetrics {
+    fn validate(&self) -> Result<(), Invalid> {
+        limits::opt_finite("hw.cpu_pct", self.cpu_pct)?;
+        limits::opt_finite("hw.temp_c", self.temp_c)?;
+        limits::opt_finite("hw.power_mw", self.power_mw)?;
+        if let Some(cpu) = self.cpu_pct {
+            if !(0.0..=100.0).contains(&cpu) {
+                return Err(Invalid::new("hw.cpu_pct", "must be within 0..=100"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Validate for Telemetry {
+    fn validate(&self) -> Result<(), Invalid> {
+        self.hw.validate()?;
+        if let Some(m) = &self.model {
+            limits::name("model.name", &m.name)?;
+            limits::count(
+                "model.class_counts",
+                m.class_counts.len(),
+                limits::MAX_CLASSES,
+            )?;
+            limits::opt_finite("model.mean_confidence", m.mean_confidence)?;
+        }
+        limits::count("samples", self.samples.len(), limits::MAX_SAMPLES)?;
+        for s in &self.samples {
+            limits::count("samples.values", s.values.len(), limits::MAX_FEATURES)?;
+            if s.values.iter().any(|v| !v.is_finite()) {
+                return Err(Invalid::new("samples.values", "must be finite numbers"));
+            }
+            limits::opt_finite("samples.confidence", s.confidence)?;
+        }
+        limits::count("bins", self.bins.len(), limits::MAX_FEATURES)?;
+        for b in &self.bins {
+            limits::count("bins.counts", b.counts.len(), limits::MAX_BINS)?;
+        }
+        Ok(())
+    }
+}
+
+impl Validate for Alert {
+    fn validate(&self) -> Result<(), Invalid> {
+        if let AlertKind::Custom(name) = &self.kind {
+            limits::name("kind.custom", name)?;
+        }
+        limits::opt_finite("value", self.value)?;
+        limits::text("message", &self.message, limits::MAX_MESSAGE_LEN)
+    }
+}
+
+impl Validate for LogLine {
+    fn validate(&self) -> Result<(), Invalid> {
+        limits::text("text", &self.text, limits::MAX_LOG_LEN)
+    }
+}
+
+impl Validate for Command {
+    fn validate(&self) -> Result<(), Invalid> {
+        Ok(())
+    }
+}
+
+impl Validate for CommandAck {
+    fn validate(&self) -> Result<(), Invalid> {
+        match &self.status {
+            AckStatus::Rejected { reason } => {
+                limits::text("status.rejected.reason", reason, limits::MAX_MESSAGE_LEN)
+            }
+            AckStatus::Done | AckStatus::Unsupported => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
