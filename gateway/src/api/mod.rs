@@ -1,0 +1,461 @@
+//! The operator HTTP API: JSON under `/api/v1` behind a bearer token, `/healthz` and
+//! `/metrics` open. Reads go straight to storage snapshots; every change goes through the
+//! ingest writer and is answered after it is committed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use fleetgate_protocol::{Action, Severity};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::auth::{Digest32, digest};
+use crate::clock::now_ms;
+use crate::ingest::{AlertAction, ControlTx};
+use crate::metrics::Metrics;
+use crate::model::AlertState;
+use crate::storage::{AlertFilter, Store};
+
+pub mod error;
+pub mod views;
+
+pub use error::ApiError;
+use views::{AlertView, CommandView, DeviceView, LogView, TelemetryView};
+
+/// Largest `limit` a list request may ask for.
+const MAX_LIMIT: usize = 10_000;
+const DEFAULT_LIMIT: usize = 100;
+
+#[derive(Debug)]
+pub struct ApiState {
+    pub store: Store,
+    pub control: ControlTx,
+    pub metrics: Arc<Metrics>,
+    pub token: Digest32,
+}
+
+type AppState = State<Arc<ApiState>>;
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    let v1 = Router::new()
+        .route("/devices", get(list_devices).post(enroll))
+        .route("/devices/{id}", get(get_device).delete(revoke))
+        .route("/devices/{id}/credential", post(rotate_credential))
+        .route("/devices/{id}/telemetry", get(telemetry))
+        .route("/devices/{id}/logs", get(logs))
+        .route("/devices/{id}/commands", post(send_command))
+        .route("/commands/{id}", get(get_command))
+        .route("/alerts", get(list_alerts))
+        .route("/alerts/{id}", get(get_alert))
+        .route("/alerts/{id}/ack", post(ack_alert))
+        .route("/alerts/{id}/resolve", post(resolve_alert))
+        .route("/ingest", get(ingest_counts))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
+        )
+        .route("/metrics", get(metrics))
+        .nest("/api/v1", v1)
+        .fallback(|| async { ApiError::NotFound("no such endpoint".to_owned()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError::MethodNotAllowed("method not allowed on this endpoint".to_owned())
+        })
+        .with_state(state)
+}
+
+async fn require_token(
+    State(state): AppState,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(token) if digest(token) == state.token => Ok(next.run(req).await),
+        _ => Err(ApiError::Unauthorized),
+    }
+}
+
+/// `Json` whose rejections are JSON [`ApiError`]s.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(e) => Err(ApiError::BadRequest(e.body_text())),
+        }
+    }
+}
+
+/// `Query` whose rejections are JSON [`ApiError`]s.
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(ApiQuery(v)),
+            Err(e) => Err(ApiError::BadRequest(e.body_text())),
+        }
+    }
+}
+
+/// `Path` whose rejections are JSON [`ApiError`]s.
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
+            Err(e) => Err(ApiError::BadRequest(e.body_text())),
+        }
+    }
+}
+
+/// Runs a blocking storage read off the async executor.
+async fn read<T: Send + 'static>(
+    state: &Arc<ApiState>,
+    f: impl FnOnce(&Store) -> crate::storage::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = state.store.clone();
+    Ok(tokio::task::spawn_blocking(move || f(&store)).await??)
+}
+
+fn limit(requested: Option<usize>) -> Result<usize, ApiError> {
+    match requested {
+        None => Ok(DEFAULT_LIMIT),
+        Some(0) => Err(ApiError::BadRequest("limit must be at least 1".to_owned())),
+        Some(n) if n > MAX_LIMIT => Err(ApiError::BadRequest(format!(
+            "limit must be at most {MAX_LIMIT}"
+        ))),
+        Some(n) => Ok(n),
+    }
+}
+
+/// Who made a change, for the records.
+const OPERATOR: &str = "operator";
+
+async fn metrics(State(state): AppState) -> Result<Response, ApiError> {
+    let size = state.store.file_size();
+    let body = state.metrics.render(size);
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceListQuery {
+    online: Option<bool>,
+    /// `key=value`: only devices with this label.
+    label: Option<String>,
+}
+
+async fn list_devices(
+    State(state): AppState,
+    ApiQuery(q): ApiQuery<DeviceListQuery>,
+) -> Result<Json<Vec<DeviceView>>, ApiError> {
+    let label = match q.label.as_deref().map(|l| l.split_once('=')) {
+        None => None,
+        Some(Some((k, v))) => Some((k.to_owned(), v.to_owned())),
+        Some(None) => return Err(ApiError::BadRequest("label must be key=value".to_owned())),
+    };
+    let devices = read(&state, |s| s.devices()).await?;
+    let views = devices
+        .into_iter()
+        .filter(|d| q.online.is_none_or(|o| o == d.presence.online))
+        .filter(|d| {
+            label
+                .as_ref()
+                .is_none_or(|(k, v)| d.labels.get(k) == Some(v))
+        })
+        .map(DeviceView::from)
+        .collect();
+    Ok(Json(views))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollRequest {
+    id: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+async fn enroll(
+    State(state): AppState,
+    ApiJson(req): ApiJson<EnrollRequest>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let credential = state.control.enroll(req.id.clone(), req.labels).await?;
+    let body = serde_json::json!({ "id": req.id, "credential": credential });
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+async fn get_device(
+    State(state): AppState,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<DeviceView>, ApiError> {
+    let lookup = id.clone();
+    match read(&state, move |s| s.device(&lookup)).await? {
+        Some(d) => Ok(Json(d.into())),
+        None => Err(ApiError::NotFound(format!("device {id} not found"))),
+    }
+}
+
+async fn revoke(
+    State(state): AppState,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    state.control.revoke(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn rotate_credential(
+    State(state): AppState,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let credential = state.control.rotate_credential(id.clone()).await?;
+    Ok(Json(
+        serde_json::json!({ "id": id, "credential": credential }),
+    ))
+}
+
+/// A time given as RFC 3339 or as Unix milliseconds.
+fn parse_time(field: &str, text: &str) -> Result<u64, ApiError> {
+    if let Ok(ms) = text.parse::<u64>() {
+        return Ok(ms);
+    }
+    humantime::parse_rfc3339_weak(text)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64)
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "{field}: {text:?} is neither RFC 3339 nor Unix milliseconds"
+            ))
+        })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RangeQuery {
+    from: Option<String>,
+    to: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn telemetry(
+    State(state): AppState,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<RangeQuery>,
+) -> Result<Json<Vec<TelemetryView>>, ApiError> {
+    let from_ms = q
+        .from
+        .as_deref()
+        .map(|t| parse_time("from", t))
+        .transpose()?
+        .unwrap_or(0);
+    let to_ms =
+        q.to.as_deref()
+            .map(|t| parse_time("to", t))
+            .transpose()?
+            .unwrap_or(u64::MAX / 1000);
+    if from_ms > to_ms {
+        return Err(ApiError::BadRequest("from is after to".to_owned()));
+    }
+    let limit = limit(q.limit)?;
+    let device = id.clone();
+    let rows = read(&state, move |s| {
+        if s.device(&device)?.is_none() {
+            return Ok(None);
+        }
+        s.telemetry(&device, from_ms * 1000, to_ms.saturating_mul(1000), limit)
+            .map(Some)
+    })
+    .await?
+    .ok_or_else(|| ApiError::NotFound(format!("device {id} not found")))?;
+    Ok(Json(rows.into_iter().map(Into::into).collect()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitQuery {
+    limit: Option<usize>,
+}
+
+async fn logs(
+    State(state): AppState,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<LimitQuery>,
+) -> Result<Json<Vec<LogView>>, ApiError> {
+    let limit = limit(q.limit)?;
+    let device = id.clone();
+    let rows = read(&state, move |s| {
+        if s.device(&device)?.is_none() {
+            return Ok(None);
+        }
+        s.logs(&device, limit).map(Some)
+    })
+    .await?
+    .ok_or_else(|| ApiError::NotFound(format!("device {id} not found")))?;
+    Ok(Json(rows.into_iter().map(Into::into).collect()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandRequest {
+    action: Action,
+}
+
+async fn send_command(
+    State(state): AppState,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<CommandRequest>,
+) -> Result<(StatusCode, Json<CommandView>), ApiError> {
+    if let Action::SetTelemetryInterval { interval_ms } = req.action {
+        if !(100..=86_400_000).contains(&interval_ms) {
+            return Err(ApiError::BadRequest(
+                "interval_ms must be within 100..=86400000".to_owned(),
+            ));
+        }
+    }
+    let record = state
+        .control
+        .command(id, req.action, OPERATOR.to_owned())
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(record.into())))
+}
+
+async fn get_command(
+    State(state): AppState,
+    ApiPath(id): ApiPath<u64>,
+) -> Result<Json<CommandView>, ApiError> {
+    match read(&state, move |s| s.command(id)).await? {
+        Some(c) => Ok(Json(c.into())),
+        None => Err(ApiError::NotFound(format!("command {id} not found"))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertQuery {
+    state: Option<String>,
+    severity: Option<String>,
+    device: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_alerts(
+    State(state): AppState,
+    ApiQuery(q): ApiQuery<AlertQuery>,
+) -> Result<Json<Vec<AlertView>>, ApiError> {
+    let filter = AlertFilter {
+        state: q
+            .state
+            .as_deref()
+            .map(|s| {
+                AlertState::from_name(s).ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "state {s:?}: one of open, acknowledged, resolved"
+                    ))
+                })
+            })
+            .transpose()?,
+        severity: q
+            .severity
+            .as_deref()
+            .map(|s| {
+                Severity::from_name(s).ok_or_else(|| {
+                    ApiError::BadRequest(format!("severity {s:?}: one of info, warning, critical"))
+                })
+            })
+            .transpose()?,
+        device: q.device,
+    };
+    let limit = limit(q.limit)?;
+    let alerts = read(&state, move |s| s.alerts(&filter, limit)).await?;
+    Ok(Json(alerts.into_iter().map(Into::into).collect()))
+}
+
+async fn get_alert(
+    State(state): AppState,
+    ApiPath(id): ApiPath<u64>,
+) -> Result<Json<AlertView>, ApiError> {
+    match read(&state, move |s| s.alert(id)).await? {
+        Some(a) => Ok(Json(a.into())),
+        None => Err(ApiError::NotFound(format!("alert {id} not found"))),
+    }
+}
+
+async fn ack_alert(
+    State(state): AppState,
+    ApiPath(id): ApiPath<u64>,
+) -> Result<Json<AlertView>, ApiError> {
+    let alert = state
+        .control
+        .alert(id, AlertAction::Acknowledge, OPERATOR.to_owned())
+        .await?;
+    Ok(Json(alert.into()))
+}
+
+async fn resolve_alert(
+    State(state): AppState,
+    ApiPath(id): ApiPath<u64>,
+) -> Result<Json<AlertView>, ApiError> {
+    let alert = state
+        .control
+        .alert(id, AlertAction::Resolve, OPERATOR.to_owned())
+        .await?;
+    Ok(Json(alert.into()))
+}
+
+async fn ingest_counts(State(state): AppState) -> Result<Json<serde_json::Value>, ApiError> {
+    let counts = state.metrics.counts();
+    let tables = read(&state, |s| s.counts()).await?;
+    Ok(Json(serde_json::json!({
+        "at": crate::clock::rfc3339(now_ms()),
+        "mqtt": {
+            "connected_devices": counts.connected_devices,
+            "connects": counts.connects,
+            "refused": counts.refused,
+        },
+        "stored": counts.stored,
+        "rejected": counts.rejected,
+        "telemetry_lost": counts.lost,
+        "telemetry_duplicates": counts.duplicates,
+        "write_batches": counts.batches,
+        "queue_depth": counts.queue_depth,
+        "storage": {
+            "bytes": state.store.file_size(),
+            "devices": tables.devices,
+            "telemetry_rows": tables.telemetry,
+            "log_rows": tables.logs,
+            "alerts": tables.alerts,
+            "commands": tables.commands,
+        },
+    })))
+}
+
+#[cfg(test)]
+mod tests;

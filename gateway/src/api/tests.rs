@@ -1,0 +1,340 @@
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use super::*;
+use crate::auth::Credentials;
+use crate::broker::DownlinkTx;
+use crate::broker::front::Sessions;
+use crate::ingest::Writer;
+
+const TOKEN: &str = "test-token-0123456789";
+
+struct Api {
+    _dir: tempfile::TempDir,
+    router: Router,
+}
+
+fn api() -> Api {
+    let dir = tempfile::tempdir().unwrap();
+    let config = fleetgate_config::Config::default();
+    let store = Store::open(dir.path()).unwrap();
+    let metrics = Arc::new(Metrics::new(std::time::Duration::from_secs(60)));
+    let (_wtx, wrx, control, crx) = crate::ingest::channels(&config);
+    let (downlink, _drx) = DownlinkTx::detached(16);
+    let writer = Writer::new(
+        store.clone(),
+        &config,
+        Arc::new(Credentials::default()),
+        Arc::new(Sessions::default()),
+        downlink,
+        metrics.clone(),
+    )
+    .unwrap();
+    std::thread::spawn(move || writer.run(wrx, crx));
+    let state = Arc::new(ApiState {
+        store,
+        control,
+        metrics,
+        token: digest(TOKEN),
+    });
+    Api {
+        _dir: dir,
+        router: router(state),
+    }
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
+            .body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned())))
+            .unwrap();
+        let response = self.router.clone().oneshot(req).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        (status, value)
+    }
+
+    async fn get(&self, uri: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, uri, Some(TOKEN), None).await
+    }
+
+    async fn post(&self, uri: &str, body: &str) -> (StatusCode, Value) {
+        self.call(Method::POST, uri, Some(TOKEN), Some(body)).await
+    }
+}
+
+#[tokio::test]
+async fn health_is_open_and_the_api_needs_the_token() {
+    let api = api();
+    assert_eq!(
+        api.call(Method::GET, "/healthz", None, None).await,
+        (StatusCode::OK, json!({"status": "ok"}))
+    );
+    let (status, body) = api.call(Method::GET, "/api/v1/devices", None, None).await;
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "missing or wrong bearer token"})
+        )
+    );
+    let (status, _) = api
+        .call(Method::GET, "/api/v1/devices", Some("wrong-token"), None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        api.get("/api/v1/devices").await,
+        (StatusCode::OK, json!([]))
+    );
+}
+
+#[tokio::test]
+async fn enroll_show_and_revoke_a_device() {
+    let api = api();
+    let (status, body) = api
+        .post(
+            "/api/v1/devices",
+            r#"{"id": "d1", "labels": {"site": "north"}}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(body["id"], "d1");
+    assert_eq!(body["credential"].as_str().unwrap().len(), 64);
+
+    let (status, d) = api.get("/api/v1/devices/d1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (
+            d["online"].clone(),
+            d["labels"]["site"].clone(),
+            d["revoked"].clone()
+        ),
+        (json!(false), json!("north"), json!(false))
+    );
+    assert_eq!(d["counters"]["telemetry"], 0);
+
+    let (status, body) = api.post("/api/v1/devices", r#"{"id": "d1"}"#).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(
+        body["error"],
+        "device d1 is already enrolled; rotate its credential instead"
+    );
+
+    let (status, list) = api.get("/api/v1/devices?label=site=north").await;
+    assert_eq!(
+        (status, list.as_array().unwrap().len()),
+        (StatusCode::OK, 1)
+    );
+    let (_, list) = api.get("/api/v1/devices?label=site=south").await;
+    assert_eq!(list, json!([]));
+    let (_, list) = api.get("/api/v1/devices?online=true").await;
+    assert_eq!(list, json!([]));
+
+    let (status, _) = api
+        .call(Method::DELETE, "/api/v1/devices/d1", Some(TOKEN), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, d) = api.get("/api/v1/devices/d1").await;
+    assert_eq!(d["revoked"], true);
+}
+
+#[tokio::test]
+async fn bad_requests_get_4xx_json_that_says_what_is_wrong() {
+    let api = api();
+    let cases: Vec<(Method, &str, Option<&str>, StatusCode, &str)> = vec![
+        (
+            Method::POST,
+            "/api/v1/devices",
+            Some(r#"{"id": "a/b"}"#),
+            StatusCode::BAD_REQUEST,
+            "device id \"a/b\": device id contains '/'; allowed are A-Z a-z 0-9 - _ . :",
+        ),
+        (
+            Method::GET,
+            "/api/v1/devices/nope",
+            None,
+            StatusCode::NOT_FOUND,
+            "device nope not found",
+        ),
+        (
+            Method::GET,
+            "/api/v1/devices/nope/telemetry",
+            None,
+            StatusCode::NOT_FOUND,
+            "device nope not found",
+        ),
+        (
+            Method::GET,
+            "/api/v1/alerts?state=closed",
+            None,
+            StatusCode::BAD_REQUEST,
+            "state \"closed\": one of open, acknowledged, resolved",
+        ),
+        (
+            Method::GET,
+            "/api/v1/alerts?limit=0",
+            None,
+            StatusCode::BAD_REQUEST,
+            "limit must be at least 1",
+        ),
+        (
+            Method::GET,
+            "/api/v1/alerts/12",
+            None,
+            StatusCode::NOT_FOUND,
+            "alert 12 not found",
+        ),
+        (
+            Method::POST,
+            "/api/v1/alerts/12/ack",
+            None,
+            StatusCode::NOT_FOUND,
+            "alert 12 not found",
+        ),
+        (
+            Method::GET,
+            "/api/v1/commands/3",
+            None,
+            StatusCode::NOT_FOUND,
+            "command 3 not found",
+        ),
+        (
+            Method::GET,
+            "/api/v1/nothing",
+            None,
+            StatusCode::NOT_FOUND,
+            "no such endpoint",
+        ),
+        (
+            Method::PUT,
+            "/api/v1/devices",
+            None,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed on this endpoint",
+        ),
+    ];
+    for (method, uri, body, want_status, want_error) in cases {
+        let (status, value) = api.call(method.clone(), uri, Some(TOKEN), body).await;
+        assert_eq!(
+            (status, value["error"].as_str().unwrap_or("")),
+            (want_status, want_error),
+            "{method} {uri}"
+        );
+    }
+    // Extractor rejections are JSON too, and name the problem.
+    let (status, value) = api.post("/api/v1/devices", "{not json").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        value["error"]
+            .as_str()
+            .unwrap()
+            .contains("Failed to parse the request body as JSON"),
+        "{value}"
+    );
+    let (status, value) = api
+        .post("/api/v1/devices", r#"{"id": "d1", "lables": {}}"#)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        value["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `lables`"),
+        "{value}"
+    );
+    let (status, value) = api.get("/api/v1/alerts/abc").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        value["error"].as_str().unwrap().contains("Cannot parse"),
+        "{value}"
+    );
+    let (status, value) = api.get("/api/v1/devices/x/telemetry?from=yesterday").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        value["error"],
+        "from: \"yesterday\" is neither RFC 3339 nor Unix milliseconds"
+    );
+}
+
+#[tokio::test]
+async fn commands_need_an_online_device_and_a_valid_action() {
+    let api = api();
+    api.post("/api/v1/devices", r#"{"id": "d1"}"#).await;
+    let (status, body) = api
+        .post("/api/v1/devices/d1/commands", r#"{"action": "ping"}"#)
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str().unwrap()),
+        (StatusCode::CONFLICT, "device d1 is offline")
+    );
+    let (status, body) = api
+        .post(
+            "/api/v1/devices/d1/commands",
+            r#"{"action": {"set_telemetry_interval": {"interval_ms": 5}}}"#,
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str().unwrap()),
+        (
+            StatusCode::BAD_REQUEST,
+            "interval_ms must be within 100..=86400000"
+        )
+    );
+    let (status, _) = api
+        .post("/api/v1/devices/d1/commands", r#"{"action": "dance"}"#)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn metrics_and_ingest_counters() {
+    let api = api();
+    let req = Request::builder()
+        .uri("/metrics")
+        .body(Body::empty())
+        .unwrap();
+    let response = api.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains("fleetgate_ingest_rejected_total{reason=\"undecodable\"} 0"),
+        "{text}"
+    );
+    assert!(text.ends_with("# EOF\n"));
+    let (status, body) = api.get("/api/v1/ingest").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["stored"]["telemetry"], 0);
+    assert_eq!(body["rejected"]["bad_topic"], 0);
+    assert_eq!(body["storage"]["devices"], 0);
+}

@@ -1,0 +1,213 @@
+//! JSON shapes of API responses. Times are RFC 3339 strings in UTC.
+
+use std::collections::BTreeMap;
+
+use fleetgate_protocol::{Action, HardwareMetrics, HardwareProfile, Installed, ModelMetrics};
+use serde::Serialize;
+
+use crate::clock::rfc3339;
+use crate::model::{
+    AlertRecord, AlertSource, CommandRecord, CommandState, Device, DeviceCounters, LogRow, Stamp,
+    TelemetryRow,
+};
+
+fn time(ms: Option<u64>) -> Option<String> {
+    ms.map(rfc3339)
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeviceView {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub enrolled_at: String,
+    pub revoked: bool,
+    pub online: bool,
+    pub first_seen: Option<String>,
+    pub last_seen: Option<String>,
+    pub connected_at: Option<String>,
+    pub disconnected_at: Option<String>,
+    pub disconnect_reason: Option<String>,
+    pub protocol: Option<&'static str>,
+    pub peer: Option<String>,
+    pub connections: u64,
+    pub encoding: &'static str,
+    pub firmware: Option<Installed>,
+    pub models: Vec<Installed>,
+    pub hardware: Option<HardwareProfile>,
+    pub boot: Option<u32>,
+    pub telemetry_interval_ms: Option<u32>,
+    pub last_hw: Option<HardwareMetrics>,
+    pub counters: DeviceCounters,
+    pub stored: StoredRows,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StoredRows {
+    pub telemetry: u64,
+    pub logs: u64,
+}
+
+impl From<Device> for DeviceView {
+    fn from(d: Device) -> Self {
+        let hello = d.hello;
+        DeviceView {
+            revoked: d.credential_hash.is_none(),
+            id: d.id,
+            labels: d.labels,
+            enrolled_at: rfc3339(d.enrolled_at_ms),
+            online: d.presence.online,
+            first_seen: time(d.presence.first_seen_ms),
+            last_seen: time(d.presence.last_seen_ms),
+            connected_at: time(d.presence.connected_at_ms),
+            disconnected_at: time(d.presence.disconnected_at_ms),
+            disconnect_reason: d.presence.disconnect_reason,
+            protocol: d
+                .presence
+                .protocol
+                .map(|p| if p == 5 { "mqtt-5" } else { "mqtt-3.1.1" }),
+            peer: d.presence.peer,
+            connections: d.presence.connections,
+            encoding: d.encoding.name(),
+            boot: hello.as_ref().map(|h| h.boot),
+            telemetry_interval_ms: hello.as_ref().map(|h| h.telemetry_interval_ms),
+            firmware: hello.as_ref().map(|h| h.firmware.clone()),
+            models: hello.as_ref().map(|h| h.models.clone()).unwrap_or_default(),
+            hardware: hello.map(|h| h.hardware),
+            last_hw: d.last_hw,
+            counters: d.counters,
+            stored: StoredRows {
+                telemetry: d.telemetry_rows,
+                logs: d.log_rows,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct TelemetryView {
+    pub received_at: String,
+    pub boot: u32,
+    pub seq: u32,
+    pub device_time: Option<String>,
+    pub hw: HardwareMetrics,
+    pub model: Option<ModelMetrics>,
+    pub samples: u32,
+    pub binned_features: u32,
+}
+
+impl From<TelemetryRow> for TelemetryView {
+    fn from(r: TelemetryRow) -> Self {
+        TelemetryView {
+            received_at: rfc3339(r.received_ms),
+            boot: r.boot,
+            seq: r.seq,
+            device_time: (r.device_time_ms > 0).then(|| rfc3339(r.device_time_ms)),
+            hw: r.hw,
+            model: r.model,
+            samples: r.samples,
+            binned_features: r.binned_features,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct LogView {
+    pub received_at: String,
+    pub level: &'static str,
+    pub text: String,
+    pub device_time: Option<String>,
+}
+
+impl From<LogRow> for LogView {
+    fn from(r: LogRow) -> Self {
+        LogView {
+            received_at: rfc3339(r.received_ms),
+            level: r.level.name(),
+            text: r.text,
+            device_time: (r.device_time_ms > 0).then(|| rfc3339(r.device_time_ms)),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct StampView {
+    pub at: String,
+    pub by: String,
+}
+
+impl From<Stamp> for StampView {
+    fn from(s: Stamp) -> Self {
+        StampView {
+            at: rfc3339(s.at_ms),
+            by: s.by,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct AlertView {
+    pub id: u64,
+    pub device: String,
+    pub kind: String,
+    pub severity: &'static str,
+    pub state: &'static str,
+    pub source: String,
+    pub opened_at: String,
+    pub last_at: String,
+    pub count: u64,
+    pub value: Option<f64>,
+    pub message: String,
+    pub acknowledged: Option<StampView>,
+    pub resolved: Option<StampView>,
+}
+
+impl From<AlertRecord> for AlertView {
+    fn from(a: AlertRecord) -> Self {
+        AlertView {
+            id: a.id,
+            device: a.device,
+            kind: a.kind.name().to_owned(),
+            severity: a.severity.name(),
+            state: a.state.name(),
+            source: match a.source {
+                AlertSource::Device => "device".to_owned(),
+                AlertSource::Rule { metric } => format!("rule:{}", metric.name()),
+            },
+            opened_at: rfc3339(a.opened_ms),
+            last_at: rfc3339(a.last_ms),
+            count: a.count,
+            value: a.value,
+            message: a.message,
+            acknowledged: a.acknowledged.map(Into::into),
+            resolved: a.resolved.map(Into::into),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct CommandView {
+    pub id: u64,
+    pub device: String,
+    pub action: Action,
+    pub created: StampView,
+    pub state: &'static str,
+    pub reason: Option<String>,
+    pub answered_at: Option<String>,
+}
+
+impl From<CommandRecord> for CommandView {
+    fn from(c: CommandRecord) -> Self {
+        CommandView {
+            id: c.id,
+            device: c.device,
+            action: c.action,
+            created: c.created.into(),
+            state: c.state.name(),
+            reason: match c.state {
+                CommandState::Rejected { reason } => Some(reason),
+                _ => None,
+            },
+            answered_at: time(c.answered_ms),
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Assembles a running gateway and takes it down again.
+//!
+//! Startup: storage, then the writer, then the broker (whose ingest subscription is active
+//! before any device can connect), then the listeners. Shutdown is one tree under a
+//! `CancellationToken`: stop accepting, end device sessions (each releases its router link),
+//! let in-flight HTTP requests finish, publish a flush marker through the broker, and stop the
+//! writer once the marker arrives: everything a device got a PUBACK for is committed by then.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use fleetgate_config::Config;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, ApiState};
+use crate::auth::{self, Credentials, TokenSource};
+use crate::broker::front::{Front, Kick, Sessions};
+use crate::broker::{Broker, DownlinkTx};
+use crate::ingest::{self, ControlTx, Writer};
+use crate::metrics::Metrics;
+use crate::storage::Store;
+
+/// A running gateway. Dropping it without [`Gateway::shutdown`] leaves its tasks running.
+#[derive(Debug)]
+pub struct Gateway {
+    pub mqtt_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    /// The operator API token and where it came from.
+    pub token: String,
+    pub token_source: TokenSource,
+    pub data_dir: PathBuf,
+    pub metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    sessions: Arc<Sessions>,
+    control: ControlTx,
+    downlink: DownlinkTx,
+    writer: std::thread::JoinHandle<()>,
+    http: tokio::task::JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Starts a gateway on `config`. Listen addresses with port 0 get a free port; the bound
+    /// addresses are in the returned handle.
+    pub async fn start(config: Config) -> anyhow::Result<Gateway> {
+        let data_dir = config.storage.data_dir.clone();
+        let env_token = std::env::var(auth::TOKEN_ENV).ok();
+        let (token, token_source) =
+            auth::operator_token(config.http.token.as_deref(), env_token, &data_dir)
+                .with_context(|| format!("setting up the API token in {}", data_dir.display()))?;
+
+        let dir = data_dir.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&dir))
+            .await?
+            .with_context(|| format!("opening the database in {}", data_dir.display()))?;
+
+        let metrics = Arc::new(Metrics::new(config.ingest.reject_log_interval));
+        let credentials = Arc::new(Credentials::default());
+        let sessions = Arc::new(Sessions::default());
+        let (writer_tx, writer_rx, control, control_rx) = ingest::channels(&config);
+
+        let mqtt_cfg = config.mqtt.clone();
+        let broker_writer = writer_tx.clone();
+        let broker = tokio::task::spawn_blocking(move || Broker::start(&mqtt_cfg, broker_writer))
+            .await?
+            .context("starting the embedded broker")?;
+
+        let writer = {
+            let (store, config, credentials, sessions) = (
+                store.clone(),
+                config.clone(),
+                credentials.clone(),
+                sessions.clone(),
+            );
+            let (downlink, metrics) = (broker.downlink(), metrics.clone());
+            tokio::task::spawn_blocking(move || {
+                Writer::new(store, &config, credentials, sessions, downlink, metrics)
+            })
+            .await?
+            .context("loading state from the database")?
+        };
+        let writer = std::thread::Builder::new()
+            .name("fg-writer".into())
+            .spawn(move || writer.run(writer_rx, control_rx))
+            .context("starting the storage writer")?;
+
+        let mqtt = TcpListener::bind(config.mqtt.listen)
+            .await
+            .with_context(|| format!("binding the MQTT listener on {}", config.mqtt.listen))?;
+        let http = TcpListener::bind(config.http.listen)
+            .await
+            .with_context(|| format!("binding the HTTP listener on {}", config.http.listen))?;
+        let mqtt_addr = mqtt.local_addr()?;
+        let http_addr = http.local_addr()?;
+
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let front = Arc::new(Front::new(
+            &config.mqtt,
+            broker.clone(),
+            credentials,
+            metrics.clone(),
+            sessions.clone(),
+            writer_tx,
+            shutdown.clone(),
+        ));
+        tracker.spawn(front.serve(mqtt, tracker.clone()));
+
+        let api_state = Arc::new(ApiState {
+            store,
+            control: control.clone(),
+            metrics: metrics.clone(),
+            token: auth::digest(&token),
+        });
+        let app = api::router(api_state);
+        let http_shutdown = shutdown.clone();
+        let http = tokio::spawn(async move {
+            let serve =
+                axum::serve(http, app).with_graceful_shutdown(http_shutdown.cancelled_owned());
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+
+        Ok(Gateway {
+            mqtt_addr,
+            http_addr,
+            token,
+            token_source,
+            data_dir,
+            metrics,
+            shutdown,
+            tracker,
+            sessions,
+            control,
+            downlink: broker.downlink(),
+            writer,
+            http,
+        })
+    }
+
+    /// Stops the gateway: every device message acknowledged before this call is committed when
+    /// it returns. Each phase waits at most `grace`.
+    pub async fn shutdown(self, grace: Duration) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.sessions.kick_all(Kick::ShuttingDown);
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.sessions.len(),
+                "device sessions still open after the grace period"
+            );
+        }
+        if tokio::time::timeout(grace, self.http).await.is_err() {
+            tracing::warn!("HTTP requests still running after the grace period");
+        }
+        if self.downlink.flush_marker().await.is_err() {
+            tracing::warn!("broker gone before the flush marker");
+        }
+        self.control.stop(grace).await;
+        tokio::task::spawn_blocking(move || self.writer.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the storage writer panicked"))?;
+        Ok(())
+    }
+}

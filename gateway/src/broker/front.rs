@@ -1,0 +1,518 @@
+//! The device-facing MQTT front: the gateway's own accept loop in front of rumqttd's router.
+//!
+//! rumqttd's listeners have no per-topic authorization, run the TLS handshake inline in the
+//! accept loop and end every violation with a bare disconnect. The front instead gives each
+//! connection its own task with a CONNECT deadline, authenticates the device against its
+//! enrolled credential, answers refusals with proper CONNACK/SUBACK/PUBACK codes, and builds one
+//! router link per device, bound to the device's tenant (see `policy`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use fleetgate_config::Mqtt;
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::v5::V5;
+use rumqttd::protocol::{
+    ConnAck, ConnAckProperties, ConnectReturnCode, LastWill, Packet, Protocol, Publish,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::session::{self, Session};
+use super::{Broker, policy};
+use crate::auth::Credentials;
+use crate::clock::now_ms;
+use crate::ingest::{PresenceEvent, WriterMsg, WriterTx};
+use crate::metrics::{Metrics, Refusal};
+
+/// Why the gateway ended a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    /// The same device connected again.
+    TakenOver,
+    /// The device's enrollment was revoked.
+    Revoked,
+    ShuttingDown,
+}
+
+/// The established device sessions, one per device id.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    by_device: Mutex<HashMap<String, Entry>>,
+    next_id: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    kick: CancellationToken,
+    reason: Arc<OnceLock<Kick>>,
+    released: CancellationToken,
+}
+
+/// A device's claim on its session slot; dropping it frees the slot.
+#[derive(Debug)]
+pub(crate) struct Claim {
+    sessions: Arc<Sessions>,
+    device: String,
+    pub id: u64,
+    pub kick: CancellationToken,
+    pub reason: Arc<OnceLock<Kick>>,
+    released: CancellationToken,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.sessions.by_device.lock() {
+            if map.get(&self.device).is_some_and(|e| e.id == self.id) {
+                map.remove(&self.device);
+            }
+        }
+        self.released.cancel();
+    }
+}
+
+/// How long a new session waits for the one it replaces to let go of its router link.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
+impl Sessions {
+    /// Ends `device`'s session, if it has one.
+    pub fn kick(&self, device: &str, why: Kick) -> bool {
+        let map = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(device) {
+            Some(e) => {
+                let _ = e.reason.set(why);
+                e.kick.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn kick_all(&self, why: Kick) {
+        let map = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
+        for e in map.values() {
+            let _ = e.reason.set(why);
+            e.kick.cancel();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_device.lock().map_or(0, |m| m.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn contains(&self, device: &str) -> bool {
+        self.by_device.lock().is_ok_and(|m| m.contains_key(device))
+    }
+
+    /// Takes `device`'s slot: kicks the session holding it and waits until that session has
+    /// released its router link, so the router never sees two links with one client id.
+    async fn claim(self: &Arc<Self>, device: &str) -> Claim {
+        loop {
+            let previous = {
+                let mut map = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
+                match map.get(device) {
+                    Some(e) => {
+                        let _ = e.reason.set(Kick::TakenOver);
+                        e.kick.cancel();
+                        e.released.clone()
+                    }
+                    None => {
+                        let claim = Claim {
+                            sessions: self.clone(),
+                            device: device.to_owned(),
+                            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                            kick: CancellationToken::new(),
+                            reason: Arc::new(OnceLock::new()),
+                            released: CancellationToken::new(),
+                        };
+                        map.insert(
+                            device.to_owned(),
+                            Entry {
+                                id: claim.id,
+                                kick: claim.kick.clone(),
+                                reason: claim.reason.clone(),
+                                released: claim.released.clone(),
+                            },
+                        );
+                        return claim;
+                    }
+                }
+            };
+            if tokio::time::timeout(TAKEOVER_WAIT, previous.cancelled())
+                .await
+                .is_err()
+            {
+                // The old session is stuck (e.g. in a blocked write); take the slot anyway.
+                tracing::warn!(device, "previous session did not end in time; replacing it");
+                let mut map = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
+                map.remove(device);
+            }
+        }
+    }
+}
+
+/// Everything a connection task needs.
+#[derive(Debug)]
+pub struct Front {
+    pub(crate) max_packet: usize,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) max_keep_alive: Duration,
+    pub(crate) max_connections: usize,
+    pub(crate) broker: Broker,
+    pub(crate) credentials: Arc<Credentials>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) sessions: Arc<Sessions>,
+    pub(crate) writer: WriterTx,
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl Front {
+    pub fn new(
+        cfg: &Mqtt,
+        broker: Broker,
+        credentials: Arc<Credentials>,
+        metrics: Arc<Metrics>,
+        sessions: Arc<Sessions>,
+        writer: WriterTx,
+        shutdown: CancellationToken,
+    ) -> Front {
+        Front {
+            max_packet: cfg.max_packet_bytes,
+            connect_timeout: cfg.connect_timeout,
+            max_keep_alive: cfg.max_keep_alive,
+            max_connections: cfg.max_connections,
+            broker,
+            credentials,
+            metrics,
+            sessions,
+            writer,
+            shutdown,
+        }
+    }
+
+    /// Accepts connections until `shutdown`; each one runs in its own task on `tracker`.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, tracker: TaskTracker) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tracker.spawn(self.clone().connection(stream, peer));
+                }
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn connection(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
+        let mut buf = BytesMut::with_capacity(512);
+        let level = tokio::time::timeout(
+            self.connect_timeout,
+            read_protocol_level(&mut stream, &mut buf, self.max_packet),
+        )
+        .await;
+        match level {
+            Err(_) => self
+                .metrics
+                .refuse(Refusal::ConnectTimeout, &peer, "no CONNECT in time"),
+            Ok(Err(why)) => self.metrics.refuse(Refusal::Protocol, &peer, why),
+            Ok(Ok(4)) => self.connect(V4, false, stream, buf, peer).await,
+            Ok(Ok(5)) => self.connect(V5, true, stream, buf, peer).await,
+            Ok(Ok(level)) => {
+                // MQTT 3.1 and unknown levels: refuse with the 3.1 "unacceptable protocol
+                // version" code, which every client version can read.
+                let _ = stream.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
+                let detail = format!("unsupported protocol level {level}");
+                self.metrics.refuse(Refusal::Protocol, &peer, &detail);
+            }
+        }
+    }
+
+    async fn connect<P: Protocol + Send + 'static>(
+        self: Arc<Self>,
+        mut proto: P,
+        v5: bool,
+        mut stream: TcpStream,
+        mut buf: BytesMut,
+        peer: SocketAddr,
+    ) {
+        let read = tokio::time::timeout(
+            self.connect_timeout,
+            session::read_packet(&mut proto, &mut stream, &mut buf, self.max_packet),
+        )
+        .await;
+        let (connect, login, will) = match read {
+            Ok(Ok(Packet::Connect(connect, _props, will, _will_props, login))) => {
+                (connect, login, will)
+            }
+            Ok(Ok(_)) => {
+                return self
+                    .metrics
+                    .refuse(Refusal::Protocol, &peer, "first packet is not CONNECT");
+            }
+            Ok(Err(e)) => {
+                return self
+                    .metrics
+                    .refuse(Refusal::Protocol, &peer, &e.to_string());
+            }
+            Err(_) => {
+                return self
+                    .metrics
+                    .refuse(Refusal::ConnectTimeout, &peer, "CONNECT incomplete");
+            }
+        };
+
+        let refuse = |code: ConnectReturnCode| {
+            let mut out = BytesMut::new();
+            let packet = Packet::ConnAck(
+                ConnAck {
+                    session_present: false,
+                    code,
+                },
+                None,
+            );
+            let _ = proto.write(packet, &mut out);
+            out
+        };
+        let Some(login) = login else {
+            self.metrics
+                .refuse(Refusal::BadCredentials, &peer, "no username/password");
+            let _ = stream
+                .write_all(&refuse(ConnectReturnCode::BadUserNamePassword))
+                .await;
+            return;
+        };
+        let device = login.username;
+        if !connect.client_id.is_empty() && connect.client_id != device {
+            self.metrics
+                .refuse(Refusal::ClientId, &peer, "client id is not the username");
+            let _ = stream
+                .write_all(&refuse(ConnectReturnCode::ClientIdentifierNotValid))
+                .await;
+            return;
+        }
+        if fleetgate_protocol::id::validate(&device).is_err()
+            || !self.credentials.check(&device, &login.password)
+        {
+            self.metrics.refuse(
+                Refusal::BadCredentials,
+                &peer,
+                "unknown device or wrong credential",
+            );
+            let _ = stream
+                .write_all(&refuse(ConnectReturnCode::BadUserNamePassword))
+                .await;
+            return;
+        }
+        let will = match will.map(|w| will_publish(&device, w)).transpose() {
+            Ok(w) => w,
+            Err(()) => {
+                self.metrics.refuse(
+                    Refusal::Will,
+                    &peer,
+                    "will topic is not the device's uplink",
+                );
+                let _ = stream
+                    .write_all(&refuse(ConnectReturnCode::NotAuthorized))
+                    .await;
+                return;
+            }
+        };
+        let unavailable = if v5 {
+            ConnectReturnCode::ServerUnavailable
+        } else {
+            ConnectReturnCode::ServiceUnavailable
+        };
+        if self.shutdown.is_cancelled() {
+            self.metrics
+                .refuse(Refusal::ShuttingDown, &peer, "gateway is shutting down");
+            let _ = stream.write_all(&refuse(unavailable)).await;
+            return;
+        }
+        if self.sessions.len() >= self.max_connections && !self.sessions.contains(&device) {
+            self.metrics.refuse(
+                Refusal::ServerFull,
+                &peer,
+                "device budget (mqtt.max_connections) reached",
+            );
+            let code = if v5 {
+                ConnectReturnCode::QuotaExceeded
+            } else {
+                unavailable
+            };
+            let _ = stream.write_all(&refuse(code)).await;
+            return;
+        }
+
+        let claim = self.sessions.claim(&device).await;
+        let link = match self.broker.link(&device, connect.clean_session).await {
+            Ok(link) => link,
+            Err(e) => {
+                tracing::error!(device, error = %e, "router refused the device link");
+                let _ = stream.write_all(&refuse(unavailable)).await;
+                return;
+            }
+        };
+
+        let requested = Duration::from_secs(u64::from(connect.keep_alive));
+        let keep_alive = if requested.is_zero() || requested > self.max_keep_alive {
+            self.max_keep_alive
+        } else {
+            requested
+        };
+        let props = v5.then(|| ConnAckProperties {
+            max_packet_size: u32::try_from(self.max_packet).ok(),
+            server_keep_alive: (keep_alive != requested).then(|| keep_alive.as_secs() as u16),
+            retain_available: Some(0),
+            wildcard_subscription_available: Some(0),
+            subscription_identifiers_available: Some(0),
+            shared_subscription_available: Some(0),
+            ..Default::default()
+        });
+        let mut out = BytesMut::new();
+        let connack = Packet::ConnAck(
+            ConnAck {
+                session_present: link.session_present,
+                code: ConnectReturnCode::Success,
+            },
+            props,
+        );
+        if proto.write(connack, &mut out).is_err() || stream.write_all(&out).await.is_err() {
+            super::disconnect(link.tx).await;
+            return;
+        }
+
+        self.metrics.connects.inc();
+        self.metrics.connected.inc();
+        let protocol = if v5 { 5 } else { 4 };
+        self.presence(&device, claim.id, true, protocol, peer, None)
+            .await;
+        let session = Session::new(
+            proto,
+            v5,
+            device.clone(),
+            stream,
+            buf,
+            link,
+            will,
+            keep_alive,
+            &self,
+        );
+        let end = session.run(&claim).await;
+        self.metrics.connected.dec();
+        let reason = end.describe();
+        tracing::debug!(device, reason, "session ended");
+        self.presence(&device, claim.id, false, protocol, peer, Some(reason))
+            .await;
+        drop(claim);
+    }
+
+    async fn presence(
+        &self,
+        device: &str,
+        session: u64,
+        online: bool,
+        protocol: u8,
+        peer: SocketAddr,
+        reason: Option<&'static str>,
+    ) {
+        let event = PresenceEvent {
+            device: device.to_owned(),
+            session,
+            online,
+            at_ms: now_ms(),
+            protocol,
+            peer: peer.to_string(),
+            reason,
+        };
+        let _ = self.writer.send_async(WriterMsg::Presence(event)).await;
+    }
+}
+
+/// Checks a will at CONNECT time and turns it into the publish to send if the session ends
+/// without a clean DISCONNECT. The will may only go to one of the device's uplink topics.
+fn will_publish(device: &str, will: LastWill) -> Result<Publish, ()> {
+    let topic = std::str::from_utf8(&will.topic).map_err(|_| ())?;
+    let (_, internal) = policy::uplink(device, topic).map_err(|_| ())?;
+    Ok(Publish::new(
+        bytes::Bytes::from(internal),
+        will.message,
+        false,
+    ))
+}
+
+/// Reads until the CONNECT's protocol level is in `buf` (without consuming anything) and
+/// returns it. MQTT 3.1.1 is level 4, MQTT 5 is level 5.
+async fn read_protocol_level(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    max_packet: usize,
+) -> Result<u8, &'static str> {
+    loop {
+        match connect_level(buf) {
+            Ok(Some(level)) => return Ok(level),
+            Ok(None) => {}
+            Err(why) => return Err(why),
+        }
+        if buf.len() > max_packet {
+            return Err("CONNECT too large");
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) => return Err("closed before CONNECT"),
+            Ok(_) => {}
+            Err(_) => return Err("read error before CONNECT"),
+        }
+    }
+}
+
+/// The protocol level of a CONNECT at the start of `buf`; `Ok(None)` while incomplete.
+pub(crate) fn connect_level(buf: &[u8]) -> Result<Option<u8>, &'static str> {
+    let Some(&first) = buf.first() else {
+        return Ok(None);
+    };
+    if first != 0x10 {
+        return Err("first packet is not CONNECT");
+    }
+    let mut i = 1;
+    loop {
+        let Some(&b) = buf.get(i) else {
+            return Ok(None);
+        };
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if i > 4 {
+            return Err("malformed remaining length");
+        }
+    }
+    let (Some(&hi), Some(&lo)) = (buf.get(i), buf.get(i + 1)) else {
+        return Ok(None);
+    };
+    let name_len = usize::from(u16::from_be_bytes([hi, lo]));
+    if name_len > 6 {
+        return Err("unknown protocol name");
+    }
+    Ok(buf.get(i + 2 + name_len).copied())
+}
+
+#[cfg(test)]
+mod tests;

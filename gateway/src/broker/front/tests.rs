@@ -1,0 +1,53 @@
+use super::*;
+
+#[test]
+fn protocol_level_is_read_from_a_partial_connect() {
+    // CONNECT, remaining length 16, "MQTT", level 4, ...
+    let v4: &[u8] = &[
+        0x10, 16, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 4, b'd', b'e', b'v', b'1',
+    ];
+    for n in 0..9 {
+        assert_eq!(connect_level(&v4[..n]), Ok(None), "prefix of {n} bytes");
+    }
+    assert_eq!(connect_level(&v4[..9]), Ok(Some(4)));
+    assert_eq!(connect_level(v4), Ok(Some(4)));
+    // Two-byte remaining length, MQTT 5.
+    let v5: &[u8] = &[0x10, 0x80, 0x01, 0, 4, b'M', b'Q', b'T', b'T', 5];
+    assert_eq!(connect_level(v5), Ok(Some(5)));
+    // MQTT 3.1: "MQIsdp", level 3.
+    let v3: &[u8] = &[0x10, 20, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3];
+    assert_eq!(connect_level(v3), Ok(Some(3)));
+}
+
+#[test]
+fn non_connect_first_bytes_are_refused() {
+    assert!(connect_level(b"GET / HTTP/1.1\r\n").is_err());
+    assert!(connect_level(&[0x30, 0]).is_err());
+    assert!(connect_level(&[0x10, 0xff, 0xff, 0xff, 0xff, 0x01]).is_err());
+    assert!(connect_level(&[0x10, 10, 0, 200]).is_err());
+}
+
+#[tokio::test]
+async fn claim_replaces_the_previous_session_after_it_releases() {
+    let sessions = Arc::new(Sessions::default());
+    let first = sessions.claim("d1").await;
+    assert_eq!(sessions.len(), 1);
+    let kicked = first.kick.clone();
+    let reason = first.reason.clone();
+    let s = sessions.clone();
+    let second = tokio::spawn(async move { s.claim("d1").await });
+    kicked.cancelled().await;
+    assert_eq!(reason.get(), Some(&Kick::TakenOver));
+    // The second claim waits until the first is dropped.
+    tokio::task::yield_now().await;
+    assert!(!second.is_finished());
+    drop(first);
+    let second = second.await.unwrap();
+    assert_eq!(sessions.len(), 1);
+    assert!(!second.kick.is_cancelled());
+    assert!(sessions.kick("d1", Kick::Revoked));
+    assert_eq!(second.reason.get(), Some(&Kick::Revoked));
+    drop(second);
+    assert!(sessions.is_empty());
+    assert!(!sessions.kick("d1", Kick::Revoked));
+}

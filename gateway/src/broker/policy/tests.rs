@@ -1,0 +1,103 @@
+use super::*;
+
+#[test]
+fn own_uplinks_map_under_the_tenant_prefix() {
+    assert_eq!(
+        uplink("d1", "fg/d1/telemetry").unwrap(),
+        (Uplink::Telemetry, "/tenants/d1/up/telemetry".to_owned())
+    );
+    assert_eq!(
+        uplink("d1", "fg/d1/hello/json").unwrap(),
+        (Uplink::Hello, "/tenants/d1/up/hello/json".to_owned())
+    );
+}
+
+#[test]
+fn publishing_as_another_device_or_downstream_is_not_permitted() {
+    let cases: &[(&str, Denied)] = &[
+        ("fg/d2/telemetry", Denied::NotPermitted),
+        ("fg/d1/cmd", Denied::NotPermitted),
+        ("fg/d10/telemetry", Denied::NotPermitted),
+        (
+            "/tenants/d1/up/telemetry",
+            Denied::BadTopic(TopicError::WrongRoot),
+        ),
+        (
+            "/tenants/d2/up/telemetry",
+            Denied::BadTopic(TopicError::WrongRoot),
+        ),
+        (
+            "fg/d1/telemetry/xml",
+            Denied::BadTopic(TopicError::BadEncoding),
+        ),
+        ("", Denied::BadTopic(TopicError::WrongRoot)),
+    ];
+    for (topic, want) in cases {
+        assert_eq!(uplink("d1", topic).unwrap_err(), *want, "{topic}");
+    }
+}
+
+#[test]
+fn only_own_downlink_topics_may_be_subscribed() {
+    assert_eq!(
+        subscribe("d1", "fg/d1/cmd").unwrap(),
+        "/tenants/d1/down/cmd"
+    );
+    assert_eq!(
+        subscribe("d1", "fg/d1/cmd/json").unwrap(),
+        "/tenants/d1/down/cmd/json"
+    );
+    for filter in [
+        "#",
+        "+/#",
+        "fg/#",
+        "fg/+/cmd",
+        "fg/d1/#",
+        "fg/d1/+",
+        "fg/d2/cmd",
+        "fg/d1/telemetry",
+        "$SYS/#",
+        "/tenants/d1/down/cmd",
+        "$share/g/fg/d1/cmd",
+    ] {
+        assert!(subscribe("d1", filter).is_err(), "{filter}");
+    }
+}
+
+#[test]
+fn downlink_topics_round_trip_to_the_device_topic() {
+    for enc in [Encoding::Postcard, Encoding::Json] {
+        let internal = downlink("d1", Downlink::Command, enc);
+        let device_topic = to_device("d1", &internal).unwrap();
+        assert_eq!(subscribe("d1", &device_topic).unwrap(), internal);
+    }
+    assert_eq!(to_device("d2", "/tenants/d1/down/cmd"), None);
+    assert_eq!(to_device("d1", "/tenants/d1/up/telemetry"), None);
+    assert_eq!(to_device("d1", "/tenants/d10/down/cmd"), None);
+}
+
+#[test]
+fn ingested_topics_parse_back() {
+    let (_, internal) = uplink("d1", "fg/d1/alert/json").unwrap();
+    assert_eq!(
+        ingested(&internal),
+        Some(Ingested::Uplink {
+            device: "d1",
+            channel: Uplink::Alert,
+            encoding: Encoding::Json
+        })
+    );
+    assert_eq!(ingested(&flush_marker_topic()), Some(Ingested::FlushMarker));
+    assert_eq!(ingested("/tenants/d1/down/cmd"), None);
+    assert_eq!(ingested("/tenants/d1/up/nope"), None);
+    assert_eq!(ingested("/tenants/-x/up/telemetry"), None);
+    assert!(rumqttd::protocol::matches(&internal, INGEST_FILTER));
+    assert!(rumqttd::protocol::matches(
+        &flush_marker_topic(),
+        INGEST_FILTER
+    ));
+    assert!(!rumqttd::protocol::matches(
+        &downlink("d1", Downlink::Command, Encoding::Json),
+        INGEST_FILTER
+    ));
+}

@@ -1,0 +1,124 @@
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::v5::V5;
+
+use super::*;
+
+fn v4_publish(topic: &str, qos: u8, pkid: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    if qos > 0 {
+        body.extend_from_slice(&pkid.to_be_bytes());
+    }
+    body.extend_from_slice(payload);
+    let mut out = vec![0x30 | (qos << 1)];
+    let mut len = body.len();
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend(body);
+    out
+}
+
+#[test]
+fn peek_reads_qos_and_packet_id() {
+    assert_eq!(
+        peek_publish(&v4_publish("fg/d/telemetry", 1, 513, b"x")),
+        Some((1, 513))
+    );
+    assert_eq!(
+        peek_publish(&v4_publish("a", 2, 7, &[0; 300])),
+        Some((2, 7))
+    );
+    assert_eq!(peek_publish(&v4_publish("a", 0, 0, b"")), Some((0, 0)));
+    assert_eq!(peek_publish(&[0xc0, 0]), None, "PINGREQ is not a publish");
+    assert_eq!(peek_publish(&[0x32, 10, 0]), None, "incomplete");
+}
+
+#[test]
+fn parser_reports_need_more_oversized_and_malformed() {
+    let full = v4_publish("fg/d/telemetry", 1, 9, b"hello");
+    let mut buf = BytesMut::from(&full[..5]);
+    assert!(matches!(
+        next_packet(&mut V4, &mut buf, 1024),
+        Parsed::NeedMore
+    ));
+    buf.extend_from_slice(&full[5..]);
+    match next_packet(&mut V4, &mut buf, 1024) {
+        Parsed::Packet(Packet::Publish(p, None), Some((1, 9))) => {
+            assert_eq!(&p.topic[..], b"fg/d/telemetry");
+            assert_eq!(&p.payload[..], b"hello");
+        }
+        _ => panic!("expected the publish"),
+    }
+    assert!(buf.is_empty());
+
+    let mut big = BytesMut::from(&v4_publish("t", 0, 0, &[0; 2000])[..]);
+    assert!(matches!(
+        next_packet(&mut V4, &mut big, 1024),
+        Parsed::Oversized(_)
+    ));
+    let mut bad = BytesMut::from(&[0x00, 0x00][..]);
+    assert!(matches!(
+        next_packet(&mut V4, &mut bad, 1024),
+        Parsed::Malformed(_)
+    ));
+}
+
+proptest::proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic_the_session_parser(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+        for v5 in [false, true] {
+            let mut buf = BytesMut::from(&bytes[..]);
+            for _ in 0..64 {
+                let parsed = if v5 { next_packet(&mut V5, &mut buf, 128) } else { next_packet(&mut V4, &mut buf, 128) };
+                match parsed {
+                    Parsed::Packet(..) => continue,
+                    _ => break,
+                }
+            }
+            let _ = peek_publish(&bytes);
+        }
+    }
+}
+
+#[test]
+fn v4_form_strips_properties_and_v5_codes() {
+    let ack = Packet::SubAck(
+        SubAck {
+            pkid: 3,
+            return_codes: vec![
+                SubscribeReasonCode::Success(rumqttd::protocol::QoS::AtLeastOnce),
+                SubscribeReasonCode::NotAuthorized,
+            ],
+        },
+        Some(rumqttd::protocol::SubAckProperties {
+            reason_string: Some("x".into()),
+            user_properties: vec![],
+        }),
+    );
+    let Some(Packet::SubAck(s, None)) = to_v4(ack) else {
+        panic!()
+    };
+    assert_eq!(s.return_codes[1], SubscribeReasonCode::Failure);
+    let mut out = BytesMut::new();
+    V4.write(Packet::SubAck(s, None), &mut out).unwrap();
+    assert_eq!(&out[..], &[0x90, 4, 0, 3, 1, 0x80]);
+    assert!(
+        to_v4(Packet::Disconnect(
+            Disconnect {
+                reason_code: DisconnectReasonCode::NotAuthorized
+            },
+            None
+        ))
+        .is_none()
+    );
+}

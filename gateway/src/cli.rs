@@ -1,0 +1,102 @@
+//! The operator CLI's client for a running gateway's HTTP API.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Talks to `/api/v1` of one gateway with one bearer token.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The gateway answered with an error; `message` is its explanation.
+    #[error("{status}: {message}")]
+    Api { status: u16, message: String },
+    #[error("cannot reach the gateway at {url}: {source}")]
+    Unreachable { url: String, source: ureq::Error },
+    #[error("unexpected answer from the gateway: {0}")]
+    BadAnswer(String),
+}
+
+impl ApiClient {
+    /// `base` is the gateway's HTTP address, e.g. `http://127.0.0.1:8080`.
+    pub fn new(base: &str, token: &str) -> ApiClient {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        ApiClient {
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+            agent,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/api/v1{path}", self.base)
+    }
+
+    fn finish(
+        &self,
+        url: String,
+        sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Value, ClientError> {
+        let response = sent.map_err(|source| ClientError::Unreachable { url, source })?;
+        let status = response.status().as_u16();
+        let text = response
+            .into_body()
+            .read_to_string()
+            .map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        let body: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)
+                .map_err(|e| ClientError::BadAnswer(format!("{e}: {text}")))?
+        };
+        if status >= 400 {
+            let message = body["error"].as_str().unwrap_or("(no message)").to_owned();
+            return Err(ClientError::Api { status, message });
+        }
+        Ok(body)
+    }
+
+    pub fn get(&self, path: &str) -> Result<Value, ClientError> {
+        let url = self.url(path);
+        let sent = self
+            .agent
+            .get(&url)
+            .header("Authorization", &self.bearer())
+            .call();
+        self.finish(url, sent)
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        let url = self.url(path);
+        let sent = self
+            .agent
+            .post(&url)
+            .header("Authorization", &self.bearer())
+            .send_json(body);
+        self.finish(url, sent)
+    }
+
+    pub fn delete(&self, path: &str) -> Result<Value, ClientError> {
+        let url = self.url(path);
+        let sent = self
+            .agent
+            .delete(&url)
+            .header("Authorization", &self.bearer())
+            .call();
+        self.finish(url, sent)
+    }
+
+    fn bearer(&self) -> String {
+        format!("Bearer {}", self.token)
+    }
+}

@@ -1,0 +1,522 @@
+use std::collections::BTreeMap;
+
+use fleetgate_protocol::{AlertKind, HardwareMetrics, LogLevel, Severity};
+
+use super::*;
+use crate::storage::AlertFilter;
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    store: Store,
+    writer: Writer,
+    credentials: Arc<Credentials>,
+    downlink: flume::Receiver<(String, Bytes)>,
+    metrics: Arc<Metrics>,
+    clock_us: u64,
+}
+
+fn config() -> Config {
+    let mut c = Config::default();
+    c.retention.telemetry_per_device = 5;
+    c.retention.logs_per_device = 3;
+    c
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        Harness::open(dir)
+    }
+
+    fn open(dir: tempfile::TempDir) -> Harness {
+        let store = Store::open(dir.path()).unwrap();
+        let credentials = Arc::new(Credentials::default());
+        let metrics = Arc::new(Metrics::new(Duration::from_secs(3600)));
+        let (downlink, rx) = DownlinkTx::detached(64);
+        let writer = Writer::new(
+            store.clone(),
+            &config(),
+            credentials.clone(),
+            Arc::new(Sessions::default()),
+            downlink,
+            metrics.clone(),
+        )
+        .unwrap();
+        Harness {
+            _dir: dir,
+            store,
+            writer,
+            credentials,
+            downlink: rx,
+            metrics,
+            clock_us: 1_000_000,
+        }
+    }
+
+    fn step(&mut self, items: Vec<Item>) {
+        let fx = self.writer.apply_batch(items);
+        assert!(self.writer.finish_batch(fx).is_none());
+    }
+
+    fn control<T: Send + 'static>(
+        &mut self,
+        make: impl FnOnce(Reply<T>) -> Control,
+    ) -> Result<T, ControlError> {
+        let (tx, mut rx) = oneshot::channel();
+        self.step(vec![Item::Control(make(tx))]);
+        rx.try_recv().expect("replied after commit")
+    }
+
+    fn enroll(&mut self, id: &str) -> String {
+        let id = id.to_owned();
+        self.control(|reply| Control::Enroll {
+            id,
+            labels: BTreeMap::new(),
+            reply,
+        })
+        .unwrap()
+    }
+
+    fn uplink<T: serde::Serialize>(&mut self, device: &str, channel: Uplink, msg: &T) -> Item {
+        self.clock_us += 1000;
+        Item::Msg(WriterMsg::Uplink(UplinkMsg {
+            device: device.into(),
+            channel,
+            encoding: Encoding::Postcard,
+            payload: encode(msg, Encoding::Postcard).unwrap().into(),
+            received_us: self.clock_us,
+        }))
+    }
+
+    fn telemetry(&mut self, device: &str, boot: u32, seq: u32, temp: f32) -> Item {
+        let t = Telemetry {
+            boot,
+            seq,
+            time_ms: 0,
+            hw: HardwareMetrics {
+                temp_c: Some(temp),
+                ..Default::default()
+            },
+            model: None,
+            samples: vec![],
+            bins: vec![],
+        };
+        self.uplink(device, Uplink::Telemetry, &t)
+    }
+
+    fn presence(&self, device: &str, session: u64, online: bool) -> Item {
+        Item::Msg(WriterMsg::Presence(PresenceEvent {
+            device: device.into(),
+            session,
+            online,
+            at_ms: 10,
+            protocol: 4,
+            peer: "127.0.0.1:1".into(),
+            reason: (!online).then_some("connection closed"),
+        }))
+    }
+
+    fn device(&self, id: &str) -> Device {
+        self.store.device(id).unwrap().unwrap()
+    }
+}
+
+#[test]
+fn enrollment_sets_credentials_and_conflicts_are_refused() {
+    let mut h = Harness::new();
+    let secret = h.enroll("d1");
+    assert!(h.credentials.check("d1", &secret));
+    let again = h.control(|reply| Control::Enroll {
+        id: "d1".into(),
+        labels: BTreeMap::new(),
+        reply,
+    });
+    assert!(matches!(again, Err(ControlError::Conflict(_))));
+    let bad = h.control(|reply| Control::Enroll {
+        id: "a/b".into(),
+        labels: BTreeMap::new(),
+        reply,
+    });
+    assert!(matches!(bad, Err(ControlError::BadRequest(_))));
+
+    let rotated = h
+        .control(|reply| Control::RotateCredential {
+            id: "d1".into(),
+            reply,
+        })
+        .unwrap();
+    assert!(h.credentials.check("d1", &rotated) && !h.credentials.check("d1", &secret));
+    h.control(|reply| Control::Revoke {
+        id: "d1".into(),
+        reply,
+    })
+    .unwrap();
+    assert!(!h.credentials.check("d1", &rotated));
+    assert!(h.device("d1").revoked());
+    // A revoked device can be enrolled again; its history stays.
+    let fresh = h.enroll("d1");
+    assert!(h.credentials.check("d1", &fresh));
+    let missing = h.control(|reply| Control::Revoke {
+        id: "zz".into(),
+        reply,
+    });
+    assert_eq!(missing, Err(ControlError::NotFound("device zz".into())));
+}
+
+#[test]
+fn sequence_numbers_count_loss_and_duplicates_and_rows_are_bounded() {
+    let mut h = Harness::new();
+    h.enroll("d1");
+    let mut items = Vec::new();
+    for seq in [1, 2, 2, 5, 3, 6, 7, 8] {
+        items.push(h.telemetry("d1", 0, seq, 20.0));
+    }
+    h.step(items);
+    let d = h.device("d1");
+    // 4 was never received; 2 came twice.
+    assert_eq!(
+        (d.counters.telemetry, d.counters.lost, d.counters.duplicates),
+        (7, 1, 1)
+    );
+    assert_eq!(d.telemetry_rows, 5);
+    let seqs: Vec<_> = h
+        .store
+        .telemetry("d1", 0, u64::MAX, 100)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(seqs, [8, 7, 6, 3, 5]);
+    let c = h.metrics.counts();
+    assert_eq!((c.stored["telemetry"], c.lost, c.duplicates), (7, 1, 1));
+}
+
+#[test]
+fn bad_payloads_are_rejected_and_the_rest_of_the_batch_is_stored() {
+    let mut h = Harness::new();
+    h.enroll("d1");
+    let good1 = h.telemetry("d1", 0, 1, 20.0);
+    let good2 = h.telemetry("d1", 0, 2, 20.0);
+    let garbage = Item::Msg(WriterMsg::Uplink(UplinkMsg {
+        device: "d1".into(),
+        channel: Uplink::Telemetry,
+        encoding: Encoding::Json,
+        payload: Bytes::from_static(b"{not json"),
+        received_us: 5,
+    }));
+    let invalid = Item::Msg(WriterMsg::Uplink(UplinkMsg {
+        device: "d1".into(),
+        channel: Uplink::Telemetry,
+        encoding: Encoding::Json,
+        payload: Bytes::from_static(br#"{"seq": 3, "hw": {"cpu_pct": 250}}"#),
+        received_us: 6,
+    }));
+    let stranger = h.telemetry("ghost", 0, 1, 20.0);
+    h.step(vec![good1, garbage, invalid, stranger, good2]);
+    let c = h.metrics.counts();
+    assert_eq!(c.stored["telemetry"], 2);
+    assert_eq!(c.rejected["undecodable"], 1);
+    assert_eq!(c.rejected["invalid"], 1);
+    assert_eq!(c.rejected["unknown_device"], 1);
+    let d = h.device("d1");
+    assert_eq!((d.counters.telemetry, d.counters.rejected), (2, 2));
+}
+
+#[test]
+fn device_alerts_are_deduplicated_while_unresolved() {
+    let mut h = Harness::new();
+    h.enroll("d1");
+    let thermal = Alert {
+        kind: AlertKind::Thermal,
+        severity: Severity::Warning,
+        value: Some(80.0),
+        message: "warm".into(),
+        time_ms: 0,
+    };
+    let hotter = Alert {
+        severity: Severity::Critical,
+        value: Some(95.0),
+        message: "hot".into(),
+        ..thermal.clone()
+    };
+    let oom = Alert {
+        kind: AlertKind::OutOfMemory,
+        ..thermal.clone()
+    };
+    let items = vec![
+        h.uplink("d1", Uplink::Alert, &thermal),
+        h.uplink("d1", Uplink::Alert, &hotter),
+        h.uplink("d1", Uplink::Alert, &oom),
+    ];
+    h.step(items);
+    let all = h.store.alerts(&AlertFilter::default(), 100).unwrap();
+    assert_eq!(all.len(), 2);
+    let t = all.iter().find(|a| a.kind == AlertKind::Thermal).unwrap();
+    assert_eq!(
+        (t.count, t.severity, t.value, t.message.as_str()),
+        (2, Severity::Critical, Some(95.0), "hot")
+    );
+    let id = t.id;
+
+    let acked = h
+        .control(|reply| Control::Alert {
+            id,
+            action: AlertAction::Acknowledge,
+            by: "op".into(),
+            reply,
+        })
+        .unwrap();
+    assert_eq!(acked.state, AlertState::Acknowledged);
+    let item = h.uplink("d1", Uplink::Alert, &thermal);
+    h.step(vec![item]);
+    assert_eq!(
+        h.store.alert(id).unwrap().unwrap().count,
+        3,
+        "acknowledged alerts still fold repeats"
+    );
+    let resolved = h
+        .control(|reply| Control::Alert {
+            id,
+            action: AlertAction::Resolve,
+            by: "op".into(),
+            reply,
+        })
+        .unwrap();
+    assert_eq!(resolved.state, AlertState::Resolved);
+    assert_eq!(resolved.resolved.as_ref().unwrap().by, "op");
+    let again = h.control(|reply| Control::Alert {
+        id,
+        action: AlertAction::Resolve,
+        by: "op".into(),
+        reply,
+    });
+    assert!(matches!(again, Err(ControlError::Conflict(_))));
+    let item = h.uplink("d1", Uplink::Alert, &thermal);
+    h.step(vec![item]);
+    assert_eq!(
+        h.store.alerts(&AlertFilter::default(), 100).unwrap().len(),
+        3,
+        "a new thermal alert after resolving"
+    );
+    assert_eq!(h.metrics.counts().stored["alert"], 5);
+}
+
+#[test]
+fn rule_alerts_open_above_the_threshold_and_clear_below_the_clear_value() {
+    let mut h = Harness::new();
+    h.enroll("d1");
+    let items = vec![
+        h.telemetry("d1", 0, 1, 70.0),
+        h.telemetry("d1", 0, 2, 90.0),
+        h.telemetry("d1", 0, 3, 91.0),
+        h.telemetry("d1", 0, 4, 82.0),
+    ];
+    h.step(items);
+    let alerts = h.store.alerts(&AlertFilter::default(), 100).unwrap();
+    assert_eq!(alerts.len(), 1);
+    let a = &alerts[0];
+    assert_eq!(
+        (a.kind.clone(), a.state, a.count, a.value),
+        (AlertKind::Thermal, AlertState::Open, 2, Some(91.0))
+    );
+    assert_eq!(
+        a.source,
+        AlertSource::Rule {
+            metric: fleetgate_protocol::HwMetric::TempC
+        }
+    );
+    assert_eq!(a.message, "temp_c 91 above 85");
+    // 82 is below the threshold but above `clear` (80): still open.
+    let item = h.telemetry("d1", 0, 5, 79.5);
+    h.step(vec![item]);
+    let a = h.store.alert(a.id).unwrap().unwrap();
+    assert_eq!(
+        (a.state, a.resolved.map(|r| r.by)),
+        (AlertState::Resolved, Some("rule".into()))
+    );
+}
+
+#[test]
+fn logs_are_bounded_per_device() {
+    let mut h = Harness::new();
+    h.enroll("d1");
+    let items: Vec<_> = (0..5)
+        .map(|i| {
+            h.uplink(
+                "d1",
+                Uplink::Log,
+                &LogLine {
+                    level: LogLevel::Info,
+                    text: format!("l{i}"),
+                    time_ms: 0,
+                },
+            )
+        })
+        .collect();
+    h.step(items);
+    let texts: Vec<_> = h
+        .store
+        .logs("d1", 10)
+        .unwrap()
+        .into_iter()
+        .map(|l| l.text)
+        .collect();
+    assert_eq!(texts, ["l4", "l3", "l2"]);
+    assert_eq!(h.device("d1").counters.logs, 5);
+}
+
+#[test]
+fn commands_go_to_online_devices_and_acks_update_them() {
+    let mut h = Harness::new();
+    h.enroll("d1");
+    h.enroll("d2");
+    let offline = h.control(|reply| Control::Command {
+        device: "d1".into(),
+        action: Action::Ping,
+        by: "op".into(),
+        reply,
+    });
+    assert_eq!(
+        offline,
+        Err(ControlError::Conflict("device d1 is offline".into()))
+    );
+    let online = vec![h.presence("d1", 7, true), h.presence("d2", 8, true)];
+    h.step(online);
+    let hello = Hello {
+        firmware: fleetgate_protocol::Installed {
+            name: "fw".into(),
+            version: "1.0.0".parse().unwrap(),
+            release: 1,
+        },
+        models: vec![],
+        hardware: fleetgate_protocol::HardwareProfile {
+            arch: "x".into(),
+            class: "c".into(),
+            ram_bytes: 1,
+            flash_bytes: 1,
+            accelerator: None,
+            runtime: None,
+        },
+        boot: 1,
+        telemetry_interval_ms: 1000,
+    };
+    let Item::Msg(WriterMsg::Uplink(mut m)) = h.uplink("d1", Uplink::Hello, &hello) else {
+        unreachable!()
+    };
+    m.encoding = Encoding::Json;
+    m.payload = encode(&hello, Encoding::Json).unwrap().into();
+    h.step(vec![Item::Msg(WriterMsg::Uplink(m))]);
+
+    let cmd = h
+        .control(|reply| Control::Command {
+            device: "d1".into(),
+            action: Action::Reboot,
+            by: "op".into(),
+            reply,
+        })
+        .unwrap();
+    assert_eq!(cmd.state, CommandState::Sent);
+    let (topic, payload) = h.downlink.try_recv().unwrap();
+    assert_eq!(
+        topic, "/tenants/d1/down/cmd/json",
+        "sent in the encoding of the device's hello"
+    );
+    let sent: Command = decode(&payload, Encoding::Json).unwrap();
+    assert_eq!(
+        sent,
+        Command {
+            id: cmd.id,
+            action: Action::Reboot
+        }
+    );
+
+    let wrong_device = h.uplink(
+        "d2",
+        Uplink::Ack,
+        &CommandAck {
+            id: cmd.id,
+            status: fleetgate_protocol::AckStatus::Done,
+        },
+    );
+    let right = h.uplink(
+        "d1",
+        Uplink::Ack,
+        &CommandAck {
+            id: cmd.id,
+            status: fleetgate_protocol::AckStatus::Done,
+        },
+    );
+    h.step(vec![wrong_device, right]);
+    assert_eq!(h.metrics.counts().rejected["unknown_command"], 1);
+    let stored = h.store.command(cmd.id).unwrap().unwrap();
+    assert_eq!(stored.state, CommandState::Done);
+    assert!(stored.answered_ms.is_some());
+}
+
+#[test]
+fn a_replaced_sessions_offline_event_does_not_hide_the_new_session() {
+    let mut h = Harness::new();
+    h.enroll("d1");
+    let items = vec![
+        h.presence("d1", 1, true),
+        h.presence("d1", 2, true),
+        h.presence("d1", 1, false),
+    ];
+    h.step(items);
+    let d = h.device("d1");
+    assert!(d.presence.online);
+    assert_eq!(d.presence.connections, 2);
+    let item = h.presence("d1", 2, false);
+    h.step(vec![item]);
+    let d = h.device("d1");
+    assert!(!d.presence.online);
+    assert_eq!(
+        d.presence.disconnect_reason.as_deref(),
+        Some("connection closed")
+    );
+}
+
+#[test]
+fn state_reloads_after_a_restart() {
+    let mut h = Harness::new();
+    let secret = h.enroll("d1");
+    let items = vec![
+        h.presence("d1", 1, true),
+        h.telemetry("d1", 4, 10, 90.0),
+        h.telemetry("d1", 4, 11, 90.0),
+    ];
+    h.step(items);
+    let clock = h.clock_us;
+    let dir = h._dir;
+    drop(h.writer);
+    drop(h.store);
+    let mut h = Harness::open(dir);
+    h.clock_us = clock;
+    assert!(h.credentials.check("d1", &secret));
+    let d = h.device("d1");
+    assert_eq!(d.counters.telemetry, 2);
+    // Still online in storage until the writer writes again; the reloaded writer knows better.
+    let items = vec![
+        h.telemetry("d1", 4, 11, 90.0),
+        h.telemetry("d1", 4, 12, 90.0),
+    ];
+    h.step(items);
+    let d = h.device("d1");
+    assert!(!d.presence.online);
+    assert_eq!(
+        (d.counters.telemetry, d.counters.duplicates, d.counters.lost),
+        (3, 1, 0)
+    );
+    let alerts = h.store.alerts(&AlertFilter::default(), 100).unwrap();
+    assert_eq!(alerts.len(), 1, "the open rule alert is still the same one");
+    assert_eq!(alerts[0].count, 3);
+}
+
+#[test]
+fn unique_keys_never_repeat() {
+    let mut last = 0;
+    assert_eq!(unique_key(&mut last, 100), 100);
+    assert_eq!(unique_key(&mut last, 100), 101);
+    assert_eq!(unique_key(&mut last, 50), 102);
+    assert_eq!(unique_key(&mut last, 500), 500);
+}

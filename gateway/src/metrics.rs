@@ -1,0 +1,399 @@
+//! The gateway's counters and gauges: one registry per gateway instance, rendered as
+//! Prometheus/OpenMetrics text on `/metrics` and read back for the JSON API.
+//!
+//! Also the vocabulary of refusals (why a connection or a message was turned away) and their
+//! rate-limited logging: every refusal is counted, at most one per reason is logged per interval.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use fleetgate_protocol::Uplink;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::clock::now_ms;
+
+/// Why a message from a device was not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reject {
+    /// The topic is not a fleetgate topic.
+    BadTopic,
+    /// A fleetgate topic the device may not use: another device's, or a downlink channel.
+    NotPermitted,
+    /// The MQTT packet is larger than `mqtt.max_packet_bytes`.
+    Oversized,
+    /// The MQTT packet itself is malformed.
+    Malformed,
+    /// The payload does not decode in the topic's encoding.
+    Undecodable,
+    /// The payload decodes but breaks a rule (limits, finite numbers, ...).
+    Invalid,
+    /// From a device that is not enrolled (any more).
+    UnknownDevice,
+    /// An ack for a command this device was never sent.
+    UnknownCommand,
+}
+
+impl Reject {
+    pub const ALL: [Reject; 8] = [
+        Reject::BadTopic,
+        Reject::NotPermitted,
+        Reject::Oversized,
+        Reject::Malformed,
+        Reject::Undecodable,
+        Reject::Invalid,
+        Reject::UnknownDevice,
+        Reject::UnknownCommand,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Reject::BadTopic => "bad_topic",
+            Reject::NotPermitted => "not_permitted",
+            Reject::Oversized => "oversized",
+            Reject::Malformed => "malformed",
+            Reject::Undecodable => "undecodable",
+            Reject::Invalid => "invalid",
+            Reject::UnknownDevice => "unknown_device",
+            Reject::UnknownCommand => "unknown_command",
+        }
+    }
+
+    fn index(self) -> usize {
+        Reject::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// Why a connection was refused or closed early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// No CONNECT within `mqtt.connect_timeout`.
+    ConnectTimeout,
+    /// First packet not a CONNECT, malformed, or an unsupported protocol version.
+    Protocol,
+    /// Missing, unknown or wrong username/password (unknown ids are not told apart, so that
+    /// the answer does not reveal which devices are enrolled).
+    BadCredentials,
+    /// Client id is neither empty nor the username.
+    ClientId,
+    /// The will's topic is not one the device may publish to.
+    Will,
+    /// `mqtt.max_connections` reached.
+    ServerFull,
+    /// The gateway is shutting down.
+    ShuttingDown,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 7] = [
+        Refusal::ConnectTimeout,
+        Refusal::Protocol,
+        Refusal::BadCredentials,
+        Refusal::ClientId,
+        Refusal::Will,
+        Refusal::ServerFull,
+        Refusal::ShuttingDown,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::ConnectTimeout => "connect_timeout",
+            Refusal::Protocol => "protocol",
+            Refusal::BadCredentials => "bad_credentials",
+            Refusal::ClientId => "client_id",
+            Refusal::Will => "will_not_permitted",
+            Refusal::ServerFull => "server_full",
+            Refusal::ShuttingDown => "shutting_down",
+        }
+    }
+
+    fn index(self) -> usize {
+        Refusal::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChannelLabel {
+    channel: &'static str,
+}
+
+/// Counters shared by the MQTT front, the ingest writer and the API.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub connected: Gauge,
+    pub connects: Counter,
+    refused: Vec<Counter>,
+    rejected: Vec<Counter>,
+    stored: Vec<Counter>,
+    pub lost: Gauge,
+    pub duplicates: Counter,
+    pub batches: Counter,
+    pub queue_depth: Gauge,
+    pub alerts_open: Gauge,
+    pub commands_sent: Counter,
+    storage_bytes: Gauge,
+    resident_bytes: Gauge,
+    log_limit: LogLimit,
+}
+
+/// A JSON-friendly copy of the ingest counters.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IngestCounts {
+    pub connected_devices: i64,
+    pub connects: u64,
+    pub refused: std::collections::BTreeMap<&'static str, u64>,
+    pub stored: std::collections::BTreeMap<&'static str, u64>,
+    pub rejected: std::collections::BTreeMap<&'static str, u64>,
+    pub lost: i64,
+    pub duplicates: u64,
+    pub batches: u64,
+    pub queue_depth: i64,
+}
+
+impl Metrics {
+    pub fn new(reject_log_interval: Duration) -> Metrics {
+        let mut registry = Registry::with_prefix("fleetgate");
+        let connected = Gauge::default();
+        registry.register(
+            "mqtt_connected_devices",
+            "Devices connected now",
+            connected.clone(),
+        );
+        let connects = Counter::default();
+        registry.register(
+            "mqtt_connects",
+            "Accepted device connections",
+            connects.clone(),
+        );
+        let refused_family = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "mqtt_refused",
+            "Connections refused or closed before CONNACK, by reason",
+            refused_family.clone(),
+        );
+        let refused = Refusal::ALL
+            .iter()
+            .map(|r| {
+                refused_family
+                    .get_or_create(&ReasonLabel { reason: r.name() })
+                    .clone()
+            })
+            .collect();
+        let rejected_family = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "ingest_rejected",
+            "Device messages rejected, by reason",
+            rejected_family.clone(),
+        );
+        let rejected = Reject::ALL
+            .iter()
+            .map(|r| {
+                rejected_family
+                    .get_or_create(&ReasonLabel { reason: r.name() })
+                    .clone()
+            })
+            .collect();
+        let stored_family = Family::<ChannelLabel, Counter>::default();
+        registry.register(
+            "ingest_stored",
+            "Device messages decoded and committed to storage, by channel",
+            stored_family.clone(),
+        );
+        let stored = Uplink::ALL
+            .iter()
+            .map(|c| {
+                stored_family
+                    .get_or_create(&ChannelLabel { channel: c.name() })
+                    .clone()
+            })
+            .collect();
+        let lost = Gauge::default();
+        registry.register(
+            "telemetry_lost",
+            "Telemetry sequence numbers missing since start (late arrivals subtract)",
+            lost.clone(),
+        );
+        let duplicates = Counter::default();
+        registry.register(
+            "telemetry_duplicates",
+            "Telemetry messages received more than once",
+            duplicates.clone(),
+        );
+        let batches = Counter::default();
+        registry.register(
+            "ingest_batches",
+            "Storage write transactions",
+            batches.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "ingest_queue_depth",
+            "Messages waiting for the storage writer",
+            queue_depth.clone(),
+        );
+        let alerts_open = Gauge::default();
+        registry.register(
+            "alerts_unresolved",
+            "Alerts open or acknowledged",
+            alerts_open.clone(),
+        );
+        let commands_sent = Counter::default();
+        registry.register(
+            "commands_sent",
+            "Commands published to devices",
+            commands_sent.clone(),
+        );
+        let storage_bytes = Gauge::default();
+        registry.register(
+            "storage_bytes",
+            "Size of the database file",
+            storage_bytes.clone(),
+        );
+        let resident_bytes = Gauge::default();
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the gateway process",
+            resident_bytes.clone(),
+        );
+        Metrics {
+            registry,
+            connected,
+            connects,
+            refused,
+            rejected,
+            stored,
+            lost,
+            duplicates,
+            batches,
+            queue_depth,
+            alerts_open,
+            commands_sent,
+            storage_bytes,
+            resident_bytes,
+            log_limit: LogLimit::new(reject_log_interval),
+        }
+    }
+
+    /// Counts a rejected message and logs it if its reason has not been logged lately.
+    pub fn reject(&self, reason: Reject, device: &str, detail: &dyn std::fmt::Display) {
+        self.rejected[reason.index()].inc();
+        if let Some(suppressed) = self.log_limit.allow(reason.index()) {
+            tracing::warn!(
+                reason = reason.name(),
+                device,
+                detail = %detail,
+                suppressed,
+                "device message rejected"
+            );
+        }
+    }
+
+    /// Counts a refused connection and logs it if its reason has not been logged lately.
+    pub fn refuse(&self, reason: Refusal, peer: &dyn std::fmt::Display, detail: &str) {
+        self.refused[reason.index()].inc();
+        if let Some(suppressed) = self.log_limit.allow(Reject::ALL.len() + reason.index()) {
+            tracing::warn!(reason = reason.name(), peer = %peer, detail, suppressed, "connection refused");
+        }
+    }
+
+    pub fn stored(&self, channel: Uplink, n: u64) {
+        let i = Uplink::ALL.iter().position(|c| *c == channel).unwrap_or(0);
+        self.stored[i].inc_by(n);
+    }
+
+    pub fn rejected_count(&self, reason: Reject) -> u64 {
+        self.rejected[reason.index()].get()
+    }
+
+    pub fn counts(&self) -> IngestCounts {
+        IngestCounts {
+            connected_devices: self.connected.get(),
+            connects: self.connects.get(),
+            refused: Refusal::ALL
+                .iter()
+                .map(|r| (r.name(), self.refused[r.index()].get()))
+                .collect(),
+            stored: Uplink::ALL
+                .iter()
+                .zip(&self.stored)
+                .map(|(c, n)| (c.name(), n.get()))
+                .collect(),
+            rejected: Reject::ALL
+                .iter()
+                .map(|r| (r.name(), self.rejected[r.index()].get()))
+                .collect(),
+            lost: self.lost.get(),
+            duplicates: self.duplicates.get(),
+            batches: self.batches.get(),
+            queue_depth: self.queue_depth.get(),
+        }
+    }
+
+    /// Renders every metric as OpenMetrics text, sampling the storage size and process memory.
+    pub fn render(&self, storage_bytes: u64) -> String {
+        self.storage_bytes
+            .set(i64::try_from(storage_bytes).unwrap_or(i64::MAX));
+        self.resident_bytes
+            .set(resident_memory_bytes().map_or(0, |b| b as i64));
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Allows one log line per slot per interval and counts what it held back.
+#[derive(Debug)]
+struct LogLimit {
+    interval_ms: u64,
+    last_ms: Vec<AtomicU64>,
+    suppressed: Vec<AtomicU64>,
+}
+
+impl LogLimit {
+    fn new(interval: Duration) -> Self {
+        let slots = Reject::ALL.len() + Refusal::ALL.len();
+        LogLimit {
+            interval_ms: interval.as_millis() as u64,
+            last_ms: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            suppressed: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// `Some(held back since the last line)` when this slot may log now.
+    fn allow(&self, slot: usize) -> Option<u64> {
+        let now = now_ms();
+        let last = self.last_ms[slot].load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= self.interval_ms;
+        if due
+            && self.last_ms[slot]
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.suppressed[slot].swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed[slot].fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// Resident set size of this process (Linux: `VmRSS` of /proc/self/status).
+pub fn resident_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests;

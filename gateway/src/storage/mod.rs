@@ -1,0 +1,425 @@
+//! Durable storage in one redb file. The only module that names redb types.
+//!
+//! Writes go through [`Store::write`], which opens every table once and commits (durably) when
+//! the closure returns `Ok`; an `Err` aborts the whole transaction. Reads each take their own
+//! MVCC snapshot and never wait for a writer. All calls block: async callers run them on the
+//! blocking pool.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table};
+
+pub mod records;
+pub mod schema;
+
+use records::{Record, RecordError};
+use schema::*;
+
+use crate::model::{AlertRecord, AlertState, CommandRecord, Device, LogRow, TelemetryRow};
+
+/// File name of the database inside the data dir.
+pub const DB_FILE: &str = "fleetgate.redb";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("database: {0}")]
+    Db(#[from] redb::Error),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error(
+        "database schema version {found} is newer than this gateway's ({SCHEMA_VERSION}); \
+         run a newer fleetgate or restore a backup"
+    )]
+    NewerSchema { found: u64 },
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StorageError {
+            fn from(e: $t) -> Self {
+                StorageError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// A cheap handle to the database; clones share it.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+/// Every table, open for writing within one transaction.
+pub struct Tables<'txn> {
+    meta: Table<'txn, &'static str, u64>,
+    devices: Table<'txn, &'static str, &'static [u8]>,
+    telemetry: Table<'txn, (&'static str, u64), &'static [u8]>,
+    logs: Table<'txn, (&'static str, u64), &'static [u8]>,
+    alerts: Table<'txn, u64, &'static [u8]>,
+    commands: Table<'txn, u64, &'static [u8]>,
+}
+
+impl std::fmt::Debug for Tables<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tables").finish_non_exhaustive()
+    }
+}
+
+/// Filter for [`Store::alerts`].
+#[derive(Debug, Clone, Default)]
+pub struct AlertFilter {
+    pub state: Option<AlertState>,
+    pub severity: Option<fleetgate_protocol::Severity>,
+    pub device: Option<String>,
+}
+
+/// What the ingest writer needs in memory at start.
+#[derive(Debug)]
+pub struct Loaded {
+    pub devices: Vec<Device>,
+    pub unresolved_alerts: Vec<AlertRecord>,
+    pub next_alert_id: u64,
+    pub next_command_id: u64,
+    /// Newest telemetry and log keys per device, so new keys stay unique after a restart even
+    /// if the clock went back.
+    pub last_keys: std::collections::HashMap<String, (u64, u64)>,
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir`, creating the directory if needed.
+    pub fn open(dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(dir).map_err(|e| StorageError::Db(e.into()))?;
+        let path = dir.join(DB_FILE);
+        let db = Database::create(&path)?;
+        let store = Store {
+            db: Arc::new(db),
+            path,
+        };
+        store.init_schema()?;
+        Ok(store)
+    }
+
+    fn init_schema(&self) -> Result<()> {
+        self.write(|t| {
+            let found = t.meta.get(META_SCHEMA_VERSION)?.map(|v| v.value());
+            match found {
+                None => {
+                    t.meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION)?;
+                    t.meta.insert(META_NEXT_ALERT_ID, 1)?;
+                    t.meta.insert(META_NEXT_COMMAND_ID, 1)?;
+                }
+                Some(v) if v > SCHEMA_VERSION => {
+                    return Err(StorageError::NewerSchema { found: v });
+                }
+                // Older schemas are migrated here, one version at a time.
+                Some(_) => {}
+            }
+            Ok(())
+        })
+    }
+
+    /// Size of the database file in bytes.
+    pub fn file_size(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
+    }
+
+    /// Runs `f` in one write transaction and commits it durably if `f` succeeds.
+    pub fn write<R>(&self, f: impl FnOnce(&mut Tables<'_>) -> Result<R>) -> Result<R> {
+        let txn = self.db.begin_write()?;
+        let result = {
+            let mut tables = Tables {
+                meta: txn.open_table(META)?,
+                devices: txn.open_table(DEVICES)?,
+                telemetry: txn.open_table(TELEMETRY)?,
+                logs: txn.open_table(LOGS)?,
+                alerts: txn.open_table(ALERTS)?,
+                commands: txn.open_table(COMMANDS)?,
+            };
+            f(&mut tables)?
+        };
+        txn.commit()?;
+        Ok(result)
+    }
+
+    /// Everything the ingest writer keeps in memory.
+    pub fn load(&self) -> Result<Loaded> {
+        let txn = self.db.begin_read()?;
+        let devices = decode_all::<Device, _>(&txn.open_table(DEVICES)?)?;
+        let alerts = txn.open_table(ALERTS)?;
+        let mut unresolved_alerts = Vec::new();
+        for entry in alerts.iter()? {
+            let alert = AlertRecord::decode(entry?.1.value())?;
+            if alert.state != AlertState::Resolved {
+                unresolved_alerts.push(alert);
+            }
+        }
+        let meta = txn.open_table(META)?;
+        let get = |k| -> Result<u64> { Ok(meta.get(k)?.map_or(1, |v| v.value())) };
+        let telemetry = txn.open_table(TELEMETRY)?;
+        let logs = txn.open_table(LOGS)?;
+        let mut last_keys = std::collections::HashMap::new();
+        for d in &devices {
+            let id = d.id.as_str();
+            let last =
+                |t: &redb::ReadOnlyTable<(&'static str, u64), &'static [u8]>| -> Result<u64> {
+                    Ok(match t.range((id, 0)..=(id, u64::MAX))?.next_back() {
+                        Some(e) => e?.0.value().1,
+                        None => 0,
+                    })
+                };
+            last_keys.insert(d.id.clone(), (last(&telemetry)?, last(&logs)?));
+        }
+        Ok(Loaded {
+            devices,
+            unresolved_alerts,
+            last_keys,
+            next_alert_id: get(META_NEXT_ALERT_ID)?,
+            next_command_id: get(META_NEXT_COMMAND_ID)?,
+        })
+    }
+
+    pub fn device(&self, id: &str) -> Result<Option<Device>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(DEVICES)?;
+        let value = table.get(id)?;
+        value
+            .map(|v| Device::decode(v.value()))
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    pub fn devices(&self) -> Result<Vec<Device>> {
+        let txn = self.db.begin_read()?;
+        decode_all::<Device, _>(&txn.open_table(DEVICES)?)
+    }
+
+    /// Telemetry of `device` received in `[from_us, to_us)`, newest first, at most `limit` rows.
+    pub fn telemetry(
+        &self,
+        device: &str,
+        from_us: u64,
+        to_us: u64,
+        limit: usize,
+    ) -> Result<Vec<TelemetryRow>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TELEMETRY)?;
+        let rows = table
+            .range((device, from_us)..(device, to_us))?
+            .rev()
+            .take(limit);
+        rows.map(|e| Ok(TelemetryRow::decode(e?.1.value())?))
+            .collect()
+    }
+
+    /// The newest `limit` log lines of `device`, newest first.
+    pub fn logs(&self, device: &str, limit: usize) -> Result<Vec<LogRow>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(LOGS)?;
+        let rows = table
+            .range((device, 0)..=(device, u64::MAX))?
+            .rev()
+            .take(limit);
+        rows.map(|e| Ok(LogRow::decode(e?.1.value())?)).collect()
+    }
+
+    pub fn alert(&self, id: u64) -> Result<Option<AlertRecord>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ALERTS)?;
+        let value = table.get(id)?;
+        value
+            .map(|v| AlertRecord::decode(v.value()))
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    /// Alerts matching `filter`, newest first, at most `limit`.
+    pub fn alerts(&self, filter: &AlertFilter, limit: usize) -> Result<Vec<AlertRecord>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ALERTS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()?.rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let alert = AlertRecord::decode(entry?.1.value())?;
+            let keep = filter.state.is_none_or(|s| s == alert.state)
+                && filter.severity.is_none_or(|s| s == alert.severity)
+                && filter.device.as_ref().is_none_or(|d| *d == alert.device);
+            if keep {
+                out.push(alert);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn command(&self, id: u64) -> Result<Option<CommandRecord>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(COMMANDS)?;
+        let value = table.get(id)?;
+        value
+            .map(|v| CommandRecord::decode(v.value()))
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    /// Row counts of the big tables, for metrics and tests.
+    pub fn counts(&self) -> Result<TableCounts> {
+        let txn = self.db.begin_read()?;
+        Ok(TableCounts {
+            devices: txn.open_table(DEVICES)?.len()?,
+            telemetry: txn.open_table(TELEMETRY)?.len()?,
+            logs: txn.open_table(LOGS)?.len()?,
+            alerts: txn.open_table(ALERTS)?.len()?,
+            commands: txn.open_table(COMMANDS)?.len()?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableCounts {
+    pub devices: u64,
+    pub telemetry: u64,
+    pub logs: u64,
+    pub alerts: u64,
+    pub commands: u64,
+}
+
+fn decode_all<R: Record, T: ReadableTable<&'static str, &'static [u8]>>(
+    table: &T,
+) -> Result<Vec<R>> {
+    table
+        .iter()?
+        .map(|e| Ok(R::decode(e?.1.value())?))
+        .collect()
+}
+
+impl Tables<'_> {
+    pub fn put_device(&mut self, device: &Device) -> Result<()> {
+        self.devices
+            .insert(device.id.as_str(), device.encode().as_slice())?;
+        Ok(())
+    }
+
+    /// Inserts a telemetry row under a key unique for the device, then drops the device's oldest
+    /// rows beyond `keep`. `rows` is the device's row count, kept up to date.
+    pub fn insert_telemetry(
+        &mut self,
+        device: &str,
+        key_us: u64,
+        row: &TelemetryRow,
+        keep: u64,
+        rows: &mut u64,
+    ) -> Result<()> {
+        if self
+            .telemetry
+            .insert((device, key_us), row.encode().as_slice())?
+            .is_none()
+        {
+            *rows += 1;
+        }
+        trim_oldest(&mut self.telemetry, device, keep, rows)
+    }
+
+    /// As [`Tables::insert_telemetry`], for log lines.
+    pub fn insert_log(
+        &mut self,
+        device: &str,
+        key_us: u64,
+        row: &LogRow,
+        keep: u64,
+        rows: &mut u64,
+    ) -> Result<()> {
+        if self
+            .logs
+            .insert((device, key_us), row.encode().as_slice())?
+            .is_none()
+        {
+            *rows += 1;
+        }
+        trim_oldest(&mut self.logs, device, keep, rows)
+    }
+
+    /// Deletes `device`'s telemetry received before `cutoff_us`; returns how many rows went.
+    pub fn trim_telemetry_before(&mut self, device: &str, cutoff_us: u64) -> Result<u64> {
+        let mut removed = 0;
+        self.telemetry
+            .retain_in((device, 0)..(device, cutoff_us), |_, _| {
+                removed += 1;
+                false
+            })?;
+        Ok(removed)
+    }
+
+    /// Deletes alerts resolved before `cutoff_ms`; returns how many went.
+    pub fn delete_resolved_alerts_before(&mut self, cutoff_ms: u64) -> Result<u64> {
+        let mut removed = 0;
+        self.alerts.retain(|_, value| {
+            let old = AlertRecord::decode(value).is_ok_and(|a| {
+                a.state == AlertState::Resolved && a.resolved.is_some_and(|r| r.at_ms < cutoff_ms)
+            });
+            removed += u64::from(old);
+            !old
+        })?;
+        Ok(removed)
+    }
+
+    pub fn put_alert(&mut self, alert: &AlertRecord) -> Result<()> {
+        self.alerts.insert(alert.id, alert.encode().as_slice())?;
+        Ok(())
+    }
+
+    pub fn put_command(&mut self, command: &CommandRecord) -> Result<()> {
+        self.commands
+            .insert(command.id, command.encode().as_slice())?;
+        Ok(())
+    }
+
+    pub fn command(&self, id: u64) -> Result<Option<CommandRecord>> {
+        let value = self.commands.get(id)?;
+        value
+            .map(|v| CommandRecord::decode(v.value()))
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    pub fn set_meta(&mut self, key: &'static str, value: u64) -> Result<()> {
+        self.meta.insert(key, value)?;
+        Ok(())
+    }
+}
+
+fn trim_oldest(
+    table: &mut Table<'_, (&'static str, u64), &'static [u8]>,
+    device: &str,
+    keep: u64,
+    rows: &mut u64,
+) -> Result<()> {
+    while *rows > keep {
+        let oldest = match table.range((device, 0)..=(device, u64::MAX))?.next() {
+            Some(entry) => Some(entry?.0.value().1),
+            None => None,
+        };
+        let Some(key_us) = oldest else {
+            // The count was higher than what is stored: resync instead of looping.
+            *rows = 0;
+            break;
+        };
+        table.remove((device, key_us))?;
+        *rows -= 1;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,73 @@
+//! Versioned value encodings: one version byte, then postcard. A reader accepts every version
+//! it knows, so a database written by an older gateway still opens.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::model::{AlertRecord, CommandRecord, Device, LogRow, TelemetryRow};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("empty record")]
+    Empty,
+    #[error("{kind} record has unknown version {version}")]
+    UnknownVersion { kind: &'static str, version: u8 },
+    #[error("{kind} record does not decode: {source}")]
+    Decode {
+        kind: &'static str,
+        source: postcard::Error,
+    },
+}
+
+/// A value stored in a table.
+pub trait Record: Serialize + DeserializeOwned {
+    const KIND: &'static str;
+    /// The version this code writes.
+    const VERSION: u8;
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = vec![Self::VERSION];
+        // Serializing our own plain structs into a Vec cannot fail.
+        postcard::to_io(self, &mut out).expect("postcard encoding of a record");
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+        let (&version, body) = bytes.split_first().ok_or(RecordError::Empty)?;
+        if version != Self::VERSION {
+            return Err(RecordError::UnknownVersion {
+                kind: Self::KIND,
+                version,
+            });
+        }
+        postcard::from_bytes(body).map_err(|source| RecordError::Decode {
+            kind: Self::KIND,
+            source,
+        })
+    }
+}
+
+impl Record for Device {
+    const KIND: &'static str = "device";
+    const VERSION: u8 = 1;
+}
+
+impl Record for TelemetryRow {
+    const KIND: &'static str = "telemetry";
+    const VERSION: u8 = 1;
+}
+
+impl Record for LogRow {
+    const KIND: &'static str = "log";
+    const VERSION: u8 = 1;
+}
+
+impl Record for AlertRecord {
+    const KIND: &'static str = "alert";
+    const VERSION: u8 = 1;
+}
+
+impl Record for CommandRecord {
+    const KIND: &'static str = "command";
+    const VERSION: u8 = 1;
+}
