@@ -42,6 +42,7 @@ pub struct Gateway {
     downlink: DownlinkTx,
     writer: std::thread::JoinHandle<()>,
     http: tokio::task::JoinHandle<()>,
+    markers: std::sync::atomic::AtomicU64,
 }
 
 impl Gateway {
@@ -141,12 +142,29 @@ impl Gateway {
             downlink: broker.downlink(),
             writer,
             http,
+            markers: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    fn next_marker(&self) -> u64 {
+        self.markers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1
+    }
+
+    /// Returns once every device message the broker acknowledged before this call, and every
+    /// connect and disconnect before it, is committed to storage.
+    pub async fn sync(&self) -> anyhow::Result<()> {
+        let n = self.next_marker();
+        let done = self.control.sync(n).await?;
+        self.downlink.flush_marker(n).await?;
+        done.await.context("the storage writer stopped")
     }
 
     /// Stops the gateway: every device message acknowledged before this call is committed when
     /// it returns. Each phase waits at most `grace`.
     pub async fn shutdown(self, grace: Duration) -> anyhow::Result<()> {
+        let n = self.next_marker();
         self.shutdown.cancel();
         self.sessions.kick_all(Kick::ShuttingDown);
         self.tracker.close();
@@ -162,10 +180,13 @@ impl Gateway {
         if tokio::time::timeout(grace, self.http).await.is_err() {
             tracing::warn!("HTTP requests still running after the grace period");
         }
-        if self.downlink.flush_marker().await.is_err() {
+        let stopped = self.control.stop(n, grace).await;
+        if self.downlink.flush_marker(n).await.is_err() {
             tracing::warn!("broker gone before the flush marker");
         }
-        self.control.stop(grace).await;
+        if let Some(stopped) = stopped {
+            let _ = stopped.await;
+        }
         tokio::task::spawn_blocking(move || self.writer.join())
             .await?
             .map_err(|_| anyhow::anyhow!("the storage writer panicked"))?;

@@ -359,10 +359,10 @@ impl Validate for HardwareMetrics {
         limits::opt_finite("hw.cpu_pct", self.cpu_pct)?;
         limits::opt_finite("hw.temp_c", self.temp_c)?;
         limits::opt_finite("hw.power_mw", self.power_mw)?;
-        if let Some(cpu) = self.cpu_pct {
-            if !(0.0..=100.0).contains(&cpu) {
-                return Err(Invalid::new("hw.cpu_pct", "must be within 0..=100"));
-            }
+        if let Some(cpu) = self.cpu_pct
+            && !(0.0..=100.0).contains(&cpu)
+        {
+            return Err(Invalid::new("hw.cpu_pct", "must be within 0..=100"));
         }
         Ok(())
     }

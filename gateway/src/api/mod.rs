@@ -333,12 +333,12 @@ async fn send_command(
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<CommandRequest>,
 ) -> Result<(StatusCode, Json<CommandView>), ApiError> {
-    if let Action::SetTelemetryInterval { interval_ms } = req.action {
-        if !(100..=86_400_000).contains(&interval_ms) {
-            return Err(ApiError::BadRequest(
-                "interval_ms must be within 100..=86400000".to_owned(),
-            ));
-        }
+    if let Action::SetTelemetryInterval { interval_ms } = req.action
+        && !(100..=86_400_000).contains(&interval_ms)
+    {
+        return Err(ApiError::BadRequest(
+            "interval_ms must be within 100..=86400000".to_owned(),
+        ));
     }
     let record = state
         .control

@@ -69,10 +69,10 @@ pub(crate) struct Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        if let Ok(mut map) = self.sessions.by_device.lock() {
-            if map.get(&self.device).is_some_and(|e| e.id == self.id) {
-                map.remove(&self.device);
-            }
+        if let Ok(mut map) = self.sessions.by_device.lock()
+            && map.get(&self.device).is_some_and(|e| e.id == self.id)
+        {
+            map.remove(&self.device);
         }
         self.released.cancel();
     }
@@ -264,9 +264,11 @@ impl Front {
                 (connect, login, will)
             }
             Ok(Ok(_)) => {
-                return self
-                    .metrics
-                    .refuse(Refusal::Protocol, &peer, "first packet is not CONNECT");
+                return self.metrics.refuse(
+                    Refusal::Protocol,
+                    &peer,
+                    "first packet is not CONNECT",
+                );
             }
             Ok(Err(e)) => {
                 return self
@@ -380,13 +382,18 @@ impl Front {
         };
         let props = v5.then(|| ConnAckProperties {
             max_packet_size: u32::try_from(self.max_packet).ok(),
-            server_keep_alive: (keep_alive != requested).then(|| keep_alive.as_secs() as u16),
+            server_keep_alive: (keep_alive != requested).then_some(keep_alive.as_secs() as u16),
             retain_available: Some(0),
             wildcard_subscription_available: Some(0),
             subscription_identifiers_available: Some(0),
             shared_subscription_available: Some(0),
             ..Default::default()
         });
+        // Presence is queued before the CONNACK goes out: anything the device does after it
+        // sees the CONNACK (and any sync after that) comes after its "online".
+        let protocol = if v5 { 5 } else { 4 };
+        self.presence(&device, claim.id, true, protocol, peer, None)
+            .await;
         let mut out = BytesMut::new();
         let connack = Packet::ConnAck(
             ConnAck {
@@ -397,14 +404,19 @@ impl Front {
         );
         if proto.write(connack, &mut out).is_err() || stream.write_all(&out).await.is_err() {
             super::disconnect(link.tx).await;
+            self.presence(
+                &device,
+                claim.id,
+                false,
+                protocol,
+                peer,
+                Some("connection closed"),
+            )
+            .await;
             return;
         }
-
         self.metrics.connects.inc();
         self.metrics.connected.inc();
-        let protocol = if v5 { 5 } else { 4 };
-        self.presence(&device, claim.id, true, protocol, peer, None)
-            .await;
         let session = Session::new(
             proto,
             v5,

@@ -114,12 +114,13 @@ impl DownlinkTx {
             .map_err(|_| DownlinkClosed)
     }
 
-    /// Publishes the shutdown flush marker; the ingest writer sees it after everything devices
-    /// published before now.
-    pub async fn flush_marker(&self) -> Result<(), DownlinkClosed> {
+    /// Publishes flush marker `n` through the router; the ingest writer sees it after
+    /// everything devices published before now.
+    pub async fn flush_marker(&self, n: u64) -> Result<(), DownlinkClosed> {
         let topic = policy::flush_marker_topic();
+        let payload = Bytes::copy_from_slice(&n.to_be_bytes());
         self.tx
-            .send_async((topic, Bytes::new()))
+            .send_async((topic, payload))
             .await
             .map_err(|_| DownlinkClosed)
     }
@@ -303,7 +304,15 @@ fn ingest_thread(mut rx: LinkRx, writer: WriterTx) {
                         payload: forward.publish.payload,
                         received_us: now_us(),
                     }),
-                    Some(policy::Ingested::FlushMarker) => WriterMsg::FlushMarker,
+                    Some(policy::Ingested::FlushMarker) => {
+                        let bytes = forward
+                            .publish
+                            .payload
+                            .as_ref()
+                            .try_into()
+                            .unwrap_or([0; 8]);
+                        WriterMsg::FlushMarker(u64::from_be_bytes(bytes))
+                    }
                     None => {
                         tracing::error!(topic, "unexpected topic on the ingest subscription");
                         continue;
@@ -323,3 +332,6 @@ fn ingest_thread(mut rx: LinkRx, writer: WriterTx) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

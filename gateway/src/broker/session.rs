@@ -92,6 +92,10 @@ pub enum ReadError {
 }
 
 /// The outcome of parsing the front of the read buffer.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "lives on the stack for one call, never stored"
+)]
 enum Parsed {
     Packet(Packet, Option<(u8, u16)>),
     NeedMore,
@@ -268,7 +272,7 @@ impl<P: Protocol + Send> Session<P> {
                     }
                 },
                 notification = self.link.rx.next() => match notification {
-                    Ok(Some(n)) => self.from_router(n),
+                    Ok(Some(n)) => self.on_router(n),
                     Ok(None) => Step::Continue,
                     Err(_) => Step::End(End::RouterGone),
                 },
@@ -296,7 +300,7 @@ impl<P: Protocol + Send> Session<P> {
         for _ in 0..NOTIFY_BATCH {
             match self.link.rx.recv_deadline(Instant::now()) {
                 Ok(Some(n)) => {
-                    if let Step::End(end) = self.from_router(n) {
+                    if let Step::End(end) = self.on_router(n) {
                         return Step::End(end);
                     }
                 }
@@ -312,7 +316,7 @@ impl<P: Protocol + Send> Session<P> {
             match next_packet(&mut self.proto, &mut self.rbuf, self.max_packet) {
                 Parsed::NeedMore => return Step::Continue,
                 Parsed::Packet(packet, peek) => {
-                    if let Step::End(end) = self.from_device(packet, peek).await {
+                    if let Step::End(end) = self.on_device_packet(packet, peek).await {
                         return Step::End(end);
                     }
                 }
@@ -333,7 +337,7 @@ impl<P: Protocol + Send> Session<P> {
         }
     }
 
-    async fn from_device(&mut self, packet: Packet, peek: Option<(u8, u16)>) -> Step {
+    async fn on_device_packet(&mut self, packet: Packet, peek: Option<(u8, u16)>) -> Step {
         match packet {
             Packet::Publish(publish, props) => {
                 let (qos, pkid) = peek.unwrap_or((0, 0));
@@ -373,7 +377,7 @@ impl<P: Protocol + Send> Session<P> {
                     pkid: sub.pkid,
                     filters: allowed,
                 };
-                self.to_router(Packet::Subscribe(sub, props)).await
+                self.send_to_router(Packet::Subscribe(sub, props)).await
             }
             Packet::Unsubscribe(unsub, props) => {
                 let mut allowed = Vec::new();
@@ -405,7 +409,7 @@ impl<P: Protocol + Send> Session<P> {
                     pkid: unsub.pkid,
                     filters: allowed,
                 };
-                self.to_router(Packet::Unsubscribe(unsub, props)).await
+                self.send_to_router(Packet::Unsubscribe(unsub, props)).await
             }
             Packet::PubRel(rel, props) => {
                 if self.refused_qos2.remove(&rel.pkid) {
@@ -416,10 +420,10 @@ impl<P: Protocol + Send> Session<P> {
                     self.write(Packet::PubComp(comp, None));
                     return Step::Continue;
                 }
-                self.to_router(Packet::PubRel(rel, props)).await
+                self.send_to_router(Packet::PubRel(rel, props)).await
             }
             p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
-                self.to_router(p).await
+                self.send_to_router(p).await
             }
             Packet::PingReq(_) => {
                 self.write(Packet::PingResp(PingResp));
@@ -449,7 +453,7 @@ impl<P: Protocol + Send> Session<P> {
             Ok((_, internal)) => {
                 publish.topic = Bytes::from(internal);
                 publish.retain = false;
-                self.to_router(Packet::Publish(publish, props)).await
+                self.send_to_router(Packet::Publish(publish, props)).await
             }
             Err(denied) => {
                 self.refused(denied, &topic).await;
@@ -506,7 +510,7 @@ impl<P: Protocol + Send> Session<P> {
         }
     }
 
-    async fn to_router(&mut self, packet: Packet) -> Step {
+    async fn send_to_router(&mut self, packet: Packet) -> Step {
         self.broker.wait_router().await;
         match self.link.tx.send(packet).await {
             Ok(_) => Step::Continue,
@@ -514,7 +518,7 @@ impl<P: Protocol + Send> Session<P> {
         }
     }
 
-    fn from_router(&mut self, notification: Notification) -> Step {
+    fn on_router(&mut self, notification: Notification) -> Step {
         match notification {
             Notification::Forward(mut forward) => {
                 let topic = String::from_utf8_lossy(&forward.publish.topic).into_owned();
@@ -618,10 +622,10 @@ impl<P: Protocol + Send> Session<P> {
         if end == End::RouterGone {
             return;
         }
-        if end.sends_will() {
-            if let Some(will) = self.will.take() {
-                let _ = self.to_router(Packet::Publish(will, None)).await;
-            }
+        if end.sends_will()
+            && let Some(will) = self.will.take()
+        {
+            let _ = self.send_to_router(Packet::Publish(will, None)).await;
         }
         self.broker.wait_router().await;
         super::disconnect(self.link.tx).await;

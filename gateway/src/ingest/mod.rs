@@ -47,8 +47,9 @@ pub enum WriterMsg {
     Rejected {
         device: String,
     },
-    /// Everything devices published before the gateway started to stop has been delivered.
-    FlushMarker,
+    /// Flush marker `n` came through the broker: everything devices published before it was
+    /// published has been delivered.
+    FlushMarker(u64),
 }
 
 /// A message a device published, as the broker delivered it.
@@ -124,8 +125,14 @@ pub enum Control {
         by: String,
         reply: Reply<CommandRecord>,
     },
-    /// Finish once the flush marker has arrived (or at the deadline), then exit.
+    /// Answer once flush marker `upto` has arrived and what came before it is committed.
+    Sync {
+        upto: u64,
+        reply: oneshot::Sender<()>,
+    },
+    /// Finish once flush marker `upto` has arrived (or at the deadline), then exit.
     Stop {
+        upto: u64,
         deadline: Instant,
         reply: oneshot::Sender<()>,
     },
@@ -193,16 +200,27 @@ impl ControlTx {
         .await
     }
 
-    /// Asks the writer to finish: it drains its queue up to the flush marker, commits and exits.
-    pub async fn stop(&self, grace: Duration) {
+    /// Registers a wait for flush marker `upto`. Send the marker after this returns; the
+    /// receiver fires once everything before the marker is committed.
+    pub async fn sync(&self, upto: u64) -> Result<oneshot::Receiver<()>, ControlError> {
+        let (reply, rx) = oneshot::channel();
+        self.0
+            .send_async(Control::Sync { upto, reply })
+            .await
+            .map_err(|_| ControlError::Stopped)?;
+        Ok(rx)
+    }
+
+    /// Asks the writer to finish once flush marker `upto` has arrived: it commits everything
+    /// before the marker and exits. Send the marker after this returns.
+    pub async fn stop(&self, upto: u64, grace: Duration) -> Option<oneshot::Receiver<()>> {
         let (reply, rx) = oneshot::channel();
         let stop = Control::Stop {
+            upto,
             deadline: Instant::now() + grace,
             reply,
         };
-        if self.0.send_async(stop).await.is_ok() {
-            let _ = rx.await;
-        }
+        self.0.send_async(stop).await.ok().map(|()| rx)
     }
 }
 
@@ -216,18 +234,22 @@ struct DeviceState {
     dirty: bool,
 }
 
+/// An API reply held until its batch commits; called with the storage error if it did not.
+type AfterCommit = Box<dyn FnOnce(Option<&str>) + Send>;
+
 /// Side effects of a batch, carried out after it commits.
 #[derive(Default)]
 struct Effects {
-    replies: Vec<Box<dyn FnOnce(Option<&str>) + Send>>,
+    replies: Vec<AfterCommit>,
     downlinks: Vec<(String, Encoding, Vec<u8>)>,
     credentials: Vec<(String, Option<auth::Digest32>)>,
     kicks: Vec<(String, Kick)>,
     stored: [u64; Uplink::ALL.len()],
     lost: i64,
     duplicates: u64,
-    stop: Option<(Instant, oneshot::Sender<()>)>,
-    flushed: bool,
+    stop: Option<(u64, Instant, oneshot::Sender<()>)>,
+    /// Highest flush marker seen in this batch.
+    marker: u64,
 }
 
 impl Effects {
@@ -268,6 +290,9 @@ pub struct Writer {
     open_index: HashMap<(String, String), u64>,
     next_alert_id: u64,
     next_command_id: u64,
+    /// Highest flush marker committed, and who waits for which marker.
+    marker: u64,
+    sync_waiters: Vec<(u64, oneshot::Sender<()>)>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -327,6 +352,8 @@ impl Writer {
             open_index: HashMap::new(),
             next_alert_id: 1,
             next_command_id: 1,
+            marker: 0,
+            sync_waiters: Vec::new(),
         };
         writer.reload()?;
         Ok(writer)
@@ -376,24 +403,19 @@ impl Writer {
     /// Runs until stopped. Call on a dedicated thread.
     pub fn run(mut self, msgs: flume::Receiver<WriterMsg>, controls: flume::Receiver<Control>) {
         let mut next_retention = Instant::now() + self.settings.retention_interval;
-        let mut stopping: Option<(Instant, oneshot::Sender<()>)> = None;
-        let mut flushed = false;
+        let mut stopping: Option<(u64, Instant, oneshot::Sender<()>)> = None;
         loop {
             let wake_at = match &stopping {
-                Some((deadline, _)) => (*deadline).min(next_retention),
+                Some((_, deadline, _)) => (*deadline).min(next_retention),
                 None => next_retention,
             };
             let first = flume::Selector::new()
-                .recv(&controls, |c| c.map(Item::Control))
-                .recv(&msgs, |m| m.map(Item::Msg))
+                .recv(&controls, |c| c.ok().map(Item::Control))
+                .recv(&msgs, |m| m.ok().map(Item::Msg))
                 .wait_deadline(wake_at);
-            let mut items = Vec::new();
-            match first {
-                Ok(Ok(item)) => items.push(item),
-                // A sender side is gone: only at the very end of a shutdown.
-                Ok(Err(_)) => {}
-                Err(_) => {}
-            }
+            let mut items: Vec<Item> = first.ok().flatten().into_iter().collect();
+            // Operator requests first, so that a sync registered before its marker was
+            // published is always applied before the marker.
             items.extend(controls.try_iter().map(Item::Control));
             let room = self.settings.batch.saturating_sub(items.len());
             items.extend(msgs.try_iter().take(room).map(Item::Msg));
@@ -401,7 +423,6 @@ impl Writer {
 
             if !items.is_empty() {
                 let effects = self.apply_batch(items);
-                flushed |= effects.flushed;
                 if let Some(stop) = self.finish_batch(effects) {
                     stopping = Some(stop);
                 }
@@ -410,16 +431,16 @@ impl Writer {
                 self.retention();
                 next_retention = Instant::now() + self.settings.retention_interval;
             }
-            if let Some((deadline, _)) = &stopping {
-                let drained = flushed && msgs.is_empty();
-                if drained || Instant::now() >= *deadline {
-                    if !drained {
+            if let Some((upto, deadline, _)) = &stopping {
+                let flushed = self.marker >= *upto;
+                if flushed || Instant::now() >= *deadline {
+                    if !flushed {
                         tracing::warn!(
                             queued = msgs.len(),
                             "shutdown grace over before the flush marker"
                         );
                     }
-                    if let Some((_, reply)) = stopping.take() {
+                    if let Some((_, _, reply)) = stopping.take() {
                         let _ = reply.send(());
                     }
                     return;
@@ -453,7 +474,7 @@ impl Writer {
             }
             fx = Effects {
                 stop: fx.stop.take(),
-                flushed: fx.flushed,
+                marker: fx.marker,
                 ..Effects::default()
             };
             if let Err(e) = self.reload() {
@@ -464,7 +485,7 @@ impl Writer {
     }
 
     /// Carries out a committed batch's effects; returns a stop request if one came in.
-    fn finish_batch(&mut self, mut fx: Effects) -> Option<(Instant, oneshot::Sender<()>)> {
+    fn finish_batch(&mut self, mut fx: Effects) -> Option<(u64, Instant, oneshot::Sender<()>)> {
         self.metrics.batches.inc();
         for (i, channel) in Uplink::ALL.iter().enumerate() {
             if fx.stored[i] > 0 {
@@ -495,6 +516,14 @@ impl Writer {
         for reply in fx.replies.drain(..) {
             reply(None);
         }
+        self.marker = self.marker.max(fx.marker);
+        let marker = self.marker;
+        for (_, waiter) in self
+            .sync_waiters
+            .extract_if(.., |(upto, _)| *upto <= marker)
+        {
+            let _ = waiter.send(());
+        }
         fx.stop
     }
 
@@ -513,7 +542,7 @@ impl Writer {
                     s.dirty = true;
                 }
             }
-            WriterMsg::FlushMarker => fx.flushed = true,
+            WriterMsg::FlushMarker(n) => fx.marker = fx.marker.max(n),
         }
         Ok(())
     }
@@ -698,14 +727,13 @@ impl Writer {
             } else if rule.clears(value) {
                 let key = (device.to_owned(), rule.kind.name().to_owned());
                 let metric = rule.metric;
-                if let Some(&id) = self.open_index.get(&key) {
-                    if self
+                if let Some(&id) = self.open_index.get(&key)
+                    && self
                         .unresolved
                         .get(&id)
                         .is_some_and(|a| a.source == AlertSource::Rule { metric })
-                    {
-                        self.resolve(t, id, now, "rule")?;
-                    }
+                {
+                    self.resolve(t, id, now, "rule")?;
                 }
             }
         }
@@ -922,7 +950,12 @@ impl Writer {
                 let result = self.command(t, device, action, by, now, fx)?;
                 fx.reply(reply, result);
             }
-            Control::Stop { deadline, reply } => fx.stop = Some((deadline, reply)),
+            Control::Sync { upto, reply } => self.sync_waiters.push((upto, reply)),
+            Control::Stop {
+                upto,
+                deadline,
+                reply,
+            } => fx.stop = Some((upto, deadline, reply)),
         }
         Ok(())
     }

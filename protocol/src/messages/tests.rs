@@ -181,7 +181,7 @@ fn docs_json_examples_decode() {
         let after = &rest[start + "```json ".len()..];
         let (channel, body) = after.split_once('\n').unwrap();
         let end = body.find("```").unwrap();
-        let json = body[..end].as_bytes();
+        let json = &body.as_bytes()[..end];
         let result: Result<(), DecodeError> = match channel.trim() {
             "hello" => decode::<Hello>(json, Encoding::Json).map(drop),
             "telemetry" => decode::<Telemetry>(json, Encoding::Json).map(drop),

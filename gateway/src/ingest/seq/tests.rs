@@ -9,9 +9,12 @@ fn run(events: &[(u32, u32)]) -> Vec<SeqOutcome> {
         .collect()
 }
 
+/// (name, (boot, seq) events, outcomes)
+type Case = (&'static str, &'static [(u32, u32)], &'static [SeqOutcome]);
+
 #[test]
 fn table_of_sequences() {
-    let cases: &[(&str, &[(u32, u32)], &[SeqOutcome])] = &[
+    let cases: &[Case] = &[
         (
             "in order",
             &[(0, 5), (0, 6), (0, 7)],
