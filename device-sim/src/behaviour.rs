@@ -1,0 +1,194 @@
+//! What a simulated device says and how it answers commands. No I/O: the fleet runner moves
+//! these messages over MQTT.
+
+use fleetgate_protocol::{
+    AckStatus, Action, Alert, AlertKind, Command, CommandAck, HardwareMetrics, HardwareProfile,
+    Hello, InputSample, Installed, ModelMetrics, Severity, Telemetry,
+};
+use rand::Rng;
+use rand_distr::{Distribution, Normal};
+
+/// The shape of the data a device sees, so a test can shift it.
+#[derive(Debug, Clone)]
+pub struct DataShape {
+    /// Raw input samples per telemetry message (0: none).
+    pub samples: usize,
+    /// Features per sample.
+    pub features: usize,
+    /// Mean and standard deviation of every feature.
+    pub feature_mean: f32,
+    pub feature_std: f32,
+}
+
+impl Default for DataShape {
+    fn default() -> Self {
+        DataShape {
+            samples: 0,
+            features: 4,
+            feature_mean: 0.0,
+            feature_std: 1.0,
+        }
+    }
+}
+
+/// One device's evolving state.
+#[derive(Debug, Clone)]
+pub struct Behaviour {
+    pub id: String,
+    pub boot: u32,
+    pub seq: u32,
+    pub interval_ms: u32,
+    pub shape: DataShape,
+    battery_mv: f32,
+}
+
+/// What the runner must do after a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    None,
+    /// Change the telemetry interval.
+    Interval(u32),
+    /// Disconnect, start a new boot, reconnect.
+    Reboot,
+}
+
+impl Behaviour {
+    pub fn new(id: String, boot: u32, interval_ms: u32, shape: DataShape) -> Behaviour {
+        Behaviour {
+            id,
+            boot,
+            seq: 0,
+            interval_ms,
+            shape,
+            battery_mv: 3950.0,
+        }
+    }
+
+    pub fn hello(&self) -> Hello {
+        Hello {
+            firmware: Installed {
+                name: "sim-fw".into(),
+                version: semver::Version::new(1, 0, 0),
+                release: 1,
+            },
+            models: vec![Installed {
+                name: "sim-model".into(),
+                version: semver::Version::new(1, 0, 0),
+                release: 1,
+            }],
+            hardware: HardwareProfile {
+                arch: "armv7em".into(),
+                class: "sim-mcu".into(),
+                ram_bytes: 512 * 1024,
+                flash_bytes: 2 * 1024 * 1024,
+                accelerator: None,
+                runtime: Some(Installed {
+                    name: "tflm".into(),
+                    version: semver::Version::new(2, 14, 0),
+                    release: 0,
+                }),
+            },
+            boot: self.boot,
+            telemetry_interval_ms: self.interval_ms,
+        }
+    }
+
+    /// The next telemetry message, with noisy but plausible values.
+    pub fn telemetry<R: Rng>(&mut self, rng: &mut R, time_ms: u64) -> Telemetry {
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        self.battery_mv = (self.battery_mv - rng.random_range(0.0..0.05)).max(3000.0);
+        let normal = |mean: f32, std: f32, rng: &mut R| {
+            Normal::new(mean, std).map_or(mean, |n| n.sample(rng))
+        };
+        let hw = HardwareMetrics {
+            cpu_pct: Some(normal(35.0, 8.0, rng).clamp(0.0, 100.0)),
+            free_mem_bytes: Some(normal(160_000.0, 8_000.0, rng).max(0.0) as u64),
+            temp_c: Some(normal(42.0, 1.5, rng)),
+            battery_mv: Some(self.battery_mv as u32),
+            power_mw: Some(normal(180.0, 15.0, rng).max(0.0)),
+            inference_latency_us: Some(normal(12_000.0, 1_200.0, rng).max(100.0) as u32),
+        };
+        let mut class_counts = vec![0u32; 3];
+        let inferences = 20;
+        for _ in 0..inferences {
+            let p: f32 = rng.random();
+            class_counts[if p < 0.7 {
+                0
+            } else if p < 0.9 {
+                1
+            } else {
+                2
+            }] += 1;
+        }
+        let samples = (0..self.shape.samples)
+            .map(|_| InputSample {
+                values: (0..self.shape.features)
+                    .map(|_| normal(self.shape.feature_mean, self.shape.feature_std, rng))
+                    .collect(),
+                prediction: Some(rng.random_range(0..3)),
+                confidence: Some(normal(0.9, 0.04, rng).clamp(0.0, 1.0)),
+            })
+            .collect();
+        Telemetry {
+            boot: self.boot,
+            seq,
+            time_ms,
+            hw,
+            model: Some(ModelMetrics {
+                name: "sim-model".into(),
+                version: semver::Version::new(1, 0, 0),
+                inferences,
+                class_counts,
+                mean_confidence: Some(normal(0.9, 0.02, rng).clamp(0.0, 1.0)),
+            }),
+            samples,
+            bins: vec![],
+        }
+    }
+
+    /// A hardware alert, as a device notices one.
+    pub fn alert<R: Rng>(&self, rng: &mut R, time_ms: u64) -> Alert {
+        let kinds = [
+            (AlertKind::Thermal, Severity::Warning, 78.0),
+            (AlertKind::BrownOut, Severity::Warning, 3310.0),
+            (AlertKind::WatchdogReset, Severity::Critical, 1.0),
+        ];
+        let (kind, severity, value) = kinds[rng.random_range(0..kinds.len())].clone();
+        Alert {
+            message: format!("simulated {}", kind.name()),
+            kind,
+            severity,
+            value: Some(value),
+            time_ms,
+        }
+    }
+
+    /// Answers a command and says what the runner must do.
+    pub fn command(&mut self, cmd: &Command) -> (CommandAck, Effect) {
+        let (status, effect) = match cmd.action {
+            Action::Ping => (AckStatus::Done, Effect::None),
+            Action::Reboot => (AckStatus::Done, Effect::Reboot),
+            Action::SetTelemetryInterval { interval_ms } if interval_ms >= 100 => {
+                self.interval_ms = interval_ms;
+                (AckStatus::Done, Effect::Interval(interval_ms))
+            }
+            Action::SetTelemetryInterval { .. } => (
+                AckStatus::Rejected {
+                    reason: "interval below 100 ms".into(),
+                },
+                Effect::None,
+            ),
+        };
+        (CommandAck { id: cmd.id, status }, effect)
+    }
+
+    /// A reboot starts a new sequence.
+    pub fn reboot(&mut self) {
+        self.boot = self.boot.wrapping_add(1);
+        self.seq = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,441 @@
+//! Runs a simulated fleet: one rumqttc client per device, each with a polling task (which
+//! answers commands and counts acknowledgements) and a sending task (hello, telemetry, alerts).
+//! Publishing and polling are separate tasks because rumqttc deadlocks when a task awaits a
+//! publish while it is the one that polls the event loop.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fleetgate_protocol::topic::{self, JSON_SUFFIX};
+use fleetgate_protocol::{Channel, Command, Downlink, Encoding, Uplink, decode, encode};
+use rand::{Rng, SeedableRng};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use tokio::sync::{Mutex, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::behaviour::{Behaviour, DataShape, Effect};
+use crate::enroll::Credential;
+use crate::report::{Counters, Report};
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct FleetSpec {
+    pub host: String,
+    pub port: u16,
+    pub credentials: Vec<Credential>,
+    /// Time between two telemetry messages of one device.
+    pub interval: Duration,
+    /// Telemetry messages per device; `None`: until `duration` ends or the fleet is stopped.
+    pub messages: Option<u64>,
+    /// Longest time devices send; `None`: until `messages` are sent or the fleet is stopped.
+    pub duration: Option<Duration>,
+    /// Every this many telemetry messages a device also sends an alert (0: never).
+    pub alert_every: u64,
+    pub encoding: Encoding,
+    pub qos: QoS,
+    /// New connections per second while the fleet starts.
+    pub connect_rate: f64,
+    /// After its last message, how long a device waits for outstanding acknowledgements.
+    pub linger: Duration,
+    pub keep_alive: Duration,
+    pub shape: DataShape,
+    pub seed: u64,
+}
+
+impl FleetSpec {
+    pub fn new(host: &str, port: u16, credentials: Vec<Credential>) -> FleetSpec {
+        FleetSpec {
+            host: host.to_owned(),
+            port,
+            credentials,
+            interval: Duration::from_secs(1),
+            messages: None,
+            duration: None,
+            alert_every: 0,
+            encoding: Encoding::Postcard,
+            qos: QoS::AtLeastOnce,
+            connect_rate: 500.0,
+            linger: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(30),
+            shape: DataShape::default(),
+            seed: 1,
+        }
+    }
+}
+
+/// A running fleet.
+#[derive(Debug)]
+pub struct Fleet {
+    counters: Arc<Counters>,
+    connected: Arc<AtomicU64>,
+    stop: CancellationToken,
+    tasks: tokio::task::JoinSet<()>,
+    devices: u64,
+    started: Instant,
+}
+
+/// Runs a fleet until every device has sent its messages (or the duration is over), then
+/// reports. Stop it early with `stop`.
+pub async fn run(spec: FleetSpec, stop: CancellationToken) -> Report {
+    let fleet = Fleet::start(spec, stop);
+    fleet.finish().await
+}
+
+impl Fleet {
+    pub fn start(spec: FleetSpec, stop: CancellationToken) -> Fleet {
+        let counters = Arc::new(Counters::default());
+        let connected = Arc::new(AtomicU64::new(0));
+        let devices = spec.credentials.len() as u64;
+        let spec = Arc::new(spec);
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, cred) in spec.credentials.iter().cloned().enumerate() {
+            let start_after = Duration::from_secs_f64(i as f64 / spec.connect_rate.max(0.001));
+            let device = Device {
+                spec: spec.clone(),
+                cred,
+                index: i as u64,
+                counters: counters.clone(),
+                connected: connected.clone(),
+                stop: stop.clone(),
+            };
+            tasks.spawn(async move {
+                tokio::select! {
+                    _ = device.stop.cancelled() => return,
+                    _ = tokio::time::sleep(start_after) => {}
+                }
+                device.run().await;
+            });
+        }
+        Fleet {
+            counters,
+            connected,
+            stop,
+            tasks,
+            devices,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Devices with a live connection right now.
+    pub fn connected_now(&self) -> u64 {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` devices are connected at once, at most `timeout`.
+    pub async fn wait_connected(&self, n: u64, timeout: Duration) -> bool {
+        let connected = self.connected.clone();
+        self.counters
+            .wait_until(timeout, move |_| connected.load(Ordering::Relaxed) >= n)
+            .await
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Waits for every device to finish and reports.
+    pub async fn finish(mut self) -> Report {
+        while self.tasks.join_next().await.is_some() {}
+        let ever_connected = self.counters.ever_connected.load(Ordering::Relaxed);
+        Report::from_counters(
+            self.devices,
+            ever_connected,
+            &self.counters,
+            self.started.elapsed(),
+        )
+    }
+}
+
+struct Device {
+    spec: Arc<FleetSpec>,
+    cred: Credential,
+    index: u64,
+    counters: Arc<Counters>,
+    connected: Arc<AtomicU64>,
+    stop: CancellationToken,
+}
+
+/// What the polling and sending tasks of one device share.
+struct Shared {
+    behaviour: Mutex<Behaviour>,
+    sent: AtomicU64,
+    acked: AtomicU64,
+    acks: Notify,
+    up: Notify,
+    online: std::sync::atomic::AtomicBool,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn topic_for(id: &str, channel: Uplink, encoding: Encoding) -> String {
+    topic::format(id, Channel::Up(channel), encoding)
+}
+
+impl Device {
+    async fn run(self) {
+        let spec = &self.spec;
+        let id = self.cred.id.clone();
+        let mut opts = MqttOptions::new(&id, &spec.host, spec.port);
+        opts.set_credentials(&id, &self.cred.secret);
+        opts.set_keep_alive(spec.keep_alive);
+        opts.set_clean_session(true);
+        opts.set_max_packet_size(1 << 20, 64 << 10);
+        let (client, mut events) = AsyncClient::new(opts, 64);
+        let boot: u32 = rand::rngs::StdRng::seed_from_u64(spec.seed ^ self.index).random();
+        let interval_ms = spec.interval.as_millis().min(u128::from(u32::MAX)) as u32;
+        let shared = Arc::new(Shared {
+            behaviour: Mutex::new(Behaviour::new(
+                id.clone(),
+                boot,
+                interval_ms,
+                spec.shape.clone(),
+            )),
+            sent: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            acks: Notify::new(),
+            up: Notify::new(),
+            online: std::sync::atomic::AtomicBool::new(false),
+        });
+        let done_sending = CancellationToken::new();
+        let sender = tokio::spawn(send(
+            self.spec.clone(),
+            client.clone(),
+            shared.clone(),
+            self.counters.clone(),
+            self.stop.clone(),
+            done_sending.clone(),
+            self.index,
+        ));
+
+        let cmd_topic = topic::format(&id, Channel::Down(Downlink::Command), spec.encoding);
+        let mut backoff = Duration::from_millis(100);
+        let mut rebooting = false;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed.wrapping_add(self.index));
+        loop {
+            let event = tokio::select! {
+                biased;
+                _ = done_sending.cancelled() => {
+                    let _ = client.try_disconnect();
+                    // Let the DISCONNECT go out, then stop polling.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        loop {
+                            match events.poll().await {
+                                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                                _ => {}
+                            }
+                        }
+                    }).await;
+                    break;
+                }
+                e = events.poll() => e,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff = Duration::from_millis(100);
+                    if !shared.online.swap(true, Ordering::Relaxed) {
+                        self.connected.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.counters.bump(&self.counters.connects, 1);
+                    self.counters.mark_connected(self.index);
+                    rebooting = false;
+                    let _ = client.try_subscribe(cmd_topic.clone(), QoS::AtLeastOnce);
+                    let hello = shared.behaviour.lock().await.hello();
+                    if let Ok(payload) = encode(&hello, spec.encoding)
+                        && client
+                            .try_publish(
+                                topic_for(&id, Uplink::Hello, spec.encoding),
+                                spec.qos,
+                                false,
+                                payload,
+                            )
+                            .is_ok()
+                    {
+                        self.counters.bump(&self.counters.hello, 1);
+                        count_sent(&shared, spec.qos);
+                    }
+                    shared.up.notify_waiters();
+                }
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    self.counters.bump(&self.counters.acked, 1);
+                    shared.acked.fetch_add(1, Ordering::Relaxed);
+                    shared.acks.notify_waiters();
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    self.counters.bump(&self.counters.commands, 1);
+                    let encoding = if p.topic.ends_with(JSON_SUFFIX) {
+                        Encoding::Json
+                    } else {
+                        Encoding::Postcard
+                    };
+                    let Ok(cmd) = decode::<Command>(&p.payload, encoding) else {
+                        self.counters.bump(&self.counters.errors, 1);
+                        continue;
+                    };
+                    let (ack, effect) = shared.behaviour.lock().await.command(&cmd);
+                    if let Ok(payload) = encode(&ack, spec.encoding)
+                        && client
+                            .try_publish(
+                                topic_for(&id, Uplink::Ack, spec.encoding),
+                                QoS::AtLeastOnce,
+                                false,
+                                payload,
+                            )
+                            .is_ok()
+                    {
+                        self.counters.bump(&self.counters.command_acks, 1);
+                        count_sent(&shared, QoS::AtLeastOnce);
+                    }
+                    if effect == Effect::Reboot {
+                        rebooting = true;
+                        let _ = client.try_disconnect();
+                    }
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) if rebooting => {
+                    if shared.online.swap(false, Ordering::Relaxed) {
+                        self.connected.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    shared.behaviour.lock().await.reboot();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if shared.online.swap(false, Ordering::Relaxed) {
+                        self.connected.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    self.counters.bump(&self.counters.errors, 1);
+                    if matches!(e, rumqttc::ConnectionError::ConnectionRefused(_)) {
+                        self.counters.bump(&self.counters.connect_errors, 1);
+                    }
+                    if self.stop.is_cancelled() {
+                        break;
+                    }
+                    // Jittered exponential backoff, so a gateway restart is not met by a
+                    // synchronized reconnect storm.
+                    let jitter = rng.random_range(0.5..1.5);
+                    tokio::select! {
+                        _ = self.stop.cancelled() => break,
+                        _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        if shared.online.swap(false, Ordering::Relaxed) {
+            self.connected.fetch_sub(1, Ordering::Relaxed);
+        }
+        sender.abort();
+    }
+}
+
+fn count_sent(shared: &Shared, qos: QoS) {
+    if qos != QoS::AtMostOnce {
+        shared.sent.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The sending task: telemetry (and alerts) on the device's interval, then waits for the
+/// acknowledgements and tells the polling task to disconnect.
+async fn send(
+    spec: Arc<FleetSpec>,
+    client: AsyncClient,
+    shared: Arc<Shared>,
+    counters: Arc<Counters>,
+    stop: CancellationToken,
+    done: CancellationToken,
+    index: u64,
+) {
+    // Wait for the first CONNACK.
+    loop {
+        let up = shared.up.notified();
+        if shared.online.load(Ordering::Relaxed) {
+            break;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return done.cancel(),
+            _ = up => {}
+        }
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed.wrapping_mul(31).wrapping_add(index));
+    let deadline = spec.duration.map(|d| tokio::time::Instant::now() + d);
+    // Spread devices over the interval so a fleet does not publish in lockstep.
+    let phase = spec.interval.mul_f64(rng.random_range(0.0..1.0));
+    let mut next = tokio::time::Instant::now() + phase;
+    let id = shared.behaviour.lock().await.id.clone();
+    let mut sent = 0u64;
+    while spec.messages.is_none_or(|m| sent < m) {
+        let wait_until = match deadline {
+            Some(d) if d < next => break,
+            _ => next,
+        };
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep_until(wait_until) => {}
+        }
+        let (telemetry, alert, interval_ms) = {
+            let mut b = shared.behaviour.lock().await;
+            let t = b.telemetry(&mut rng, now_ms());
+            let a = (spec.alert_every > 0 && (sent + 1).is_multiple_of(spec.alert_every))
+                .then(|| b.alert(&mut rng, now_ms()));
+            (t, a, b.interval_ms)
+        };
+        if let Ok(payload) = encode(&telemetry, spec.encoding) {
+            if client
+                .publish(
+                    topic_for(&id, Uplink::Telemetry, spec.encoding),
+                    spec.qos,
+                    false,
+                    payload,
+                )
+                .await
+                .is_err()
+            {
+                break;
+            }
+            counters.bump(&counters.telemetry, 1);
+            count_sent(&shared, spec.qos);
+        }
+        if let Some(alert) = alert
+            && let Ok(payload) = encode(&alert, spec.encoding)
+            && client
+                .publish(
+                    topic_for(&id, Uplink::Alert, spec.encoding),
+                    spec.qos,
+                    false,
+                    payload,
+                )
+                .await
+                .is_ok()
+        {
+            counters.bump(&counters.alerts, 1);
+            count_sent(&shared, spec.qos);
+        }
+        sent += 1;
+        next += Duration::from_millis(u64::from(interval_ms));
+    }
+    // With no message limit and no duration, a device runs until the fleet is stopped.
+    if spec.messages.is_none() && spec.duration.is_none() {
+        stop.cancelled().await;
+    }
+    // Wait (bounded) until every QoS 1 message is acknowledged.
+    let linger_end = tokio::time::Instant::now() + spec.linger;
+    loop {
+        let acked = shared.acks.notified();
+        if shared.acked.load(Ordering::Relaxed) >= shared.sent.load(Ordering::Relaxed) {
+            break;
+        }
+        tokio::select! {
+            _ = acked => {}
+            _ = tokio::time::sleep_until(linger_end) => break,
+        }
+    }
+    done.cancel();
+}
