@@ -1,0 +1,191 @@
+//! The end-to-end test harness: a real gateway on free loopback ports with its own temp dir,
+//! and helpers to talk to its API and to devices.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fleetgate::Gateway;
+use fleetgate::cli::{ApiClient, ClientError};
+use fleetgate_config::Config;
+use fleetgate_sim::Credential;
+use serde_json::Value;
+
+/// Operator token of every test gateway.
+pub const TOKEN: &str = "e2e-operator-token-0123456789";
+
+/// A gateway started by a test. Stop it with [`TestGateway::stop`] to reuse its data dir.
+#[derive(Debug)]
+pub struct TestGateway {
+    gateway: Option<Gateway>,
+    dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    client: ApiClient,
+}
+
+/// A test config: loopback, free ports, the given data dir, short timeouts.
+pub fn config(dir: &Path) -> Config {
+    let mut c = Config::default();
+    c.mqtt.listen = "127.0.0.1:0".parse().expect("address");
+    c.http.listen = "127.0.0.1:0".parse().expect("address");
+    c.http.token = Some(TOKEN.to_owned());
+    c.storage.data_dir = dir.to_owned();
+    c.mqtt.connect_timeout = Duration::from_secs(2);
+    c
+}
+
+impl TestGateway {
+    /// Starts a gateway in a new temp dir.
+    pub async fn start() -> TestGateway {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().to_owned();
+        TestGateway::start_with(config(&dir), Some(tmp)).await
+    }
+
+    /// Starts a gateway on `config` (its data dir is kept by the caller).
+    pub async fn start_with(config: Config, tmp: Option<tempfile::TempDir>) -> TestGateway {
+        let dir = config.storage.data_dir.clone();
+        let gateway = Gateway::start(config).await.expect("gateway starts");
+        let client = ApiClient::new(&format!("http://{}", gateway.http_addr), TOKEN);
+        TestGateway {
+            gateway: Some(gateway),
+            dir,
+            _tmp: tmp,
+            client,
+        }
+    }
+
+    pub fn gateway(&self) -> &Gateway {
+        self.gateway.as_ref().expect("running")
+    }
+
+    pub fn mqtt_port(&self) -> u16 {
+        self.gateway().mqtt_addr.port()
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.gateway().http_addr)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Waits until everything devices got acknowledged so far is committed.
+    pub async fn sync(&self) {
+        self.gateway().sync().await.expect("sync");
+    }
+
+    /// Stops the gateway (flushing everything); returns the temp dir so a restart can reuse it.
+    pub async fn stop(mut self) -> Option<tempfile::TempDir> {
+        let gateway = self.gateway.take().expect("running");
+        gateway
+            .shutdown(Duration::from_secs(10))
+            .await
+            .expect("clean shutdown");
+        self._tmp.take()
+    }
+
+    async fn call(
+        &self,
+        f: impl FnOnce(&ApiClient) -> Result<Value, ClientError> + Send + 'static,
+    ) -> Result<Value, ClientError> {
+        let client = self.client.clone();
+        tokio::task::spawn_blocking(move || f(&client))
+            .await
+            .expect("api call")
+    }
+
+    /// GET `/api/v1{path}`, which must succeed.
+    pub async fn get(&self, path: &str) -> Value {
+        let p = path.to_owned();
+        self.call(move |c| c.get(&p))
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    /// POST `/api/v1{path}`; the caller decides what an error means.
+    pub async fn post(&self, path: &str, body: Value) -> Result<Value, ClientError> {
+        let p = path.to_owned();
+        self.call(move |c| c.post(&p, &body)).await
+    }
+
+    /// Enrolls a device and returns its credential.
+    pub async fn enroll(&self, id: &str) -> Credential {
+        let answer = self
+            .post("/devices", serde_json::json!({ "id": id }))
+            .await
+            .expect("enroll");
+        Credential {
+            id: id.to_owned(),
+            secret: answer["credential"]
+                .as_str()
+                .expect("credential")
+                .to_owned(),
+        }
+    }
+
+    /// Enrolls `n` devices `<prefix>-00000`, ... through the simulator's enrollment.
+    pub async fn enroll_fleet(&self, prefix: &str, n: usize) -> Vec<Credential> {
+        let ids = fleetgate_sim::enroll::ids(prefix, n);
+        let url = self.http_url();
+        tokio::task::spawn_blocking(move || fleetgate_sim::enroll::enroll(&url, TOKEN, &ids, 4))
+            .await
+            .expect("enroll task")
+            .expect("enroll fleet")
+    }
+}
+
+/// An MQTT 3.1.1 client for one device, with its event loop polled in the background; the
+/// events it receives arrive on the returned channel.
+pub mod device {
+    use std::time::Duration;
+
+    use rumqttc::{AsyncClient, Event, MqttOptions};
+    use tokio::sync::mpsc;
+
+    /// Connects `id` with `password`; returns the client, its events, and whether the first
+    /// connect attempt got CONNACK success (`Err` holds what went wrong otherwise).
+    pub async fn connect(
+        port: u16,
+        id: &str,
+        password: &str,
+    ) -> Result<(AsyncClient, mpsc::UnboundedReceiver<Event>), String> {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_credentials(id, password);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut events) = AsyncClient::new(opts, 64);
+        let first = tokio::time::timeout(Duration::from_secs(10), events.poll())
+            .await
+            .map_err(|_| "connect timed out".to_owned())?;
+        match first {
+            Ok(Event::Incoming(rumqttc::Packet::ConnAck(_))) => {}
+            Ok(other) => return Err(format!("expected CONNACK, got {other:?}")),
+            Err(e) => return Err(e.to_string()),
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(event) = events.poll().await {
+                if tx.send(event).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok((client, rx))
+    }
+
+    /// The next incoming packet (skipping outgoing events), within `wait`.
+    pub async fn next_incoming(
+        rx: &mut mpsc::UnboundedReceiver<Event>,
+        wait: Duration,
+    ) -> Option<rumqttc::Packet> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(Event::Incoming(p))) => return Some(p),
+                Ok(Some(Event::Outgoing(_))) => continue,
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! End-to-end tests: each starts a real gateway (own ports, own temp dir) and talks to it the
+//! way devices and operators do.
+
+mod bad_input;
+mod fleet;
+mod hostile;
+mod interop;
+mod restart;
