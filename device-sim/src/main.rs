@@ -29,6 +29,17 @@ struct Cli {
 enum Command {
     /// Connect N devices that say hello, send telemetry and alerts, and answer commands.
     Run(RunArgs),
+    /// Enroll N devices through the API and save their credentials for later runs.
+    Enroll(EnrollArgs),
+}
+
+#[derive(Debug, Args)]
+struct EnrollArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Number of devices.
+    #[arg(long, default_value_t = 10)]
+    devices: usize,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -112,6 +123,22 @@ fn main() -> ExitCode {
                 ExitCode::from(64)
             }
         },
+        Command::Enroll(args) => {
+            if args.target.save_credentials.is_none() {
+                eprintln!("fleetgate-sim: give --save-credentials FILE");
+                return ExitCode::from(64);
+            }
+            match credentials(&args.target, args.devices) {
+                Ok(creds) => {
+                    println!("enrolled {} devices", creds.len());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("fleetgate-sim: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

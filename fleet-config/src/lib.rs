@@ -60,6 +60,7 @@ pub struct Http {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Storage {
     pub data_dir: PathBuf,
+    pub cache_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -239,6 +240,7 @@ impl Config {
         }
         let storage = Storage {
             data_dir: PathBuf::from(data_dir),
+            cache_bytes: storage.usize(p, "cache_bytes", 1 << 20..=1 << 34),
         }
         .finish_with(storage, p);
 

@@ -55,8 +55,8 @@ impl Gateway {
             auth::operator_token(config.http.token.as_deref(), env_token, &data_dir)
                 .with_context(|| format!("setting up the API token in {}", data_dir.display()))?;
 
-        let dir = data_dir.clone();
-        let store = tokio::task::spawn_blocking(move || Store::open(&dir))
+        let (dir, cache) = (data_dir.clone(), config.storage.cache_bytes);
+        let store = tokio::task::spawn_blocking(move || Store::open_with_cache(&dir, cache))
             .await?
             .with_context(|| format!("opening the database in {}", data_dir.display()))?;
 

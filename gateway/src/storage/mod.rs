@@ -21,6 +21,10 @@ use crate::model::{AlertRecord, AlertState, CommandRecord, Device, LogRow, Telem
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "fleetgate.redb";
 
+/// Page cache used by [`Store::open`] (tests and tools); the gateway takes
+/// `storage.cache_bytes` from its config.
+pub const DEFAULT_CACHE_BYTES: usize = 8 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("database: {0}")]
@@ -99,9 +103,16 @@ pub struct Loaded {
 impl Store {
     /// Opens (or creates) the database in `dir`, creating the directory if needed.
     pub fn open(dir: &Path) -> Result<Store> {
+        Store::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// As [`Store::open`], with a page cache of `cache_bytes`.
+    pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<Store> {
         std::fs::create_dir_all(dir).map_err(|e| StorageError::Db(e.into()))?;
         let path = dir.join(DB_FILE);
-        let db = Database::create(&path)?;
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(&path)?;
         let store = Store {
             db: Arc::new(db),
             path,

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Measures the gateway's resident memory against connected devices and telemetry rate.
+# Usage: scripts/memory-budget.sh [device counts...]   (default: 0 100 1000)
+# Needs release builds: cargo build --release -p fleetgate -p fleetgate-sim
+# Everything runs on loopback; every process is started and stopped by its pid.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+counts=("${@:-0 100 1000}")
+[ $# -eq 0 ] && counts=(0 100 1000)
+bin=target/release
+work=$(mktemp -d)
+trap 'kill "${gw:-0}" "${sim:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
+
+mqtt=127.0.0.1:18830
+http=127.0.0.1:18080
+cat > "$work/gw.toml" <<TOML
+[mqtt]
+listen = "$mqtt"
+max_connections = 20000
+[http]
+listen = "$http"
+[storage]
+data_dir = "$work/data"
+TOML
+"$bin/fleetgate" serve --config "$work/gw.toml" > "$work/gw.log" 2>&1 &
+gw=$!
+for _ in $(seq 50); do [ -s "$work/data/api-token" ] && break; sleep 0.1; done
+export FLEETGATE_API_TOKEN=$(cat "$work/data/api-token")
+rss() { awk '/^VmRSS/ {print $2}' "/proc/$gw/status"; }
+max=${counts[-1]}
+# Enroll the largest fleet once; smaller runs use the first n credentials.
+"$bin/fleetgate-sim" enroll --api "http://$http" --devices "$max" --prefix mem --save-credentials "$work/creds.csv"
+sleep 1
+echo "| devices | telemetry/s | gateway RSS (MiB) | per device (KiB) |"
+echo "|---|---|---|---|"
+base=$(rss)
+echo "| 0 | 0 | $((base / 1024)) | - |"
+for n in "${counts[@]}"; do
+  [ "$n" -eq 0 ] && continue
+  for rate in 0.001 1; do
+    "$bin/fleetgate-sim" run --mqtt "$mqtt" --devices "$n" --rate "$rate" --duration 25s --alert-every 0 \
+      --connect-rate 500 --credentials "$work/creds.csv" > "$work/sim.log" 2>&1 &
+    sim=$!
+    sleep 20
+    now=$(rss)
+    kill -INT "$sim" 2>/dev/null || true
+    wait "$sim" || true
+    sim=
+    tps=$(python3 -c "print(round($n * $rate))")
+    echo "| $n | $tps | $((now / 1024)) | $(( (now - base) / n )) |"
+    sleep 2
+  done
+done
+kill -TERM "$gw"; wait "$gw" || true; gw=
