@@ -387,33 +387,25 @@ async fn send(
                 .then(|| b.alert(&mut rng, now_ms()));
             (t, a, b.interval_ms)
         };
-        if let Ok(payload) = encode(&telemetry, spec.encoding) {
-            if client
-                .publish(
-                    topic_for(&id, Uplink::Telemetry, spec.encoding),
-                    spec.qos,
-                    false,
-                    payload,
-                )
-                .await
-                .is_err()
-            {
-                break;
-            }
-            counters.bump(&counters.telemetry, 1);
-            count_sent(&shared, spec.qos);
+        let publish = |channel, payload| {
+            client.publish(
+                topic_for(&id, channel, spec.encoding),
+                spec.qos,
+                false,
+                payload,
+            )
+        };
+        let Ok(payload) = encode(&telemetry, spec.encoding) else {
+            break;
+        };
+        if publish(Uplink::Telemetry, payload).await.is_err() {
+            break;
         }
+        counters.bump(&counters.telemetry, 1);
+        count_sent(&shared, spec.qos);
         if let Some(alert) = alert
             && let Ok(payload) = encode(&alert, spec.encoding)
-            && client
-                .publish(
-                    topic_for(&id, Uplink::Alert, spec.encoding),
-                    spec.qos,
-                    false,
-                    payload,
-                )
-                .await
-                .is_ok()
+            && publish(Uplink::Alert, payload).await.is_ok()
         {
             counters.bump(&counters.alerts, 1);
             count_sent(&shared, spec.qos);

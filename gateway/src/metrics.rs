@@ -162,124 +162,57 @@ pub struct IngestCounts {
 impl Metrics {
     pub fn new(reject_log_interval: Duration) -> Metrics {
         let mut registry = Registry::with_prefix("fleetgate");
-        let connected = Gauge::default();
-        registry.register(
-            "mqtt_connected_devices",
-            "Devices connected now",
-            connected.clone(),
-        );
-        let connects = Counter::default();
-        registry.register(
-            "mqtt_connects",
-            "Accepted device connections",
-            connects.clone(),
-        );
-        let refused_family = Family::<ReasonLabel, Counter>::default();
-        registry.register(
+        let r = &mut registry;
+        let refused = labelled(
+            r,
             "mqtt_refused",
             "Connections refused or closed before CONNACK, by reason",
-            refused_family.clone(),
+            Refusal::ALL.map(|x| ReasonLabel { reason: x.name() }),
         );
-        let refused = Refusal::ALL
-            .iter()
-            .map(|r| {
-                refused_family
-                    .get_or_create(&ReasonLabel { reason: r.name() })
-                    .clone()
-            })
-            .collect();
-        let rejected_family = Family::<ReasonLabel, Counter>::default();
-        registry.register(
+        let rejected = labelled(
+            r,
             "ingest_rejected",
             "Device messages rejected, by reason",
-            rejected_family.clone(),
+            Reject::ALL.map(|x| ReasonLabel { reason: x.name() }),
         );
-        let rejected = Reject::ALL
-            .iter()
-            .map(|r| {
-                rejected_family
-                    .get_or_create(&ReasonLabel { reason: r.name() })
-                    .clone()
-            })
-            .collect();
-        let stored_family = Family::<ChannelLabel, Counter>::default();
-        registry.register(
+        let stored = labelled(
+            r,
             "ingest_stored",
             "Device messages decoded and committed to storage, by channel",
-            stored_family.clone(),
-        );
-        let stored = Uplink::ALL
-            .iter()
-            .map(|c| {
-                stored_family
-                    .get_or_create(&ChannelLabel { channel: c.name() })
-                    .clone()
-            })
-            .collect();
-        let lost = Gauge::default();
-        registry.register(
-            "telemetry_lost",
-            "Telemetry sequence numbers missing since start (late arrivals subtract)",
-            lost.clone(),
-        );
-        let duplicates = Counter::default();
-        registry.register(
-            "telemetry_duplicates",
-            "Telemetry messages received more than once",
-            duplicates.clone(),
-        );
-        let batches = Counter::default();
-        registry.register(
-            "ingest_batches",
-            "Storage write transactions",
-            batches.clone(),
-        );
-        let queue_depth = Gauge::default();
-        registry.register(
-            "ingest_queue_depth",
-            "Messages waiting for the storage writer",
-            queue_depth.clone(),
-        );
-        let alerts_open = Gauge::default();
-        registry.register(
-            "alerts_unresolved",
-            "Alerts open or acknowledged",
-            alerts_open.clone(),
-        );
-        let commands_sent = Counter::default();
-        registry.register(
-            "commands_sent",
-            "Commands published to devices",
-            commands_sent.clone(),
-        );
-        let storage_bytes = Gauge::default();
-        registry.register(
-            "storage_bytes",
-            "Size of the database file",
-            storage_bytes.clone(),
-        );
-        let resident_bytes = Gauge::default();
-        registry.register(
-            "process_resident_memory_bytes",
-            "Resident memory of the gateway process",
-            resident_bytes.clone(),
+            Uplink::ALL.map(|c| ChannelLabel { channel: c.name() }),
         );
         Metrics {
-            registry,
-            connected,
-            connects,
+            connected: metric(r, "mqtt_connected_devices", "Devices connected now"),
+            connects: metric(r, "mqtt_connects", "Accepted device connections"),
             refused,
             rejected,
             stored,
-            lost,
-            duplicates,
-            batches,
-            queue_depth,
-            alerts_open,
-            commands_sent,
-            storage_bytes,
-            resident_bytes,
+            lost: metric(
+                r,
+                "telemetry_lost",
+                "Telemetry sequence numbers missing since start (late arrivals subtract)",
+            ),
+            duplicates: metric(
+                r,
+                "telemetry_duplicates",
+                "Telemetry messages received more than once",
+            ),
+            batches: metric(r, "ingest_batches", "Storage write transactions"),
+            queue_depth: metric(
+                r,
+                "ingest_queue_depth",
+                "Messages waiting for the storage writer",
+            ),
+            alerts_open: metric(r, "alerts_unresolved", "Alerts open or acknowledged"),
+            commands_sent: metric(r, "commands_sent", "Commands published to devices"),
+            storage_bytes: metric(r, "storage_bytes", "Size of the database file"),
+            resident_bytes: metric(
+                r,
+                "process_resident_memory_bytes",
+                "Resident memory of the gateway process",
+            ),
             log_limit: LogLimit::new(reject_log_interval),
+            registry,
         }
     }
 
@@ -349,6 +282,35 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// Registers one metric and returns a handle to it.
+fn metric<M: prometheus_client::registry::Metric + Clone + Default>(
+    r: &mut Registry,
+    name: &str,
+    help: &str,
+) -> M {
+    let m = M::default();
+    r.register(name, help, m.clone());
+    m
+}
+
+/// Registers a counter family and returns one counter per label set, in order.
+fn labelled<L, const N: usize>(
+    r: &mut Registry,
+    name: &str,
+    help: &str,
+    labels: [L; N],
+) -> Vec<Counter>
+where
+    L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send + Sync + 'static,
+{
+    let family = Family::<L, Counter>::default();
+    r.register(name, help, family.clone());
+    labels
+        .iter()
+        .map(|l| family.get_or_create(l).clone())
+        .collect()
 }
 
 /// Allows one log line per slot per interval and counts what it held back.

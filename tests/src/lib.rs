@@ -174,6 +174,18 @@ pub mod device {
         Ok((client, rx))
     }
 
+    /// Waits for `n` PUBACKs (10 s at most); panics with how many came otherwise.
+    pub async fn await_acks(rx: &mut mpsc::UnboundedReceiver<Event>, n: usize) {
+        let mut acks = 0;
+        while acks < n {
+            match next_incoming(rx, Duration::from_secs(10)).await {
+                Some(rumqttc::Packet::PubAck(_)) => acks += 1,
+                Some(_) => {}
+                None => panic!("{acks} of {n} publishes acknowledged"),
+            }
+        }
+    }
+
     /// The next incoming packet (skipping outgoing events), within `wait`.
     pub async fn next_incoming(
         rx: &mut mpsc::UnboundedReceiver<Event>,

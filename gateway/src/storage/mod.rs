@@ -332,14 +332,14 @@ impl Tables<'_> {
         keep: u64,
         rows: &mut u64,
     ) -> Result<()> {
-        if self
-            .telemetry
-            .insert((device, key_us), row.encode().as_slice())?
-            .is_none()
-        {
-            *rows += 1;
-        }
-        trim_oldest(&mut self.telemetry, device, keep, rows)
+        insert_trimmed(
+            &mut self.telemetry,
+            device,
+            key_us,
+            &row.encode(),
+            keep,
+            rows,
+        )
     }
 
     /// As [`Tables::insert_telemetry`], for log lines.
@@ -351,14 +351,7 @@ impl Tables<'_> {
         keep: u64,
         rows: &mut u64,
     ) -> Result<()> {
-        if self
-            .logs
-            .insert((device, key_us), row.encode().as_slice())?
-            .is_none()
-        {
-            *rows += 1;
-        }
-        trim_oldest(&mut self.logs, device, keep, rows)
+        insert_trimmed(&mut self.logs, device, key_us, &row.encode(), keep, rows)
     }
 
     /// Deletes `device`'s telemetry received before `cutoff_us`; returns how many rows went.
@@ -410,12 +403,18 @@ impl Tables<'_> {
     }
 }
 
-fn trim_oldest(
+/// Inserts one per-device row, then drops the device's oldest rows while it has more than `keep`.
+fn insert_trimmed(
     table: &mut Table<'_, (&'static str, u64), &'static [u8]>,
     device: &str,
+    key_us: u64,
+    value: &[u8],
     keep: u64,
     rows: &mut u64,
 ) -> Result<()> {
+    if table.insert((device, key_us), value)?.is_none() {
+        *rows += 1;
+    }
     while *rows > keep {
         let oldest = match table.range((device, 0)..=(device, u64::MAX))?.next() {
             Some(entry) => Some(entry?.0.value().1),

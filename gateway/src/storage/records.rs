@@ -47,27 +47,19 @@ pub trait Record: Serialize + DeserializeOwned {
     }
 }
 
-impl Record for Device {
-    const KIND: &'static str = "device";
-    const VERSION: u8 = 1;
+macro_rules! records {
+    ($($t:ty => $kind:literal, version $version:literal;)*) => {$(
+        impl Record for $t {
+            const KIND: &'static str = $kind;
+            const VERSION: u8 = $version;
+        }
+    )*};
 }
 
-impl Record for TelemetryRow {
-    const KIND: &'static str = "telemetry";
-    const VERSION: u8 = 1;
-}
-
-impl Record for LogRow {
-    const KIND: &'static str = "log";
-    const VERSION: u8 = 1;
-}
-
-impl Record for AlertRecord {
-    const KIND: &'static str = "alert";
-    const VERSION: u8 = 1;
-}
-
-impl Record for CommandRecord {
-    const KIND: &'static str = "command";
-    const VERSION: u8 = 1;
+records! {
+    Device => "device", version 1;
+    TelemetryRow => "telemetry", version 1;
+    LogRow => "log", version 1;
+    AlertRecord => "alert", version 1;
+    CommandRecord => "command", version 1;
 }

@@ -10,7 +10,7 @@ use rumqttc::v5::{AsyncClient as Client5, Event as Event5, MqttOptions as Option
 use rumqttc::{Packet, QoS};
 use serde_json::json;
 use tests::TestGateway;
-use tests::device::{connect, next_incoming};
+use tests::device::{await_acks, connect, next_incoming};
 use tokio::sync::mpsc;
 
 /// An MQTT 5 client for device `id`, so refusals come with reason codes.
@@ -123,12 +123,7 @@ async fn an_enrolled_device_cannot_act_as_another() {
     assert!(
         matches!(next5(&mut m_rx).await, P5::PubAck(ack) if ack.reason == PubAckReason::Success)
     );
-    loop {
-        if let Some(Packet::PubAck(_)) = next_incoming(&mut v_events, Duration::from_secs(10)).await
-        {
-            break;
-        }
-    }
+    await_acks(&mut v_events, 1).await;
     gw.sync().await;
     let for_victim = gw
         .post("/devices/victim/commands", json!({"action": "ping"}))
@@ -184,13 +179,7 @@ async fn an_enrolled_device_cannot_act_as_another() {
     )
     .await
     .unwrap();
-    loop {
-        match next_incoming(&mut v_events, Duration::from_secs(10)).await {
-            Some(Packet::PubAck(_)) => break,
-            Some(_) => {}
-            None => panic!("the victim's connection was disturbed"),
-        }
-    }
+    await_acks(&mut v_events, 1).await;
     gw.sync().await;
 
     let ingest = gw.get("/ingest").await;

@@ -1,10 +1,8 @@
 //! Stopping the gateway flushes everything devices got acknowledged; a restart on the same
 //! data dir shows the same fleet, and devices carry on.
 
-use std::time::Duration;
-
-use rumqttc::{Packet, QoS};
-use tests::device::{connect, next_incoming};
+use rumqttc::QoS;
+use tests::device::{await_acks, connect};
 use tests::{TestGateway, config};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -22,12 +20,7 @@ async fn data_survives_a_restart_on_the_same_dir() {
             .await
             .unwrap();
     }
-    let mut acks = 0;
-    while acks < 5 {
-        if let Some(Packet::PubAck(_)) = next_incoming(&mut events, Duration::from_secs(10)).await {
-            acks += 1;
-        }
-    }
+    await_acks(&mut events, 5).await;
     // No sync: shutdown itself must flush what was acknowledged.
     let tmp = gw.stop().await.expect("temp dir");
     drop(client);
@@ -58,10 +51,7 @@ async fn data_survives_a_restart_on_the_same_dir() {
         )
         .await
         .unwrap();
-    assert!(matches!(
-        next_incoming(&mut events, Duration::from_secs(10)).await,
-        Some(Packet::PubAck(_))
-    ));
+    await_acks(&mut events, 1).await;
     gw.sync().await;
     let d = gw.get("/devices/keep-1").await;
     assert_eq!(
