@@ -17,13 +17,21 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+mod bytes;
 pub mod codec;
 pub mod id;
 pub mod limits;
+pub mod manifest;
+pub mod merkle;
 pub mod messages;
+pub mod sign;
 pub mod topic;
+pub mod update;
 
 pub use codec::{DecodeError, Encoding, decode, encode};
 pub use id::{DeviceId, IdError};
+pub use manifest::{ArtifactKind, Compat, Manifest};
+pub use sign::{Domain, Signed};
+pub use update::UpdateError;
 pub use messages::*;
 pub use topic::{Channel, Downlink, Topic, TopicError, Uplink};

@@ -12,6 +12,8 @@ use semver::Version;
 use serde::{Deserialize, Serialize};
 
 use crate::limits::{self, Invalid, Validate};
+use crate::sign::Signed;
+use crate::update::UpdateError;
 
 /// A firmware image or model a device has installed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -300,6 +302,55 @@ pub enum Action {
     SetTelemetryInterval {
         interval_ms: u32,
     },
+    /// Offers an update. Answered with [`UpdateReport`]s on the `report` channel, not with a
+    /// command ack.
+    Update(UpdateOffer),
+}
+
+/// A signed manifest offered to a device, and the transfer that will carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateOffer {
+    pub transfer: u64,
+    pub manifest: Signed,
+}
+
+/// One piece of an artifact, with its Merkle proof (see [`crate::merkle`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Chunk {
+    pub transfer: u64,
+    pub index: u32,
+    #[serde(with = "crate::bytes::vec")]
+    pub data: Vec<u8>,
+    #[serde(with = "crate::bytes::hashes")]
+    pub proof: Vec<[u8; 32]>,
+}
+
+/// Where a device is with a transfer. The gateway sends chunks from `next_chunk` on, a window
+/// at a time, so a device that reconnects or reboots resumes where it stopped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateState {
+    /// The offer checked out; send chunks from `next_chunk` (0, or where a download stopped).
+    Accepted { next_chunk: u32 },
+    /// Every chunk before `next_chunk` is verified and stored.
+    Downloading { next_chunk: u32 },
+    Verifying,
+    Installing,
+    /// Running the new version (after its reboot).
+    Installed { version: Version, release: u64 },
+    /// Refused before downloading (signature, expiry, downgrade, hardware, size, declined).
+    Rejected { reason: UpdateError, detail: String },
+    /// Gave up during download, verification or installation.
+    Failed { reason: UpdateError, detail: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateReport {
+    pub transfer: u64,
+    pub state: UpdateState,
 }
 
 /// A command for one device. `id` is unique per gateway and comes back in the [`CommandAck`].
@@ -414,7 +465,32 @@ impl Validate for LogLine {
 
 impl Validate for Command {
     fn validate(&self) -> Result<(), Invalid> {
-        Ok(())
+        match &self.action {
+            Action::Update(offer) => limits::count(
+                "action.update.manifest.signatures",
+                offer.manifest.signatures.len(),
+                crate::sign::MAX_SIGNATURES,
+            ),
+            Action::Ping | Action::Reboot | Action::SetTelemetryInterval { .. } => Ok(()),
+        }
+    }
+}
+
+impl Validate for Chunk {
+    fn validate(&self) -> Result<(), Invalid> {
+        limits::count("data", self.data.len(), crate::manifest::MAX_CHUNK as usize)?;
+        limits::count("proof", self.proof.len(), 40)
+    }
+}
+
+impl Validate for UpdateReport {
+    fn validate(&self) -> Result<(), Invalid> {
+        match &self.state {
+            UpdateState::Rejected { detail, .. } | UpdateState::Failed { detail, .. } => {
+                limits::text("state.detail", detail, limits::MAX_MESSAGE_LEN)
+            }
+            _ => Ok(()),
+        }
     }
 }
 

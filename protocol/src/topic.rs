@@ -9,7 +9,9 @@
 //! | device -> gateway | `alert` | [`Alert`](crate::Alert) |
 //! | device -> gateway | `log` | [`LogLine`](crate::LogLine) |
 //! | device -> gateway | `ack` | [`CommandAck`](crate::CommandAck) |
-//! | gateway -> device | `cmd` | [`Command`](crate::Command) |
+//! | device -> gateway | `report` | [`UpdateReport`](crate::UpdateReport) |
+//! | gateway -> device | `cmd` | [`Command`](crate::Command), update offers included |
+//! | gateway -> device | `chunk` | [`Chunk`](crate::Chunk) of an update |
 //!
 //! The last level says the encoding: a topic ending in `/json` carries JSON, any other carries
 //! postcard (the same convention AWS IoT uses for its `/json` and `/cbor` stream topics). A
@@ -38,12 +40,14 @@ pub enum Uplink {
     Alert,
     Log,
     Ack,
+    Report,
 }
 
 /// Channels the gateway publishes to, one device at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Downlink {
     Command,
+    Chunk,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,12 +57,13 @@ pub enum Channel {
 }
 
 impl Uplink {
-    pub const ALL: [Uplink; 5] = [
+    pub const ALL: [Uplink; 6] = [
         Uplink::Hello,
         Uplink::Telemetry,
         Uplink::Alert,
         Uplink::Log,
         Uplink::Ack,
+        Uplink::Report,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -68,16 +73,18 @@ impl Uplink {
             Uplink::Alert => "alert",
             Uplink::Log => "log",
             Uplink::Ack => "ack",
+            Uplink::Report => "report",
         }
     }
 }
 
 impl Downlink {
-    pub const ALL: [Downlink; 1] = [Downlink::Command];
+    pub const ALL: [Downlink; 2] = [Downlink::Command, Downlink::Chunk];
 
     pub const fn name(self) -> &'static str {
         match self {
             Downlink::Command => "cmd",
+            Downlink::Chunk => "chunk",
         }
     }
 }

@@ -102,6 +102,22 @@ fn command() -> Command {
     }
 }
 
+fn chunk() -> Chunk {
+    Chunk { transfer: 5, index: 2, data: vec![0xde, 0xad], proof: vec![[0x11; 32]] }
+}
+
+fn report() -> UpdateReport {
+    UpdateReport { transfer: 5, state: UpdateState::Failed { reason: UpdateError::ChunkHash, detail: "c".into() } }
+}
+
+fn offer() -> Command {
+    let manifest = Signed {
+        body: vec![1, 2],
+        signatures: vec![crate::sign::Signature { key_id: [7; 8], signature: [9; 64] }],
+    };
+    Command { id: 1, action: Action::Update(UpdateOffer { transfer: 5, manifest }) }
+}
+
 fn ack() -> CommandAck {
     CommandAck {
         id: 300,
@@ -144,6 +160,12 @@ fn postcard_golden_bytes() {
     // id 300 = ac 02; SetTelemetryInterval = variant 2; 5000 = 88 27.
     check("command", &command(), "01ac02028827");
     check("ack", &ack(), "01ac0201026e6f");
+    // transfer 5; index 2; 02 dead; one proof hash of 32 bytes 0x11.
+    check("chunk", &chunk(), &alloc::format!("01050202dead0120{}", "11".repeat(32)));
+    // transfer 5; Failed = variant 6; ChunkHash = variant 10; "c".
+    check("report", &report(), "0105060a0163");
+    // id 1; Update = variant 3; transfer 5; body 0102; one signature: 08 x 07, 40 x 09.
+    check("offer", &offer(), &alloc::format!("0101030502010201{}{}40{}", "08", "07".repeat(8), "09".repeat(64)));
 }
 
 #[test]
@@ -165,6 +187,10 @@ fn postcard_round_trips_every_message() {
     rt(log_line());
     rt(command());
     rt(ack());
+    rt(chunk());
+    rt(report());
+    rt(offer());
+    rt(UpdateReport { transfer: 1, state: UpdateState::Installed { version: v("3.0.0"), release: 12 } });
     rt(Alert {
         kind: AlertKind::Custom("door_open".into()),
         ..alert()
@@ -189,6 +215,8 @@ fn docs_json_examples_decode() {
             "log" => decode::<LogLine>(json, Encoding::Json).map(drop),
             "cmd" => decode::<Command>(json, Encoding::Json).map(drop),
             "ack" => decode::<CommandAck>(json, Encoding::Json).map(drop),
+            "report" => decode::<UpdateReport>(json, Encoding::Json).map(drop),
+            "chunk" => decode::<Chunk>(json, Encoding::Json).map(drop),
             other => panic!("docs/protocol.md has a json block for unknown channel {other:?}"),
         };
         if let Err(e) = result {
@@ -201,7 +229,7 @@ fn docs_json_examples_decode() {
     checked.dedup();
     assert_eq!(
         checked,
-        ["ack", "alert", "cmd", "hello", "log", "telemetry"]
+        ["ack", "alert", "chunk", "cmd", "hello", "log", "report", "telemetry"]
     );
 }
 
@@ -298,6 +326,12 @@ fn decode_all(bytes: &[u8]) {
         let _ = decode::<LogLine>(bytes, enc);
         let _ = decode::<Command>(bytes, enc);
         let _ = decode::<CommandAck>(bytes, enc);
+        let _ = decode::<Chunk>(bytes, enc);
+        let _ = decode::<UpdateReport>(bytes, enc);
+        let _ = decode::<crate::Manifest>(bytes, enc);
+        if let Ok(signed) = postcard::from_bytes::<Signed>(bytes) {
+            let _ = signed.verify(crate::sign::Domain::Manifest, &[[7; 32]], 1);
+        }
     }
 }
 
