@@ -2,8 +2,8 @@
 //! these messages over MQTT.
 
 use fleetgate_protocol::{
-    AckStatus, Action, Alert, AlertKind, Command, CommandAck, HardwareMetrics, HardwareProfile,
-    Hello, InputSample, Installed, ModelMetrics, Severity, Telemetry,
+    AckStatus, Action, Alert, AlertKind, ArtifactKind, Command, CommandAck, HardwareMetrics,
+    HardwareProfile, Hello, InputSample, Installed, ModelMetrics, Severity, Telemetry,
 };
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
@@ -40,6 +40,30 @@ pub struct Behaviour {
     pub interval_ms: u32,
     pub shape: DataShape,
     battery_mv: f32,
+    /// What runs now (slot A/B: the active slot), and what the other slot still holds.
+    pub firmware: Installed,
+    pub models: Vec<Installed>,
+    pub previous: Vec<(ArtifactKind, Installed)>,
+    /// The real hardware (used to check offers), and the class the device claims in its hello
+    /// (differs only under the `claim_class` fault).
+    pub hardware: HardwareProfile,
+    pub claimed_class: Option<String>,
+}
+
+/// The simulated hardware: an MCU class with a TFLite Micro runtime.
+pub fn default_hardware() -> HardwareProfile {
+    HardwareProfile {
+        arch: "armv7em".into(),
+        class: "sim-mcu".into(),
+        ram_bytes: 512 * 1024,
+        flash_bytes: 2 * 1024 * 1024,
+        accelerator: None,
+        runtime: Some(Installed {
+            name: "tflm".into(),
+            version: semver::Version::new(2, 14, 0),
+            release: 0,
+        }),
+    }
 }
 
 /// What the runner must do after a command.
@@ -61,11 +85,6 @@ impl Behaviour {
             interval_ms,
             shape,
             battery_mv: 3950.0,
-        }
-    }
-
-    pub fn hello(&self) -> Hello {
-        Hello {
             firmware: Installed {
                 name: "sim-fw".into(),
                 version: semver::Version::new(1, 0, 0),
@@ -76,20 +95,53 @@ impl Behaviour {
                 version: semver::Version::new(1, 0, 0),
                 release: 1,
             }],
-            hardware: HardwareProfile {
-                arch: "armv7em".into(),
-                class: "sim-mcu".into(),
-                ram_bytes: 512 * 1024,
-                flash_bytes: 2 * 1024 * 1024,
-                accelerator: None,
-                runtime: Some(Installed {
-                    name: "tflm".into(),
-                    version: semver::Version::new(2, 14, 0),
-                    release: 0,
-                }),
-            },
+            previous: Vec::new(),
+            hardware: default_hardware(),
+            claimed_class: None,
+        }
+    }
+
+    pub fn hello(&self) -> Hello {
+        let mut hardware = self.hardware.clone();
+        if let Some(class) = &self.claimed_class {
+            hardware.class = class.clone();
+        }
+        Hello {
+            firmware: self.firmware.clone(),
+            models: self.models.clone(),
+            hardware,
             boot: self.boot,
             telemetry_interval_ms: self.interval_ms,
+        }
+    }
+
+    /// The installed release of an artifact (0 when none is installed).
+    pub fn installed_release(&self, kind: ArtifactKind, name: &str) -> u64 {
+        match kind {
+            ArtifactKind::Firmware => (self.firmware.name == name).then_some(self.firmware.release),
+            ArtifactKind::Model => self
+                .models
+                .iter()
+                .find(|m| m.name == name)
+                .map(|m| m.release),
+        }
+        .unwrap_or(0)
+    }
+
+    /// Activates a new image; the one it replaces stays in the other slot.
+    pub fn install(&mut self, kind: ArtifactKind, new: Installed) {
+        let slot = match kind {
+            ArtifactKind::Firmware => Some(&mut self.firmware),
+            ArtifactKind::Model => self.models.iter_mut().find(|m| m.name == new.name),
+        };
+        match slot {
+            Some(current) => {
+                let old = std::mem::replace(current, new);
+                self.previous
+                    .retain(|(k, p)| !(*k == kind && p.name == old.name));
+                self.previous.push((kind, old));
+            }
+            None => self.models.push(new),
         }
     }
 
@@ -179,6 +231,8 @@ impl Behaviour {
                 },
                 Effect::None,
             ),
+            // Offers are answered by the update client with reports, never here.
+            Action::Update(_) => (AckStatus::Unsupported, Effect::None),
         };
         (CommandAck { id: cmd.id, status }, effect)
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use fleetgate_protocol::topic::{self, JSON_SUFFIX};
+use fleetgate_protocol::topic;
 use fleetgate_protocol::{Channel, Command, Downlink, Encoding, Uplink, decode, encode};
 use rand::{Rng, SeedableRng};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::behaviour::{Behaviour, DataShape, Effect};
 use crate::enroll::Credential;
 use crate::report::{Counters, Report};
+use crate::updater::{DeviceProfile, UpdateEffect, Updater, UpdaterStats};
 
 /// What to simulate.
 #[derive(Debug, Clone)]
@@ -41,6 +42,8 @@ pub struct FleetSpec {
     pub keep_alive: Duration,
     pub shape: DataShape,
     pub seed: u64,
+    /// Device `i` gets `profiles[i % len]` (trusted keys, faults); none: default profile.
+    pub profiles: Vec<DeviceProfile>,
 }
 
 impl FleetSpec {
@@ -60,6 +63,7 @@ impl FleetSpec {
             keep_alive: Duration::from_secs(30),
             shape: DataShape::default(),
             seed: 1,
+            profiles: Vec::new(),
         }
     }
 }
@@ -216,9 +220,29 @@ impl Device {
             self.index,
         ));
 
-        let cmd_topic = topic::format(&id, Channel::Down(Downlink::Command), spec.encoding);
+        let subscriptions = [Downlink::Command, Downlink::Chunk]
+            .map(|d| topic::format(&id, Channel::Down(d), spec.encoding));
+        let profile = if spec.profiles.is_empty() {
+            DeviceProfile::default()
+        } else {
+            spec.profiles[self.index as usize % spec.profiles.len()].clone()
+        };
+        {
+            let mut b = shared.behaviour.lock().await;
+            b.claimed_class = profile.faults.claim_class.clone();
+            if let Some(release) = profile.model_release
+                && let Some(m) = b.models.first_mut()
+            {
+                m.release = release;
+            }
+        }
+        let mut updater = Updater::new(profile);
+        let mut stats = UpdaterStats::default();
         let mut backoff = Duration::from_millis(100);
-        let mut rebooting = false;
+        let mut restart: Option<UpdateEffect> = None;
+        // A restart waits until everything sent is acknowledged, so the gateway has the
+        // device's last reports before it drops the connection.
+        let mut restart_pending = false;
         let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed.wrapping_add(self.index));
         loop {
             let event = tokio::select! {
@@ -246,8 +270,11 @@ impl Device {
                     }
                     self.counters.bump(&self.counters.connects, 1);
                     self.counters.mark_connected(self.index);
-                    rebooting = false;
-                    let _ = client.try_subscribe(cmd_topic.clone(), QoS::AtLeastOnce);
+                    restart = None;
+                    // Subscribe before hello: the gateway sends offers once it has the hello.
+                    for t in &subscriptions {
+                        let _ = client.try_subscribe(t.clone(), QoS::AtLeastOnce);
+                    }
                     let hello = shared.behaviour.lock().await.hello();
                     if let Ok(payload) = encode(&hello, spec.encoding)
                         && client
@@ -262,49 +289,42 @@ impl Device {
                         self.counters.bump(&self.counters.hello, 1);
                         count_sent(&shared, spec.qos);
                     }
+                    if let Some(report) = updater.pending.take() {
+                        self.send_report(&client, &shared, &id, &report);
+                    }
                     shared.up.notify_waiters();
                 }
                 Ok(Event::Incoming(Packet::PubAck(_))) => {
                     self.counters.bump(&self.counters.acked, 1);
                     shared.acked.fetch_add(1, Ordering::Relaxed);
                     shared.acks.notify_waiters();
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    self.counters.bump(&self.counters.commands, 1);
-                    let encoding = if p.topic.ends_with(JSON_SUFFIX) {
-                        Encoding::Json
-                    } else {
-                        Encoding::Postcard
-                    };
-                    let Ok(cmd) = decode::<Command>(&p.payload, encoding) else {
-                        self.counters.bump(&self.counters.errors, 1);
-                        continue;
-                    };
-                    let (ack, effect) = shared.behaviour.lock().await.command(&cmd);
-                    if let Ok(payload) = encode(&ack, spec.encoding)
-                        && client
-                            .try_publish(
-                                topic_for(&id, Uplink::Ack, spec.encoding),
-                                QoS::AtLeastOnce,
-                                false,
-                                payload,
-                            )
-                            .is_ok()
-                    {
-                        self.counters.bump(&self.counters.command_acks, 1);
-                        count_sent(&shared, QoS::AtLeastOnce);
-                    }
-                    if effect == Effect::Reboot {
-                        rebooting = true;
+                    if restart_pending && shared.all_acked() {
+                        restart_pending = false;
                         let _ = client.try_disconnect();
                     }
                 }
-                Ok(Event::Outgoing(Outgoing::Disconnect)) if rebooting => {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let effect = self
+                        .on_publish(&p, &client, &shared, &id, &mut updater)
+                        .await;
+                    self.sync_stats(&mut stats, updater.stats);
+                    if effect != UpdateEffect::None {
+                        restart = Some(effect);
+                        if shared.all_acked() {
+                            let _ = client.try_disconnect();
+                        } else {
+                            restart_pending = true;
+                        }
+                    }
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) if restart.is_some() => {
                     if shared.online.swap(false, Ordering::Relaxed) {
                         self.connected.fetch_sub(1, Ordering::Relaxed);
                     }
-                    shared.behaviour.lock().await.reboot();
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if restart == Some(UpdateEffect::Reboot) {
+                        shared.behaviour.lock().await.reboot();
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -333,6 +353,121 @@ impl Device {
             self.connected.fetch_sub(1, Ordering::Relaxed);
         }
         sender.abort();
+    }
+}
+
+impl Device {
+    /// Handles a message from the gateway: a command, an update offer or a chunk.
+    async fn on_publish(
+        &self,
+        p: &rumqttc::Publish,
+        client: &AsyncClient,
+        shared: &Shared,
+        id: &str,
+        updater: &mut Updater,
+    ) -> UpdateEffect {
+        let spec = &self.spec;
+        let Ok(parsed) = fleetgate_protocol::Topic::parse(&p.topic) else {
+            self.counters.bump(&self.counters.errors, 1);
+            return UpdateEffect::None;
+        };
+        let encoding = parsed.encoding;
+        match parsed.channel {
+            Channel::Down(Downlink::Chunk) => {
+                let Ok(chunk) = decode::<fleetgate_protocol::Chunk>(&p.payload, encoding) else {
+                    self.counters.bump(&self.counters.errors, 1);
+                    return UpdateEffect::None;
+                };
+                let (reports, effect) = {
+                    let mut b = shared.behaviour.lock().await;
+                    updater.chunk(&mut b, &chunk)
+                };
+                for r in &reports {
+                    self.send_report(client, shared, id, r);
+                }
+                effect
+            }
+            _ => {
+                self.counters.bump(&self.counters.commands, 1);
+                let Ok(cmd) = decode::<Command>(&p.payload, encoding) else {
+                    self.counters.bump(&self.counters.errors, 1);
+                    return UpdateEffect::None;
+                };
+                if let fleetgate_protocol::Action::Update(offer) = &cmd.action {
+                    let report = updater.offer(&*shared.behaviour.lock().await, offer, now_ms());
+                    self.send_report(client, shared, id, &report);
+                    return UpdateEffect::None;
+                }
+                let (ack, effect) = shared.behaviour.lock().await.command(&cmd);
+                if let Ok(payload) = encode(&ack, spec.encoding)
+                    && client
+                        .try_publish(
+                            topic_for(id, Uplink::Ack, spec.encoding),
+                            QoS::AtLeastOnce,
+                            false,
+                            payload,
+                        )
+                        .is_ok()
+                {
+                    self.counters.bump(&self.counters.command_acks, 1);
+                    count_sent(shared, QoS::AtLeastOnce);
+                }
+                if effect == Effect::Reboot {
+                    UpdateEffect::Reboot
+                } else {
+                    UpdateEffect::None
+                }
+            }
+        }
+    }
+
+    fn send_report(
+        &self,
+        client: &AsyncClient,
+        shared: &Shared,
+        id: &str,
+        report: &fleetgate_protocol::UpdateReport,
+    ) {
+        if let Ok(payload) = encode(report, self.spec.encoding)
+            && client
+                .try_publish(
+                    topic_for(id, Uplink::Report, self.spec.encoding),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
+                .is_ok()
+        {
+            self.counters.bump(&self.counters.update_reports, 1);
+            count_sent(shared, QoS::AtLeastOnce);
+        }
+    }
+
+    /// Adds what the update client counted since the last call to the fleet's counters.
+    fn sync_stats(&self, last: &mut UpdaterStats, now: UpdaterStats) {
+        let c = &self.counters;
+        for (counter, before, after) in [
+            (&c.chunks_stored, last.chunks_stored, now.chunks_stored),
+            (
+                &c.chunks_duplicate,
+                last.chunks_duplicate,
+                now.chunks_duplicate,
+            ),
+            (&c.updates_installed, last.installed, now.installed),
+            (&c.updates_rejected, last.rejected, now.rejected),
+            (&c.updates_failed, last.failed, now.failed),
+        ] {
+            if after > before {
+                c.bump(counter, after - before);
+            }
+        }
+        *last = now;
+    }
+}
+
+impl Shared {
+    fn all_acked(&self) -> bool {
+        self.acked.load(Ordering::Relaxed) >= self.sent.load(Ordering::Relaxed)
     }
 }
 

@@ -6,6 +6,7 @@ pub mod behaviour;
 pub mod enroll;
 pub mod fleet;
 pub mod report;
+pub mod updater;
 
 pub use enroll::Credential;
 pub use fleet::{FleetSpec, run};

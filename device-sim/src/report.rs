@@ -16,6 +16,12 @@ pub struct Counters {
     pub alerts: AtomicU64,
     pub command_acks: AtomicU64,
     pub commands: AtomicU64,
+    pub update_reports: AtomicU64,
+    pub chunks_stored: AtomicU64,
+    pub chunks_duplicate: AtomicU64,
+    pub updates_installed: AtomicU64,
+    pub updates_rejected: AtomicU64,
+    pub updates_failed: AtomicU64,
     pub acked: AtomicU64,
     pub errors: AtomicU64,
     /// Devices that got a CONNACK at least once.
@@ -64,6 +70,7 @@ impl Counters {
             &self.telemetry,
             &self.alerts,
             &self.command_acks,
+            &self.update_reports,
         ]
         .iter()
         .map(|c| Counters::get(c))
@@ -83,10 +90,22 @@ pub struct Report {
     /// QoS 1 publishes acknowledged by the gateway.
     pub acked: u64,
     pub commands_received: u64,
+    pub updates: Updates,
     pub errors: u64,
     pub elapsed_s: f64,
     /// Telemetry messages per second over the run.
     pub telemetry_rate: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Updates {
+    pub installed: u64,
+    pub rejected: u64,
+    pub failed: u64,
+    pub chunks_stored: u64,
+    /// Chunks received again after they were stored.
+    pub chunks_duplicate: u64,
+    pub reports: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -114,6 +133,14 @@ impl Report {
             },
             acked: g(&c.acked),
             commands_received: g(&c.commands),
+            updates: Updates {
+                installed: g(&c.updates_installed),
+                rejected: g(&c.updates_rejected),
+                failed: g(&c.updates_failed),
+                chunks_stored: g(&c.chunks_stored),
+                chunks_duplicate: g(&c.chunks_duplicate),
+                reports: g(&c.update_reports),
+            },
             errors: g(&c.errors),
             elapsed_s: secs,
             telemetry_rate: if secs > 0.0 {
@@ -127,7 +154,8 @@ impl Report {
     /// Messages sent at QoS 1 that were not acknowledged.
     pub fn unacked(&self) -> u64 {
         let s = &self.sent;
-        (s.hello + s.telemetry + s.alerts + s.command_acks).saturating_sub(self.acked)
+        (s.hello + s.telemetry + s.alerts + s.command_acks + self.updates.reports)
+            .saturating_sub(self.acked)
     }
 }
 
@@ -151,6 +179,14 @@ impl fmt::Display for Report {
             self.unacked()
         )?;
         writeln!(f, "commands:  {} received", self.commands_received)?;
+        let u = &self.updates;
+        if u.installed + u.rejected + u.failed + u.chunks_stored > 0 {
+            writeln!(
+                f,
+                "updates:   {} installed, {} rejected, {} failed; {} chunks stored, {} received twice",
+                u.installed, u.rejected, u.failed, u.chunks_stored, u.chunks_duplicate
+            )?;
+        }
         writeln!(f, "errors:    {}", self.errors)?;
         write!(
             f,

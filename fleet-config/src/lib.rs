@@ -27,6 +27,8 @@ pub struct Config {
     pub storage: Storage,
     pub retention: Retention,
     pub ingest: Ingest,
+    pub registry: Registry,
+    pub updates: Updates,
     pub alerts: Alerts,
 }
 
@@ -77,6 +79,23 @@ pub struct Ingest {
     pub queue: usize,
     pub batch: usize,
     pub reject_log_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registry {
+    /// Trusted release keys (ed25519 public keys).
+    pub trusted_keys: Vec<[u8; 32]>,
+    pub threshold: usize,
+    pub max_bundle_bytes: usize,
+    pub max_chunk_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Updates {
+    pub window: u32,
+    pub max_concurrent: usize,
+    pub stall_timeout: Duration,
+    pub retries: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -266,6 +285,40 @@ impl Config {
         }
         .finish_with(ing, p);
 
+        let mut reg = root.section(p, "registry");
+        let keys = reg.strings(p, "trusted_keys");
+        let trusted_keys = keys
+            .iter()
+            .enumerate()
+            .filter_map(|(i, k)| match parse_key(k) {
+                Ok(key) => Some(key),
+                Err(e) => {
+                    reg.error(p, &format!("trusted_keys[{i}]"), &e);
+                    None
+                }
+            })
+            .collect::<Vec<_>>();
+        let threshold = reg.usize(p, "threshold", 1..=16);
+        if !trusted_keys.is_empty() && threshold > trusted_keys.len() {
+            reg.error(p, "threshold", "is more than the number of trusted keys");
+        }
+        let registry = Registry {
+            trusted_keys,
+            threshold,
+            max_bundle_bytes: reg.usize(p, "max_bundle_bytes", 1024..=1 << 32),
+            max_chunk_bytes: reg.usize(p, "max_chunk_bytes", 256..=1 << 20),
+        }
+        .finish_with(reg, p);
+
+        let mut upd = root.section(p, "updates");
+        let updates = Updates {
+            window: upd.usize(p, "window", 1..=256) as u32,
+            max_concurrent: upd.usize(p, "max_concurrent", 1..=1_000_000),
+            stall_timeout: upd.duration(p, "stall_timeout", secs(1)..=days(7)),
+            retries: upd.usize(p, "retries", 0..=100) as u32,
+        }
+        .finish_with(upd, p);
+
         let mut alerts = root.section(p, "alerts");
         let rules = alerts
             .tables(p, "rules")
@@ -280,6 +333,8 @@ impl Config {
             storage,
             retention,
             ingest,
+            registry,
+            updates,
             alerts,
         }
         .finish_with(root, p)
@@ -357,6 +412,21 @@ trait FinishWith: Sized {
 }
 
 impl<T> FinishWith for T {}
+
+/// Parses an ed25519 public key written as 64 hex characters.
+pub fn parse_key(text: &str) -> Result<[u8; 32], String> {
+    let text = text.trim();
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "{text:?} is not an ed25519 public key (64 hex characters)"
+        ));
+    }
+    let mut key = [0u8; 32];
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+    }
+    Ok(key)
+}
 
 const fn ms(n: u64) -> Duration {
     Duration::from_millis(n)

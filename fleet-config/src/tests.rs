@@ -165,3 +165,22 @@ fn rule_hysteresis() {
     assert!(battery.fires(3299.0) && !battery.fires(3300.0));
     assert!(battery.clears(3400.0) && !battery.clears(3399.0));
 }
+
+#[test]
+fn trusted_keys_are_hex_ed25519_keys() {
+    let key = "11".repeat(32);
+    let c =
+        Config::from_toml_str(&format!("[registry]\ntrusted_keys = [\"{key}\"]\n"), "x").unwrap();
+    assert_eq!(c.registry.trusted_keys, vec![[0x11; 32]]);
+    assert_eq!(c.registry.threshold, 1);
+    assert_eq!(
+        errors(&format!(
+            "[registry]\ntrusted_keys = [\"{key}\", \"abc\", 5]\nthreshold = 3\n"
+        )),
+        [
+            "registry.trusted_keys[2]: expected a string, found integer",
+            "registry.trusted_keys[1]: \"abc\" is not an ed25519 public key (64 hex characters)",
+            "registry.threshold: is more than the number of trusted keys",
+        ]
+    );
+}

@@ -161,6 +161,36 @@ impl<'t> Section<'t> {
         }
     }
 
+    pub(crate) fn strings(&mut self, p: &mut Problems, key: &str) -> Vec<String> {
+        match self.required(p, key) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, v)| match v {
+                    Value::String(s) => Some(s.clone()),
+                    other => {
+                        let found = other.type_str();
+                        self.error(
+                            p,
+                            &format!("{key}[{i}]"),
+                            &format!("expected a string, found {found}"),
+                        );
+                        None
+                    }
+                })
+                .collect(),
+            Some(other) => {
+                self.error(
+                    p,
+                    key,
+                    &format!("expected an array of strings, found {}", other.type_str()),
+                );
+                Vec::new()
+            }
+            None => Vec::new(),
+        }
+    }
+
     pub(crate) fn usize(
         &mut self,
         p: &mut Problems,

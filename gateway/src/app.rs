@@ -62,7 +62,8 @@ impl Gateway {
 
         let metrics = Arc::new(Metrics::new(config.ingest.reject_log_interval));
         let credentials = Arc::new(Credentials::default());
-        let sessions = Arc::new(Sessions::default());
+        // A session's direct queue holds at least two update windows of chunks.
+        let sessions = Arc::new(Sessions::new(2 * config.updates.window as usize + 8));
         let (writer_tx, writer_rx, control, control_rx) = ingest::channels(&config);
 
         let mqtt_cfg = config.mqtt.clone();
@@ -112,11 +113,14 @@ impl Gateway {
         ));
         tracker.spawn(front.serve(mqtt, tracker.clone()));
 
+        let registry = crate::registry::Registry::new(store.clone(), &data_dir, &config.registry);
         let api_state = Arc::new(ApiState {
             store,
+            registry,
             control: control.clone(),
             metrics: metrics.clone(),
             token: auth::digest(&token),
+            max_body_bytes: config.registry.max_bundle_bytes,
         });
         let app = api::router(api_state);
         let http_shutdown = shutdown.clone();

@@ -86,6 +86,28 @@ impl ApiClient {
         self.finish(url, sent)
     }
 
+    pub fn put(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        let url = self.url(path);
+        let sent = self
+            .agent
+            .put(&url)
+            .header("Authorization", &self.bearer())
+            .send_json(body);
+        self.finish(url, sent)
+    }
+
+    /// POSTs raw bytes (a bundle upload).
+    pub fn post_bytes(&self, path: &str, body: &[u8]) -> Result<Value, ClientError> {
+        let url = self.url(path);
+        let sent = self
+            .agent
+            .post(&url)
+            .header("Authorization", &self.bearer())
+            .header("Content-Type", "application/octet-stream")
+            .send(body);
+        self.finish(url, sent)
+    }
+
     pub fn delete(&self, path: &str) -> Result<Value, ClientError> {
         let url = self.url(path);
         let sent = self

@@ -13,7 +13,9 @@ pub mod clock;
 pub mod ingest;
 pub mod metrics;
 pub mod model;
+pub mod registry;
 pub mod storage;
+pub mod updates;
 
 pub use app::Gateway;
 pub use fleetgate_config::Config;

@@ -39,6 +39,130 @@ enum Command {
         #[command(subcommand)]
         command: DevicesCommand,
     },
+    /// Create release signing keys (offline).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Sign, co-sign and inspect bundles (offline).
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// Upload bundles and manage releases on a running gateway.
+    Registry {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: RegistryCommand,
+    },
+    /// Start, follow and cancel updates on a running gateway.
+    Updates {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: UpdatesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Write a new key pair: <out>.key (private, PKCS#8 PEM, mode 0600) and <out>.pub (hex).
+    Generate {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the public key and key id of a private key file.
+    Show { key: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+enum BundleCommand {
+    /// Build and sign a bundle from an artifact file.
+    Sign(Box<SignArgs>),
+    /// Add a signature by another key to a bundle (for k-of-n signing).
+    Cosign {
+        bundle: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Print a bundle's manifest and signatures.
+    Inspect { bundle: PathBuf },
+}
+
+#[derive(Debug, Args)]
+struct SignArgs {
+    /// The model or firmware image.
+    artifact: PathBuf,
+    #[arg(long, value_parser = ["model", "firmware"])]
+    kind: String,
+    #[arg(long)]
+    name: String,
+    #[arg(long)]
+    version: semver::Version,
+    /// Monotonic release counter; devices install only a release greater than theirs.
+    #[arg(long)]
+    release: u64,
+    /// Device class it runs on; repeatable; none: any class.
+    #[arg(long = "class")]
+    classes: Vec<String>,
+    #[arg(long)]
+    arch: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    min_ram: u64,
+    #[arg(long, default_value_t = 0)]
+    min_flash: u64,
+    /// Required runtime, NAME>=VERSION (e.g. tflm>=2.14.0).
+    #[arg(long, value_parser = parse_runtime)]
+    runtime: Option<fleetgate_protocol::manifest::RuntimeReq>,
+    #[arg(long, default_value_t = 16384)]
+    chunk_size: u32,
+    /// How long devices accept the manifest.
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    expires_in: Duration,
+    /// Provenance, key=value (training run, dataset hash, accuracy...); repeatable.
+    #[arg(long = "lineage", value_parser = parse_label)]
+    lineage: Vec<(String, String)>,
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Private key to sign with; repeatable for several signatures.
+    #[arg(long = "key", required = true)]
+    keys: Vec<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum RegistryCommand {
+    /// Upload a signed bundle.
+    Upload { bundle: PathBuf },
+    /// List releases.
+    List,
+    /// Point an alias (e.g. production) at a version.
+    Alias {
+        kind: String,
+        name: String,
+        alias: String,
+        version: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UpdatesCommand {
+    /// Offer a release (version or alias) to devices.
+    Start {
+        kind: String,
+        name: String,
+        version: String,
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        /// Every enrolled device.
+        #[arg(long, conflicts_with = "devices")]
+        all: bool,
+    },
+    /// List transfers, newest first.
+    List {
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Cancel a transfer.
+    Cancel { id: u64 },
 }
 
 #[derive(Debug, Args)]
@@ -105,6 +229,18 @@ enum DevicesCommand {
     Revoke { id: String },
 }
 
+fn parse_runtime(s: &str) -> Result<fleetgate_protocol::manifest::RuntimeReq, String> {
+    let (name, version) = s
+        .split_once(">=")
+        .ok_or_else(|| format!("{s:?} is not NAME>=VERSION"))?;
+    let min_version =
+        semver::Version::parse(version.trim()).map_err(|e| format!("{version}: {e}"))?;
+    Ok(fleetgate_protocol::manifest::RuntimeReq {
+        name: name.trim().to_owned(),
+        min_version,
+    })
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -130,7 +266,269 @@ fn main() -> ExitCode {
             }
         },
         Command::Devices { api, command } => devices(api, command),
+        Command::Keys(command) => report(keys(command)),
+        Command::Bundle(command) => report(bundle(command)),
+        Command::Registry { api, command } => match client(&api) {
+            Ok(c) => report(registry(&c, command)),
+            Err(code) => code,
+        },
+        Command::Updates { api, command } => match client(&api) {
+            Ok(c) => report(updates(&c, command)),
+            Err(code) => code,
+        },
     }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fleetgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn keys(command: KeysCommand) -> anyhow::Result<()> {
+    use fleetgate::registry::keys;
+    match command {
+        KeysCommand::Generate { out } => {
+            let key = keys::generate()?;
+            keys::write(&key, &out)?;
+            let public = key.verifying_key().to_bytes();
+            println!(
+                "private key: {} (keep it offline)",
+                out.with_extension("key").display()
+            );
+            println!("public key:  {}", keys::hex(&public));
+            println!(
+                "key id:      {}",
+                keys::hex(&fleetgate_protocol::sign::key_id(&public))
+            );
+            println!("(add the public key to registry.trusted_keys and to your devices)");
+        }
+        KeysCommand::Show { key } => {
+            let key = keys::read(&key)?;
+            let public = key.verifying_key().to_bytes();
+            println!("public key: {}", keys::hex(&public));
+            println!(
+                "key id:     {}",
+                keys::hex(&fleetgate_protocol::sign::key_id(&public))
+            );
+        }
+    }
+    Ok(())
+}
+
+fn bundle(command: BundleCommand) -> anyhow::Result<()> {
+    use fleetgate::registry::bundle::BundleFile;
+    use fleetgate::registry::keys;
+    use fleetgate_protocol::manifest::ManifestSpec;
+    match command {
+        BundleCommand::Sign(a) => {
+            let artifact = std::fs::read(&a.artifact)
+                .with_context(|| format!("reading {}", a.artifact.display()))?;
+            let signing = a
+                .keys
+                .iter()
+                .map(|k| keys::read(k))
+                .collect::<Result<Vec<_>, _>>()?;
+            let now = fleetgate::clock::now_ms();
+            let kind = fleetgate_protocol::ArtifactKind::from_name(&a.kind)
+                .context("kind is model or firmware")?;
+            let spec = ManifestSpec {
+                kind,
+                name: a.name,
+                version: a.version,
+                release: a.release,
+                compat: fleetgate_protocol::Compat {
+                    classes: a.classes,
+                    arch: a.arch,
+                    min_ram_bytes: a.min_ram,
+                    min_flash_bytes: a.min_flash,
+                    runtime: a.runtime,
+                },
+                chunk_size: a.chunk_size,
+                created_ms: now,
+                expires_ms: now + a.expires_in.as_millis() as u64,
+            };
+            let b = BundleFile::sign(
+                artifact,
+                spec,
+                &signing,
+                a.lineage.into_iter().collect(),
+                a.tags,
+            );
+            let manifest: fleetgate_protocol::Manifest = fleetgate_protocol::decode(
+                &b.manifest.body,
+                fleetgate_protocol::Encoding::Postcard,
+            )
+            .context("the manifest is not valid")?;
+            std::fs::write(&a.out, b.encode())
+                .with_context(|| format!("writing {}", a.out.display()))?;
+            println!(
+                "wrote {} ({} {} {}, release {}, {} bytes in {} chunks, {} signature(s))",
+                a.out.display(),
+                manifest.kind.name(),
+                manifest.name,
+                manifest.version,
+                manifest.release,
+                manifest.size,
+                manifest.chunk_count(),
+                b.manifest.signatures.len()
+            );
+        }
+        BundleCommand::Cosign { bundle, key } => {
+            let mut b = BundleFile::decode(&std::fs::read(&bundle)?)?;
+            b.manifest
+                .add_signature(fleetgate_protocol::Domain::Manifest, &keys::read(&key)?);
+            std::fs::write(&bundle, b.encode())?;
+            println!(
+                "{}: now {} signature(s)",
+                bundle.display(),
+                b.manifest.signatures.len()
+            );
+        }
+        BundleCommand::Inspect { bundle } => {
+            let b = BundleFile::decode(&std::fs::read(&bundle)?)?;
+            let m: fleetgate_protocol::Manifest = fleetgate_protocol::decode(
+                &b.manifest.body,
+                fleetgate_protocol::Encoding::Postcard,
+            )?;
+            let sigs: Vec<String> = b
+                .manifest
+                .signatures
+                .iter()
+                .map(|s| keys::hex(&s.key_id))
+                .collect();
+            let view = json!({
+                "kind": m.kind.name(), "name": m.name, "version": m.version.to_string(), "release": m.release,
+                "compat": m.compat, "size": m.size, "sha256": keys::hex(&m.sha256), "chunk_size": m.chunk_size,
+                "chunks": m.chunk_count(), "merkle_root": keys::hex(&m.merkle_root),
+                "created": fleetgate::clock::rfc3339(m.created_ms), "expires": fleetgate::clock::rfc3339(m.expires_ms),
+                "signed_by": sigs, "lineage": b.lineage, "tags": b.tags,
+            });
+            println!("{}", serde_json::to_string_pretty(&view)?);
+        }
+    }
+    Ok(())
+}
+
+fn registry(client: &ApiClient, command: RegistryCommand) -> anyhow::Result<()> {
+    match command {
+        RegistryCommand::Upload { bundle } => {
+            let bytes =
+                std::fs::read(&bundle).with_context(|| format!("reading {}", bundle.display()))?;
+            let answer = client.post_bytes("/registry/bundles", &bytes)?;
+            let r = &answer["release"];
+            let what = if answer["created"] == true {
+                "registered"
+            } else {
+                "already registered"
+            };
+            println!(
+                "{what}: {} {} {} (release {})",
+                r["kind"].as_str().unwrap_or("?"),
+                r["name"].as_str().unwrap_or("?"),
+                r["version"].as_str().unwrap_or("?"),
+                r["release"]
+            );
+        }
+        RegistryCommand::List => {
+            let list = client.get("/registry")?;
+            println!(
+                "{:<9} {:<20} {:<12} {:>8} {:<20} ARTIFACTS",
+                "KIND", "NAME", "VERSION", "RELEASE", "ALIASES"
+            );
+            for r in list.as_array().into_iter().flatten() {
+                let aliases: Vec<&str> = r["aliases"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| a.as_str())
+                    .collect();
+                println!(
+                    "{:<9} {:<20} {:<12} {:>8} {:<20} {}",
+                    r["kind"].as_str().unwrap_or("?"),
+                    r["name"].as_str().unwrap_or("?"),
+                    r["version"].as_str().unwrap_or("?"),
+                    r["release"].as_u64().unwrap_or(0),
+                    aliases.join(","),
+                    r["artifacts"].as_array().map_or(0, Vec::len)
+                );
+            }
+        }
+        RegistryCommand::Alias {
+            kind,
+            name,
+            alias,
+            version,
+        } => {
+            client.put(
+                &format!("/registry/{kind}/{name}/aliases/{alias}"),
+                &json!({ "version": version }),
+            )?;
+            println!("{kind} {name}: {alias} -> {version}");
+        }
+    }
+    Ok(())
+}
+
+fn updates(client: &ApiClient, command: UpdatesCommand) -> anyhow::Result<()> {
+    match command {
+        UpdatesCommand::Start {
+            kind,
+            name,
+            version,
+            devices,
+            all,
+        } => {
+            let body = if all {
+                json!({ "kind": kind, "name": name, "version": version, "all": true })
+            } else {
+                json!({ "kind": kind, "name": name, "version": version, "devices": devices })
+            };
+            let plan = client.post("/updates", &body)?;
+            for s in plan["started"].as_array().into_iter().flatten() {
+                println!(
+                    "started  {:<24} transfer {}",
+                    s["device"].as_str().unwrap_or("?"),
+                    s["transfer"]
+                );
+            }
+            for s in plan["skipped"].as_array().into_iter().flatten() {
+                println!(
+                    "skipped  {:<24} {}",
+                    s["device"].as_str().unwrap_or("?"),
+                    s["reason"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        UpdatesCommand::List { device } => {
+            let path =
+                device.map_or_else(|| "/updates".to_owned(), |d| format!("/updates?device={d}"));
+            println!(
+                "{:>6} {:<24} {:<12} {:<12} {:>8} REASON",
+                "ID", "DEVICE", "VERSION", "STATE", "PROGRESS"
+            );
+            for t in client.get(&path)?.as_array().into_iter().flatten() {
+                println!(
+                    "{:>6} {:<24} {:<12} {:<12} {:>7}% {}",
+                    t["id"],
+                    t["device"].as_str().unwrap_or("?"),
+                    t["version"].as_str().unwrap_or("?"),
+                    t["state"].as_str().unwrap_or("?"),
+                    t["progress"],
+                    t["reason"].as_str().unwrap_or("")
+                );
+            }
+        }
+        UpdatesCommand::Cancel { id } => {
+            let t = client.post(&format!("/updates/{id}/cancel"), &json!({}))?;
+            println!("transfer {id}: {}", t["state"].as_str().unwrap_or("?"));
+        }
+    }
+    Ok(())
 }
 
 fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {

@@ -35,10 +35,12 @@ pub enum Reject {
     UnknownDevice,
     /// An ack for a command this device was never sent.
     UnknownCommand,
+    /// An update report for a transfer this device does not have.
+    UnknownTransfer,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 8] = [
+    pub const ALL: [Reject; 9] = [
         Reject::BadTopic,
         Reject::NotPermitted,
         Reject::Oversized,
@@ -47,6 +49,7 @@ impl Reject {
         Reject::Invalid,
         Reject::UnknownDevice,
         Reject::UnknownCommand,
+        Reject::UnknownTransfer,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,6 +62,7 @@ impl Reject {
             Reject::Invalid => "invalid",
             Reject::UnknownDevice => "unknown_device",
             Reject::UnknownCommand => "unknown_command",
+            Reject::UnknownTransfer => "unknown_transfer",
         }
     }
 
@@ -140,6 +144,11 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub alerts_open: Gauge,
     pub commands_sent: Counter,
+    pub chunks_sent: Counter,
+    /// Direct messages (update chunks) a session could not deliver: device gone, not
+    /// subscribed, or its queue full.
+    pub direct_dropped: Counter,
+    pub transfers_active: Gauge,
     storage_bytes: Gauge,
     resident_bytes: Gauge,
     log_limit: LogLimit,
@@ -205,6 +214,17 @@ impl Metrics {
             ),
             alerts_open: metric(r, "alerts_unresolved", "Alerts open or acknowledged"),
             commands_sent: metric(r, "commands_sent", "Commands published to devices"),
+            chunks_sent: metric(r, "update_chunks_sent", "Update chunks sent to devices"),
+            direct_dropped: metric(
+                r,
+                "update_chunks_dropped",
+                "Update chunks a device's session could not take",
+            ),
+            transfers_active: metric(
+                r,
+                "updates_in_progress",
+                "Update transfers not yet finished",
+            ),
             storage_bytes: metric(r, "storage_bytes", "Size of the database file"),
             resident_bytes: metric(
                 r,

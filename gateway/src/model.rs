@@ -4,8 +4,10 @@
 use std::collections::BTreeMap;
 
 use fleetgate_protocol::{
-    Action, AlertKind, Encoding, HardwareMetrics, Hello, HwMetric, LogLevel, ModelMetrics, Severity,
+    Action, AlertKind, ArtifactKind, Compat, Encoding, HardwareMetrics, Hello, HwMetric, LogLevel,
+    Manifest, ModelMetrics, Severity, Signed, UpdateError,
 };
+use semver::Version;
 use serde::{Deserialize, Serialize};
 
 use crate::ingest::seq::SeqTracker;
@@ -199,4 +201,124 @@ pub struct CommandRecord {
     pub created: Stamp,
     pub state: CommandState,
     pub answered_ms: Option<u64>,
+}
+
+/// One release of a model or firmware: a version with its release counter, its artifacts (one
+/// per hardware class), and the operator's annotations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseRecord {
+    pub kind: ArtifactKind,
+    pub name: String,
+    pub version: Version,
+    pub release: u64,
+    pub registered: Stamp,
+    /// Provenance: training run, dataset hash, metrics. Operator annotations, not signed.
+    pub lineage: BTreeMap<String, String>,
+    pub tags: Vec<String>,
+    pub artifacts: Vec<ArtifactRecord>,
+}
+
+/// One signed artifact of a release. The bytes live in the artifact store under `sha256`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    pub sha256: [u8; 32],
+    pub size: u64,
+    pub compat: Compat,
+    pub manifest: Manifest,
+    /// Exactly what devices are offered.
+    pub signed: Signed,
+    pub uploaded: Stamp,
+}
+
+impl ReleaseRecord {
+    /// The artifact for a device with `hw`: the first whose compatibility rules it meets.
+    pub fn artifact_for(
+        &self,
+        hw: &fleetgate_protocol::HardwareProfile,
+    ) -> Option<&ArtifactRecord> {
+        self.artifacts.iter().find(|a| a.compat.check(hw).is_ok())
+    }
+}
+
+/// Where an update of one device stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TransferState {
+    /// Waiting for a download slot or for the device to come online.
+    Queued,
+    /// Offer sent, no answer yet.
+    Offered,
+    Downloading,
+    Verifying,
+    Installing,
+    Installed,
+    /// The device refused the offer.
+    Rejected {
+        reason: UpdateError,
+        detail: String,
+    },
+    /// The device gave up during download, verification or installation.
+    Failed {
+        reason: UpdateError,
+        detail: String,
+    },
+    /// The device stopped answering, after every retry.
+    TimedOut,
+    /// Stopped by an operator (or superseded).
+    Cancelled {
+        by: String,
+    },
+}
+
+impl TransferState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            TransferState::Queued => "queued",
+            TransferState::Offered => "offered",
+            TransferState::Downloading => "downloading",
+            TransferState::Verifying => "verifying",
+            TransferState::Installing => "installing",
+            TransferState::Installed => "installed",
+            TransferState::Rejected { .. } => "rejected",
+            TransferState::Failed { .. } => "failed",
+            TransferState::TimedOut => "timed_out",
+            TransferState::Cancelled { .. } => "cancelled",
+        }
+    }
+
+    /// No further change will come.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            TransferState::Installed
+                | TransferState::Rejected { .. }
+                | TransferState::Failed { .. }
+                | TransferState::TimedOut
+                | TransferState::Cancelled { .. }
+        )
+    }
+}
+
+/// One update of one device, from offer to outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferRecord {
+    pub id: u64,
+    pub device: String,
+    pub kind: ArtifactKind,
+    pub name: String,
+    pub version: Version,
+    pub release: u64,
+    pub sha256: [u8; 32],
+    pub size: u64,
+    pub chunks: u64,
+    pub state: TransferState,
+    /// Chunks the device has stored (all before this index).
+    pub next_chunk: u64,
+    pub chunks_sent: u64,
+    /// Chunks sent again because the device asked for them again (after a disconnect).
+    pub chunks_resent: u64,
+    /// Offers made (the first one and every re-offer after a stall or reconnect).
+    pub offers: u32,
+    pub created: Stamp,
+    pub updated_ms: u64,
+    pub finished_ms: Option<u64>,
 }

@@ -65,7 +65,9 @@ pub mod array {
         vec::serialize(v, s)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(d: D) -> Result<[u8; N], D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
+        d: D,
+    ) -> Result<[u8; N], D::Error> {
         let bytes = vec::deserialize(d)?;
         bytes
             .try_into()

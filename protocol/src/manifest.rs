@@ -29,7 +29,9 @@ impl ArtifactKind {
     }
 
     pub fn from_name(name: &str) -> Option<ArtifactKind> {
-        [ArtifactKind::Model, ArtifactKind::Firmware].into_iter().find(|k| k.name() == name)
+        [ArtifactKind::Model, ArtifactKind::Firmware]
+            .into_iter()
+            .find(|k| k.name() == name)
     }
 }
 
@@ -85,7 +87,10 @@ impl Compat {
             return Err(Mismatch::Flash);
         }
         if let Some(req) = &self.runtime {
-            let ok = hw.runtime.as_ref().is_some_and(|rt| rt.name == req.name && rt.version >= req.min_version);
+            let ok = hw
+                .runtime
+                .as_ref()
+                .is_some_and(|rt| rt.name == req.name && rt.version >= req.min_version);
             if !ok {
                 return Err(Mismatch::Runtime);
             }
@@ -159,19 +164,28 @@ impl Manifest {
     /// Length of chunk `index` (the last one may be short).
     pub fn chunk_len(&self, index: u64) -> u64 {
         let start = index * u64::from(self.chunk_size);
-        self.size.saturating_sub(start).min(u64::from(self.chunk_size))
+        self.size
+            .saturating_sub(start)
+            .min(u64::from(self.chunk_size))
     }
 }
 
 /// Leaf hashes of `artifact` cut into `chunk_size` pieces.
 pub fn chunk_leaves(artifact: &[u8], chunk_size: u32) -> Vec<merkle::Hash> {
-    artifact.chunks(chunk_size.max(1) as usize).map(merkle::leaf).collect()
+    artifact
+        .chunks(chunk_size.max(1) as usize)
+        .map(merkle::leaf)
+        .collect()
 }
 
 impl Validate for Manifest {
     fn validate(&self) -> Result<(), Invalid> {
         limits::name("name", &self.name)?;
-        limits::count("compat.classes", self.compat.classes.len(), limits::MAX_MODELS * 2)?;
+        limits::count(
+            "compat.classes",
+            self.compat.classes.len(),
+            limits::MAX_MODELS * 2,
+        )?;
         for class in &self.compat.classes {
             limits::name("compat.classes", class)?;
         }

@@ -71,6 +71,33 @@ pub fn proof(leaves: &[Hash], index: usize) -> Vec<Hash> {
     path
 }
 
+/// The audit paths of every leaf at once, in O(n log n) hashing (calling [`proof`] for each
+/// leaf would recompute subtree roots over and over).
+pub fn all_proofs(leaves: &[Hash]) -> Vec<Vec<Hash>> {
+    fn walk(range: &[Hash], out: &mut [Vec<Hash>]) -> Hash {
+        match range.len() {
+            0 => Sha256::digest([]).into(),
+            1 => range[0],
+            n => {
+                let k = split(n);
+                let (left_out, right_out) = out.split_at_mut(k);
+                let left = walk(&range[..k], left_out);
+                let right = walk(&range[k..], right_out);
+                for p in left_out.iter_mut() {
+                    p.push(right);
+                }
+                for p in right_out.iter_mut() {
+                    p.push(left);
+                }
+                node(&left, &right)
+            }
+        }
+    }
+    let mut out = alloc::vec![Vec::new(); leaves.len()];
+    walk(leaves, &mut out);
+    out
+}
+
 /// Checks that `leaf_hash` is leaf `index` of a tree of `count` leaves with `root`.
 pub fn verify(root: &Hash, index: u64, count: u64, leaf_hash: Hash, path: &[Hash]) -> bool {
     if index >= count {
@@ -96,7 +123,11 @@ pub fn verify(root: &Hash, index: u64, count: u64, leaf_hash: Hash, path: &[Hash
     }
     let mut h = leaf_hash;
     for (sibling, ours_right) in path.iter().zip(sides.iter().rev()) {
-        h = if *ours_right { node(sibling, &h) } else { node(&h, sibling) };
+        h = if *ours_right {
+            node(sibling, &h)
+        } else {
+            node(&h, sibling)
+        };
     }
     h == *root
 }

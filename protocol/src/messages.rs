@@ -333,17 +333,30 @@ pub struct Chunk {
 #[serde(rename_all = "snake_case")]
 pub enum UpdateState {
     /// The offer checked out; send chunks from `next_chunk` (0, or where a download stopped).
-    Accepted { next_chunk: u32 },
+    Accepted {
+        next_chunk: u32,
+    },
     /// Every chunk before `next_chunk` is verified and stored.
-    Downloading { next_chunk: u32 },
+    Downloading {
+        next_chunk: u32,
+    },
     Verifying,
     Installing,
     /// Running the new version (after its reboot).
-    Installed { version: Version, release: u64 },
+    Installed {
+        version: Version,
+        release: u64,
+    },
     /// Refused before downloading (signature, expiry, downgrade, hardware, size, declined).
-    Rejected { reason: UpdateError, detail: String },
+    Rejected {
+        reason: UpdateError,
+        detail: String,
+    },
     /// Gave up during download, verification or installation.
-    Failed { reason: UpdateError, detail: String },
+    Failed {
+        reason: UpdateError,
+        detail: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

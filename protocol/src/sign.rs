@@ -109,7 +109,12 @@ impl Signed {
 
     /// Checks the signatures against `trusted` public keys and returns the body if at least
     /// `threshold` (at least 1) distinct trusted keys signed it.
-    pub fn verify(&self, domain: Domain, trusted: &[[u8; 32]], threshold: usize) -> Result<&[u8], SigError> {
+    pub fn verify(
+        &self,
+        domain: Domain,
+        trusted: &[[u8; 32]],
+        threshold: usize,
+    ) -> Result<&[u8], SigError> {
         if self.signatures.len() > MAX_SIGNATURES {
             return Err(SigError::TooManySignatures);
         }

@@ -116,22 +116,42 @@ pub fn check_offer(
                 SigError::BelowThreshold { .. } => UpdateError::BelowThreshold,
                 SigError::BadSignature | SigError::TooManySignatures => UpdateError::BadSignature,
             };
-            Failure { code, detail: format!("{e}") }
+            Failure {
+                code,
+                detail: format!("{e}"),
+            }
         })?;
-    let manifest: Manifest = decode(body, Encoding::Postcard)
-        .map_err(|e| Failure { code: UpdateError::MalformedManifest, detail: format!("{e}") })?;
+    let manifest: Manifest = decode(body, Encoding::Postcard).map_err(|e| Failure {
+        code: UpdateError::MalformedManifest,
+        detail: format!("{e}"),
+    })?;
     if now_ms >= manifest.expires_ms {
-        return fail(UpdateError::Expired, format!("expired at {} ms, device time {now_ms} ms", manifest.expires_ms));
+        return fail(
+            UpdateError::Expired,
+            format!(
+                "expired at {} ms, device time {now_ms} ms",
+                manifest.expires_ms
+            ),
+        );
     }
     let installed = installed_release(&manifest);
     if manifest.release <= installed {
-        return fail(UpdateError::Downgrade, format!("release {} is not newer than installed {installed}", manifest.release));
+        return fail(
+            UpdateError::Downgrade,
+            format!(
+                "release {} is not newer than installed {installed}",
+                manifest.release
+            ),
+        );
     }
     if let Err(m) = manifest.compat.check(policy.hardware) {
         return fail(UpdateError::Incompatible, format!("{m}"));
     }
     if manifest.size > policy.max_size {
-        return fail(UpdateError::TooLarge, format!("{} bytes, device holds {}", manifest.size, policy.max_size));
+        return fail(
+            UpdateError::TooLarge,
+            format!("{} bytes, device holds {}", manifest.size, policy.max_size),
+        );
     }
     Ok(manifest)
 }
@@ -159,7 +179,12 @@ pub struct Download {
 
 impl Download {
     pub fn new(manifest: Manifest) -> Download {
-        Download { manifest, next: 0, received: 0, hasher: Sha256::new() }
+        Download {
+            manifest,
+            next: 0,
+            received: 0,
+            hasher: Sha256::new(),
+        }
     }
 
     /// Resumes after a reboot from the chunks already stored (already verified when they
@@ -188,10 +213,18 @@ impl Download {
     }
 
     /// Checks one chunk. On [`Accepted::Stored`] the caller stores `data`.
-    pub fn accept(&mut self, index: u64, data: &[u8], proof: &[merkle::Hash]) -> Result<Accepted, Failure> {
+    pub fn accept(
+        &mut self,
+        index: u64,
+        data: &[u8],
+        proof: &[merkle::Hash],
+    ) -> Result<Accepted, Failure> {
         let count = self.manifest.chunk_count();
         if index >= count {
-            return fail(UpdateError::ChunkOutOfRange, format!("chunk {index} of {count}"));
+            return fail(
+                UpdateError::ChunkOutOfRange,
+                format!("chunk {index} of {count}"),
+            );
         }
         if index < self.next {
             return Ok(Accepted::Duplicate);
@@ -201,10 +234,22 @@ impl Download {
         }
         let want = self.manifest.chunk_len(index);
         if data.len() as u64 != want {
-            return fail(UpdateError::Truncated, format!("chunk {index} has {} bytes, {want} expected", data.len()));
+            return fail(
+                UpdateError::Truncated,
+                format!("chunk {index} has {} bytes, {want} expected", data.len()),
+            );
         }
-        if !merkle::verify(&self.manifest.merkle_root, index, count, merkle::leaf(data), proof) {
-            return fail(UpdateError::ChunkHash, format!("chunk {index} is not in the signed tree"));
+        if !merkle::verify(
+            &self.manifest.merkle_root,
+            index,
+            count,
+            merkle::leaf(data),
+            proof,
+        ) {
+            return fail(
+                UpdateError::ChunkHash,
+                format!("chunk {index} is not in the signed tree"),
+            );
         }
         self.hasher.update(data);
         self.received += data.len() as u64;
@@ -215,14 +260,23 @@ impl Download {
     /// Checks the whole artifact once every chunk is stored.
     pub fn finish(self) -> Result<Manifest, Failure> {
         if !self.is_complete() {
-            return fail(UpdateError::Incomplete, format!("{} of {} chunks", self.next, self.manifest.chunk_count()));
+            return fail(
+                UpdateError::Incomplete,
+                format!("{} of {} chunks", self.next, self.manifest.chunk_count()),
+            );
         }
         if self.received != self.manifest.size {
-            return fail(UpdateError::Truncated, format!("{} bytes, {} signed", self.received, self.manifest.size));
+            return fail(
+                UpdateError::Truncated,
+                format!("{} bytes, {} signed", self.received, self.manifest.size),
+            );
         }
         let digest: [u8; 32] = self.hasher.finalize().into();
         if digest != self.manifest.sha256 {
-            return fail(UpdateError::FinalHash, String::from("SHA-256 of the artifact differs from the manifest"));
+            return fail(
+                UpdateError::FinalHash,
+                String::from("SHA-256 of the artifact differs from the manifest"),
+            );
         }
         Ok(self.manifest)
     }

@@ -43,6 +43,13 @@ impl TestGateway {
 
     /// Starts a gateway on `config` (its data dir is kept by the caller).
     pub async fn start_with(config: Config, tmp: Option<tempfile::TempDir>) -> TestGateway {
+        // FLEETGATE_TEST_LOG=debug shows the gateway's log while debugging a test.
+        if let Ok(filter) = std::env::var("FLEETGATE_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let dir = config.storage.data_dir.clone();
         let gateway = Gateway::start(config).await.expect("gateway starts");
         let client = ApiClient::new(&format!("http://{}", gateway.http_addr), TOKEN);
@@ -107,6 +114,12 @@ impl TestGateway {
     pub async fn post(&self, path: &str, body: Value) -> Result<Value, ClientError> {
         let p = path.to_owned();
         self.call(move |c| c.post(&p, &body)).await
+    }
+
+    /// Uploads a bundle file.
+    pub async fn upload(&self, bundle: Vec<u8>) -> Result<Value, ClientError> {
+        self.call(move |c| c.post_bytes("/registry/bundles", &bundle))
+            .await
     }
 
     /// Enrolls a device and returns its credential.
@@ -199,5 +212,68 @@ pub mod device {
                 Ok(None) | Err(_) => return None,
             }
         }
+    }
+}
+
+/// Release keys and signed bundles for tests.
+pub mod release {
+    use std::collections::BTreeMap;
+
+    use ed25519_dalek::SigningKey;
+    use fleetgate::registry::bundle::BundleFile;
+    use fleetgate_protocol::manifest::{ManifestSpec, RuntimeReq};
+    use fleetgate_protocol::{ArtifactKind, Compat};
+
+    /// A deterministic test key.
+    pub fn key(n: u8) -> SigningKey {
+        SigningKey::from_bytes(&[n; 32])
+    }
+
+    pub fn public(n: u8) -> [u8; 32] {
+        key(n).verifying_key().to_bytes()
+    }
+
+    /// A pseudo-random artifact of `size` bytes.
+    pub fn artifact(size: usize, seed: u8) -> Vec<u8> {
+        let mut x = u32::from(seed).wrapping_mul(2_654_435_761) | 1;
+        (0..size)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// A model bundle for the simulator's hardware (`class`), valid for a day.
+    pub fn model(version: &str, release: u64, class: &str, size: usize, signers: &[u8]) -> Vec<u8> {
+        let now = fleetgate::clock::now_ms();
+        let spec = ManifestSpec {
+            kind: ArtifactKind::Model,
+            name: "sim-model".into(),
+            version: semver::Version::parse(version).expect("version"),
+            release,
+            compat: Compat {
+                classes: vec![class.into()],
+                runtime: Some(RuntimeReq {
+                    name: "tflm".into(),
+                    min_version: semver::Version::new(2, 0, 0),
+                }),
+                ..Compat::default()
+            },
+            chunk_size: 16 * 1024,
+            created_ms: now,
+            expires_ms: now + 86_400_000,
+        };
+        let keys: Vec<SigningKey> = signers.iter().map(|n| key(*n)).collect();
+        BundleFile::sign(
+            artifact(size, release as u8),
+            spec,
+            &keys,
+            BTreeMap::from([("run".into(), format!("run-{release}"))]),
+            vec![],
+        )
+        .encode()
     }
 }

@@ -24,6 +24,7 @@ use crate::model::AlertState;
 use crate::storage::{AlertFilter, Store};
 
 pub mod error;
+mod updates;
 pub mod views;
 
 pub use error::ApiError;
@@ -36,9 +37,12 @@ const DEFAULT_LIMIT: usize = 100;
 #[derive(Debug)]
 pub struct ApiState {
     pub store: Store,
+    pub registry: crate::registry::Registry,
     pub control: ControlTx,
     pub metrics: Arc<Metrics>,
     pub token: Digest32,
+    /// Largest request body (bundle uploads); other bodies are small JSON.
+    pub max_body_bytes: usize,
 }
 
 type AppState = State<Arc<ApiState>>;
@@ -57,7 +61,21 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/alerts/{id}/ack", post(ack_alert))
         .route("/alerts/{id}/resolve", post(resolve_alert))
         .route("/ingest", get(ingest_counts))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route("/registry", get(updates::list))
+        .route("/registry/bundles", post(updates::upload))
+        .route(
+            "/registry/{kind}/{name}/{version}",
+            get(updates::get).patch(updates::annotate),
+        )
+        .route(
+            "/registry/{kind}/{name}/aliases/{alias}",
+            axum::routing::put(updates::set_alias).delete(updates::remove_alias),
+        )
+        .route("/updates", get(updates::transfers).post(updates::start))
+        .route("/updates/{id}", get(updates::transfer))
+        .route("/updates/{id}/cancel", post(updates::cancel))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(axum::extract::DefaultBodyLimit::max(state.max_body_bytes));
     Router::new()
         .route(
             "/healthz",
@@ -135,7 +153,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath
 }
 
 /// Runs a blocking storage read off the async executor.
-async fn read<T: Send + 'static>(
+pub(crate) async fn read<T: Send + 'static>(
     state: &Arc<ApiState>,
     f: impl FnOnce(&Store) -> crate::storage::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -143,7 +161,7 @@ async fn read<T: Send + 'static>(
     Ok(tokio::task::spawn_blocking(move || f(&store)).await??)
 }
 
-fn limit(requested: Option<usize>) -> Result<usize, ApiError> {
+pub(crate) fn limit(requested: Option<usize>) -> Result<usize, ApiError> {
     match requested {
         None => Ok(DEFAULT_LIMIT),
         Some(0) => Err(ApiError::BadRequest("limit must be at least 1".to_owned())),
@@ -155,7 +173,7 @@ fn limit(requested: Option<usize>) -> Result<usize, ApiError> {
 }
 
 /// Who made a change, for the records.
-const OPERATOR: &str = "operator";
+pub(crate) const OPERATOR: &str = "operator";
 
 async fn metrics(State(state): AppState) -> Result<Response, ApiError> {
     let size = state.store.file_size();

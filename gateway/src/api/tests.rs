@@ -34,11 +34,14 @@ fn api() -> Api {
     )
     .unwrap();
     std::thread::spawn(move || writer.run(wrx, crx));
+    let registry = crate::registry::Registry::new(store.clone(), dir.path(), &config.registry);
     let state = Arc::new(ApiState {
         store,
+        registry,
         control,
         metrics,
         token: digest(TOKEN),
+        max_body_bytes: 1 << 20,
     });
     Api {
         _dir: dir,

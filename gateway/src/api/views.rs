@@ -7,9 +7,10 @@ use serde::Serialize;
 
 use crate::clock::rfc3339;
 use crate::model::{
-    AlertRecord, AlertSource, CommandRecord, CommandState, Device, DeviceCounters, LogRow, Stamp,
-    TelemetryRow,
+    AlertRecord, AlertSource, ArtifactRecord, CommandRecord, CommandState, Device, DeviceCounters,
+    LogRow, ReleaseRecord, Stamp, TelemetryRow, TransferRecord, TransferState,
 };
+use crate::registry::keys::hex;
 
 fn time(ms: Option<u64>) -> Option<String> {
     ms.map(rfc3339)
@@ -208,6 +209,123 @@ impl From<CommandRecord> for CommandView {
                 _ => None,
             },
             answered_at: time(c.answered_ms),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReleaseView {
+    pub kind: &'static str,
+    pub name: String,
+    pub version: String,
+    pub release: u64,
+    pub registered: StampView,
+    pub aliases: Vec<String>,
+    pub lineage: BTreeMap<String, String>,
+    pub tags: Vec<String>,
+    pub artifacts: Vec<ArtifactView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ArtifactView {
+    pub sha256: String,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub chunks: u64,
+    pub compat: fleetgate_protocol::Compat,
+    pub expires_at: String,
+    /// Ids of the keys that signed the manifest (hex).
+    pub signed_by: Vec<String>,
+    pub uploaded: StampView,
+}
+
+impl ReleaseView {
+    pub fn new(r: ReleaseRecord, aliases: Vec<String>) -> ReleaseView {
+        ReleaseView {
+            kind: r.kind.name(),
+            name: r.name,
+            version: r.version.to_string(),
+            release: r.release,
+            registered: r.registered.into(),
+            aliases,
+            lineage: r.lineage,
+            tags: r.tags,
+            artifacts: r.artifacts.into_iter().map(ArtifactView::from).collect(),
+        }
+    }
+}
+
+impl From<ArtifactRecord> for ArtifactView {
+    fn from(a: ArtifactRecord) -> Self {
+        ArtifactView {
+            sha256: hex(&a.sha256),
+            size: a.size,
+            chunk_size: a.manifest.chunk_size,
+            chunks: a.manifest.chunk_count(),
+            compat: a.compat,
+            expires_at: rfc3339(a.manifest.expires_ms),
+            signed_by: a.signed.signatures.iter().map(|s| hex(&s.key_id)).collect(),
+            uploaded: a.uploaded.into(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct TransferView {
+    pub id: u64,
+    pub device: String,
+    pub kind: &'static str,
+    pub name: String,
+    pub version: String,
+    pub release: u64,
+    pub state: &'static str,
+    pub reason: Option<&'static str>,
+    pub detail: Option<String>,
+    pub chunks: u64,
+    pub next_chunk: u64,
+    /// Percent of the chunks the device has stored.
+    pub progress: f64,
+    pub chunks_sent: u64,
+    pub chunks_resent: u64,
+    pub offers: u32,
+    pub created: StampView,
+    pub updated_at: String,
+    pub finished_at: Option<String>,
+}
+
+impl From<TransferRecord> for TransferView {
+    fn from(t: TransferRecord) -> Self {
+        let (reason, detail) = match &t.state {
+            TransferState::Rejected { reason, detail }
+            | TransferState::Failed { reason, detail } => {
+                (Some(reason.name()), Some(detail.clone()))
+            }
+            TransferState::Cancelled { by } => (None, Some(format!("cancelled by {by}"))),
+            _ => (None, None),
+        };
+        TransferView {
+            id: t.id,
+            device: t.device,
+            kind: t.kind.name(),
+            name: t.name,
+            version: t.version.to_string(),
+            release: t.release,
+            state: t.state.name(),
+            reason,
+            detail,
+            chunks: t.chunks,
+            next_chunk: t.next_chunk,
+            progress: if t.chunks == 0 {
+                100.0
+            } else {
+                (t.next_chunk as f64 * 1000.0 / t.chunks as f64).round() / 10.0
+            },
+            chunks_sent: t.chunks_sent,
+            chunks_resent: t.chunks_resent,
+            offers: t.offers,
+            created: t.created.into(),
+            updated_at: rfc3339(t.updated_ms),
+            finished_at: time(t.finished_ms),
         }
     }
 }

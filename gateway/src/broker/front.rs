@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use fleetgate_config::Mqtt;
+use fleetgate_protocol::{Downlink, Encoding};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
@@ -21,6 +22,7 @@ use rumqttd::protocol::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -42,10 +44,17 @@ pub enum Kick {
 }
 
 /// The established device sessions, one per device id.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Sessions {
     by_device: Mutex<HashMap<String, Entry>>,
     next_id: AtomicU64,
+    direct_capacity: usize,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Sessions::new(64)
+    }
 }
 
 #[derive(Debug)]
@@ -54,6 +63,25 @@ struct Entry {
     kick: CancellationToken,
     reason: Arc<OnceLock<Kick>>,
     released: CancellationToken,
+    direct: mpsc::Sender<Direct>,
+}
+
+/// A message the gateway writes straight into a device's session, bypassing the broker: bulk
+/// update chunks, which would otherwise stay in the broker's per-device log for good. Sent at
+/// QoS 0; the update protocol's acknowledgements make delivery reliable.
+#[derive(Debug)]
+pub struct Direct {
+    pub channel: Downlink,
+    pub encoding: Encoding,
+    pub payload: bytes::Bytes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DirectError {
+    #[error("device is not connected")]
+    NotConnected,
+    #[error("device's session queue is full")]
+    Full,
 }
 
 /// A device's claim on its session slot; dropping it frees the slot.
@@ -65,6 +93,8 @@ pub(crate) struct Claim {
     pub kick: CancellationToken,
     pub reason: Arc<OnceLock<Kick>>,
     released: CancellationToken,
+    /// Messages for [`Sessions::send_direct`]; taken by the session.
+    pub direct: Option<mpsc::Receiver<Direct>>,
 }
 
 impl Drop for Claim {
@@ -82,6 +112,25 @@ impl Drop for Claim {
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
 impl Sessions {
+    /// Sessions whose direct queues hold `direct_capacity` messages.
+    pub fn new(direct_capacity: usize) -> Sessions {
+        Sessions {
+            by_device: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            direct_capacity: direct_capacity.max(1),
+        }
+    }
+
+    /// Queues a message for `device`'s session without blocking.
+    pub fn send_direct(&self, device: &str, msg: Direct) -> Result<(), DirectError> {
+        let map = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = map.get(device).ok_or(DirectError::NotConnected)?;
+        entry.direct.try_send(msg).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => DirectError::Full,
+            mpsc::error::TrySendError::Closed(_) => DirectError::NotConnected,
+        })
+    }
+
     /// Ends `device`'s session, if it has one.
     pub fn kick(&self, device: &str, why: Kick) -> bool {
         let map = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
@@ -128,6 +177,7 @@ impl Sessions {
                         e.released.clone()
                     }
                     None => {
+                        let (direct, direct_rx) = mpsc::channel(self.direct_capacity);
                         let claim = Claim {
                             sessions: self.clone(),
                             device: device.to_owned(),
@@ -135,6 +185,7 @@ impl Sessions {
                             kick: CancellationToken::new(),
                             reason: Arc::new(OnceLock::new()),
                             released: CancellationToken::new(),
+                            direct: Some(direct_rx),
                         };
                         map.insert(
                             device.to_owned(),
@@ -143,6 +194,7 @@ impl Sessions {
                                 kick: claim.kick.clone(),
                                 reason: claim.reason.clone(),
                                 released: claim.released.clone(),
+                                direct,
                             },
                         );
                         return claim;
@@ -364,7 +416,7 @@ impl Front {
             return;
         }
 
-        let claim = self.sessions.claim(&device).await;
+        let mut claim = self.sessions.claim(&device).await;
         let link = match self.broker.link(&device, connect.clean_session).await {
             Ok(link) => link,
             Err(e) => {
@@ -417,6 +469,7 @@ impl Front {
         }
         self.metrics.connects.inc();
         self.metrics.connected.inc();
+        let direct = claim.direct.take().unwrap_or_else(|| mpsc::channel(1).1);
         let session = Session::new(
             proto,
             v5,
@@ -426,6 +479,7 @@ impl Front {
             link,
             will,
             keep_alive,
+            direct,
             &self,
         );
         let end = session.run(&claim).await;

@@ -46,14 +46,25 @@ pub fn uplink(device: &str, topic: &str) -> Result<(Uplink, String), Denied> {
     }
 }
 
-/// Checks a subscription filter of `device` and returns the internal filter. Only the device's
-/// own downlink topics are allowed, exactly (no wildcards): a device has nothing else to read.
-pub fn subscribe(device: &str, filter: &str) -> Result<String, Denied> {
+/// A subscription a device may hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub channel: Downlink,
+    pub encoding: Encoding,
+    /// The broker filter for it.
+    pub internal: String,
+}
+
+/// Checks a subscription filter of `device`. Only the device's own downlink topics are
+/// allowed, exactly (no wildcards): a device has nothing else to read.
+pub fn subscribe(device: &str, filter: &str) -> Result<Subscription, Denied> {
     let t = Topic::parse(filter).map_err(Denied::BadTopic)?;
     match t.channel {
-        Channel::Down(_) if t.device == device => {
-            Ok(internal(device, "down", t.channel, t.encoding))
-        }
+        Channel::Down(channel) if t.device == device => Ok(Subscription {
+            channel,
+            encoding: t.encoding,
+            internal: internal(device, "down", t.channel, t.encoding),
+        }),
         _ => Err(Denied::NotPermitted),
     }
 }

@@ -25,7 +25,10 @@ use rumqttd::protocol::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::front::{Claim, Front, Kick};
+use fleetgate_protocol::{Channel, Downlink, Encoding, topic};
+use tokio::sync::mpsc;
+
+use super::front::{Claim, Direct, Front, Kick};
 use super::{Broker, DeviceLink, policy};
 use crate::ingest::{WriterMsg, WriterTx};
 use crate::metrics::{Metrics, Reject};
@@ -189,6 +192,12 @@ pub(crate) struct Session<P> {
     /// here, not by the router, which never saw them.
     refused_qos2: HashSet<u16>,
     unscheduled: bool,
+    /// Messages the gateway sends straight to this device (see `Direct`), and the direct
+    /// channels the device subscribed to.
+    direct: mpsc::Receiver<Direct>,
+    direct_subs: Vec<(Downlink, Encoding)>,
+    /// Packets for the router from the current read, handed over in one go.
+    outbox: Vec<Packet>,
 }
 
 enum Step {
@@ -207,6 +216,7 @@ impl<P: Protocol + Send> Session<P> {
         link: DeviceLink,
         will: Option<Publish>,
         keep_alive: Duration,
+        direct: mpsc::Receiver<Direct>,
         front: &Front,
     ) -> Self {
         Session {
@@ -227,6 +237,9 @@ impl<P: Protocol + Send> Session<P> {
             pending_unsuback: HashMap::new(),
             refused_qos2: HashSet::new(),
             unscheduled: false,
+            direct,
+            direct_subs: Vec::new(),
+            outbox: Vec::new(),
         }
     }
 
@@ -276,6 +289,13 @@ impl<P: Protocol + Send> Session<P> {
                     Ok(None) => Step::Continue,
                     Err(_) => Step::End(End::RouterGone),
                 },
+                Some(msg) = self.direct.recv() => {
+                    self.on_direct(msg);
+                    while let Ok(msg) = self.direct.try_recv() {
+                        self.on_direct(msg);
+                    }
+                    Step::Continue
+                }
             };
             if let Step::End(end) = step {
                 return end;
@@ -312,6 +332,23 @@ impl<P: Protocol + Send> Session<P> {
     }
 
     async fn parse_buffered(&mut self) -> Step {
+        let step = self.parse_packets().await;
+        match self.flush_outbox().await {
+            Step::Continue => step,
+            end => end,
+        }
+    }
+
+    /// Hands the packets of one read to the router with one router event.
+    async fn flush_outbox(&mut self) -> Step {
+        let Some(last) = self.outbox.pop() else {
+            return Step::Continue;
+        };
+        self.link.tx.buffer().extend(self.outbox.drain(..));
+        self.send_to_router(last).await
+    }
+
+    async fn parse_packets(&mut self) -> Step {
         loop {
             match next_packet(&mut self.proto, &mut self.rbuf, self.max_packet) {
                 Parsed::NeedMore => return Step::Continue,
@@ -348,8 +385,17 @@ impl<P: Protocol + Send> Session<P> {
                 let mut codes = Vec::new();
                 for mut filter in sub.filters {
                     match policy::subscribe(&self.device, &filter.path) {
-                        Ok(internal) => {
-                            filter.path = internal;
+                        Ok(s) if s.channel == Downlink::Chunk => {
+                            // Served by the session itself (see `Direct`), at QoS 0.
+                            if !self.direct_subs.contains(&(s.channel, s.encoding)) {
+                                self.direct_subs.push((s.channel, s.encoding));
+                            }
+                            let qos0 =
+                                SubscribeReasonCode::Success(rumqttd::protocol::QoS::AtMostOnce);
+                            codes.push(Some(qos0));
+                        }
+                        Ok(s) => {
+                            filter.path = s.internal;
                             allowed.push(filter);
                             codes.push(None);
                         }
@@ -377,15 +423,24 @@ impl<P: Protocol + Send> Session<P> {
                     pkid: sub.pkid,
                     filters: allowed,
                 };
-                self.send_to_router(Packet::Subscribe(sub, props)).await
+                self.queue(Packet::Subscribe(sub, props))
             }
             Packet::Unsubscribe(unsub, props) => {
                 let mut allowed = Vec::new();
                 let mut codes = Vec::new();
                 for filter in unsub.filters {
                     match policy::subscribe(&self.device, &filter) {
-                        Ok(internal) => {
-                            allowed.push(internal);
+                        Ok(s) if s.channel == Downlink::Chunk => {
+                            let had = self.direct_subs.contains(&(s.channel, s.encoding));
+                            self.direct_subs.retain(|d| *d != (s.channel, s.encoding));
+                            codes.push(Some(if had {
+                                UnsubAckReason::Success
+                            } else {
+                                UnsubAckReason::NoSubscriptionExisted
+                            }));
+                        }
+                        Ok(s) => {
+                            allowed.push(s.internal);
                             codes.push(None);
                         }
                         Err(_) => codes.push(Some(UnsubAckReason::NoSubscriptionExisted)),
@@ -409,7 +464,7 @@ impl<P: Protocol + Send> Session<P> {
                     pkid: unsub.pkid,
                     filters: allowed,
                 };
-                self.send_to_router(Packet::Unsubscribe(unsub, props)).await
+                self.queue(Packet::Unsubscribe(unsub, props))
             }
             Packet::PubRel(rel, props) => {
                 if self.refused_qos2.remove(&rel.pkid) {
@@ -420,11 +475,9 @@ impl<P: Protocol + Send> Session<P> {
                     self.write(Packet::PubComp(comp, None));
                     return Step::Continue;
                 }
-                self.send_to_router(Packet::PubRel(rel, props)).await
+                self.queue(Packet::PubRel(rel, props))
             }
-            p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
-                self.send_to_router(p).await
-            }
+            p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => self.queue(p),
             Packet::PingReq(_) => {
                 self.write(Packet::PingResp(PingResp));
                 Step::Continue
@@ -453,7 +506,7 @@ impl<P: Protocol + Send> Session<P> {
             Ok((_, internal)) => {
                 publish.topic = Bytes::from(internal);
                 publish.retain = false;
-                self.send_to_router(Packet::Publish(publish, props)).await
+                self.queue(Packet::Publish(publish, props))
             }
             Err(denied) => {
                 self.refused(denied, &topic).await;
@@ -508,6 +561,12 @@ impl<P: Protocol + Send> Session<P> {
         } else {
             SubscribeReasonCode::Failure
         }
+    }
+
+    /// Queues a packet for the router; [`Session::flush_outbox`] sends the read's batch.
+    fn queue(&mut self, packet: Packet) -> Step {
+        self.outbox.push(packet);
+        Step::Continue
     }
 
     async fn send_to_router(&mut self, packet: Packet) -> Step {
@@ -577,6 +636,19 @@ impl<P: Protocol + Send> Session<P> {
                 Step::Continue
             }
         }
+    }
+
+    /// Writes a direct message if the device subscribed to its channel in its encoding.
+    fn on_direct(&mut self, msg: Direct) {
+        if !self.direct_subs.contains(&(msg.channel, msg.encoding)) {
+            self.metrics.direct_dropped.inc();
+            return;
+        }
+        let topic = topic::format(&self.device, Channel::Down(msg.channel), msg.encoding);
+        self.write(Packet::Publish(
+            Publish::new(Bytes::from(topic), msg.payload, false),
+            None,
+        ));
     }
 
     /// Encodes a packet for the device, in its protocol version.

@@ -31,10 +31,15 @@ use crate::model::{
     AlertRecord, AlertSource, AlertState, CommandRecord, CommandState, Device, LogRow, Stamp,
     TelemetryRow,
 };
+use crate::registry::ArtifactStore;
 use crate::storage::{self, Store, Tables, schema};
+use crate::updates;
 use seq::SeqOutcome;
 
 pub mod seq;
+mod transfers;
+
+pub use transfers::{UpdatePlan, UpdateRequest};
 
 pub type WriterTx = flume::Sender<WriterMsg>;
 
@@ -125,6 +130,16 @@ pub enum Control {
         by: String,
         reply: Reply<CommandRecord>,
     },
+    StartUpdates {
+        request: UpdateRequest,
+        by: String,
+        reply: Reply<UpdatePlan>,
+    },
+    CancelUpdate {
+        id: u64,
+        by: String,
+        reply: Reply<crate::model::TransferRecord>,
+    },
     /// Answer once flush marker `upto` has arrived and what came before it is committed.
     Sync {
         upto: u64,
@@ -200,6 +215,24 @@ impl ControlTx {
         .await
     }
 
+    pub async fn start_updates(
+        &self,
+        request: UpdateRequest,
+        by: String,
+    ) -> Result<UpdatePlan, ControlError> {
+        self.ask(|reply| Control::StartUpdates { request, by, reply })
+            .await
+    }
+
+    pub async fn cancel_update(
+        &self,
+        id: u64,
+        by: String,
+    ) -> Result<crate::model::TransferRecord, ControlError> {
+        self.ask(|reply| Control::CancelUpdate { id, by, reply })
+            .await
+    }
+
     /// Registers a wait for flush marker `upto`. Send the marker after this returns; the
     /// receiver fires once everything before the marker is committed.
     pub async fn sync(&self, upto: u64) -> Result<oneshot::Receiver<()>, ControlError> {
@@ -241,7 +274,8 @@ type AfterCommit = Box<dyn FnOnce(Option<&str>) + Send>;
 #[derive(Default)]
 struct Effects {
     replies: Vec<AfterCommit>,
-    downlinks: Vec<(String, Encoding, Vec<u8>)>,
+    downlinks: Vec<(String, Downlink, Encoding, Vec<u8>)>,
+    chunks: Vec<transfers::ChunkSend>,
     credentials: Vec<(String, Option<auth::Digest32>)>,
     kicks: Vec<(String, Kick)>,
     stored: [u64; Uplink::ALL.len()],
@@ -293,6 +327,11 @@ pub struct Writer {
     /// Highest flush marker committed, and who waits for which marker.
     marker: u64,
     sync_waiters: Vec<(u64, oneshot::Sender<()>)>,
+    updates: updates::Engine,
+    update_settings: updates::Settings,
+    artifacts: ArtifactStore,
+    prepared: transfers::PreparedCache,
+    next_transfer_id: u64,
 }
 
 impl std::fmt::Debug for Writer {
@@ -302,6 +341,9 @@ impl std::fmt::Debug for Writer {
             .finish_non_exhaustive()
     }
 }
+
+/// How often timers (update stalls) are checked.
+const TICK: Duration = Duration::from_secs(1);
 
 /// The writer's queues: device messages (bounded by `ingest.queue`) and operator requests.
 pub fn channels(
@@ -354,6 +396,11 @@ impl Writer {
             next_command_id: 1,
             marker: 0,
             sync_waiters: Vec::new(),
+            updates: updates::Engine::default(),
+            update_settings: (&config.updates).into(),
+            artifacts: ArtifactStore::new(&config.storage.data_dir),
+            prepared: transfers::PreparedCache::new(),
+            next_transfer_id: 1,
         };
         writer.reload()?;
         Ok(writer)
@@ -396,18 +443,27 @@ impl Writer {
         }
         self.next_alert_id = loaded.next_alert_id;
         self.next_command_id = loaded.next_command_id;
+        self.next_transfer_id = loaded.next_transfer_id;
         self.metrics.alerts_open.set(self.unresolved.len() as i64);
+        // Transfers in progress resume: each is offered again when its device says hello.
+        self.updates = updates::Engine::new(self.update_settings);
+        self.prepared.clear();
+        let now = now_ms();
+        for record in loaded.open_transfers {
+            let _ = self.updates.on_event(updates::Event::Start(record), now);
+        }
         Ok(())
     }
 
     /// Runs until stopped. Call on a dedicated thread.
     pub fn run(mut self, msgs: flume::Receiver<WriterMsg>, controls: flume::Receiver<Control>) {
         let mut next_retention = Instant::now() + self.settings.retention_interval;
+        let mut next_tick = Instant::now() + TICK;
         let mut stopping: Option<(u64, Instant, oneshot::Sender<()>)> = None;
         loop {
             let wake_at = match &stopping {
-                Some((_, deadline, _)) => (*deadline).min(next_retention),
-                None => next_retention,
+                Some((_, deadline, _)) => (*deadline).min(next_retention).min(next_tick),
+                None => next_retention.min(next_tick),
             };
             let first = flume::Selector::new()
                 .recv(&controls, |c| c.ok().map(Item::Control))
@@ -426,6 +482,10 @@ impl Writer {
                 if let Some(stop) = self.finish_batch(effects) {
                     stopping = Some(stop);
                 }
+            }
+            if Instant::now() >= next_tick {
+                self.tick();
+                next_tick = Instant::now() + TICK;
             }
             if Instant::now() >= next_retention {
                 self.retention();
@@ -504,15 +564,19 @@ impl Writer {
         for (device, why) in fx.kicks.drain(..) {
             self.sessions.kick(&device, why);
         }
-        for (device, encoding, payload) in fx.downlinks.drain(..) {
+        for (device, channel, encoding, payload) in fx.downlinks.drain(..) {
             if self
                 .downlink
-                .send(&device, Downlink::Command, encoding, payload)
+                .send(&device, channel, encoding, payload)
                 .is_ok()
             {
                 self.metrics.commands_sent.inc();
             }
         }
+        self.send_chunks(std::mem::take(&mut fx.chunks));
+        self.metrics
+            .transfers_active
+            .set(self.updates.live().count() as i64);
         for reply in fx.replies.drain(..) {
             reply(None);
         }
@@ -535,7 +599,12 @@ impl Writer {
     ) -> storage::Result<()> {
         match msg {
             WriterMsg::Uplink(m) => self.apply_uplink(t, m, fx)?,
-            WriterMsg::Presence(p) => self.apply_presence(p),
+            WriterMsg::Presence(p) => {
+                let (device, online, at) = (p.device.clone(), p.online, p.at_ms);
+                if self.apply_presence(p) && !online {
+                    self.update_event(t, updates::Event::Offline(device), at, fx)?;
+                }
+            }
             WriterMsg::Rejected { device } => {
                 if let Some(s) = self.devices.get_mut(&device) {
                     s.device.counters.rejected += 1;
@@ -547,9 +616,10 @@ impl Writer {
         Ok(())
     }
 
-    fn apply_presence(&mut self, p: PresenceEvent) {
+    /// Applies presence; false when the event was stale (a replaced session's).
+    fn apply_presence(&mut self, p: PresenceEvent) -> bool {
         let Some(state) = self.devices.get_mut(&p.device) else {
-            return;
+            return false;
         };
         let presence = &mut state.device.presence;
         if p.online {
@@ -566,9 +636,10 @@ impl Writer {
             presence.disconnected_at_ms = Some(p.at_ms);
             presence.disconnect_reason = p.reason.map(str::to_owned);
         } else {
-            return;
+            return false;
         }
         state.dirty = true;
+        true
     }
 
     fn reject(&mut self, device: &str, reason: Reject, detail: &dyn std::fmt::Display) {
@@ -614,11 +685,26 @@ impl Writer {
         }
         let received_ms = m.received_us / 1000;
         let stored = match m.channel {
-            Uplink::Hello => self.hello(&m),
+            Uplink::Hello => {
+                let said = self.hello(&m);
+                if said {
+                    self.update_event(
+                        t,
+                        updates::Event::Online(m.device.clone()),
+                        received_ms,
+                        fx,
+                    )?;
+                }
+                said
+            }
             Uplink::Telemetry => self.telemetry(t, &m, fx)?,
             Uplink::Alert => self.device_alert(t, &m)?,
             Uplink::Log => self.log(t, &m)?,
             Uplink::Ack => self.ack(t, &m)?,
+            Uplink::Report => match self.decode::<fleetgate_protocol::UpdateReport>(&m) {
+                Some(report) => self.report(t, &m.device, report, received_ms, fx)?,
+                None => false,
+            },
         };
         if stored {
             let i = Uplink::ALL
@@ -950,6 +1036,14 @@ impl Writer {
                 let result = self.command(t, device, action, by, now, fx)?;
                 fx.reply(reply, result);
             }
+            Control::StartUpdates { request, by, reply } => {
+                let result = self.start_updates(t, request, &by, now, fx)?;
+                fx.reply(reply, result);
+            }
+            Control::CancelUpdate { id, by, reply } => {
+                let result = self.cancel_update(t, id, &by, now, fx)?;
+                fx.reply(reply, result);
+            }
             Control::Sync { upto, reply } => self.sync_waiters.push((upto, reply)),
             Control::Stop {
                 upto,
@@ -1080,8 +1174,28 @@ impl Writer {
             answered_ms: None,
         };
         t.put_command(&record)?;
-        fx.downlinks.push((device, encoding, payload));
+        fx.downlinks
+            .push((device, Downlink::Command, encoding, payload));
         Ok(Ok(record))
+    }
+
+    /// Update timers: stalled transfers are offered again or time out.
+    fn tick(&mut self) {
+        if self.updates.live().next().is_none() {
+            self.prepared.clear();
+            return;
+        }
+        let mut fx = Effects::default();
+        let now = now_ms();
+        let store = self.store.clone();
+        let result = store.write(|t| self.update_event(t, updates::Event::Tick, now, &mut fx));
+        match result {
+            Ok(()) => {
+                self.trim_prepared();
+                self.finish_batch(fx);
+            }
+            Err(e) => tracing::error!(error = %e, "update timers failed"),
+        }
     }
 
     /// Deletes telemetry older than the retention age and long-resolved alerts.

@@ -16,7 +16,12 @@ pub mod schema;
 use records::{Record, RecordError};
 use schema::*;
 
-use crate::model::{AlertRecord, AlertState, CommandRecord, Device, LogRow, TelemetryRow};
+use crate::model::{
+    AlertRecord, AlertState, CommandRecord, Device, LogRow, ReleaseRecord, TelemetryRow,
+    TransferRecord,
+};
+use fleetgate_protocol::ArtifactKind;
+use semver::Version;
 
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "fleetgate.redb";
@@ -72,6 +77,10 @@ pub struct Tables<'txn> {
     logs: Table<'txn, (&'static str, u64), &'static [u8]>,
     alerts: Table<'txn, u64, &'static [u8]>,
     commands: Table<'txn, u64, &'static [u8]>,
+    releases: Table<'txn, (&'static str, &'static str, u64), &'static [u8]>,
+    aliases: Table<'txn, (&'static str, &'static str, &'static str), u64>,
+    transfers: Table<'txn, u64, &'static [u8]>,
+    device_transfers: Table<'txn, (&'static str, u64), ()>,
 }
 
 impl std::fmt::Debug for Tables<'_> {
@@ -95,6 +104,9 @@ pub struct Loaded {
     pub unresolved_alerts: Vec<AlertRecord>,
     pub next_alert_id: u64,
     pub next_command_id: u64,
+    pub next_transfer_id: u64,
+    /// Transfers that have not reached a final state.
+    pub open_transfers: Vec<TransferRecord>,
     /// Newest telemetry and log keys per device, so new keys stay unique after a restart even
     /// if the clock went back.
     pub last_keys: std::collections::HashMap<String, (u64, u64)>,
@@ -129,6 +141,7 @@ impl Store {
                     t.meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION)?;
                     t.meta.insert(META_NEXT_ALERT_ID, 1)?;
                     t.meta.insert(META_NEXT_COMMAND_ID, 1)?;
+                    t.meta.insert(META_NEXT_TRANSFER_ID, 1)?;
                 }
                 Some(v) if v > SCHEMA_VERSION => {
                     return Err(StorageError::NewerSchema { found: v });
@@ -156,6 +169,10 @@ impl Store {
                 logs: txn.open_table(LOGS)?,
                 alerts: txn.open_table(ALERTS)?,
                 commands: txn.open_table(COMMANDS)?,
+                releases: txn.open_table(RELEASES)?,
+                aliases: txn.open_table(ALIASES)?,
+                transfers: txn.open_table(TRANSFERS)?,
+                device_transfers: txn.open_table(DEVICE_TRANSFERS)?,
             };
             f(&mut tables)?
         };
@@ -191,12 +208,21 @@ impl Store {
                 };
             last_keys.insert(d.id.clone(), (last(&telemetry)?, last(&logs)?));
         }
+        let mut open_transfers = Vec::new();
+        for entry in txn.open_table(TRANSFERS)?.iter()? {
+            let t = TransferRecord::decode(entry?.1.value())?;
+            if !t.state.is_final() {
+                open_transfers.push(t);
+            }
+        }
         Ok(Loaded {
             devices,
             unresolved_alerts,
             last_keys,
             next_alert_id: get(META_NEXT_ALERT_ID)?,
             next_command_id: get(META_NEXT_COMMAND_ID)?,
+            next_transfer_id: get(META_NEXT_TRANSFER_ID)?,
+            open_transfers,
         })
     }
 
@@ -282,6 +308,113 @@ impl Store {
             .map(|v| CommandRecord::decode(v.value()))
             .transpose()
             .map_err(Into::into)
+    }
+
+    /// Releases, optionally of one kind and name, ordered by kind, name and release counter.
+    pub fn releases(
+        &self,
+        kind: Option<ArtifactKind>,
+        name: Option<&str>,
+    ) -> Result<Vec<ReleaseRecord>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(RELEASES)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            let (k, n, _) = key.value();
+            if kind.is_some_and(|want| want.name() != k) || name.is_some_and(|want| want != n) {
+                continue;
+            }
+            out.push(ReleaseRecord::decode(value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// A release by version, or by alias when `version` is not a version.
+    pub fn release(
+        &self,
+        kind: ArtifactKind,
+        name: &str,
+        version_or_alias: &str,
+    ) -> Result<Option<ReleaseRecord>> {
+        let txn = self.db.begin_read()?;
+        let releases = txn.open_table(RELEASES)?;
+        let k = kind.name();
+        let counter = match Version::parse(version_or_alias) {
+            Ok(version) => {
+                for entry in releases.range((k, name, 0)..=(k, name, u64::MAX))? {
+                    let r = ReleaseRecord::decode(entry?.1.value())?;
+                    if r.version == version {
+                        return Ok(Some(r));
+                    }
+                }
+                return Ok(None);
+            }
+            Err(_) => txn
+                .open_table(ALIASES)?
+                .get((k, name, version_or_alias))?
+                .map(|v| v.value()),
+        };
+        let Some(counter) = counter else {
+            return Ok(None);
+        };
+        let value = releases.get((k, name, counter))?;
+        value
+            .map(|v| ReleaseRecord::decode(v.value()))
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    /// The aliases of one artifact name: alias -> release counter.
+    pub fn aliases(&self, kind: ArtifactKind, name: &str) -> Result<Vec<(String, u64)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ALIASES)?;
+        let k = kind.name();
+        let range = table.range((k, name, "")..)?;
+        let mut out = Vec::new();
+        for entry in range {
+            let (key, value) = entry?;
+            let (ek, en, alias) = key.value();
+            if ek != k || en != name {
+                break;
+            }
+            out.push((alias.to_owned(), value.value()));
+        }
+        Ok(out)
+    }
+
+    pub fn transfer(&self, id: u64) -> Result<Option<TransferRecord>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TRANSFERS)?;
+        let value = table.get(id)?;
+        value
+            .map(|v| TransferRecord::decode(v.value()))
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    /// Transfers, newest first, optionally of one device, at most `limit`.
+    pub fn transfers(&self, device: Option<&str>, limit: usize) -> Result<Vec<TransferRecord>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TRANSFERS)?;
+        let mut out = Vec::new();
+        match device {
+            Some(d) => {
+                let index = txn.open_table(DEVICE_TRANSFERS)?;
+                for entry in index.range((d, 0)..=(d, u64::MAX))?.rev().take(limit) {
+                    let id = entry?.0.value().1;
+                    if let Some(v) = table.get(id)? {
+                        out.push(TransferRecord::decode(v.value())?);
+                    }
+                }
+            }
+            None => {
+                for entry in table.iter()?.rev().take(limit) {
+                    out.push(TransferRecord::decode(entry?.1.value())?);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Row counts of the big tables, for metrics and tests.
@@ -395,6 +528,46 @@ impl Tables<'_> {
             .map(|v| CommandRecord::decode(v.value()))
             .transpose()
             .map_err(Into::into)
+    }
+
+    /// Every release of one artifact name, by release counter.
+    pub fn releases_of(&self, kind: ArtifactKind, name: &str) -> Result<Vec<ReleaseRecord>> {
+        let k = kind.name();
+        let range = self.releases.range((k, name, 0)..=(k, name, u64::MAX))?;
+        range
+            .map(|e| Ok(ReleaseRecord::decode(e?.1.value())?))
+            .collect()
+    }
+
+    pub fn put_release(&mut self, r: &ReleaseRecord) -> Result<()> {
+        self.releases.insert(
+            (r.kind.name(), r.name.as_str(), r.release),
+            r.encode().as_slice(),
+        )?;
+        Ok(())
+    }
+
+    pub fn set_alias(
+        &mut self,
+        kind: ArtifactKind,
+        name: &str,
+        alias: &str,
+        release: u64,
+    ) -> Result<()> {
+        self.aliases.insert((kind.name(), name, alias), release)?;
+        Ok(())
+    }
+
+    /// Removes an alias; returns whether it existed.
+    pub fn remove_alias(&mut self, kind: ArtifactKind, name: &str, alias: &str) -> Result<bool> {
+        Ok(self.aliases.remove((kind.name(), name, alias))?.is_some())
+    }
+
+    pub fn put_transfer(&mut self, t: &TransferRecord) -> Result<()> {
+        self.transfers.insert(t.id, t.encode().as_slice())?;
+        self.device_transfers
+            .insert((t.device.as_str(), t.id), ())?;
+        Ok(())
     }
 
     pub fn set_meta(&mut self, key: &'static str, value: u64) -> Result<()> {

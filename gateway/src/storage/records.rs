@@ -4,7 +4,9 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::model::{AlertRecord, CommandRecord, Device, LogRow, TelemetryRow};
+use crate::model::{
+    AlertRecord, CommandRecord, Device, LogRow, ReleaseRecord, TelemetryRow, TransferRecord,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -62,4 +64,6 @@ records! {
     LogRow => "log", version 1;
     AlertRecord => "alert", version 1;
     CommandRecord => "command", version 1;
+    ReleaseRecord => "release", version 1;
+    TransferRecord => "transfer", version 1;
 }

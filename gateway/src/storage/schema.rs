@@ -7,7 +7,8 @@ use redb::TableDefinition;
 /// A database written by an older schema is migrated on open; a newer one is refused.
 pub const SCHEMA_VERSION: u64 = 1;
 
-/// Small counters and markers: `schema_version`, `next_alert_id`, `next_command_id`.
+/// Small counters and markers: `schema_version`, `next_alert_id`, `next_command_id`,
+/// `next_transfer_id`.
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Device id -> `Device`.
@@ -25,6 +26,22 @@ pub(crate) const ALERTS: TableDefinition<u64, &[u8]> = TableDefinition::new("ale
 /// Command id (increasing) -> `CommandRecord`.
 pub(crate) const COMMANDS: TableDefinition<u64, &[u8]> = TableDefinition::new("commands");
 
+/// (kind, name, release counter) -> `ReleaseRecord`.
+pub(crate) const RELEASES: TableDefinition<(&str, &str, u64), &[u8]> =
+    TableDefinition::new("releases");
+
+/// (kind, name, alias) -> release counter.
+pub(crate) const ALIASES: TableDefinition<(&str, &str, &str), u64> =
+    TableDefinition::new("aliases");
+
+/// Transfer id (increasing) -> `TransferRecord`.
+pub(crate) const TRANSFERS: TableDefinition<u64, &[u8]> = TableDefinition::new("transfers");
+
+/// (device id, transfer id) -> (): a device's transfers, newest last.
+pub(crate) const DEVICE_TRANSFERS: TableDefinition<(&str, u64), ()> =
+    TableDefinition::new("device_transfers");
+
 pub(crate) const META_SCHEMA_VERSION: &str = "schema_version";
 pub(crate) const META_NEXT_ALERT_ID: &str = "next_alert_id";
 pub(crate) const META_NEXT_COMMAND_ID: &str = "next_command_id";
+pub(crate) const META_NEXT_TRANSFER_ID: &str = "next_transfer_id";

@@ -17,7 +17,10 @@ pub(crate) fn spec() -> ManifestSpec {
             arch: Some("armv7em".into()),
             min_ram_bytes: 65536,
             min_flash_bytes: 0,
-            runtime: Some(RuntimeReq { name: "tflm".into(), min_version: Version::new(2, 14, 0) }),
+            runtime: Some(RuntimeReq {
+                name: "tflm".into(),
+                min_version: Version::new(2, 14, 0),
+            }),
         },
         chunk_size: 256,
         created_ms: 1000,
@@ -60,7 +63,15 @@ fn manifest_golden_bytes() {
 #[test]
 fn chunk_lengths_cover_the_artifact() {
     let m = Manifest::build(spec(), &[7u8; 600]);
-    assert_eq!((m.chunk_len(0), m.chunk_len(1), m.chunk_len(2), m.chunk_len(3)), (256, 256, 88, 0));
+    assert_eq!(
+        (
+            m.chunk_len(0),
+            m.chunk_len(1),
+            m.chunk_len(2),
+            m.chunk_len(3)
+        ),
+        (256, 256, 88, 0)
+    );
     let exact = Manifest::build(spec(), &[7u8; 512]);
     assert_eq!((exact.chunk_count(), exact.chunk_len(1)), (2, 256));
     let empty = Manifest::build(spec(), &[]);
@@ -74,7 +85,11 @@ fn hw(class: &str, ram: u64, runtime: Option<(&str, &str)>) -> HardwareProfile {
         ram_bytes: ram,
         flash_bytes: 1 << 20,
         accelerator: None,
-        runtime: runtime.map(|(n, v)| Installed { name: n.into(), version: Version::parse(v).unwrap(), release: 0 }),
+        runtime: runtime.map(|(n, v)| Installed {
+            name: n.into(),
+            version: Version::parse(v).unwrap(),
+            release: 0,
+        }),
     }
 }
 
@@ -84,10 +99,22 @@ fn compatibility_rules() {
     let cases: &[(HardwareProfile, Result<(), Mismatch>)] = &[
         (hw("nrf53", 65536, Some(("tflm", "2.14.0"))), Ok(())),
         (hw("nrf53", 65536, Some(("tflm", "2.15.1"))), Ok(())),
-        (hw("esp32", 65536, Some(("tflm", "2.14.0"))), Err(Mismatch::Class)),
-        (hw("nrf53", 1024, Some(("tflm", "2.14.0"))), Err(Mismatch::Ram)),
-        (hw("nrf53", 65536, Some(("tflm", "2.13.0"))), Err(Mismatch::Runtime)),
-        (hw("nrf53", 65536, Some(("onnx", "9.0.0"))), Err(Mismatch::Runtime)),
+        (
+            hw("esp32", 65536, Some(("tflm", "2.14.0"))),
+            Err(Mismatch::Class),
+        ),
+        (
+            hw("nrf53", 1024, Some(("tflm", "2.14.0"))),
+            Err(Mismatch::Ram),
+        ),
+        (
+            hw("nrf53", 65536, Some(("tflm", "2.13.0"))),
+            Err(Mismatch::Runtime),
+        ),
+        (
+            hw("nrf53", 65536, Some(("onnx", "9.0.0"))),
+            Err(Mismatch::Runtime),
+        ),
         (hw("nrf53", 65536, None), Err(Mismatch::Runtime)),
     ];
     for (hw, want) in cases {
@@ -96,7 +123,11 @@ fn compatibility_rules() {
     let mut other_arch = hw("nrf53", 65536, Some(("tflm", "2.14.0")));
     other_arch.arch = "riscv32".into();
     assert_eq!(c.check(&other_arch), Err(Mismatch::Arch));
-    assert_eq!(Compat::default().check(&other_arch), Ok(()), "empty compat accepts any device");
+    assert_eq!(
+        Compat::default().check(&other_arch),
+        Ok(()),
+        "empty compat accepts any device"
+    );
 }
 
 #[test]

@@ -20,6 +20,17 @@ fn every_leaf_of_every_shape_verifies() {
 }
 
 #[test]
+fn all_proofs_equal_the_single_proofs() {
+    for n in [1usize, 2, 3, 7, 8, 9, 64, 65] {
+        let l = leaves(n);
+        let all = all_proofs(&l);
+        for (i, p) in all.iter().enumerate() {
+            assert_eq!(*p, proof(&l, i), "n={n} i={i}");
+        }
+    }
+}
+
+#[test]
 fn wrong_leaf_index_count_or_path_fails() {
     let l = leaves(10);
     let r = root(&l);

@@ -103,19 +103,39 @@ fn command() -> Command {
 }
 
 fn chunk() -> Chunk {
-    Chunk { transfer: 5, index: 2, data: vec![0xde, 0xad], proof: vec![[0x11; 32]] }
+    Chunk {
+        transfer: 5,
+        index: 2,
+        data: vec![0xde, 0xad],
+        proof: vec![[0x11; 32]],
+    }
 }
 
 fn report() -> UpdateReport {
-    UpdateReport { transfer: 5, state: UpdateState::Failed { reason: UpdateError::ChunkHash, detail: "c".into() } }
+    UpdateReport {
+        transfer: 5,
+        state: UpdateState::Failed {
+            reason: UpdateError::ChunkHash,
+            detail: "c".into(),
+        },
+    }
 }
 
 fn offer() -> Command {
     let manifest = Signed {
         body: vec![1, 2],
-        signatures: vec![crate::sign::Signature { key_id: [7; 8], signature: [9; 64] }],
+        signatures: vec![crate::sign::Signature {
+            key_id: [7; 8],
+            signature: [9; 64],
+        }],
     };
-    Command { id: 1, action: Action::Update(UpdateOffer { transfer: 5, manifest }) }
+    Command {
+        id: 1,
+        action: Action::Update(UpdateOffer {
+            transfer: 5,
+            manifest,
+        }),
+    }
 }
 
 fn ack() -> CommandAck {
@@ -161,11 +181,24 @@ fn postcard_golden_bytes() {
     check("command", &command(), "01ac02028827");
     check("ack", &ack(), "01ac0201026e6f");
     // transfer 5; index 2; 02 dead; one proof hash of 32 bytes 0x11.
-    check("chunk", &chunk(), &alloc::format!("01050202dead0120{}", "11".repeat(32)));
+    check(
+        "chunk",
+        &chunk(),
+        &alloc::format!("01050202dead0120{}", "11".repeat(32)),
+    );
     // transfer 5; Failed = variant 6; ChunkHash = variant 10; "c".
     check("report", &report(), "0105060a0163");
     // id 1; Update = variant 3; transfer 5; body 0102; one signature: 08 x 07, 40 x 09.
-    check("offer", &offer(), &alloc::format!("0101030502010201{}{}40{}", "08", "07".repeat(8), "09".repeat(64)));
+    check(
+        "offer",
+        &offer(),
+        &alloc::format!(
+            "0101030502010201{}{}40{}",
+            "08",
+            "07".repeat(8),
+            "09".repeat(64)
+        ),
+    );
 }
 
 #[test]
@@ -190,7 +223,13 @@ fn postcard_round_trips_every_message() {
     rt(chunk());
     rt(report());
     rt(offer());
-    rt(UpdateReport { transfer: 1, state: UpdateState::Installed { version: v("3.0.0"), release: 12 } });
+    rt(UpdateReport {
+        transfer: 1,
+        state: UpdateState::Installed {
+            version: v("3.0.0"),
+            release: 12,
+        },
+    });
     rt(Alert {
         kind: AlertKind::Custom("door_open".into()),
         ..alert()
@@ -229,7 +268,16 @@ fn docs_json_examples_decode() {
     checked.dedup();
     assert_eq!(
         checked,
-        ["ack", "alert", "chunk", "cmd", "hello", "log", "report", "telemetry"]
+        [
+            "ack",
+            "alert",
+            "chunk",
+            "cmd",
+            "hello",
+            "log",
+            "report",
+            "telemetry"
+        ]
     );
 }
 

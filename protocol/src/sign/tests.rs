@@ -17,8 +17,18 @@ fn threshold_counts_distinct_trusted_keys() {
     let trusted = [public(1), public(2), public(3)];
     assert_eq!(signed.verify(Domain::Manifest, &trusted, 1), Ok(&body[..]));
     assert_eq!(signed.verify(Domain::Manifest, &trusted, 2), Ok(&body[..]));
-    assert_eq!(signed.verify(Domain::Manifest, &trusted, 3), Err(SigError::BelowThreshold { valid: 2, needed: 3 }));
-    assert_eq!(signed.verify(Domain::Manifest, &trusted, 0), Ok(&body[..]), "threshold 0 means 1");
+    assert_eq!(
+        signed.verify(Domain::Manifest, &trusted, 3),
+        Err(SigError::BelowThreshold {
+            valid: 2,
+            needed: 3
+        })
+    );
+    assert_eq!(
+        signed.verify(Domain::Manifest, &trusted, 0),
+        Ok(&body[..]),
+        "threshold 0 means 1"
+    );
 }
 
 #[test]
@@ -28,8 +38,17 @@ fn a_key_counts_once_and_unknown_keys_are_ignored() {
     signed.signatures.push(dup);
     signed.add_signature(Domain::Manifest, &key(9));
     let trusted = [public(1), public(2)];
-    assert_eq!(signed.verify(Domain::Manifest, &trusted, 2), Err(SigError::BelowThreshold { valid: 1, needed: 2 }));
-    assert_eq!(signed.verify(Domain::Manifest, &[public(3)], 1), Err(SigError::NoTrustedSignature));
+    assert_eq!(
+        signed.verify(Domain::Manifest, &trusted, 2),
+        Err(SigError::BelowThreshold {
+            valid: 1,
+            needed: 2
+        })
+    );
+    assert_eq!(
+        signed.verify(Domain::Manifest, &[public(3)], 1),
+        Err(SigError::NoTrustedSignature)
+    );
 }
 
 #[test]
@@ -37,11 +56,20 @@ fn tampered_body_or_other_domain_fails() {
     let signed = Signed::sign(Domain::Manifest, b"release 7".to_vec(), &[key(1)]);
     let mut tampered = signed.clone();
     tampered.body[8] = b'9';
-    assert_eq!(tampered.verify(Domain::Manifest, &[public(1)], 1), Err(SigError::BadSignature));
-    assert_eq!(signed.verify(Domain::Rollback, &[public(1)], 1), Err(SigError::BadSignature));
+    assert_eq!(
+        tampered.verify(Domain::Manifest, &[public(1)], 1),
+        Err(SigError::BadSignature)
+    );
+    assert_eq!(
+        signed.verify(Domain::Rollback, &[public(1)], 1),
+        Err(SigError::BadSignature)
+    );
     let mut flipped = signed.clone();
     flipped.signatures[0].signature[0] ^= 1;
-    assert_eq!(flipped.verify(Domain::Manifest, &[public(1)], 1), Err(SigError::BadSignature));
+    assert_eq!(
+        flipped.verify(Domain::Manifest, &[public(1)], 1),
+        Err(SigError::BadSignature)
+    );
 }
 
 #[test]
@@ -50,8 +78,14 @@ fn cosigning_replaces_a_keys_old_signature() {
     signed.add_signature(Domain::Manifest, &key(1));
     signed.add_signature(Domain::Manifest, &key(2));
     assert_eq!(signed.signatures.len(), 2);
-    let many = Signed { body: vec![], signatures: vec![signed.signatures[0].clone(); MAX_SIGNATURES + 1] };
-    assert_eq!(many.verify(Domain::Manifest, &[public(1)], 1), Err(SigError::TooManySignatures));
+    let many = Signed {
+        body: vec![],
+        signatures: vec![signed.signatures[0].clone(); MAX_SIGNATURES + 1],
+    };
+    assert_eq!(
+        many.verify(Domain::Manifest, &[public(1)], 1),
+        Err(SigError::TooManySignatures)
+    );
 }
 
 #[test]

@@ -6,3 +6,4 @@ mod fleet;
 mod hostile;
 mod interop;
 mod restart;
+mod updates;

@@ -39,13 +39,18 @@ fn publishing_as_another_device_or_downstream_is_not_permitted() {
 
 #[test]
 fn only_own_downlink_topics_may_be_subscribed() {
+    let sub = |f| subscribe("d1", f).unwrap();
+    assert_eq!(sub("fg/d1/cmd").internal, "/tenants/d1/down/cmd");
+    assert_eq!(sub("fg/d1/cmd/json").internal, "/tenants/d1/down/cmd/json");
+    let chunk = sub("fg/d1/chunk");
     assert_eq!(
-        subscribe("d1", "fg/d1/cmd").unwrap(),
-        "/tenants/d1/down/cmd"
+        (chunk.channel, chunk.encoding),
+        (Downlink::Chunk, Encoding::Postcard)
     );
+    let chunk = sub("fg/d1/chunk/json");
     assert_eq!(
-        subscribe("d1", "fg/d1/cmd/json").unwrap(),
-        "/tenants/d1/down/cmd/json"
+        (chunk.channel, chunk.encoding),
+        (Downlink::Chunk, Encoding::Json)
     );
     for filter in [
         "#",
@@ -69,7 +74,7 @@ fn downlink_topics_round_trip_to_the_device_topic() {
     for enc in [Encoding::Postcard, Encoding::Json] {
         let internal = downlink("d1", Downlink::Command, enc);
         let device_topic = to_device("d1", &internal).unwrap();
-        assert_eq!(subscribe("d1", &device_topic).unwrap(), internal);
+        assert_eq!(subscribe("d1", &device_topic).unwrap().internal, internal);
     }
     assert_eq!(to_device("d2", "/tenants/d1/down/cmd"), None);
     assert_eq!(to_device("d1", "/tenants/d1/up/telemetry"), None);

@@ -1,0 +1,233 @@
+//! The simulated device's update client: the real checks from `fleetgate_protocol::update`,
+//! A/B slots, resumable downloads, and faults to inject.
+
+use std::collections::HashMap;
+
+use fleetgate_protocol::update::{Accepted, DevicePolicy, Download, Failure, check_offer};
+use fleetgate_protocol::{Chunk, Installed, UpdateError, UpdateOffer, UpdateReport, UpdateState};
+
+use crate::behaviour::Behaviour;
+
+/// Keys the device trusts for updates.
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    pub keys: Vec<[u8; 32]>,
+    pub threshold: usize,
+}
+
+/// Misbehaviour to simulate.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Flip a byte of this chunk every time it arrives (transport corruption).
+    pub corrupt_chunk: Option<u64>,
+    /// Drop the last byte of this chunk (a truncated transfer).
+    pub truncate_chunk: Option<u64>,
+    /// Drop the connection once, when this fraction of the chunks is stored.
+    pub disconnect_at: Option<f64>,
+    /// Refuse every offer (a device whose user declines).
+    pub decline: bool,
+    /// The device's clock is this far ahead (negative: behind).
+    pub clock_skew_ms: i64,
+    /// Claim this device class in hello (the real one is used to check offers).
+    pub claim_class: Option<String>,
+    /// The install step fails after a good download.
+    pub fail_install: bool,
+}
+
+/// How one device is set up for a simulation.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceProfile {
+    pub trust: Trust,
+    pub faults: Faults,
+    /// Installed release of the model (default 1).
+    pub model_release: Option<u64>,
+}
+
+/// What the runner does after a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateEffect {
+    None,
+    /// Drop the connection and come back (the `disconnect_at` fault).
+    Reconnect,
+    /// Reboot into the new image; send `pending` after the hello.
+    Reboot,
+}
+
+/// Counts of what the update client saw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpdaterStats {
+    pub chunks_stored: u64,
+    /// Chunks that arrived again after they were stored (what a resume re-sent).
+    pub chunks_duplicate: u64,
+    pub chunks_ahead: u64,
+    pub installed: u64,
+    pub rejected: u64,
+    pub failed: u64,
+}
+
+#[derive(Debug)]
+pub struct Updater {
+    profile: DeviceProfile,
+    downloads: HashMap<u64, Download>,
+    disconnected: bool,
+    /// Sent after the next hello (the outcome of an install, reported from the new image).
+    pub pending: Option<UpdateReport>,
+    pub stats: UpdaterStats,
+}
+
+impl Updater {
+    pub fn new(profile: DeviceProfile) -> Updater {
+        Updater {
+            profile,
+            downloads: HashMap::new(),
+            disconnected: false,
+            pending: None,
+            stats: UpdaterStats::default(),
+        }
+    }
+
+    fn fail(&mut self, transfer: u64, f: Failure, rejected: bool) -> UpdateReport {
+        let (reason, detail) = (f.code, f.detail);
+        let state = if rejected {
+            self.stats.rejected += 1;
+            UpdateState::Rejected { reason, detail }
+        } else {
+            self.stats.failed += 1;
+            UpdateState::Failed { reason, detail }
+        };
+        self.downloads.remove(&transfer);
+        UpdateReport { transfer, state }
+    }
+
+    /// Answers an offer: accepted from the first missing chunk, or rejected with the reason.
+    pub fn offer(
+        &mut self,
+        behaviour: &Behaviour,
+        offer: &UpdateOffer,
+        now_ms: u64,
+    ) -> UpdateReport {
+        let transfer = offer.transfer;
+        let device_time = now_ms.saturating_add_signed(self.profile.faults.clock_skew_ms);
+        let policy = DevicePolicy {
+            trusted_keys: &self.profile.trust.keys,
+            threshold: self.profile.trust.threshold,
+            hardware: &behaviour.hardware,
+            max_size: behaviour.hardware.flash_bytes,
+        };
+        let manifest = match check_offer(&offer.manifest, &policy, device_time, |m| {
+            behaviour.installed_release(m.kind, &m.name)
+        }) {
+            Ok(m) => m,
+            Err(f) => return self.fail(transfer, f, true),
+        };
+        if self.profile.faults.decline {
+            let f = Failure {
+                code: UpdateError::Declined,
+                detail: "declined by the device".into(),
+            };
+            return self.fail(transfer, f, true);
+        }
+        // A new transfer replaces any other download; the same one resumes.
+        self.downloads.retain(|t, _| *t == transfer);
+        let download = self
+            .downloads
+            .entry(transfer)
+            .or_insert_with(|| Download::new(manifest));
+        UpdateReport {
+            transfer,
+            state: UpdateState::Accepted {
+                next_chunk: download.next_chunk() as u32,
+            },
+        }
+    }
+
+    /// Takes one chunk; returns the reports to send and what to do next.
+    pub fn chunk(
+        &mut self,
+        behaviour: &mut Behaviour,
+        chunk: &Chunk,
+    ) -> (Vec<UpdateReport>, UpdateEffect) {
+        let transfer = chunk.transfer;
+        let Some(download) = self.downloads.get_mut(&transfer) else {
+            return (Vec::new(), UpdateEffect::None);
+        };
+        let index = u64::from(chunk.index);
+        let faults = &self.profile.faults;
+        let mut data = chunk.data.clone();
+        if faults.corrupt_chunk == Some(index) && !data.is_empty() {
+            data[0] ^= 0xff;
+        }
+        if faults.truncate_chunk == Some(index) {
+            data.pop();
+        }
+        match download.accept(index, &data, &chunk.proof) {
+            Ok(Accepted::Duplicate) => {
+                self.stats.chunks_duplicate += 1;
+                return (Vec::new(), UpdateEffect::None);
+            }
+            Ok(Accepted::Ahead) => {
+                self.stats.chunks_ahead += 1;
+                return (Vec::new(), UpdateEffect::None);
+            }
+            Ok(Accepted::Stored) => self.stats.chunks_stored += 1,
+            Err(f) => return (vec![self.fail(transfer, f, false)], UpdateEffect::None),
+        }
+        let next = download.next_chunk();
+        let count = download.manifest().chunk_count();
+        let mut reports = vec![UpdateReport {
+            transfer,
+            state: UpdateState::Downloading {
+                next_chunk: next as u32,
+            },
+        }];
+        if !download.is_complete() {
+            let at = self.profile.faults.disconnect_at;
+            if !self.disconnected && at.is_some_and(|f| next as f64 >= f * count as f64) {
+                self.disconnected = true;
+                return (reports, UpdateEffect::Reconnect);
+            }
+            return (reports, UpdateEffect::None);
+        }
+        let Some(done) = self.downloads.remove(&transfer) else {
+            return (reports, UpdateEffect::None);
+        };
+        reports.push(UpdateReport {
+            transfer,
+            state: UpdateState::Verifying,
+        });
+        let manifest = match done.finish() {
+            Ok(m) => m,
+            Err(f) => {
+                reports.push(self.fail(transfer, f, false));
+                return (reports, UpdateEffect::None);
+            }
+        };
+        reports.push(UpdateReport {
+            transfer,
+            state: UpdateState::Installing,
+        });
+        if self.profile.faults.fail_install {
+            let f = Failure {
+                code: UpdateError::InstallFailed,
+                detail: "flash write failed".into(),
+            };
+            reports.push(self.fail(transfer, f, false));
+            return (reports, UpdateEffect::None);
+        }
+        let installed = Installed {
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+            release: manifest.release,
+        };
+        behaviour.install(manifest.kind, installed);
+        self.stats.installed += 1;
+        self.pending = Some(UpdateReport {
+            transfer,
+            state: UpdateState::Installed {
+                version: manifest.version,
+                release: manifest.release,
+            },
+        });
+        (reports, UpdateEffect::Reboot)
+    }
+}

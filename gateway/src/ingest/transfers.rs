@@ -1,0 +1,389 @@
+//! The writer's side of updates: starting transfers, feeding the update engine, and turning its
+//! actions into stored records, offers (through the broker) and chunks (straight to the
+//! device's session).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use fleetgate_protocol::manifest::chunk_leaves;
+use fleetgate_protocol::{
+    Action, ArtifactKind, Command, Downlink, Encoding, UpdateOffer, UpdateReport, encode, merkle,
+};
+
+use super::{ControlError, Effects, Writer};
+use crate::broker::front::Direct;
+use crate::clock::now_ms;
+use crate::metrics::Reject;
+use crate::model::{Stamp, TransferRecord, TransferState};
+use crate::storage::{self, Tables, schema};
+use crate::updates::{self, Event};
+
+/// What to install where.
+#[derive(Debug, Clone)]
+pub struct UpdateRequest {
+    pub kind: ArtifactKind,
+    pub name: String,
+    /// A version, or an alias such as `production`.
+    pub version: String,
+    /// Devices to update; `None`: every enrolled device.
+    pub devices: Option<Vec<String>>,
+    /// Offer even to devices that run the same or a newer release (they will refuse it: useful
+    /// to check that they do).
+    pub allow_downgrade: bool,
+}
+
+/// What [`Writer::start_updates`] did for each device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdatePlan {
+    pub version: semver::Version,
+    pub release: u64,
+    pub started: Vec<(String, u64)>,
+    pub skipped: Vec<(String, String)>,
+}
+
+/// An artifact ready to be sent: the signed manifest, the bytes and every chunk's proof.
+#[derive(Debug)]
+pub(super) struct Prepared {
+    signed: fleetgate_protocol::Signed,
+    chunk_size: u64,
+    data: Vec<u8>,
+    proofs: Vec<Vec<merkle::Hash>>,
+}
+
+/// Chunks to send once the batch that decided them is committed.
+#[derive(Debug)]
+pub(super) struct ChunkSend {
+    device: String,
+    encoding: Encoding,
+    transfer: u64,
+    prepared: Arc<Prepared>,
+    from: u64,
+    to: u64,
+}
+
+/// Artifacts of transfers in progress, loaded once.
+pub(super) type PreparedCache = HashMap<[u8; 32], Arc<Prepared>>;
+
+impl Writer {
+    pub(super) fn start_updates(
+        &mut self,
+        t: &mut Tables<'_>,
+        req: UpdateRequest,
+        by: &str,
+        now: u64,
+        fx: &mut Effects,
+    ) -> storage::Result<Result<UpdatePlan, ControlError>> {
+        let Some(release) = self.store.release(req.kind, &req.name, &req.version)? else {
+            return Ok(Err(ControlError::NotFound(format!(
+                "{} {} {}",
+                req.kind.name(),
+                req.name,
+                req.version
+            ))));
+        };
+        let mut devices = match req.devices {
+            Some(list) => list,
+            None => self.devices.keys().cloned().collect(),
+        };
+        devices.sort_unstable();
+        devices.dedup();
+        let mut plan = UpdatePlan {
+            version: release.version.clone(),
+            release: release.release,
+            started: Vec::new(),
+            skipped: Vec::new(),
+        };
+        for device in devices {
+            let skip =
+                |plan: &mut UpdatePlan, why: String| plan.skipped.push((device.clone(), why));
+            let Some(state) = self.devices.get(&device) else {
+                skip(&mut plan, "not enrolled".into());
+                continue;
+            };
+            if state.device.revoked() {
+                skip(&mut plan, "revoked".into());
+                continue;
+            }
+            let Some(hello) = &state.device.hello else {
+                skip(
+                    &mut plan,
+                    "hardware unknown: the device has not said hello yet".into(),
+                );
+                continue;
+            };
+            let Some(artifact) = release.artifact_for(&hello.hardware) else {
+                let hw = &hello.hardware;
+                skip(
+                    &mut plan,
+                    format!(
+                        "no artifact for class {} ({}, {} bytes RAM)",
+                        hw.class, hw.arch, hw.ram_bytes
+                    ),
+                );
+                continue;
+            };
+            if now >= artifact.manifest.expires_ms {
+                skip(&mut plan, "the release's manifest has expired".into());
+                continue;
+            }
+            if let Some(busy) = self.updates.transfer_of(&device) {
+                skip(
+                    &mut plan,
+                    format!("update in progress (transfer {})", busy.id),
+                );
+                continue;
+            }
+            let installed = match req.kind {
+                ArtifactKind::Firmware => {
+                    (hello.firmware.name == req.name).then_some(hello.firmware.release)
+                }
+                ArtifactKind::Model => hello
+                    .models
+                    .iter()
+                    .find(|m| m.name == req.name)
+                    .map(|m| m.release),
+            };
+            if let Some(r) = installed.filter(|r| *r >= release.release && !req.allow_downgrade) {
+                skip(&mut plan, format!("already runs release {r}"));
+                continue;
+            }
+            let id = self.next_transfer_id;
+            self.next_transfer_id += 1;
+            let record = TransferRecord {
+                id,
+                device: device.clone(),
+                kind: release.kind,
+                name: release.name.clone(),
+                version: release.version.clone(),
+                release: release.release,
+                sha256: artifact.sha256,
+                size: artifact.size,
+                chunks: artifact.manifest.chunk_count(),
+                state: TransferState::Queued,
+                next_chunk: 0,
+                chunks_sent: 0,
+                chunks_resent: 0,
+                offers: 0,
+                created: Stamp {
+                    at_ms: now,
+                    by: by.to_owned(),
+                },
+                updated_ms: now,
+                finished_ms: None,
+            };
+            self.update_event(t, Event::Start(record), now, fx)?;
+            plan.started.push((device, id));
+        }
+        t.set_meta(schema::META_NEXT_TRANSFER_ID, self.next_transfer_id)?;
+        Ok(Ok(plan))
+    }
+
+    pub(super) fn cancel_update(
+        &mut self,
+        t: &mut Tables<'_>,
+        id: u64,
+        by: &str,
+        now: u64,
+        fx: &mut Effects,
+    ) -> storage::Result<Result<TransferRecord, ControlError>> {
+        if self.updates.transfer(id).is_none() {
+            return Ok(Err(match self.store.transfer(id)? {
+                Some(t) => {
+                    ControlError::Conflict(format!("transfer {id} is already {}", t.state.name()))
+                }
+                None => ControlError::NotFound(format!("transfer {id}")),
+            }));
+        }
+        let mut record = self.updates.transfer(id).cloned();
+        self.update_event(
+            t,
+            Event::Cancel {
+                id,
+                by: by.to_owned(),
+            },
+            now,
+            fx,
+        )?;
+        if let Some(r) = record.as_mut() {
+            r.state = TransferState::Cancelled { by: by.to_owned() };
+            r.finished_ms = Some(now);
+        }
+        Ok(record.ok_or_else(|| ControlError::NotFound(format!("transfer {id}"))))
+    }
+
+    /// An update report from a device.
+    pub(super) fn report(
+        &mut self,
+        t: &mut Tables<'_>,
+        device: &str,
+        report: UpdateReport,
+        now: u64,
+        fx: &mut Effects,
+    ) -> storage::Result<bool> {
+        tracing::debug!(device, transfer = report.transfer, state = ?report.state, "update report");
+        let event = Event::Report {
+            device: device.to_owned(),
+            report,
+        };
+        match self.updates.on_event(event, now) {
+            Ok(actions) => {
+                self.run_update_actions(t, actions, fx)?;
+                Ok(true)
+            }
+            Err(e) => {
+                self.reject(device, Reject::UnknownTransfer, &e);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Feeds one event to the engine and carries out what it decides.
+    pub(super) fn update_event(
+        &mut self,
+        t: &mut Tables<'_>,
+        event: Event,
+        now: u64,
+        fx: &mut Effects,
+    ) -> storage::Result<()> {
+        match self.updates.on_event(event, now) {
+            Ok(actions) => self.run_update_actions(t, actions, fx),
+            Err(e) => {
+                tracing::warn!(error = %e, "update event refused");
+                Ok(())
+            }
+        }
+    }
+
+    fn run_update_actions(
+        &mut self,
+        t: &mut Tables<'_>,
+        actions: Vec<updates::Action>,
+        fx: &mut Effects,
+    ) -> storage::Result<()> {
+        for action in actions {
+            match action {
+                updates::Action::Save(record) => t.put_transfer(&record)?,
+                updates::Action::Offer { id } => {
+                    let Some(record) = self.updates.transfer(id).cloned() else {
+                        continue;
+                    };
+                    let Some(prepared) = self.prepared(&record) else {
+                        let now = now_ms();
+                        let by = "gateway: the artifact is unreadable or damaged".to_owned();
+                        self.update_event(t, Event::Cancel { id, by }, now, fx)?;
+                        continue;
+                    };
+                    let encoding = self
+                        .devices
+                        .get(&record.device)
+                        .map_or(Encoding::Postcard, |s| s.device.encoding);
+                    let command = Command {
+                        id: self.next_command_id,
+                        action: Action::Update(UpdateOffer {
+                            transfer: id,
+                            manifest: prepared.signed.clone(),
+                        }),
+                    };
+                    self.next_command_id += 1;
+                    tracing::debug!(transfer = id, device = %record.device, offer = record.offers, "update offered");
+                    match encode(&command, encoding) {
+                        Ok(payload) => {
+                            fx.downlinks
+                                .push((record.device, Downlink::Command, encoding, payload))
+                        }
+                        Err(e) => {
+                            tracing::error!(transfer = id, error = %e, "cannot encode an update offer")
+                        }
+                    }
+                }
+                updates::Action::Send { id, from, to } => {
+                    tracing::trace!(transfer = id, from, to, "update chunks");
+                    let Some(record) = self.updates.transfer(id).cloned() else {
+                        continue;
+                    };
+                    let Some(prepared) = self.prepared(&record) else {
+                        continue;
+                    };
+                    let encoding = self
+                        .devices
+                        .get(&record.device)
+                        .map_or(Encoding::Postcard, |s| s.device.encoding);
+                    fx.chunks.push(ChunkSend {
+                        device: record.device,
+                        encoding,
+                        transfer: id,
+                        prepared,
+                        from,
+                        to,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The artifact of a transfer, loaded and checked against its hash once.
+    fn prepared(&mut self, record: &TransferRecord) -> Option<Arc<Prepared>> {
+        if let Some(p) = self.prepared.get(&record.sha256) {
+            return Some(p.clone());
+        }
+        let release = self
+            .store
+            .release(record.kind, &record.name, &record.version.to_string())
+            .ok()??;
+        let artifact = release
+            .artifacts
+            .into_iter()
+            .find(|a| a.sha256 == record.sha256)?;
+        let data = match self.artifacts.read_verified(&record.sha256) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(transfer = record.id, error = %e, "cannot read the artifact");
+                return None;
+            }
+        };
+        let proofs = merkle::all_proofs(&chunk_leaves(&data, artifact.manifest.chunk_size));
+        let p = Arc::new(Prepared {
+            signed: artifact.signed,
+            chunk_size: u64::from(artifact.manifest.chunk_size),
+            data,
+            proofs,
+        });
+        self.prepared.insert(record.sha256, p.clone());
+        Some(p)
+    }
+
+    /// Forgets artifacts no transfer in progress needs.
+    pub(super) fn trim_prepared(&mut self) {
+        let needed: Vec<[u8; 32]> = self.updates.live().map(|r| r.sha256).collect();
+        self.prepared.retain(|sha, _| needed.contains(sha));
+    }
+
+    /// Encodes and hands chunks to the devices' sessions (after the commit).
+    pub(super) fn send_chunks(&self, sends: Vec<ChunkSend>) {
+        for s in sends {
+            for index in s.from..s.to {
+                let start = (index * s.prepared.chunk_size) as usize;
+                let end = (start + s.prepared.chunk_size as usize).min(s.prepared.data.len());
+                let chunk = fleetgate_protocol::Chunk {
+                    transfer: s.transfer,
+                    index: index as u32,
+                    data: s.prepared.data[start..end].to_vec(),
+                    proof: s.prepared.proofs[index as usize].clone(),
+                };
+                let Ok(payload) = encode(&chunk, s.encoding) else {
+                    continue;
+                };
+                let msg = Direct {
+                    channel: Downlink::Chunk,
+                    encoding: s.encoding,
+                    payload: payload.into(),
+                };
+                match self.sessions.send_direct(&s.device, msg) {
+                    Ok(()) => self.metrics.chunks_sent.inc(),
+                    Err(_) => self.metrics.direct_dropped.inc(),
+                };
+            }
+        }
+    }
+}

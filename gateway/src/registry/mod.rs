@@ -1,0 +1,333 @@
+//! The registry of model and firmware releases: signed bundles are checked and stored here,
+//! artifacts once per content (by SHA-256) in `<data_dir>/artifacts/`, release records in redb.
+//!
+//! A bundle is accepted only if at least `registry.threshold` distinct keys of
+//! `registry.trusted_keys` signed its manifest, the manifest is valid and unexpired, and the
+//! artifact matches the manifest's size, SHA-256 and Merkle root exactly. Registry tables are
+//! written here (from API requests); the ingest writer only reads them.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use fleetgate_protocol::manifest::chunk_leaves;
+use fleetgate_protocol::sign::SigError;
+use fleetgate_protocol::{ArtifactKind, Domain, Encoding, Manifest, decode, merkle};
+use sha2::{Digest, Sha256};
+
+use crate::model::{ArtifactRecord, ReleaseRecord, Stamp};
+use crate::storage::{StorageError, Store};
+
+pub mod bundle;
+pub mod keys;
+
+use bundle::{BundleError, BundleFile};
+
+/// Artifact bytes on disk, one file per SHA-256.
+#[derive(Debug, Clone)]
+pub struct ArtifactStore {
+    dir: PathBuf,
+}
+
+impl ArtifactStore {
+    pub fn new(data_dir: &Path) -> ArtifactStore {
+        ArtifactStore {
+            dir: data_dir.join("artifacts"),
+        }
+    }
+
+    pub fn path(&self, sha256: &[u8; 32]) -> PathBuf {
+        self.dir.join(keys::hex(sha256))
+    }
+
+    /// Stores `data` under its hash (written to a temporary file, synced, then renamed, so a
+    /// crash never leaves a partial artifact under a valid name). A no-op if it exists.
+    pub fn put(&self, sha256: &[u8; 32], data: &[u8]) -> std::io::Result<()> {
+        let path = self.path(sha256);
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == data.len() as u64) {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        let tmp = self.dir.join(format!(".{}.tmp", keys::hex(sha256)));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+
+    /// Reads a whole artifact and checks it against its hash (the file could have been changed
+    /// or damaged on disk since it was registered).
+    pub fn read_verified(&self, sha256: &[u8; 32]) -> std::io::Result<Vec<u8>> {
+        let data = std::fs::read(self.path(sha256))?;
+        let digest: [u8; 32] = Sha256::digest(&data).into();
+        if digest != *sha256 {
+            return Err(std::io::Error::other(format!(
+                "artifact {} is damaged on disk",
+                keys::hex(sha256)
+            )));
+        }
+        Ok(data)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error("no trusted release keys are configured (registry.trusted_keys)")]
+    NoTrustedKeys,
+    #[error("bundle signatures: {0}")]
+    Signature(SigError),
+    #[error("manifest: {0}")]
+    Manifest(String),
+    #[error("the manifest expired at {0}")]
+    Expired(String),
+    #[error("artifact is {actual} bytes but the manifest says {signed} (truncated?)")]
+    Size { actual: u64, signed: u64 },
+    #[error("artifact SHA-256 differs from the manifest")]
+    Hash,
+    #[error("artifact chunks do not match the manifest's Merkle root")]
+    Merkle,
+    #[error("chunk size {0} is over registry.max_chunk_bytes ({1})")]
+    ChunkSize(u32, usize),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("artifact store: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Registry settings and handles; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    pub store: Store,
+    pub artifacts: ArtifactStore,
+    trusted_keys: Vec<[u8; 32]>,
+    threshold: usize,
+    max_chunk: usize,
+}
+
+/// What a registration did.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    pub release: ReleaseRecord,
+    /// False when exactly this artifact was registered before (uploads are idempotent).
+    pub created: bool,
+}
+
+impl Registry {
+    pub fn new(store: Store, data_dir: &Path, cfg: &fleetgate_config::Registry) -> Registry {
+        Registry {
+            store,
+            artifacts: ArtifactStore::new(data_dir),
+            trusted_keys: cfg.trusted_keys.clone(),
+            threshold: cfg.threshold,
+            max_chunk: cfg.max_chunk_bytes,
+        }
+    }
+
+    /// Checks and stores one bundle.
+    pub fn register(
+        &self,
+        bytes: &[u8],
+        now_ms: u64,
+        by: &str,
+    ) -> Result<Registered, RegisterError> {
+        let bundle = BundleFile::decode(bytes)?;
+        if self.trusted_keys.is_empty() {
+            return Err(RegisterError::NoTrustedKeys);
+        }
+        let body = bundle
+            .manifest
+            .verify(Domain::Manifest, &self.trusted_keys, self.threshold)
+            .map_err(RegisterError::Signature)?;
+        let manifest: Manifest =
+            decode(body, Encoding::Postcard).map_err(|e| RegisterError::Manifest(e.to_string()))?;
+        if now_ms >= manifest.expires_ms {
+            return Err(RegisterError::Expired(crate::clock::rfc3339(
+                manifest.expires_ms,
+            )));
+        }
+        if manifest.chunk_size as usize > self.max_chunk {
+            return Err(RegisterError::ChunkSize(
+                manifest.chunk_size,
+                self.max_chunk,
+            ));
+        }
+        let data = &bundle.artifact;
+        if data.len() as u64 != manifest.size {
+            return Err(RegisterError::Size {
+                actual: data.len() as u64,
+                signed: manifest.size,
+            });
+        }
+        let digest: [u8; 32] = Sha256::digest(data).into();
+        if digest != manifest.sha256 {
+            return Err(RegisterError::Hash);
+        }
+        if merkle::root(&chunk_leaves(data, manifest.chunk_size)) != manifest.merkle_root {
+            return Err(RegisterError::Merkle);
+        }
+        // The artifact goes to disk first, so a release record never names a missing file.
+        self.artifacts.put(&manifest.sha256, data)?;
+        let stamp = Stamp {
+            at_ms: now_ms,
+            by: by.to_owned(),
+        };
+        let artifact = ArtifactRecord {
+            sha256: manifest.sha256,
+            size: manifest.size,
+            compat: manifest.compat.clone(),
+            manifest: manifest.clone(),
+            signed: bundle.manifest.clone(),
+            uploaded: stamp.clone(),
+        };
+        self.store.write(|t| {
+            let existing = t.releases_of(manifest.kind, &manifest.name)?;
+            if let Some(other) = existing
+                .iter()
+                .find(|r| r.release == manifest.release && r.version != manifest.version)
+            {
+                return Ok(Err(RegisterError::Conflict(format!(
+                    "release counter {} of {} {} is already used by version {}",
+                    manifest.release,
+                    manifest.kind.name(),
+                    manifest.name,
+                    other.version
+                ))));
+            }
+            let release = match existing.into_iter().find(|r| r.version == manifest.version) {
+                Some(mut r) => {
+                    if r.release != manifest.release {
+                        return Ok(Err(RegisterError::Conflict(format!(
+                            "version {} has release counter {}, this bundle says {}",
+                            r.version, r.release, manifest.release
+                        ))));
+                    }
+                    if r.artifacts
+                        .iter()
+                        .any(|a| a.sha256 == manifest.sha256 && a.compat == manifest.compat)
+                    {
+                        return Ok(Ok(Registered {
+                            release: r,
+                            created: false,
+                        }));
+                    }
+                    if r.artifacts.iter().any(|a| a.compat == manifest.compat) {
+                        return Ok(Err(RegisterError::Conflict(format!(
+                            "version {} already has a different artifact for the same hardware",
+                            r.version
+                        ))));
+                    }
+                    r.artifacts.push(artifact);
+                    for (k, v) in &bundle.lineage {
+                        r.lineage.entry(k.clone()).or_insert_with(|| v.clone());
+                    }
+                    for tag in &bundle.tags {
+                        if !r.tags.contains(tag) {
+                            r.tags.push(tag.clone());
+                        }
+                    }
+                    r
+                }
+                None => ReleaseRecord {
+                    kind: manifest.kind,
+                    name: manifest.name.clone(),
+                    version: manifest.version.clone(),
+                    release: manifest.release,
+                    registered: stamp,
+                    lineage: bundle.lineage.clone(),
+                    tags: bundle.tags.clone(),
+                    artifacts: vec![artifact],
+                },
+            };
+            t.put_release(&release)?;
+            Ok(Ok(Registered {
+                release,
+                created: true,
+            }))
+        })?
+    }
+
+    /// Points `alias` (e.g. `production`) at one version.
+    pub fn set_alias(
+        &self,
+        kind: ArtifactKind,
+        name: &str,
+        alias: &str,
+        version: &str,
+    ) -> Result<ReleaseRecord, RegisterError> {
+        check_alias(alias)?;
+        let release = self.store.release(kind, name, version)?.ok_or_else(|| {
+            RegisterError::NotFound(format!("{} {name} {version} not found", kind.name()))
+        })?;
+        let counter = release.release;
+        self.store
+            .write(|t| t.set_alias(kind, name, alias, counter))?;
+        Ok(release)
+    }
+
+    pub fn remove_alias(
+        &self,
+        kind: ArtifactKind,
+        name: &str,
+        alias: &str,
+    ) -> Result<(), RegisterError> {
+        if self.store.write(|t| t.remove_alias(kind, name, alias))? {
+            Ok(())
+        } else {
+            Err(RegisterError::NotFound(format!(
+                "alias {alias} of {} {name} not found",
+                kind.name()
+            )))
+        }
+    }
+
+    /// Replaces a release's lineage and tags (operator annotations).
+    pub fn annotate(
+        &self,
+        kind: ArtifactKind,
+        name: &str,
+        version: &str,
+        lineage: Option<BTreeMap<String, String>>,
+        tags: Option<Vec<String>>,
+    ) -> Result<ReleaseRecord, RegisterError> {
+        let mut release = self.store.release(kind, name, version)?.ok_or_else(|| {
+            RegisterError::NotFound(format!("{} {name} {version} not found", kind.name()))
+        })?;
+        if let Some(l) = lineage {
+            release.lineage = l;
+        }
+        if let Some(t) = tags {
+            release.tags = t;
+        }
+        self.store.write(|t| t.put_release(&release))?;
+        Ok(release)
+    }
+}
+
+/// Aliases are lower-case words, never versions (a version always means itself).
+fn check_alias(alias: &str) -> Result<(), RegisterError> {
+    let ok = !alias.is_empty()
+        && alias.len() <= 32
+        && alias
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && alias.as_bytes()[0].is_ascii_lowercase();
+    if ok {
+        Ok(())
+    } else {
+        Err(RegisterError::Invalid(format!(
+            "alias {alias:?}: 1-32 of a-z 0-9 - _, starting with a letter"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,352 @@
+//! The update engine: which device gets which chunks when. A pure state machine: the writer
+//! feeds it events (a transfer started, a device reported, came online, went offline, time
+//! passed) and carries out the actions it returns (save a transfer, send an offer, send
+//! chunks). No I/O, no clock: `now_ms` is an argument.
+//!
+//! Rules:
+//! - At most `max_concurrent` transfers hold a download slot: offered, downloading, verifying
+//!   or installing, with the device online. The rest wait, oldest first.
+//! - Chunks go out a window at a time: never more than `window` beyond what the device last
+//!   said it has. The device's word is the truth: after a reconnect or reboot it says where it
+//!   is (`accepted` with its next chunk) and the engine continues from there.
+//! - A device that goes offline mid-download gives up its slot and is offered the transfer
+//!   again when it returns. One that stays silent for `stall_timeout` is offered it again, up to
+//!   `retries` times, then the transfer times out.
+
+use std::collections::{HashMap, HashSet};
+
+use fleetgate_protocol::{UpdateReport, UpdateState};
+
+use crate::model::{TransferRecord, TransferState};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    pub window: u32,
+    pub max_concurrent: usize,
+    pub stall_ms: u64,
+    pub retries: u32,
+}
+
+impl From<&fleetgate_config::Updates> for Settings {
+    fn from(c: &fleetgate_config::Updates) -> Self {
+        Settings {
+            window: c.window,
+            max_concurrent: c.max_concurrent,
+            stall_ms: c.stall_timeout.as_millis() as u64,
+            retries: c.retries,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Start(TransferRecord),
+    Report {
+        device: String,
+        report: UpdateReport,
+    },
+    /// The device said hello: it is connected and subscribed to its downlink topics.
+    Online(String),
+    /// The device's connection ended.
+    Offline(String),
+    Cancel {
+        id: u64,
+        by: String,
+    },
+    Tick,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Persist this state of a transfer (before anything it implies is sent).
+    Save(Box<TransferRecord>),
+    /// Send the transfer's signed manifest to its device.
+    Offer { id: u64 },
+    /// Send chunks `from..to` of the transfer to its device.
+    Send { id: u64, from: u64, to: u64 },
+}
+
+/// The engine's refusal of an event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("no transfer {transfer} in progress for {device}")]
+    UnknownTransfer { device: String, transfer: u64 },
+    #[error("{0} already has an update in progress (transfer {1})")]
+    Busy(String, u64),
+    #[error("transfer {0} is not in progress")]
+    NotLive(u64),
+}
+
+#[derive(Debug, Clone)]
+struct Live {
+    record: TransferRecord,
+    /// Chunks below this have been sent since the last (re)start of the download.
+    sent_upto: u64,
+    last_activity_ms: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Engine {
+    settings: Option<Settings>,
+    live: HashMap<u64, Live>,
+    by_device: HashMap<String, u64>,
+    online: HashSet<String>,
+}
+
+fn holds_slot(state: &TransferState) -> bool {
+    matches!(
+        state,
+        TransferState::Offered
+            | TransferState::Downloading
+            | TransferState::Verifying
+            | TransferState::Installing
+    )
+}
+
+impl Engine {
+    pub fn new(settings: Settings) -> Engine {
+        Engine {
+            settings: Some(settings),
+            ..Engine::default()
+        }
+    }
+
+    fn settings(&self) -> Settings {
+        self.settings.unwrap_or(Settings {
+            window: 8,
+            max_concurrent: 1,
+            stall_ms: 60_000,
+            retries: 0,
+        })
+    }
+
+    /// The live transfer of a device, if any.
+    pub fn transfer_of(&self, device: &str) -> Option<&TransferRecord> {
+        self.by_device
+            .get(device)
+            .and_then(|id| self.live.get(id))
+            .map(|l| &l.record)
+    }
+
+    pub fn transfer(&self, id: u64) -> Option<&TransferRecord> {
+        self.live.get(&id).map(|l| &l.record)
+    }
+
+    /// Transfers in progress.
+    pub fn live(&self) -> impl Iterator<Item = &TransferRecord> {
+        self.live.values().map(|l| &l.record)
+    }
+
+    /// Transfers holding a download slot now.
+    pub fn active(&self) -> usize {
+        self.live
+            .values()
+            .filter(|l| holds_slot(&l.record.state) && self.online.contains(&l.record.device))
+            .count()
+    }
+
+    pub fn on_event(&mut self, event: Event, now_ms: u64) -> Result<Vec<Action>, Refused> {
+        let mut actions = Vec::new();
+        match event {
+            Event::Start(mut record) => {
+                if let Some(&id) = self.by_device.get(&record.device) {
+                    return Err(Refused::Busy(record.device, id));
+                }
+                // A transfer reloaded after a restart waits to be offered again; its device will
+                // say where its download stands.
+                if matches!(
+                    record.state,
+                    TransferState::Offered | TransferState::Downloading
+                ) {
+                    record.state = TransferState::Queued;
+                }
+                record.updated_ms = now_ms;
+                actions.push(Action::Save(Box::new(record.clone())));
+                self.by_device.insert(record.device.clone(), record.id);
+                let sent_upto = record.next_chunk;
+                self.live.insert(
+                    record.id,
+                    Live {
+                        record,
+                        sent_upto,
+                        last_activity_ms: now_ms,
+                    },
+                );
+            }
+            Event::Report { device, report } => {
+                self.report(device, report, now_ms, &mut actions)?
+            }
+            Event::Online(device) => {
+                self.online.insert(device);
+            }
+            Event::Offline(device) => {
+                if let Some(live) = self
+                    .by_device
+                    .get(&device)
+                    .and_then(|id| self.live.get_mut(id))
+                    && matches!(
+                        live.record.state,
+                        TransferState::Offered | TransferState::Downloading
+                    )
+                {
+                    live.record.state = TransferState::Queued;
+                    live.record.updated_ms = now_ms;
+                    actions.push(Action::Save(Box::new(live.record.clone())));
+                }
+                self.online.remove(&device);
+            }
+            Event::Cancel { id, by } => {
+                let live = self.live.get_mut(&id).ok_or(Refused::NotLive(id))?;
+                live.record.state = TransferState::Cancelled { by };
+                self.finish(id, now_ms, &mut actions);
+            }
+            Event::Tick => self.stalls(now_ms, &mut actions),
+        }
+        self.admit(now_ms, &mut actions);
+        Ok(actions)
+    }
+
+    fn report(
+        &mut self,
+        device: String,
+        report: UpdateReport,
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), Refused> {
+        let window = u64::from(self.settings().window);
+        let id = match self.by_device.get(&device) {
+            Some(&id) if id == report.transfer => id,
+            _ => {
+                return Err(Refused::UnknownTransfer {
+                    device,
+                    transfer: report.transfer,
+                });
+            }
+        };
+        let Some(live) = self.live.get_mut(&id) else {
+            return Err(Refused::UnknownTransfer {
+                device,
+                transfer: report.transfer,
+            });
+        };
+        live.last_activity_ms = now_ms;
+        let r = &mut live.record;
+        r.updated_ms = now_ms;
+        let chunks = r.chunks;
+        let mut finished = false;
+        match report.state {
+            UpdateState::Accepted { next_chunk } | UpdateState::Downloading { next_chunk } => {
+                let next = u64::from(next_chunk).min(chunks);
+                if matches!(report.state, UpdateState::Accepted { .. })
+                    || next < live.sent_upto.saturating_sub(window)
+                {
+                    // A (re)start: the device says where it is; anything sent past that point
+                    // is sent again.
+                    r.chunks_resent += live.sent_upto.saturating_sub(next);
+                    live.sent_upto = next;
+                }
+                r.state = TransferState::Downloading;
+                r.next_chunk = next;
+                let from = live.sent_upto.max(next);
+                let to = (next + window).min(chunks);
+                if from < to {
+                    r.chunks_sent += to - from;
+                    live.sent_upto = to;
+                    actions.push(Action::Save(Box::new(r.clone())));
+                    actions.push(Action::Send { id, from, to });
+                    return Ok(());
+                }
+            }
+            UpdateState::Verifying => r.state = TransferState::Verifying,
+            UpdateState::Installing => r.state = TransferState::Installing,
+            UpdateState::Installed { .. } => {
+                r.state = TransferState::Installed;
+                r.next_chunk = chunks;
+                finished = true;
+            }
+            UpdateState::Rejected { reason, detail } => {
+                r.state = TransferState::Rejected { reason, detail };
+                finished = true;
+            }
+            UpdateState::Failed { reason, detail } => {
+                r.state = TransferState::Failed { reason, detail };
+                finished = true;
+            }
+        }
+        if finished {
+            self.finish(id, now_ms, actions);
+        } else {
+            actions.push(Action::Save(Box::new(self.live[&id].record.clone())));
+        }
+        Ok(())
+    }
+
+    /// Records a final state and frees the device and its slot.
+    fn finish(&mut self, id: u64, now_ms: u64, actions: &mut Vec<Action>) {
+        if let Some(mut live) = self.live.remove(&id) {
+            self.by_device.remove(&live.record.device);
+            live.record.finished_ms = Some(now_ms);
+            live.record.updated_ms = now_ms;
+            actions.push(Action::Save(Box::new(live.record)));
+        }
+    }
+
+    /// Offers queued transfers of online devices, oldest first, while slots are free.
+    fn admit(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
+        let free = self.settings().max_concurrent.saturating_sub(self.active());
+        if free == 0 {
+            return;
+        }
+        let mut waiting: Vec<u64> = self
+            .live
+            .values()
+            .filter(|l| {
+                l.record.state == TransferState::Queued && self.online.contains(&l.record.device)
+            })
+            .map(|l| l.record.id)
+            .collect();
+        waiting.sort_unstable();
+        for id in waiting.into_iter().take(free) {
+            self.offer(id, now_ms, actions);
+        }
+    }
+
+    fn offer(&mut self, id: u64, now_ms: u64, actions: &mut Vec<Action>) {
+        let Some(live) = self.live.get_mut(&id) else {
+            return;
+        };
+        live.record.state = TransferState::Offered;
+        live.record.offers += 1;
+        live.record.updated_ms = now_ms;
+        live.last_activity_ms = now_ms;
+        actions.push(Action::Save(Box::new(live.record.clone())));
+        actions.push(Action::Offer { id });
+    }
+
+    /// Re-offers transfers whose device went silent, or times them out.
+    fn stalls(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
+        let s = self.settings();
+        let mut stalled: Vec<u64> = self
+            .live
+            .values()
+            .filter(|l| holds_slot(&l.record.state) && self.online.contains(&l.record.device))
+            .filter(|l| now_ms.saturating_sub(l.last_activity_ms) >= s.stall_ms)
+            .map(|l| l.record.id)
+            .collect();
+        stalled.sort_unstable();
+        for id in stalled {
+            let offers = self.live[&id].record.offers;
+            if offers > s.retries {
+                if let Some(live) = self.live.get_mut(&id) {
+                    live.record.state = TransferState::TimedOut;
+                }
+                self.finish(id, now_ms, actions);
+            } else {
+                self.offer(id, now_ms, actions);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

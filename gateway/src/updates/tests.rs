@@ -1,0 +1,331 @@
+use fleetgate_protocol::{ArtifactKind, UpdateError};
+use semver::Version;
+
+use super::*;
+use crate::model::Stamp;
+
+const W: u32 = 4;
+
+fn engine(max_concurrent: usize) -> Engine {
+    Engine::new(Settings {
+        window: W,
+        max_concurrent,
+        stall_ms: 1000,
+        retries: 2,
+    })
+}
+
+fn record(id: u64, device: &str, chunks: u64) -> TransferRecord {
+    TransferRecord {
+        id,
+        device: device.into(),
+        kind: ArtifactKind::Model,
+        name: "kws".into(),
+        version: Version::new(2, 0, 0),
+        release: 2,
+        sha256: [0; 32],
+        size: chunks * 100,
+        chunks,
+        state: TransferState::Queued,
+        next_chunk: 0,
+        chunks_sent: 0,
+        chunks_resent: 0,
+        offers: 0,
+        created: Stamp {
+            at_ms: 0,
+            by: "op".into(),
+        },
+        updated_ms: 0,
+        finished_ms: None,
+    }
+}
+
+fn report(device: &str, transfer: u64, state: UpdateState) -> Event {
+    Event::Report {
+        device: device.into(),
+        report: UpdateReport { transfer, state },
+    }
+}
+
+/// The offers and sends among `actions`, without the saves.
+fn wire(actions: &[Action]) -> Vec<Action> {
+    actions
+        .iter()
+        .filter(|a| !matches!(a, Action::Save(_)))
+        .cloned()
+        .collect()
+}
+
+fn state(e: &Engine, id: u64) -> &'static str {
+    e.transfer(id).map_or("gone", |r| r.state.name())
+}
+
+#[test]
+fn a_download_runs_a_window_ahead_of_the_device() {
+    let mut e = engine(10);
+    e.on_event(Event::Online("d1".into()), 0).unwrap();
+    let a = e.on_event(Event::Start(record(1, "d1", 10)), 0).unwrap();
+    assert_eq!(wire(&a), [Action::Offer { id: 1 }]);
+    assert!(
+        matches!(&a[0], Action::Save(r) if r.state == TransferState::Queued),
+        "saved before it is offered"
+    );
+    let a = e
+        .on_event(report("d1", 1, UpdateState::Accepted { next_chunk: 0 }), 1)
+        .unwrap();
+    assert_eq!(
+        wire(&a),
+        [Action::Send {
+            id: 1,
+            from: 0,
+            to: 4
+        }]
+    );
+    let a = e
+        .on_event(
+            report("d1", 1, UpdateState::Downloading { next_chunk: 1 }),
+            2,
+        )
+        .unwrap();
+    assert_eq!(
+        wire(&a),
+        [Action::Send {
+            id: 1,
+            from: 4,
+            to: 5
+        }]
+    );
+    let a = e
+        .on_event(
+            report("d1", 1, UpdateState::Downloading { next_chunk: 3 }),
+            3,
+        )
+        .unwrap();
+    assert_eq!(
+        wire(&a),
+        [Action::Send {
+            id: 1,
+            from: 5,
+            to: 7
+        }]
+    );
+    let a = e
+        .on_event(
+            report("d1", 1, UpdateState::Downloading { next_chunk: 3 }),
+            4,
+        )
+        .unwrap();
+    assert_eq!(wire(&a), [], "a repeated report sends nothing new");
+    for next in 4..=10 {
+        e.on_event(
+            report("d1", 1, UpdateState::Downloading { next_chunk: next }),
+            5,
+        )
+        .unwrap();
+    }
+    let r = e.transfer(1).unwrap();
+    assert_eq!(
+        (r.state.name(), r.next_chunk, r.chunks_sent, r.chunks_resent),
+        ("downloading", 10, 10, 0)
+    );
+    e.on_event(report("d1", 1, UpdateState::Verifying), 6)
+        .unwrap();
+    e.on_event(report("d1", 1, UpdateState::Installing), 7)
+        .unwrap();
+    let a = e
+        .on_event(
+            report(
+                "d1",
+                1,
+                UpdateState::Installed {
+                    version: Version::new(2, 0, 0),
+                    release: 2,
+                },
+            ),
+            8,
+        )
+        .unwrap();
+    let Some(Action::Save(last)) = a.last() else {
+        panic!("{a:?}")
+    };
+    assert_eq!(
+        (last.state.name(), last.finished_ms),
+        ("installed", Some(8))
+    );
+    assert_eq!(state(&e, 1), "gone");
+    assert!(e.transfer_of("d1").is_none());
+}
+
+#[test]
+fn a_device_that_drops_out_resumes_where_it_says() {
+    let mut e = engine(10);
+    e.on_event(Event::Online("d1".into()), 0).unwrap();
+    e.on_event(Event::Start(record(1, "d1", 10)), 0).unwrap();
+    e.on_event(report("d1", 1, UpdateState::Accepted { next_chunk: 0 }), 1)
+        .unwrap();
+    for next in 1..=5 {
+        e.on_event(
+            report("d1", 1, UpdateState::Downloading { next_chunk: next }),
+            2,
+        )
+        .unwrap();
+    }
+    // Sent up to 9 (5 + window 4); the device stored 0..5 and drops off.
+    e.on_event(Event::Offline("d1".into()), 3).unwrap();
+    assert_eq!(state(&e, 1), "queued");
+    assert_eq!(e.active(), 0, "an offline device holds no slot");
+    let a = e.on_event(Event::Online("d1".into()), 4).unwrap();
+    assert_eq!(
+        wire(&a),
+        [Action::Offer { id: 1 }],
+        "offered again as soon as it is back"
+    );
+    let a = e
+        .on_event(report("d1", 1, UpdateState::Accepted { next_chunk: 5 }), 5)
+        .unwrap();
+    assert_eq!(
+        wire(&a),
+        [Action::Send {
+            id: 1,
+            from: 5,
+            to: 9
+        }]
+    );
+    let r = e.transfer(1).unwrap();
+    assert_eq!((r.offers, r.chunks_resent, r.chunks_sent), (2, 4, 13));
+}
+
+#[test]
+fn slots_limit_concurrent_downloads_and_free_up_in_order() {
+    let mut e = engine(2);
+    for d in ["a", "b", "c"] {
+        e.on_event(Event::Online(d.into()), 0).unwrap();
+    }
+    let offered: Vec<_> = [(1, "a"), (2, "b"), (3, "c")]
+        .into_iter()
+        .flat_map(|(id, d)| wire(&e.on_event(Event::Start(record(id, d, 3)), 0).unwrap()))
+        .collect();
+    assert_eq!(offered, [Action::Offer { id: 1 }, Action::Offer { id: 2 }]);
+    assert_eq!((state(&e, 3), e.active()), ("queued", 2));
+    let a = e
+        .on_event(
+            report(
+                "a",
+                1,
+                UpdateState::Rejected {
+                    reason: UpdateError::Downgrade,
+                    detail: "x".into(),
+                },
+            ),
+            1,
+        )
+        .unwrap();
+    assert_eq!(
+        wire(&a),
+        [Action::Offer { id: 3 }],
+        "the freed slot goes to the next in line"
+    );
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::Save(r) if r.id == 1 && r.state.name() == "rejected"))
+    );
+    // An offline device in line is skipped until it is back.
+    e.on_event(Event::Offline("c".into()), 2).unwrap();
+    e.on_event(Event::Online("d".into()), 2).unwrap();
+    let a = e.on_event(Event::Start(record(4, "d", 3)), 2).unwrap();
+    assert_eq!(wire(&a), [Action::Offer { id: 4 }]);
+}
+
+#[test]
+fn silent_devices_are_offered_again_then_time_out() {
+    let mut e = engine(10);
+    e.on_event(Event::Online("d1".into()), 0).unwrap();
+    e.on_event(Event::Start(record(1, "d1", 3)), 0).unwrap();
+    assert_eq!(wire(&e.on_event(Event::Tick, 999).unwrap()), []);
+    assert_eq!(
+        wire(&e.on_event(Event::Tick, 1000).unwrap()),
+        [Action::Offer { id: 1 }]
+    );
+    assert_eq!(
+        wire(&e.on_event(Event::Tick, 2000).unwrap()),
+        [Action::Offer { id: 1 }]
+    );
+    let a = e.on_event(Event::Tick, 3000).unwrap();
+    assert_eq!(wire(&a), []);
+    assert!(
+        matches!(a.last(), Some(Action::Save(r)) if r.state == TransferState::TimedOut && r.offers == 3)
+    );
+    assert_eq!(state(&e, 1), "gone");
+}
+
+#[test]
+fn refusals() {
+    let mut e = engine(10);
+    e.on_event(Event::Start(record(1, "d1", 3)), 0).unwrap();
+    assert_eq!(
+        e.on_event(Event::Start(record(2, "d1", 3)), 0),
+        Err(Refused::Busy("d1".into(), 1))
+    );
+    assert_eq!(
+        e.on_event(report("d1", 7, UpdateState::Verifying), 0),
+        Err(Refused::UnknownTransfer {
+            device: "d1".into(),
+            transfer: 7
+        })
+    );
+    assert_eq!(
+        e.on_event(report("d2", 1, UpdateState::Verifying), 0),
+        Err(Refused::UnknownTransfer {
+            device: "d2".into(),
+            transfer: 1
+        }),
+        "a device cannot report on another device's transfer"
+    );
+    let a = e
+        .on_event(
+            Event::Cancel {
+                id: 1,
+                by: "op".into(),
+            },
+            5,
+        )
+        .unwrap();
+    assert!(
+        matches!(a.last(), Some(Action::Save(r)) if r.state == TransferState::Cancelled { by: "op".into() })
+    );
+    assert_eq!(
+        e.on_event(
+            Event::Cancel {
+                id: 1,
+                by: "op".into()
+            },
+            5
+        ),
+        Err(Refused::NotLive(1))
+    );
+}
+
+#[test]
+fn a_reloaded_transfer_waits_for_its_device() {
+    let mut e = engine(10);
+    let mut r = record(1, "d1", 10);
+    r.state = TransferState::Downloading;
+    r.next_chunk = 6;
+    e.on_event(Event::Start(r), 0).unwrap();
+    assert_eq!(state(&e, 1), "queued");
+    assert_eq!(
+        wire(&e.on_event(Event::Online("d1".into()), 1).unwrap()),
+        [Action::Offer { id: 1 }]
+    );
+    let a = e
+        .on_event(report("d1", 1, UpdateState::Accepted { next_chunk: 6 }), 2)
+        .unwrap();
+    assert_eq!(
+        wire(&a),
+        [Action::Send {
+            id: 1,
+            from: 6,
+            to: 10
+        }]
+    );
+}
