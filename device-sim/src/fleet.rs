@@ -507,13 +507,19 @@ async fn send(
     let id = shared.behaviour.lock().await.id.clone();
     let mut sent = 0u64;
     while spec.messages.is_none_or(|m| sent < m) {
-        let wait_until = match deadline {
-            Some(d) if d < next => break,
-            _ => next,
-        };
+        // Stay connected until the run ends even when the next message would come after it.
+        if let Some(d) = deadline
+            && d < next
+        {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep_until(d) => {}
+            }
+            break;
+        }
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tokio::time::sleep_until(wait_until) => {}
+            _ = tokio::time::sleep_until(next) => {}
         }
         let (telemetry, alert, interval_ms) = {
             let mut b = shared.behaviour.lock().await;

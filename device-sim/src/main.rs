@@ -101,6 +101,13 @@ struct RunArgs {
     /// Raw input samples per telemetry message.
     #[arg(long, default_value_t = 0)]
     samples: usize,
+    /// Release key the devices trust for updates (64 hex characters); repeatable. Without
+    /// one, devices refuse every update.
+    #[arg(long = "trust-key", value_parser = fleetgate_config::parse_key)]
+    trust_keys: Vec<[u8; 32]>,
+    /// Distinct trusted keys an update must be signed by.
+    #[arg(long, default_value_t = 1)]
+    trust_threshold: usize,
     /// Write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -213,6 +220,13 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         samples: args.samples,
         ..DataShape::default()
     };
+    spec.profiles = vec![fleetgate_sim::updater::DeviceProfile {
+        trust: fleetgate_sim::updater::Trust {
+            keys: args.trust_keys,
+            threshold: args.trust_threshold,
+        },
+        ..Default::default()
+    }];
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

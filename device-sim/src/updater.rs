@@ -8,6 +8,9 @@ use fleetgate_protocol::{Chunk, Installed, UpdateError, UpdateOffer, UpdateRepor
 
 use crate::behaviour::Behaviour;
 
+/// Chunks between two progress reports (the gateway's default window is 8).
+pub const REPORT_EVERY: u64 = 4;
+
 /// Keys the device trusts for updates.
 #[derive(Debug, Clone, Default)]
 pub struct Trust {
@@ -174,12 +177,16 @@ impl Updater {
         }
         let next = download.next_chunk();
         let count = download.manifest().chunk_count();
-        let mut reports = vec![UpdateReport {
-            transfer,
-            state: UpdateState::Downloading {
-                next_chunk: next as u32,
-            },
-        }];
+        // Progress every few chunks keeps the gateway's window full without a report per chunk.
+        let mut reports = Vec::new();
+        if next % REPORT_EVERY == 0 || next == count {
+            reports.push(UpdateReport {
+                transfer,
+                state: UpdateState::Downloading {
+                    next_chunk: next as u32,
+                },
+            });
+        }
         if !download.is_complete() {
             let at = self.profile.faults.disconnect_at;
             if !self.disconnected && at.is_some_and(|f| next as f64 >= f * count as f64) {

@@ -7,13 +7,16 @@ use std::time::Duration;
 use fleetgate_sim::FleetSpec;
 use fleetgate_sim::fleet::Fleet;
 use fleetgate_sim::report::Counters;
-use fleetgate_sim::updater::{DeviceProfile, Faults, Trust};
+use fleetgate_sim::updater::{DeviceProfile, Faults, REPORT_EVERY, Trust};
 use serde_json::{Value, json};
 use tests::release::{model, public};
 use tests::{TestGateway, config};
 use tokio_util::sync::CancellationToken;
 
 const MIB: usize = 1 << 20;
+/// Reports a device sends for a 64-chunk download: accepted, progress every few chunks,
+/// verifying, installing, and (from the new image) installed.
+const REPORTS: u64 = 1 + 64 / REPORT_EVERY + 3;
 
 /// A gateway that trusts release keys 1 and 2.
 async fn gateway() -> TestGateway {
@@ -104,7 +107,7 @@ async fn a_one_mib_bundle_reaches_a_hundred_devices() {
         .counters()
         .wait_until(Duration::from_secs(120), |c| {
             c.updates_installed.load(Relaxed) == 100
-                && c.update_reports.load(Relaxed) >= 100 * 67
+                && c.update_reports.load(Relaxed) >= 100 * (REPORTS - 1)
                 && c.acked.load(Relaxed) == c.published()
         })
         .await;
@@ -118,7 +121,8 @@ async fn a_one_mib_bundle_reaches_a_hundred_devices() {
     let all_reported = fleet
         .counters()
         .wait_until(Duration::from_secs(30), |c| {
-            c.update_reports.load(Relaxed) == 100 * 68 && c.acked.load(Relaxed) == c.published()
+            c.update_reports.load(Relaxed) == 100 * REPORTS
+                && c.acked.load(Relaxed) == c.published()
         })
         .await;
     assert!(
@@ -379,7 +383,7 @@ async fn a_device_cut_off_at_half_resumes_and_gets_at_most_one_chunk_twice() {
     let reported = fleet
         .counters()
         .wait_until(Duration::from_secs(30), |c| {
-            c.update_reports.load(Relaxed) >= 69 && c.acked.load(Relaxed) == c.published()
+            c.update_reports.load(Relaxed) >= REPORTS + 1 && c.acked.load(Relaxed) == c.published()
         })
         .await;
     assert!(reported);
