@@ -62,3 +62,53 @@ pub fn read(path: &Path) -> Result<SigningKey, KeyError> {
     SigningKey::from_pkcs8_pem(&pem)
         .map_err(|e| file_err(path, format!("not an ed25519 PKCS#8 private key: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_generated_key_round_trips_and_its_file_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let stem = dir.path().join("release");
+        let key = generate().unwrap();
+        write(&key, &stem).unwrap();
+        let back = read(&stem.with_extension("key")).unwrap();
+        assert_eq!(back.to_bytes(), key.to_bytes());
+        let public = std::fs::read_to_string(stem.with_extension("pub")).unwrap();
+        assert_eq!(public.trim(), hex(key.verifying_key().as_bytes()));
+        assert_eq!(
+            fleetgate_config::parse_key(public.trim()).unwrap(),
+            key.verifying_key().to_bytes()
+        );
+        assert!(
+            std::fs::read_to_string(stem.with_extension("key"))
+                .unwrap()
+                .starts_with("-----BEGIN PRIVATE KEY-----")
+        );
+
+        let again = write(&generate().unwrap(), &stem).unwrap_err();
+        assert!(
+            again
+                .to_string()
+                .ends_with("exists already; not overwriting a key"),
+            "{again}"
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let path = stem.with_extension("key");
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            assert!(
+                read(&path)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("readable by others")
+            );
+        }
+    }
+}
