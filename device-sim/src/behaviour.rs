@@ -2,8 +2,9 @@
 //! these messages over MQTT.
 
 use fleetgate_protocol::{
-    AckStatus, Action, Alert, AlertKind, ArtifactKind, Command, CommandAck, HardwareMetrics,
-    HardwareProfile, Hello, InputSample, Installed, ModelMetrics, Severity, Telemetry,
+    AckStatus, Action, Alert, AlertKind, ArtifactKind, Command, CommandAck, FeatureBins,
+    HardwareMetrics, HardwareProfile, Hello, InputSample, Installed, ModelMetrics, Severity,
+    Telemetry,
 };
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
@@ -18,6 +19,10 @@ pub struct DataShape {
     /// Mean and standard deviation of every feature.
     pub feature_mean: f32,
     pub feature_std: f32,
+    /// Added to the mean of feature i (drift injection); missing entries are 0.
+    pub shift: Vec<f32>,
+    /// Send counts per baseline bin instead of raw samples, once the gateway sent the edges.
+    pub bins: bool,
 }
 
 impl Default for DataShape {
@@ -27,6 +32,8 @@ impl Default for DataShape {
             features: 4,
             feature_mean: 0.0,
             feature_std: 1.0,
+            shift: Vec::new(),
+            bins: false,
         }
     }
 }
@@ -48,6 +55,8 @@ pub struct Behaviour {
     /// (differs only under the `claim_class` fault).
     pub hardware: HardwareProfile,
     pub claimed_class: Option<String>,
+    /// Bin edges of the running model's baseline, from the gateway's `drift_bins`.
+    pub edges: Option<Vec<Vec<f32>>>,
 }
 
 /// The simulated hardware: an MCU class with a TFLite Micro runtime.
@@ -98,6 +107,7 @@ impl Behaviour {
             previous: Vec::new(),
             hardware: default_hardware(),
             claimed_class: None,
+            edges: None,
         }
     }
 
@@ -173,15 +183,39 @@ impl Behaviour {
                 2
             }] += 1;
         }
-        let samples = (0..self.shape.samples)
+        let shift = |f: usize| self.shape.shift.get(f).copied().unwrap_or(0.0);
+        let mut samples: Vec<InputSample> = (0..self.shape.samples)
             .map(|_| InputSample {
                 values: (0..self.shape.features)
-                    .map(|_| normal(self.shape.feature_mean, self.shape.feature_std, rng))
+                    .map(|f| {
+                        normal(
+                            self.shape.feature_mean + shift(f),
+                            self.shape.feature_std,
+                            rng,
+                        )
+                    })
                     .collect(),
                 prediction: Some(rng.random_range(0..3)),
                 confidence: Some(normal(0.9, 0.04, rng).clamp(0.0, 1.0)),
             })
             .collect();
+        let mut bins = Vec::new();
+        if let Some(edges) = self.edges.as_ref().filter(|_| self.shape.bins) {
+            // Summarise on the device: one count per bin of each feature, no raw samples.
+            for (f, e) in edges.iter().enumerate() {
+                let mut counts = vec![0u32; e.len() + 1];
+                for s in &samples {
+                    if let Some(v) = s.values.get(f) {
+                        counts[e.partition_point(|edge| edge <= v)] += 1;
+                    }
+                }
+                bins.push(FeatureBins {
+                    feature: f as u16,
+                    counts,
+                });
+            }
+            samples.clear();
+        }
         Telemetry {
             boot: self.boot,
             seq,
@@ -195,7 +229,7 @@ impl Behaviour {
                 mean_confidence: Some(normal(0.9, 0.02, rng).clamp(0.0, 1.0)),
             }),
             samples,
-            bins: vec![],
+            bins,
         }
     }
 
@@ -216,8 +250,19 @@ impl Behaviour {
         }
     }
 
-    /// Answers a command and says what the runner must do.
-    pub fn command(&mut self, cmd: &Command) -> (CommandAck, Effect) {
+    /// Answers a command (`None`: this command is not acknowledged) and says what the runner
+    /// must do.
+    pub fn command(&mut self, cmd: &Command) -> (Option<CommandAck>, Effect) {
+        if let Action::DriftBins(bins) = &cmd.action {
+            let runs = self
+                .models
+                .iter()
+                .any(|m| m.name == bins.model && m.version == bins.version);
+            if runs {
+                self.edges = Some(bins.edges.clone());
+            }
+            return (None, Effect::None);
+        }
         let (status, effect) = match cmd.action {
             Action::Ping => (AckStatus::Done, Effect::None),
             Action::Reboot => (AckStatus::Done, Effect::Reboot),
@@ -232,9 +277,9 @@ impl Behaviour {
                 Effect::None,
             ),
             // Offers are answered by the update client with reports, never here.
-            Action::Update(_) => (AckStatus::Unsupported, Effect::None),
+            Action::Update(_) | Action::DriftBins(_) => return (None, Effect::None),
         };
-        (CommandAck { id: cmd.id, status }, effect)
+        (Some(CommandAck { id: cmd.id, status }), effect)
     }
 
     /// A reboot starts a new sequence.

@@ -194,7 +194,9 @@ impl Device {
         opts.set_clean_session(true);
         opts.set_max_packet_size(1 << 20, 64 << 10);
         let (client, mut events) = AsyncClient::new(opts, 64);
-        let boot: u32 = rand::rngs::StdRng::seed_from_u64(spec.seed ^ self.index).random();
+        // A new boot number on every start, as after a power-on: a device that starts again
+        // begins a new sequence rather than repeating the numbers of its last run.
+        let boot: u32 = rand::random();
         let interval_ms = spec.interval.as_millis().min(u128::from(u32::MAX)) as u32;
         let shared = Arc::new(Shared {
             behaviour: Mutex::new(Behaviour::new(
@@ -399,7 +401,8 @@ impl Device {
                     return UpdateEffect::None;
                 }
                 let (ack, effect) = shared.behaviour.lock().await.command(&cmd);
-                if let Ok(payload) = encode(&ack, spec.encoding)
+                if let Some(ack) = ack
+                    && let Ok(payload) = encode(&ack, spec.encoding)
                     && client
                         .try_publish(
                             topic_for(id, Uplink::Ack, spec.encoding),

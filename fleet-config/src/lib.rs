@@ -29,6 +29,7 @@ pub struct Config {
     pub ingest: Ingest,
     pub registry: Registry,
     pub updates: Updates,
+    pub drift: Drift,
     pub alerts: Alerts,
 }
 
@@ -96,6 +97,21 @@ pub struct Updates {
     pub max_concurrent: usize,
     pub stall_timeout: Duration,
     pub retries: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Drift {
+    pub window_samples: u64,
+    pub window: Duration,
+    pub min_samples: u64,
+    pub psi_alert: f64,
+    pub psi_warn_floor: f64,
+    pub prediction_js_alert: f64,
+    pub confidence_drop_alert: f64,
+    /// `None`: every device is in the cohort "all" only.
+    pub cohort_label: Option<String>,
+    pub reservoir: usize,
+    pub history: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -319,6 +335,25 @@ impl Config {
         }
         .finish_with(upd, p);
 
+        let mut dr = root.section(p, "drift");
+        let label = dr.string(p, "cohort_label");
+        let drift = Drift {
+            window_samples: dr.usize(p, "window_samples", 10..=100_000_000) as u64,
+            window: dr.duration(p, "window", secs(1)..=days(30)),
+            min_samples: dr.usize(p, "min_samples", 1..=100_000_000) as u64,
+            psi_alert: dr.float_in(p, "psi_alert", 0.0..=100.0),
+            psi_warn_floor: dr.float_in(p, "psi_warn_floor", 0.0..=100.0),
+            prediction_js_alert: dr.float_in(p, "prediction_js_alert", 0.0..=1.0),
+            confidence_drop_alert: dr.float_in(p, "confidence_drop_alert", 0.0..=1.0),
+            cohort_label: (!label.is_empty()).then_some(label),
+            reservoir: dr.usize(p, "reservoir", 0..=1_000_000),
+            history: dr.usize(p, "history", 3..=1_000_000),
+        };
+        if drift.min_samples > drift.window_samples {
+            dr.error(p, "min_samples", "must not be more than window_samples");
+        }
+        let drift = drift.finish_with(dr, p);
+
         let mut alerts = root.section(p, "alerts");
         let rules = alerts
             .tables(p, "rules")
@@ -335,6 +370,7 @@ impl Config {
             ingest,
             registry,
             updates,
+            drift,
             alerts,
         }
         .finish_with(root, p)

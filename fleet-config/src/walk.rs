@@ -218,6 +218,35 @@ impl<'t> Section<'t> {
         }
     }
 
+    pub(crate) fn float_in(
+        &mut self,
+        p: &mut Problems,
+        key: &str,
+        range: RangeInclusive<f64>,
+    ) -> f64 {
+        match self.required(p, key) {
+            Some(Value::Float(f)) if range.contains(f) => *f,
+            Some(Value::Integer(i)) if range.contains(&(*i as f64)) => *i as f64,
+            Some(Value::Float(_) | Value::Integer(_)) => {
+                self.error(
+                    p,
+                    key,
+                    &format!("is out of range {}..={}", range.start(), range.end()),
+                );
+                *range.start()
+            }
+            Some(other) => {
+                self.error(
+                    p,
+                    key,
+                    &format!("expected a number, found {}", other.type_str()),
+                );
+                *range.start()
+            }
+            None => *range.start(),
+        }
+    }
+
     pub(crate) fn opt_float(&mut self, p: &mut Problems, key: &str) -> Option<f64> {
         match self.get(key)? {
             Value::Float(f) if f.is_finite() => Some(*f),

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod clock;
+pub mod drift;
 pub mod ingest;
 pub mod metrics;
 pub mod model;

@@ -52,6 +52,19 @@ enum Command {
         #[command(subcommand)]
         command: RegistryCommand,
     },
+    /// Build a model's drift baseline from reference data (offline), or upload one.
+    #[command(subcommand)]
+    Baseline(BaselineCommand),
+    /// Show drift of model versions on a running gateway.
+    Drift {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Model name; without it, every model version and cohort.
+        model: Option<String>,
+        version: Option<String>,
+        #[arg(long, default_value = "all")]
+        cohort: String,
+    },
     /// Start, follow and cancel updates on a running gateway.
     Updates {
         #[command(flatten)]
@@ -126,6 +139,32 @@ struct SignArgs {
     keys: Vec<PathBuf>,
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum BaselineCommand {
+    /// Build a baseline from a reference CSV (one column per feature, in the model's input
+    /// order; optional prediction and confidence columns).
+    Build {
+        csv: PathBuf,
+        #[arg(long)]
+        prediction: Option<String>,
+        #[arg(long)]
+        confidence: Option<String>,
+        /// Bins per feature (at reference quantiles).
+        #[arg(long, default_value_t = 10)]
+        bins: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Set a registered model version's baseline on a running gateway.
+    Upload {
+        #[command(flatten)]
+        api: ApiArgs,
+        name: String,
+        version: String,
+        baseline: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -270,6 +309,65 @@ fn main() -> ExitCode {
         Command::Bundle(command) => report(bundle(command)),
         Command::Registry { api, command } => match client(&api) {
             Ok(c) => report(registry(&c, command)),
+            Err(code) => code,
+        },
+        Command::Baseline(BaselineCommand::Build {
+            csv,
+            prediction,
+            confidence,
+            bins,
+            out,
+        }) => report((|| {
+            let text = std::fs::read_to_string(&csv)
+                .with_context(|| format!("reading {}", csv.display()))?;
+            let b = fleetgate::drift::baseline::Baseline::from_csv(
+                &text,
+                prediction.as_deref(),
+                confidence.as_deref(),
+                bins,
+            )?;
+            std::fs::write(&out, serde_json::to_string_pretty(&b)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {}: {} features, {} reference rows",
+                out.display(),
+                b.features.len(),
+                b.features[0].n
+            );
+            Ok(())
+        })()),
+        Command::Baseline(BaselineCommand::Upload {
+            api,
+            name,
+            version,
+            baseline,
+        }) => match client(&api) {
+            Ok(c) => report((|| {
+                let body: Value = serde_json::from_str(&std::fs::read_to_string(&baseline)?)?;
+                let answer = c.put(&format!("/registry/model/{name}/{version}/baseline"), &body)?;
+                println!(
+                    "model {name} {version}: baseline with {} features",
+                    answer["features"].as_array().map_or(0, Vec::len)
+                );
+                Ok(())
+            })()),
+            Err(code) => code,
+        },
+        Command::Drift {
+            api,
+            model,
+            version,
+            cohort,
+        } => match client(&api) {
+            Ok(c) => report((|| {
+                let path = match (model, version) {
+                    (Some(m), Some(v)) => format!("/drift/{m}/{v}?cohort={cohort}"),
+                    (None, None) => "/drift".to_owned(),
+                    _ => anyhow::bail!("give both model and version, or neither"),
+                };
+                println!("{}", serde_json::to_string_pretty(&c.get(&path)?)?);
+                Ok(())
+            })()),
             Err(code) => code,
         },
         Command::Updates { api, command } => match client(&api) {

@@ -125,6 +125,15 @@ struct ReasonLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftLabels {
+    pub model: String,
+    pub version: String,
+    pub cohort: String,
+    /// A feature's name, or `prediction`.
+    pub subject: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ChannelLabel {
     channel: &'static str,
 }
@@ -149,6 +158,12 @@ pub struct Metrics {
     /// subscribed, or its queue full.
     pub direct_dropped: Counter,
     pub transfers_active: Gauge,
+    /// Latest closed window per model version, cohort and feature: PSI (JS for predictions)
+    /// and status (0 ok, 1 warn, 2 alert).
+    pub drift_value: Family<DriftLabels, Gauge<f64, AtomicU64>>,
+    pub drift_status: Family<DriftLabels, Gauge>,
+    /// Samples or bin counts that did not match their model's baseline.
+    pub drift_mismatched: Counter,
     storage_bytes: Gauge,
     resident_bytes: Gauge,
     log_limit: LogLimit,
@@ -224,6 +239,17 @@ impl Metrics {
                 r,
                 "updates_in_progress",
                 "Update transfers not yet finished",
+            ),
+            drift_value: metric(
+                r,
+                "drift_value",
+                "Latest drift window: PSI of a feature, JS distance of the predictions",
+            ),
+            drift_status: metric(r, "drift_status", "Drift status: 0 ok, 1 warn, 2 alert"),
+            drift_mismatched: metric(
+                r,
+                "drift_mismatched",
+                "Samples or bin counts that did not match the model's baseline",
             ),
             storage_bytes: metric(r, "storage_bytes", "Size of the database file"),
             resident_bytes: metric(

@@ -144,6 +144,19 @@ pub enum AlertSource {
     Device,
     /// A configured rule on a telemetry metric; the rule resolves it when the metric clears.
     Rule { metric: HwMetric },
+    /// A model version's inputs or predictions drifted from its baseline in a cohort; the
+    /// drift engine resolves it when they are back.
+    Drift(DriftSubject),
+}
+
+/// What a drift alert is about.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftSubject {
+    pub model: String,
+    pub version: Version,
+    pub cohort: String,
+    /// The feature's name; `None` for the predictions.
+    pub feature: Option<String>,
 }
 
 /// An operator's (or the gateway's) action on an alert: when and by whom.
@@ -216,6 +229,8 @@ pub struct ReleaseRecord {
     pub lineage: BTreeMap<String, String>,
     pub tags: Vec<String>,
     pub artifacts: Vec<ArtifactRecord>,
+    /// What the model's inputs and predictions looked like on reference data (models only).
+    pub baseline: Option<crate::drift::baseline::Baseline>,
 }
 
 /// One signed artifact of a release. The bytes live in the artifact store under `sha256`.

@@ -305,6 +305,18 @@ pub enum Action {
     /// Offers an update. Answered with [`UpdateReport`]s on the `report` channel, not with a
     /// command ack.
     Update(UpdateOffer),
+    /// The bin edges of a model version's baseline, so the device can send counts per bin
+    /// ([`FeatureBins`]) instead of raw samples. Sent after a hello; not acknowledged.
+    DriftBins(DriftBins),
+}
+
+/// Interior bin edges per feature (bin i holds x with `edges[i-1] <= x < edges[i]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftBins {
+    pub model: String,
+    pub version: Version,
+    pub edges: Vec<Vec<f32>>,
 }
 
 /// A signed manifest offered to a device, and the transfer that will carry it.
@@ -484,6 +496,18 @@ impl Validate for Command {
                 offer.manifest.signatures.len(),
                 crate::sign::MAX_SIGNATURES,
             ),
+            Action::DriftBins(bins) => {
+                limits::name("action.drift_bins.model", &bins.model)?;
+                limits::count(
+                    "action.drift_bins.edges",
+                    bins.edges.len(),
+                    limits::MAX_FEATURES,
+                )?;
+                for e in &bins.edges {
+                    limits::count("action.drift_bins.edges", e.len(), limits::MAX_BINS)?;
+                }
+                Ok(())
+            }
             Action::Ping | Action::Reboot | Action::SetTelemetryInterval { .. } => Ok(()),
         }
     }

@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::model::AlertState;
 use crate::storage::{AlertFilter, Store};
 
+mod drift;
 pub mod error;
 mod updates;
 pub mod views;
@@ -71,6 +72,18 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/registry/{kind}/{name}/aliases/{alias}",
             axum::routing::put(updates::set_alias).delete(updates::remove_alias),
         )
+        .route(
+            "/registry/model/{name}/{version}/baseline",
+            get(drift::get_baseline).put(drift::put_baseline),
+        )
+        .route(
+            "/registry/model/{name}/{version}/baseline.csv",
+            post(drift::post_baseline_csv),
+        )
+        .route("/drift", get(drift::summary))
+        .route("/drift/{model}/{version}", get(drift::current))
+        .route("/drift/{model}/{version}/history", get(drift::history))
+        .route("/drift/{model}/{version}/samples.csv", get(drift::samples))
         .route("/updates", get(updates::transfers).post(updates::start))
         .route("/updates/{id}", get(updates::transfer))
         .route("/updates/{id}/cancel", post(updates::cancel))

@@ -160,6 +160,8 @@ pub struct AlertView {
     pub message: String,
     pub acknowledged: Option<StampView>,
     pub resolved: Option<StampView>,
+    /// For drift alerts: which model version, cohort and feature.
+    pub drift: Option<crate::model::DriftSubject>,
 }
 
 impl From<AlertRecord> for AlertView {
@@ -170,9 +172,14 @@ impl From<AlertRecord> for AlertView {
             kind: a.kind.name().to_owned(),
             severity: a.severity.name(),
             state: a.state.name(),
-            source: match a.source {
+            source: match &a.source {
                 AlertSource::Device => "device".to_owned(),
                 AlertSource::Rule { metric } => format!("rule:{}", metric.name()),
+                AlertSource::Drift(_) => "drift".to_owned(),
+            },
+            drift: match a.source {
+                AlertSource::Drift(d) => Some(d),
+                _ => None,
             },
             opened_at: rfc3339(a.opened_ms),
             last_at: rfc3339(a.last_ms),

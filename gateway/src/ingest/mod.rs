@@ -36,8 +36,11 @@ use crate::storage::{self, Store, Tables, schema};
 use crate::updates;
 use seq::SeqOutcome;
 
+mod drift;
 pub mod seq;
 mod transfers;
+
+pub use drift::{DriftAnswer, DriftQuery, DriftStream};
 
 pub use transfers::{UpdatePlan, UpdateRequest};
 
@@ -140,6 +143,15 @@ pub enum Control {
         by: String,
         reply: Reply<crate::model::TransferRecord>,
     },
+    /// A model version's baseline was set or replaced.
+    BaselineChanged {
+        model: String,
+        version: semver::Version,
+    },
+    Drift {
+        query: DriftQuery,
+        reply: oneshot::Sender<DriftAnswer>,
+    },
     /// Answer once flush marker `upto` has arrived and what came before it is committed.
     Sync {
         upto: u64,
@@ -231,6 +243,22 @@ impl ControlTx {
     ) -> Result<crate::model::TransferRecord, ControlError> {
         self.ask(|reply| Control::CancelUpdate { id, by, reply })
             .await
+    }
+
+    pub async fn baseline_changed(&self, model: String, version: semver::Version) {
+        let _ = self
+            .0
+            .send_async(Control::BaselineChanged { model, version })
+            .await;
+    }
+
+    pub async fn drift(&self, query: DriftQuery) -> Result<DriftAnswer, ControlError> {
+        let (reply, rx) = oneshot::channel();
+        self.0
+            .send_async(Control::Drift { query, reply })
+            .await
+            .map_err(|_| ControlError::Stopped)?;
+        rx.await.map_err(|_| ControlError::Stopped)
     }
 
     /// Registers a wait for flush marker `upto`. Send the marker after this returns; the
@@ -329,6 +357,10 @@ pub struct Writer {
     sync_waiters: Vec<(u64, oneshot::Sender<()>)>,
     updates: updates::Engine,
     update_settings: updates::Settings,
+    drift: crate::drift::engine::Engine,
+    drift_settings: crate::drift::engine::Settings,
+    drift_label: Option<String>,
+    drift_history: usize,
     artifacts: ArtifactStore,
     prepared: transfers::PreparedCache,
     next_transfer_id: u64,
@@ -341,6 +373,9 @@ impl std::fmt::Debug for Writer {
             .finish_non_exhaustive()
     }
 }
+
+/// Seed of the drift engine's reservoir sampling.
+const DRIFT_SEED: u64 = 0x5eed_f1ee_7da7;
 
 /// How often timers (update stalls) are checked.
 const TICK: Duration = Duration::from_secs(1);
@@ -398,6 +433,10 @@ impl Writer {
             sync_waiters: Vec::new(),
             updates: updates::Engine::default(),
             update_settings: (&config.updates).into(),
+            drift: crate::drift::engine::Engine::new((&config.drift).into(), DRIFT_SEED),
+            drift_settings: (&config.drift).into(),
+            drift_label: config.drift.cohort_label.clone(),
+            drift_history: config.drift.history,
             artifacts: ArtifactStore::new(&config.storage.data_dir),
             prepared: transfers::PreparedCache::new(),
             next_transfer_id: 1,
@@ -436,7 +475,7 @@ impl Writer {
         self.open_index.clear();
         for alert in loaded.unresolved_alerts {
             self.open_index.insert(
-                (alert.device.clone(), alert.kind.name().to_owned()),
+                dedup_key(&alert.device, &alert.kind, &alert.source),
                 alert.id,
             );
             self.unresolved.insert(alert.id, alert);
@@ -451,6 +490,11 @@ impl Writer {
         let now = now_ms();
         for record in loaded.open_transfers {
             let _ = self.updates.on_event(updates::Event::Start(record), now);
+        }
+        // Drift verdicts continue from the last stored windows.
+        self.drift = crate::drift::engine::Engine::new(self.drift_settings.clone(), DRIFT_SEED);
+        for (key, evaluations) in self.store.drift_recent(3)? {
+            self.drift.restore(key, evaluations);
         }
         Ok(())
     }
@@ -688,6 +732,13 @@ impl Writer {
             Uplink::Hello => {
                 let said = self.hello(&m);
                 if said {
+                    let hello = self
+                        .devices
+                        .get(&m.device)
+                        .and_then(|s| s.device.hello.clone());
+                    if let Some(hello) = hello {
+                        self.drift_bins(&m.device, &hello, fx);
+                    }
                     self.update_event(
                         t,
                         updates::Event::Online(m.device.clone()),
@@ -778,6 +829,7 @@ impl Writer {
         s.device.counters.telemetry += 1;
         s.device.last_hw = Some(tel.hw.clone());
         self.apply_rules(t, &m.device, &tel, m.received_us / 1000)?;
+        self.drift_observe(t, &m.device, &tel, m.received_us / 1000)?;
         Ok(true)
     }
 
@@ -868,7 +920,7 @@ impl Writer {
         source: AlertSource,
         now: u64,
     ) -> storage::Result<()> {
-        let key = (device.to_owned(), kind.name().to_owned());
+        let key = dedup_key(device, &kind, &source);
         if let Some(alert) = self
             .open_index
             .get(&key)
@@ -924,7 +976,7 @@ impl Writer {
             return Ok(None);
         };
         self.open_index
-            .remove(&(alert.device.clone(), alert.kind.name().to_owned()));
+            .remove(&dedup_key(&alert.device, &alert.kind, &alert.source));
         alert.state = AlertState::Resolved;
         alert.resolved = Some(Stamp {
             at_ms: now,
@@ -1043,6 +1095,10 @@ impl Writer {
             Control::CancelUpdate { id, by, reply } => {
                 let result = self.cancel_update(t, id, &by, now, fx)?;
                 fx.reply(reply, result);
+            }
+            Control::BaselineChanged { model, version } => self.baseline_changed(&model, &version),
+            Control::Drift { query, reply } => {
+                let _ = reply.send(self.drift_query(query));
             }
             Control::Sync { upto, reply } => self.sync_waiters.push((upto, reply)),
             Control::Stop {
@@ -1183,12 +1239,16 @@ impl Writer {
     fn tick(&mut self) {
         if self.updates.live().next().is_none() {
             self.prepared.clear();
-            return;
         }
         let mut fx = Effects::default();
         let now = now_ms();
         let store = self.store.clone();
-        let result = store.write(|t| self.update_event(t, updates::Event::Tick, now, &mut fx));
+        let result = store.write(|t| {
+            if self.updates.live().next().is_some() {
+                self.update_event(t, updates::Event::Tick, now, &mut fx)?;
+            }
+            self.drift_tick(t, now)
+        });
         match result {
             Ok(()) => {
                 self.trim_prepared();
@@ -1223,6 +1283,23 @@ impl Writer {
                 tracing::info!(telemetry, alerts, "retention removed old rows")
             }
             Err(e) => tracing::error!(error = %e, "retention failed"),
+        }
+    }
+}
+
+/// Alerts fold into an unresolved one with the same key: per device and kind, and per model
+/// version, cohort and feature for drift (which is about a fleet, not a device).
+fn dedup_key(device: &str, kind: &AlertKind, source: &AlertSource) -> (String, String) {
+    match source {
+        AlertSource::Drift(d) => {
+            let subject = d.feature.as_deref().unwrap_or("prediction");
+            (
+                String::new(),
+                format!("drift/{}/{}/{}/{subject}", d.model, d.version, d.cohort),
+            )
+        }
+        AlertSource::Device | AlertSource::Rule { .. } => {
+            (device.to_owned(), kind.name().to_owned())
         }
     }
 }

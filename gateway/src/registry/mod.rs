@@ -245,6 +245,7 @@ impl Registry {
                     lineage: bundle.lineage.clone(),
                     tags: bundle.tags.clone(),
                     artifacts: vec![artifact],
+                    baseline: None,
                 },
             };
             t.put_release(&release)?;
@@ -287,6 +288,25 @@ impl Registry {
                 kind.name()
             )))
         }
+    }
+
+    /// Sets a model version's baseline (drift reference).
+    pub fn set_baseline(
+        &self,
+        name: &str,
+        version: &str,
+        baseline: crate::drift::baseline::Baseline,
+    ) -> Result<ReleaseRecord, RegisterError> {
+        baseline
+            .validate()
+            .map_err(|e| RegisterError::Invalid(e.to_string()))?;
+        let mut release = self
+            .store
+            .release(ArtifactKind::Model, name, version)?
+            .ok_or_else(|| RegisterError::NotFound(format!("model {name} {version} not found")))?;
+        release.baseline = Some(baseline);
+        self.store.write(|t| t.put_release(&release))?;
+        Ok(release)
     }
 
     /// Replaces a release's lineage and tags (operator annotations).

@@ -23,6 +23,8 @@ use crate::model::{
 use fleetgate_protocol::ArtifactKind;
 use semver::Version;
 
+use crate::drift::engine::{Evaluation, StreamKey};
+
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "fleetgate.redb";
 
@@ -81,6 +83,7 @@ pub struct Tables<'txn> {
     aliases: Table<'txn, (&'static str, &'static str, &'static str), u64>,
     transfers: Table<'txn, u64, &'static [u8]>,
     device_transfers: Table<'txn, (&'static str, u64), ()>,
+    drift: Table<'txn, (&'static str, &'static str, &'static str, u64), &'static [u8]>,
 }
 
 impl std::fmt::Debug for Tables<'_> {
@@ -173,6 +176,7 @@ impl Store {
                 aliases: txn.open_table(ALIASES)?,
                 transfers: txn.open_table(TRANSFERS)?,
                 device_transfers: txn.open_table(DEVICE_TRANSFERS)?,
+                drift: txn.open_table(DRIFT_WINDOWS)?,
             };
             f(&mut tables)?
         };
@@ -417,6 +421,50 @@ impl Store {
         Ok(out)
     }
 
+    /// A drift stream's closed windows, newest first, at most `limit`.
+    pub fn drift_history(&self, key: &StreamKey, limit: usize) -> Result<Vec<Evaluation>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(DRIFT_WINDOWS)?;
+        let v = key.version.to_string();
+        let (m, c) = (key.model.as_str(), key.cohort.as_str());
+        let range = table.range((m, v.as_str(), c, 0)..=(m, v.as_str(), c, u64::MAX))?;
+        range
+            .rev()
+            .take(limit)
+            .map(|e| Ok(Evaluation::decode(e?.1.value())?))
+            .collect()
+    }
+
+    /// The last `n` closed windows of every drift stream, oldest first (to restore verdicts).
+    pub fn drift_recent(&self, n: usize) -> Result<Vec<(StreamKey, Vec<Evaluation>)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(DRIFT_WINDOWS)?;
+        let mut out: Vec<(StreamKey, Vec<Evaluation>)> = Vec::new();
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            let (m, v, c, _) = key.value();
+            let Ok(version) = Version::parse(v) else {
+                continue;
+            };
+            let key = StreamKey {
+                model: m.to_owned(),
+                version,
+                cohort: c.to_owned(),
+            };
+            let evaluation = Evaluation::decode(value.value())?;
+            match out.last_mut() {
+                Some((k, evals)) if *k == key => {
+                    evals.push(evaluation);
+                    if evals.len() > n {
+                        evals.remove(0);
+                    }
+                }
+                _ => out.push((key, vec![evaluation])),
+            }
+        }
+        Ok(out)
+    }
+
     /// Row counts of the big tables, for metrics and tests.
     pub fn counts(&self) -> Result<TableCounts> {
         let txn = self.db.begin_read()?;
@@ -567,6 +615,36 @@ impl Tables<'_> {
         self.transfers.insert(t.id, t.encode().as_slice())?;
         self.device_transfers
             .insert((t.device.as_str(), t.id), ())?;
+        Ok(())
+    }
+
+    /// Stores a closed drift window and keeps at most `keep` per stream.
+    pub fn put_drift_window(
+        &mut self,
+        key: &StreamKey,
+        evaluation: &Evaluation,
+        keep: usize,
+    ) -> Result<()> {
+        let v = key.version.to_string();
+        let (m, c) = (key.model.as_str(), key.cohort.as_str());
+        // Two windows can close in the same millisecond (one batch of telemetry): the later one
+        // takes the next free key, so none overwrites another.
+        let mut at = evaluation.closed_ms;
+        while self.drift.get((m, v.as_str(), c, at))?.is_some() {
+            at += 1;
+        }
+        self.drift
+            .insert((m, v.as_str(), c, at), evaluation.encode().as_slice())?;
+        let range = (m, v.as_str(), c, 0)..=(m, v.as_str(), c, u64::MAX);
+        let stored = self.drift.range(range.clone())?.count();
+        if stored > keep {
+            let mut excess = stored - keep;
+            self.drift.retain_in(range, |_, _| {
+                let drop = excess > 0;
+                excess = excess.saturating_sub(1);
+                !drop
+            })?;
+        }
         Ok(())
     }
 

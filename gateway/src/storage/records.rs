@@ -4,6 +4,7 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::drift::engine::Evaluation;
 use crate::model::{
     AlertRecord, CommandRecord, Device, LogRow, ReleaseRecord, TelemetryRow, TransferRecord,
 };
@@ -66,4 +67,5 @@ records! {
     CommandRecord => "command", version 1;
     ReleaseRecord => "release", version 1;
     TransferRecord => "transfer", version 1;
+    Evaluation => "drift window", version 1;
 }

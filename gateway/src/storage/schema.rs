@@ -41,6 +41,10 @@ pub(crate) const TRANSFERS: TableDefinition<u64, &[u8]> = TableDefinition::new("
 pub(crate) const DEVICE_TRANSFERS: TableDefinition<(&str, u64), ()> =
     TableDefinition::new("device_transfers");
 
+/// (model, version, cohort, window close time in ms) -> drift `Evaluation`.
+pub(crate) const DRIFT_WINDOWS: TableDefinition<(&str, &str, &str, u64), &[u8]> =
+    TableDefinition::new("drift_windows");
+
 pub(crate) const META_SCHEMA_VERSION: &str = "schema_version";
 pub(crate) const META_NEXT_ALERT_ID: &str = "next_alert_id";
 pub(crate) const META_NEXT_COMMAND_ID: &str = "next_command_id";

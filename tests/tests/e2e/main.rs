@@ -2,6 +2,7 @@
 //! way devices and operators do.
 
 mod bad_input;
+mod drift;
 mod fleet;
 mod hostile;
 mod interop;

@@ -1,0 +1,253 @@
+//! Drift against a registered baseline, end to end: devices sending raw samples and devices
+//! sending counts per bin; a long run drawn like the baseline raises nothing; a shift of one
+//! feature raises an alert on that feature only, naming the model version; going back resolves it.
+
+use std::time::Duration;
+
+use fleetgate_sim::FleetSpec;
+use fleetgate_sim::behaviour::DataShape;
+use serde_json::{Value, json};
+use tests::release::{model, public};
+use tests::{TestGateway, config};
+use tokio_util::sync::CancellationToken;
+
+/// 20,000 reference rows of 4 standard normal features, classes 70/20/10 %, confidence 0.9.
+fn reference_csv() -> String {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut uniform = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let mut out = String::from("f0,f1,f2,f3,prediction,confidence\n");
+    for i in 0..20_000 {
+        let row: Vec<String> = (0..4)
+            .map(|_| {
+                let (u, v) = (uniform(), uniform());
+                format!(
+                    "{:.6}",
+                    (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+                )
+            })
+            .collect();
+        let class = if i % 10 < 7 {
+            0
+        } else if i % 10 < 9 {
+            1
+        } else {
+            2
+        };
+        out.push_str(&format!("{},{class},0.9\n", row.join(",")));
+    }
+    out
+}
+
+async fn send(
+    gw: &TestGateway,
+    creds: &[fleetgate_sim::Credential],
+    messages: u64,
+    shift: Vec<f32>,
+    bins: bool,
+) {
+    let mut spec = FleetSpec::new("127.0.0.1", gw.mqtt_port(), creds.to_vec());
+    spec.interval = Duration::from_millis(5);
+    spec.messages = Some(messages);
+    spec.shape = DataShape {
+        samples: 25,
+        features: 4,
+        shift,
+        bins,
+        ..DataShape::default()
+    };
+    let report = fleetgate_sim::run(spec, CancellationToken::new()).await;
+    assert_eq!((report.unacked(), report.errors), (0, 0), "{report}");
+}
+
+/// Both halves of the fleet send `messages` each, with `shift` per feature.
+async fn phase(
+    gw: &TestGateway,
+    raw: &[fleetgate_sim::Credential],
+    binned: &[fleetgate_sim::Credential],
+    messages: u64,
+    shift: Vec<f32>,
+) {
+    tokio::join!(
+        send(gw, raw, messages, shift.clone(), false),
+        send(gw, binned, messages, shift, true)
+    );
+    gw.sync().await;
+}
+
+fn drift_alerts(alerts: &Value) -> Vec<Value> {
+    alerts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["source"] == "drift")
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_on_one_feature_is_raised_and_resolved_and_a_quiet_run_raises_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = config(tmp.path());
+    c.registry.trusted_keys = vec![public(1)];
+    c.drift.window_samples = 1000;
+    c.drift.min_samples = 500;
+    c.drift.window = Duration::from_secs(3600);
+    let gw = TestGateway::start_with(c, Some(tmp)).await;
+
+    // The devices run sim-model 1.0.0: register it and give it a baseline built from a CSV.
+    gw.upload(model("1.0.0", 1, "sim-mcu", 4096, &[1]))
+        .await
+        .unwrap();
+    let url = format!(
+        "{}/api/v1/registry/model/sim-model/1.0.0/baseline.csv?bins=10&prediction=prediction&confidence=confidence",
+        gw.http_url()
+    );
+    let csv = reference_csv();
+    let answer = tokio::task::spawn_blocking(move || {
+        ureq::post(&url)
+            .header("Authorization", &format!("Bearer {}", tests::TOKEN))
+            .send(csv.as_bytes())
+            .unwrap()
+            .into_body()
+            .read_json::<Value>()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(answer["features"].as_array().unwrap().len(), 4);
+    assert_eq!(answer["prediction_classes"], 3);
+    let baseline = gw.get("/registry/model/sim-model/1.0.0/baseline").await;
+    assert_eq!(baseline["features"][2]["name"], "f2");
+    assert_eq!(
+        baseline["features"][2]["edges"].as_array().unwrap().len(),
+        9
+    );
+
+    let raw = gw.enroll_fleet("raw", 10).await;
+    let binned = gw.enroll_fleet("bin", 10).await;
+
+    // 1. 60 messages x 25 samples x 20 devices = 30,000 samples: 30 windows like the baseline.
+    phase(&gw, &raw, &binned, 60, vec![]).await;
+    let alerts = gw.get("/alerts").await;
+    assert_eq!(
+        drift_alerts(&alerts),
+        Vec::<Value>::new(),
+        "false alarm on data drawn like the baseline"
+    );
+    let history = gw.get("/drift/sim-model/1.0.0/history?limit=1000").await;
+    let current = gw.get("/drift/sim-model/1.0.0").await;
+    assert_eq!(
+        history.as_array().unwrap().len(),
+        30,
+        "open window: {}; history n: {:?}",
+        current["open_window"],
+        history
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["features"][0]["n"].clone())
+            .collect::<Vec<_>>()
+    );
+    for f in current["features"].as_array().unwrap() {
+        assert_eq!(f["status"], "ok", "{f}");
+        let w = &f["last_window"];
+        assert_eq!(w["n"], 1000);
+        assert!(
+            w["psi"].as_f64().unwrap() < w["warn_threshold"].as_f64().unwrap(),
+            "{w}"
+        );
+    }
+    assert_eq!(current["prediction"]["status"], "ok");
+    assert!(
+        gw.get("/ingest").await["stored"]["telemetry"]
+            .as_u64()
+            .unwrap()
+            >= 1200
+    );
+
+    // 2. Feature f2 shifted by one standard deviation: an alert on f2 only.
+    phase(&gw, &raw, &binned, 10, vec![0.0, 0.0, 1.0, 0.0]).await;
+    let alerts = drift_alerts(&gw.get("/alerts").await);
+    assert_eq!(
+        alerts.len(),
+        1,
+        "{alerts:?} {}",
+        gw.get("/drift/sim-model/1.0.0/history?limit=6").await
+    );
+    let a = &alerts[0];
+    assert_eq!(
+        (a["kind"].as_str(), a["state"].as_str()),
+        (Some("data_drift"), Some("open"))
+    );
+    assert_eq!(
+        a["drift"],
+        json!({ "model": "sim-model", "version": "1.0.0", "cohort": "all", "feature": "f2" })
+    );
+    let message = a["message"].as_str().unwrap();
+    assert!(
+        message.contains("sim-model 1.0.0") && message.contains("feature f2"),
+        "{message}"
+    );
+    assert!(
+        message.contains("/api/v1/drift/sim-model/1.0.0/samples.csv?cohort=all"),
+        "{message}"
+    );
+    let current = gw.get("/drift/sim-model/1.0.0").await;
+    let status: Vec<&str> = current["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(status, ["ok", "ok", "alert", "ok"]);
+    let metrics = tokio::task::spawn_blocking({
+        let url = format!("{}/metrics", gw.http_url());
+        move || {
+            ureq::get(&url)
+                .call()
+                .unwrap()
+                .into_body()
+                .read_to_string()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(metrics.contains("fleetgate_drift_status{model=\"sim-model\",version=\"1.0.0\",cohort=\"all\",subject=\"f2\"} 2"), "{metrics}");
+
+    // The inputs the drifted model saw, for retraining.
+    let samples = tokio::task::spawn_blocking({
+        let url = format!("{}/api/v1/drift/sim-model/1.0.0/samples.csv", gw.http_url());
+        move || {
+            ureq::get(&url)
+                .header("Authorization", &format!("Bearer {}", tests::TOKEN))
+                .call()
+                .unwrap()
+                .into_body()
+                .read_to_string()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let mut lines = samples.lines();
+    assert_eq!(
+        lines.next(),
+        Some("device,received_at,f0,f1,f2,f3,prediction,confidence")
+    );
+    assert_eq!(lines.count(), 1000, "the reservoir is full");
+
+    // 3. Back to normal: resolved, and still the only drift alert there ever was.
+    phase(&gw, &raw, &binned, 10, vec![]).await;
+    let alerts = drift_alerts(&gw.get("/alerts").await);
+    assert_eq!(alerts.len(), 1);
+    assert_eq!(alerts[0]["state"], "resolved");
+    assert_eq!(alerts[0]["resolved"]["by"], "drift");
+    assert_eq!(gw.get("/ingest").await["rejected"]["invalid"], 0);
+    gw.stop().await;
+}
