@@ -151,6 +151,21 @@ pub enum Event {
     },
 }
 
+/// Where one cohort is worse than another (see [`Engine::worse`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Comparison {
+    /// Features drifted in the first cohort and not in the second.
+    pub features: Vec<u16>,
+    /// Predictions drifted (or confidence fell) in the first cohort and not in the second.
+    pub prediction: bool,
+}
+
+impl Comparison {
+    pub fn is_worse(&self) -> bool {
+        !self.features.is_empty() || self.prediction
+    }
+}
+
 /// A raw input kept for retraining (see [`Engine::reservoir`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
@@ -194,6 +209,16 @@ impl Window {
             confidence_sum: 0.0,
             confidence_n: 0,
         }
+    }
+
+    /// Empties the window, keeping its allocations.
+    fn clear(&mut self) {
+        for f in &mut self.features {
+            f.counts.fill(0);
+            (f.n, f.min, f.max) = (0, f64::INFINITY, f64::NEG_INFINITY);
+        }
+        self.classes.fill(0);
+        (self.confidence_sum, self.confidence_n) = (0.0, 0);
     }
 
     fn samples(&self) -> u64 {
@@ -276,6 +301,7 @@ pub struct Engine {
     /// Verdict history from before a restart, for streams not created yet.
     restored: HashMap<StreamKey, Vec<Evaluation>>,
     rng: u64,
+    chi2: metrics::Chi2Table,
 }
 
 /// What one telemetry message did, beyond events.
@@ -293,6 +319,7 @@ impl Engine {
             streams: BTreeMap::new(),
             restored: HashMap::new(),
             rng: seed | 1,
+            chi2: metrics::Chi2Table::default(),
         }
     }
 
@@ -378,7 +405,13 @@ impl Engine {
             };
             observed.mismatched += stream.add(tel, device, now_ms, reservoir, &draws);
             if stream.window.samples() >= self.settings.window_samples {
-                events.extend(Self::close(&self.settings, &key, stream, now_ms));
+                events.extend(Self::close(
+                    &self.settings,
+                    &self.chi2,
+                    &key,
+                    stream,
+                    now_ms,
+                ));
             }
         }
         (events, observed)
@@ -422,13 +455,19 @@ impl Engine {
                 stream.opened_ms = now_ms;
                 continue;
             }
-            events.extend(Self::close(&self.settings, key, stream, now_ms));
+            events.extend(Self::close(&self.settings, &self.chi2, key, stream, now_ms));
         }
         events
     }
 
-    fn close(settings: &Settings, key: &StreamKey, stream: &mut Stream, now_ms: u64) -> Vec<Event> {
-        let evaluation = stream.evaluate(settings, now_ms);
+    fn close(
+        settings: &Settings,
+        chi2: &metrics::Chi2Table,
+        key: &StreamKey,
+        stream: &mut Stream,
+        now_ms: u64,
+    ) -> Vec<Event> {
+        let evaluation = stream.evaluate(settings, chi2, now_ms);
         let mut events = vec![Event::Closed {
             key: key.clone(),
             evaluation: evaluation.clone(),
@@ -471,10 +510,50 @@ impl Engine {
                 }
             });
         }
-        stream.window = Window::new(&stream.baseline);
+        stream.window.clear();
         stream.opened_ms = now_ms;
         stream.last = Some(evaluation);
         events
+    }
+
+    /// Whether cohort `a` looks worse than cohort `b` of the same model version in their
+    /// latest closed windows: for some feature (or for the predictions) `a` is over its alert
+    /// threshold while `b` is not, and `a`'s value exceeds `b`'s by more than `a`'s noise
+    /// threshold. A drift both cohorts share (the environment changed for everyone) does not
+    /// make one worse than the other. `None` while either cohort has no judged window.
+    pub fn worse(&self, a: &StreamKey, b: &StreamKey) -> Option<Comparison> {
+        let (ea, eb) = (
+            self.streams.get(a)?.last.as_ref()?,
+            self.streams.get(b)?.last.as_ref()?,
+        );
+        let judged = |v: Verdict| v != Verdict::Insufficient;
+        let mut features = Vec::new();
+        for fa in &ea.features {
+            let Some(fb) = eb.features.iter().find(|f| f.feature == fa.feature) else {
+                continue;
+            };
+            if !judged(fa.verdict) || !judged(fb.verdict) {
+                continue;
+            }
+            if fa.verdict == Verdict::Over
+                && fb.verdict != Verdict::Over
+                && fa.psi - fb.psi >= fa.warn_threshold
+            {
+                features.push(fa.feature);
+            }
+        }
+        let prediction = match (&ea.prediction, &eb.prediction) {
+            (Some(pa), Some(pb)) if judged(pa.verdict) && judged(pb.verdict) => {
+                pa.verdict == Verdict::Over && pb.verdict != Verdict::Over
+            }
+            _ => false,
+        };
+        let judged_any = ea.features.iter().any(|f| judged(f.verdict))
+            || ea.prediction.as_ref().is_some_and(|p| judged(p.verdict));
+        judged_any.then_some(Comparison {
+            features,
+            prediction,
+        })
     }
 
     pub fn streams(&self) -> impl Iterator<Item = StreamView<'_>> {
@@ -574,7 +653,7 @@ impl Stream {
         mismatched
     }
 
-    fn evaluate(&self, s: &Settings, now_ms: u64) -> Evaluation {
+    fn evaluate(&self, s: &Settings, chi2: &metrics::Chi2Table, now_ms: u64) -> Evaluation {
         let features = self
             .baseline
             .features
@@ -583,7 +662,7 @@ impl Stream {
             .enumerate()
             .map(|(i, (fb, fw))| {
                 let current = metrics::shares(&fw.counts);
-                let warn = metrics::psi_noise(fb.reference.len(), fb.n, fw.n, s.psi_warn_floor);
+                let warn = chi2.psi_noise(fb.reference.len(), fb.n, fw.n, s.psi_warn_floor);
                 let alert = s.psi_alert.max(warn);
                 let (psi, js, (ks, ks_bound), w) = if fw.n == 0 {
                     (0.0, 0.0, (0.0, 0.0), 0.0)
@@ -627,7 +706,7 @@ impl Stream {
             let mut counts = self.window.classes.clone();
             counts.resize(width, 0);
             let current = metrics::shares(&counts);
-            let noise = metrics::js_noise(width, pb.n, n, 0.0);
+            let noise = chi2.js_noise(width, pb.n, n, 0.0);
             let js_threshold = s.prediction_js_alert.max(noise);
             let js = if n == 0 {
                 0.0

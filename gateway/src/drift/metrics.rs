@@ -86,41 +86,56 @@ pub fn wasserstein(
     hi: f64,
     ref_std: f64,
 ) -> f64 {
-    let mut xs = Vec::with_capacity(edges.len() + 2);
-    xs.push(lo.min(edges.first().copied().unwrap_or(lo)));
-    xs.extend_from_slice(edges);
-    xs.push(hi.max(edges.last().copied().unwrap_or(hi)));
+    let first = lo.min(edges.first().copied().unwrap_or(lo));
+    let last = hi.max(edges.last().copied().unwrap_or(hi));
+    // Walk the points lo, edges..., hi with the CDF difference at each (0 at both ends).
     let (mut fr, mut fc) = (0.0, 0.0);
-    let mut d = Vec::with_capacity(xs.len());
-    d.push(0.0);
-    for (&r, &c) in reference.iter().zip(current).take(edges.len()) {
-        fr += r;
-        fc += c;
-        d.push(fr - fc);
+    let (mut x, mut d, mut w) = (first, 0.0f64, 0.0);
+    for (i, &edge) in edges.iter().enumerate() {
+        fr += reference.get(i).copied().unwrap_or(0.0);
+        fc += current.get(i).copied().unwrap_or(0.0);
+        let next = fr - fc;
+        w += (d.abs() + next.abs()) / 2.0 * (edge - x);
+        (x, d) = (edge, next);
     }
-    d.push(0.0);
-    let w: f64 = (0..xs.len() - 1)
-        .map(|i| (d[i].abs() + d[i + 1].abs()) / 2.0 * (xs[i + 1] - xs[i]))
-        .sum();
+    w += d.abs() / 2.0 * (last - x);
     w / ref_std.max(1e-12)
 }
 
-/// The PSI a window shows by chance alone, at 99 %: under no drift, PSI is approximately
-/// chi-square with K-1 degrees of freedom times (1/n + 1/m) for reference size n and window
-/// size m. The warning threshold is this or `floor`, whichever is larger.
-pub fn psi_noise(bins: usize, n_ref: u64, m: u64, floor: f64) -> f64 {
-    let dof = bins.saturating_sub(1).max(1) as f64;
-    let noise = chi2_quantile(0.99, dof) * (1.0 / n_ref.max(1) as f64 + 1.0 / m.max(1) as f64);
-    noise.max(floor)
+/// 99 % chi-square quantiles by degrees of freedom, computed once each: a window evaluation
+/// needs one per feature, and the bisection behind [`chi2_quantile`] is not cheap.
+#[derive(Debug, Default)]
+pub struct Chi2Table {
+    q99: std::cell::RefCell<std::collections::HashMap<usize, f64>>,
 }
 
-/// The JS distance two class distributions show by chance alone, at 99 %: JS divergence in
-/// bits is approximately chi-square (C-1 degrees of freedom) times (1/n + 1/m) / (8 ln 2).
-pub fn js_noise(classes: usize, n_ref: u64, m: u64, floor: f64) -> f64 {
-    let dof = classes.saturating_sub(1).max(1) as f64;
-    let divergence = chi2_quantile(0.99, dof) * (1.0 / n_ref.max(1) as f64 + 1.0 / m.max(1) as f64)
-        / (8.0 * std::f64::consts::LN_2);
-    divergence.sqrt().max(floor)
+impl Chi2Table {
+    pub fn q99(&self, dof: usize) -> f64 {
+        let dof = dof.max(1);
+        *self
+            .q99
+            .borrow_mut()
+            .entry(dof)
+            .or_insert_with(|| chi2_quantile(0.99, dof as f64))
+    }
+
+    /// The PSI a window shows by chance alone, at 99 %: under no drift, PSI is approximately
+    /// chi-square with K-1 degrees of freedom times (1/n + 1/m) for reference size n and window
+    /// size m. The warning threshold is this or `floor`, whichever is larger.
+    pub fn psi_noise(&self, bins: usize, n_ref: u64, m: u64, floor: f64) -> f64 {
+        let noise =
+            self.q99(bins.saturating_sub(1)) * (1.0 / n_ref.max(1) as f64 + 1.0 / m.max(1) as f64);
+        noise.max(floor)
+    }
+
+    /// The JS distance two class distributions show by chance alone, at 99 %: JS divergence in
+    /// bits is approximately chi-square (C-1 degrees of freedom) times (1/n + 1/m) / (8 ln 2).
+    pub fn js_noise(&self, classes: usize, n_ref: u64, m: u64, floor: f64) -> f64 {
+        let divergence = self.q99(classes.saturating_sub(1))
+            * (1.0 / n_ref.max(1) as f64 + 1.0 / m.max(1) as f64)
+            / (8.0 * std::f64::consts::LN_2);
+        divergence.sqrt().max(floor)
+    }
 }
 
 /// Natural log of the gamma function (Lanczos, g = 7, n = 9; ~1e-15 relative).

@@ -353,3 +353,42 @@ fn verdicts_survive_a_restart() {
         vec![(Subject::Feature(2), false)]
     );
 }
+
+#[test]
+fn a_cohort_is_worse_only_when_its_drift_is_its_own() {
+    let mut e = engine();
+    let mut g = Normal(37);
+    let key = |c: &str| StreamKey {
+        model: "kws".into(),
+        version: version(),
+        cohort: c.into(),
+    };
+    let feed = |e: &mut Engine, g: &mut Normal, cohort: &str, shifted: Option<(usize, f64)>| {
+        for _ in 0..10 {
+            e.observe(
+                cohort,
+                "d",
+                &telemetry(g, 100, shifted, vec![70, 20, 10]),
+                0,
+            );
+        }
+    };
+    assert_eq!(
+        e.worse(&key("canary"), &key("control")),
+        None,
+        "nothing judged yet"
+    );
+    // Only the canary's inputs shifted: it is worse, on feature 0.
+    feed(&mut e, &mut g, "canary", Some((0, 1.0)));
+    feed(&mut e, &mut g, "control", None);
+    let c = e.worse(&key("canary"), &key("control")).unwrap();
+    assert_eq!(
+        (c.features.clone(), c.prediction, c.is_worse()),
+        (vec![0], false, true)
+    );
+    assert!(!e.worse(&key("control"), &key("canary")).unwrap().is_worse());
+    // Everyone shifted the same way: no cohort is worse than the other.
+    feed(&mut e, &mut g, "canary", Some((0, 1.0)));
+    feed(&mut e, &mut g, "control", Some((0, 1.0)));
+    assert!(!e.worse(&key("canary"), &key("control")).unwrap().is_worse());
+}

@@ -80,7 +80,7 @@ fn feature_metrics_match_the_reference() {
             &format!("case {i} wasserstein"),
         );
         let k = case["k"].as_u64().unwrap() as usize;
-        let floor = psi_noise(
+        let floor = Chi2Table::default().psi_noise(
             k,
             case["n_ref"].as_u64().unwrap(),
             case["m"].as_u64().unwrap(),
