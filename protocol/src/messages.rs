@@ -306,7 +306,8 @@ pub enum Action {
     /// command ack.
     Update(UpdateOffer),
     /// The bin edges of a model version's baseline, so the device can send counts per bin
-    /// ([`FeatureBins`]) instead of raw samples. Sent after a hello; not acknowledged.
+    /// ([`FeatureBins`]) instead of raw samples. Sent after a hello and whenever the baseline
+    /// changes; not acknowledged.
     DriftBins(DriftBins),
 }
 

@@ -58,20 +58,46 @@ impl Writer {
     /// A model version's baseline, looked up in the registry the first time.
     fn baseline(&mut self, model: &str, version: &Version) -> Option<Arc<Baseline>> {
         if !self.drift.knows(model, version) {
-            self.baseline_changed(model, version);
+            self.load_baseline(model, version);
         }
         self.drift.baseline(model, version)
     }
 
-    /// Re-reads a model version's baseline (after it was set or replaced); its windows restart.
-    pub(super) fn baseline_changed(&mut self, model: &str, version: &Version) {
+    /// Reads a model version's baseline from the registry into the engine (its windows
+    /// restart).
+    fn load_baseline(&mut self, model: &str, version: &Version) -> Option<Arc<Baseline>> {
         let found = self
             .store
             .release(ArtifactKind::Model, model, &version.to_string())
             .ok()
             .flatten();
         let baseline = found.and_then(|r| r.baseline).map(Arc::new);
-        self.drift.set_baseline(model, version, baseline);
+        self.drift.set_baseline(model, version, baseline.clone());
+        baseline
+    }
+
+    /// A model version's baseline was set: its windows start over, and the online devices
+    /// running it get the new edges at once (bins counted on old edges would not fit).
+    pub(super) fn baseline_changed(&mut self, model: &str, version: &Version, fx: &mut Effects) {
+        let Some(baseline) = self.load_baseline(model, version) else {
+            return;
+        };
+        let running: Vec<String> = self
+            .devices
+            .values()
+            .filter(|s| s.device.presence.online)
+            .filter(|s| {
+                s.device.hello.as_ref().is_some_and(|h| {
+                    h.models
+                        .iter()
+                        .any(|m| m.name == model && m.version == *version)
+                })
+            })
+            .map(|s| s.device.id.clone())
+            .collect();
+        for device in running {
+            self.send_edges(&device, model, version, &baseline, fx);
+        }
     }
 
     pub(super) fn drift_observe(
@@ -214,30 +240,42 @@ impl Writer {
 
     /// After a hello: the bin edges of each model the device runs that has a baseline.
     pub(super) fn drift_bins(&mut self, device: &str, hello: &Hello, fx: &mut Effects) {
+        for m in &hello.models {
+            if let Some(baseline) = self.baseline(&m.name, &m.version) {
+                self.send_edges(device, &m.name, &m.version, &baseline, fx);
+            }
+        }
+    }
+
+    fn send_edges(
+        &mut self,
+        device: &str,
+        model: &str,
+        version: &Version,
+        baseline: &Baseline,
+        fx: &mut Effects,
+    ) {
         let encoding = self
             .devices
             .get(device)
             .map_or(fleetgate_protocol::Encoding::Postcard, |s| {
                 s.device.encoding
             });
-        for m in &hello.models {
-            let Some(baseline) = self.baseline(&m.name, &m.version) else {
-                continue;
-            };
-            let action = Action::DriftBins(DriftBins {
-                model: m.name.clone(),
-                version: m.version.clone(),
+        let command = Command {
+            id: self.next_command_id,
+            action: Action::DriftBins(DriftBins {
+                model: model.to_owned(),
+                version: version.clone(),
                 edges: baseline.edges(),
-            });
-            let command = Command {
-                id: self.next_command_id,
-                action,
-            };
-            self.next_command_id += 1;
-            if let Ok(payload) = encode(&command, encoding) {
+            }),
+        };
+        self.next_command_id += 1;
+        match encode(&command, encoding) {
+            Ok(payload) => {
                 fx.downlinks
-                    .push((device.to_owned(), Downlink::Command, encoding, payload));
+                    .push((device.to_owned(), Downlink::Command, encoding, payload))
             }
+            Err(e) => tracing::warn!(device, model, %version, error = %e, "drift bins not sent"),
         }
     }
 

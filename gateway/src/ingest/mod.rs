@@ -1096,7 +1096,9 @@ impl Writer {
                 let result = self.cancel_update(t, id, &by, now, fx)?;
                 fx.reply(reply, result);
             }
-            Control::BaselineChanged { model, version } => self.baseline_changed(&model, &version),
+            Control::BaselineChanged { model, version } => {
+                self.baseline_changed(&model, &version, fx)
+            }
             Control::Drift { query, reply } => {
                 let _ = reply.send(self.drift_query(query));
             }

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use fleetgate_sim::FleetSpec;
 use fleetgate_sim::behaviour::DataShape;
+use rumqttc::{Packet, QoS};
 use serde_json::{Value, json};
 use tests::release::{model, public};
-use tests::{TestGateway, config};
+use tests::{TestGateway, config, device};
 use tokio_util::sync::CancellationToken;
 
 /// 20,000 reference rows of 4 standard normal features, classes 70/20/10 %, confidence 0.9.
@@ -79,6 +80,26 @@ async fn phase(
     gw.sync().await;
 }
 
+/// Builds sim-model 1.0.0's baseline on the gateway from [`reference_csv`].
+async fn post_baseline(gw: &TestGateway) -> Value {
+    let url = format!(
+        "{}/api/v1/registry/model/sim-model/1.0.0/baseline.csv?bins=10&prediction=prediction&confidence=confidence",
+        gw.http_url()
+    );
+    let csv = reference_csv();
+    tokio::task::spawn_blocking(move || {
+        ureq::post(&url)
+            .header("Authorization", &format!("Bearer {}", tests::TOKEN))
+            .send(csv.as_bytes())
+            .unwrap()
+            .into_body()
+            .read_json::<Value>()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 fn drift_alerts(alerts: &Value) -> Vec<Value> {
     alerts
         .as_array()
@@ -103,22 +124,7 @@ async fn drift_on_one_feature_is_raised_and_resolved_and_a_quiet_run_raises_noth
     gw.upload(model("1.0.0", 1, "sim-mcu", 4096, &[1]))
         .await
         .unwrap();
-    let url = format!(
-        "{}/api/v1/registry/model/sim-model/1.0.0/baseline.csv?bins=10&prediction=prediction&confidence=confidence",
-        gw.http_url()
-    );
-    let csv = reference_csv();
-    let answer = tokio::task::spawn_blocking(move || {
-        ureq::post(&url)
-            .header("Authorization", &format!("Bearer {}", tests::TOKEN))
-            .send(csv.as_bytes())
-            .unwrap()
-            .into_body()
-            .read_json::<Value>()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let answer = post_baseline(&gw).await;
     assert_eq!(answer["features"].as_array().unwrap().len(), 4);
     assert_eq!(answer["prediction_classes"], 3);
     let baseline = gw.get("/registry/model/sim-model/1.0.0/baseline").await;
@@ -162,7 +168,20 @@ async fn drift_on_one_feature_is_raised_and_resolved_and_a_quiet_run_raises_noth
             "{w}"
         );
     }
-    assert_eq!(current["prediction"]["status"], "ok");
+    // Predictions have no floor under their noise threshold, so a window drawn like the
+    // baseline is "warn" by chance 1 % of the time (the 99 % quantile): none may be "over",
+    // and more than 3 warnings in 30 windows (p < 1e-4 by chance) means the threshold is wrong.
+    let verdicts: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["prediction"]["verdict"].as_str().unwrap())
+        .collect();
+    let count = |v: &str| verdicts.iter().filter(|x| **x == v).count();
+    assert_eq!(count("over"), 0, "{history}");
+    assert!(count("warn") <= 3, "{history}");
+    assert_eq!(count("ok") + count("warn"), 30, "{verdicts:?}");
+    assert_ne!(current["prediction"]["status"], "alert");
     assert!(
         gw.get("/ingest").await["stored"]["telemetry"]
             .as_u64()
@@ -249,5 +268,98 @@ async fn drift_on_one_feature_is_raised_and_resolved_and_a_quiet_run_raises_noth
     assert_eq!(alerts[0]["state"], "resolved");
     assert_eq!(alerts[0]["resolved"]["by"], "drift");
     assert_eq!(gw.get("/ingest").await["rejected"]["invalid"], 0);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_baseline_set_while_devices_are_online_reaches_the_devices_running_that_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = config(tmp.path());
+    c.registry.trusted_keys = vec![public(1)];
+    let gw = TestGateway::start_with(c, Some(tmp)).await;
+    gw.upload(model("1.0.0", 1, "sim-mcu", 4096, &[1]))
+        .await
+        .unwrap();
+
+    // Two devices online before the baseline exists: one runs sim-model 1.0.0, one 0.9.0.
+    let mut devices = Vec::new();
+    for (id, version) in [("edge-1", "1.0.0"), ("edge-2", "0.9.0")] {
+        let cred = gw.enroll(id).await;
+        let (client, mut rx) = device::connect(gw.mqtt_port(), id, &cred.secret)
+            .await
+            .unwrap();
+        client
+            .subscribe(format!("fg/{id}/cmd/json"), QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let hello = json!({
+            "firmware": { "name": "fw", "version": "1.0.0" },
+            "models": [ { "name": "sim-model", "version": version } ],
+            "hardware": { "arch": "armv7em", "class": "sim-mcu", "ram_bytes": 1, "flash_bytes": 1 },
+        });
+        client
+            .publish(
+                format!("fg/{id}/hello/json"),
+                QoS::AtLeastOnce,
+                false,
+                hello.to_string(),
+            )
+            .await
+            .unwrap();
+        device::await_acks(&mut rx, 1).await;
+        devices.push((client, rx));
+    }
+    gw.sync().await;
+
+    post_baseline(&gw).await;
+    let baseline = gw.get("/registry/model/sim-model/1.0.0/baseline").await;
+    let edges: Vec<Vec<f32>> = baseline["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            f["edges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect();
+
+    let (_, rx) = &mut devices[0];
+    let command = loop {
+        match device::next_incoming(rx, Duration::from_secs(10)).await {
+            Some(Packet::Publish(p)) => break p,
+            Some(_) => continue,
+            None => panic!("edge-1 got no drift bins"),
+        }
+    };
+    assert_eq!(command.topic, "fg/edge-1/cmd/json");
+    let command: Value = serde_json::from_slice(&command.payload).unwrap();
+    let bins = &command["action"]["drift_bins"];
+    assert_eq!(
+        (&bins["model"], &bins["version"]),
+        (&json!("sim-model"), &json!("1.0.0"))
+    );
+    let sent: Vec<Vec<f32>> = serde_json::from_value(bins["edges"].clone()).unwrap();
+    assert_eq!(sent, edges);
+    assert_eq!(sent.iter().map(Vec::len).collect::<Vec<_>>(), [9, 9, 9, 9]);
+
+    // The device running another version is sent nothing: the first command it sees is a
+    // ping sent after the baseline.
+    gw.post("/devices/edge-2/commands", json!({ "action": "ping" }))
+        .await
+        .unwrap();
+    let (_, rx) = &mut devices[1];
+    let first = loop {
+        match device::next_incoming(rx, Duration::from_secs(10)).await {
+            Some(Packet::Publish(p)) => break p,
+            Some(_) => continue,
+            None => panic!("edge-2 got no ping"),
+        }
+    };
+    let first: Value = serde_json::from_slice(&first.payload).unwrap();
+    assert_eq!(first["action"], "ping", "{first}");
     gw.stop().await;
 }
