@@ -67,10 +67,16 @@ impl ApiClient {
     }
 
     pub fn get(&self, path: &str) -> Result<Value, ClientError> {
+        self.get_query(path, &[])
+    }
+
+    /// GET with query parameters (encoded here, so any value is safe to pass).
+    pub fn get_query(&self, path: &str, query: &[(&str, &str)]) -> Result<Value, ClientError> {
         let url = self.url(path);
         let sent = self
             .agent
             .get(&url)
+            .query_pairs(query.iter().copied())
             .header("Authorization", &self.bearer())
             .call();
         self.finish(url, sent)

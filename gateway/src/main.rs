@@ -65,6 +65,13 @@ enum Command {
         #[arg(long, default_value = "all")]
         cohort: String,
     },
+    /// List, acknowledge and resolve alerts (hardware and drift) on a running gateway.
+    Alerts {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: AlertsCommand,
+    },
     /// Start, follow and cancel updates on a running gateway.
     Updates {
         #[command(flatten)]
@@ -268,6 +275,55 @@ enum DevicesCommand {
     Revoke { id: String },
 }
 
+#[derive(Debug, Subcommand)]
+enum AlertsCommand {
+    /// List alerts, newest first.
+    List {
+        /// open, acknowledged or resolved.
+        #[arg(long)]
+        state: Option<String>,
+        /// info, warning or critical.
+        #[arg(long)]
+        severity: Option<String>,
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Acknowledge an alert: someone is on it (it stays open until resolved).
+    Ack { id: u64 },
+    /// Resolve an alert by hand.
+    Resolve { id: u64 },
+}
+
+fn alerts(c: &ApiClient, command: AlertsCommand) -> anyhow::Result<()> {
+    let answer = match command {
+        AlertsCommand::List {
+            state,
+            severity,
+            device,
+            limit,
+        } => {
+            let limit = limit.to_string();
+            let mut query = vec![("limit", limit.as_str())];
+            for (name, value) in [
+                ("state", &state),
+                ("severity", &severity),
+                ("device", &device),
+            ] {
+                if let Some(v) = value {
+                    query.push((name, v.as_str()));
+                }
+            }
+            c.get_query("/alerts", &query)?
+        }
+        AlertsCommand::Ack { id } => c.post(&format!("/alerts/{id}/ack"), &Value::Null)?,
+        AlertsCommand::Resolve { id } => c.post(&format!("/alerts/{id}/resolve"), &Value::Null)?,
+    };
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    Ok(())
+}
+
 fn parse_runtime(s: &str) -> Result<fleetgate_protocol::manifest::RuntimeReq, String> {
     let (name, version) = s
         .split_once(">=")
@@ -360,14 +416,20 @@ fn main() -> ExitCode {
             cohort,
         } => match client(&api) {
             Ok(c) => report((|| {
-                let path = match (model, version) {
-                    (Some(m), Some(v)) => format!("/drift/{m}/{v}?cohort={cohort}"),
-                    (None, None) => "/drift".to_owned(),
+                let answer = match (model, version) {
+                    (Some(m), Some(v)) => {
+                        c.get_query(&format!("/drift/{m}/{v}"), &[("cohort", &cohort)])?
+                    }
+                    (None, None) => c.get("/drift")?,
                     _ => anyhow::bail!("give both model and version, or neither"),
                 };
-                println!("{}", serde_json::to_string_pretty(&c.get(&path)?)?);
+                println!("{}", serde_json::to_string_pretty(&answer)?);
                 Ok(())
             })()),
+            Err(code) => code,
+        },
+        Command::Alerts { api, command } => match client(&api) {
+            Ok(c) => report(alerts(&c, command)),
             Err(code) => code,
         },
         Command::Updates { api, command } => match client(&api) {

@@ -1,0 +1,254 @@
+//! The `fleetgate` command as an operator runs it: checking configs, and the release and drift
+//! flow of the README against a running gateway, with the errors a mistyped argument gets.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use fleetgate::{Config, Gateway};
+use serde_json::Value;
+
+const TOKEN: &str = "cli-test-token-0123456789abcdef";
+
+/// Runs `fleetgate args...` with nothing taken from the caller's environment.
+async fn fleetgate(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+            .args(&args)
+            .env_remove("FLEETGATE_API_TOKEN")
+            .env_remove("FLEETGATE_URL")
+            .env_remove("FLEETGATE_LOG")
+            .output()
+            .expect("fleetgate runs")
+    })
+    .await
+    .expect("command task")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs a command that must succeed and returns its standard output.
+async fn ok(args: &[&str]) -> String {
+    let o = fleetgate(args).await;
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    stdout(&o)
+}
+
+#[tokio::test]
+async fn a_bad_config_names_every_bad_field_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "[mqtt]\nmax_connections = \"lots\"\n[drift]\npsi_alert = -1.0\n[storage]\nsize = 3\n",
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    for args in [
+        vec!["config", "check", file],
+        vec!["serve", "--config", file],
+    ] {
+        let o = fleetgate(&args).await;
+        assert_eq!(o.status.code(), Some(64), "{args:?}");
+        let err = stderr(&o);
+        for field in ["mqtt.max_connections", "drift.psi_alert", "storage.size"] {
+            assert!(err.contains(field), "{args:?} does not name {field}: {err}");
+        }
+    }
+
+    // The embedded default config is valid and is what `config default` prints.
+    let default = ok(&["config", "default"]).await;
+    let file = dir.path().join("default.toml");
+    std::fs::write(&file, &default).unwrap();
+    let checked = ok(&["config", "check", file.to_str().unwrap()]).await;
+    assert_eq!(checked.trim(), format!("{}: ok", file.display()));
+}
+
+/// 2,000 reference rows: two features and a predicted class.
+fn reference_csv(path: &Path) {
+    let mut csv = String::from("temp,vibration,prediction\n");
+    for i in 0..2000u32 {
+        let temp = 20.0 + f64::from(i % 100) / 10.0;
+        let vibration = f64::from((i * 37) % 1000) / 1000.0;
+        csv.push_str(&format!("{temp},{vibration},{}\n", i % 3));
+    }
+    std::fs::write(path, csv).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_release_and_drift_flow_of_the_readme_works_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+
+    // 1. A release key, offline.
+    let printed = ok(&["keys", "generate", "--out", &d("release")]).await;
+    let public = std::fs::read_to_string(d("release.pub")).unwrap();
+    let public = public.trim();
+    assert_eq!(public.len(), 64);
+    assert!(printed.contains(public), "{printed}");
+
+    // A gateway that trusts it.
+    let mut config = Config::default();
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.token = Some(TOKEN.to_owned());
+    config.storage.data_dir = dir.path().join("data");
+    config.registry.trusted_keys = vec![fleetgate_config::parse_key(public).unwrap()];
+    let gateway = Gateway::start(config).await.unwrap();
+    let url = format!("http://{}", gateway.http_addr);
+    let api = ["--url", url.as_str(), "--token", TOKEN];
+    let with_api = |args: &[&'static str]| -> Vec<String> {
+        args.iter()
+            .map(|a| (*a).to_owned())
+            .chain(api.iter().map(|a| (*a).to_owned()))
+            .collect()
+    };
+    let run = |args: Vec<String>| async move {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        fleetgate(&refs).await
+    };
+
+    // 2. A signed bundle, 3. registered.
+    std::fs::write(d("kws.tflite"), vec![7u8; 10_000]).unwrap();
+    ok(&[
+        "bundle",
+        "sign",
+        &d("kws.tflite"),
+        "--kind",
+        "model",
+        "--name",
+        "kws",
+        "--version",
+        "2.0.0",
+        "--release",
+        "1",
+        "--class",
+        "sim-mcu",
+        "--key",
+        &d("release.key"),
+        "--out",
+        &d("kws.fgb"),
+    ])
+    .await;
+    let mut args = with_api(&["registry", "upload"]);
+    args.push(d("kws.fgb"));
+    let o = run(args).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // A bundle signed by a key the gateway does not trust is refused, and says why.
+    ok(&["keys", "generate", "--out", &d("stranger")]).await;
+    ok(&[
+        "bundle",
+        "sign",
+        &d("kws.tflite"),
+        "--kind",
+        "model",
+        "--name",
+        "kws",
+        "--version",
+        "2.0.1",
+        "--release",
+        "2",
+        "--class",
+        "sim-mcu",
+        "--key",
+        &d("stranger.key"),
+        "--out",
+        &d("stranger.fgb"),
+    ])
+    .await;
+    let mut args = with_api(&["registry", "upload"]);
+    args.push(d("stranger.fgb"));
+    let o = run(args).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("not signed by any trusted key"),
+        "{}",
+        stderr(&o)
+    );
+
+    // The baseline: built offline from a reference CSV, uploaded to the version.
+    reference_csv(Path::new(&d("reference.csv")));
+    let built = ok(&[
+        "baseline",
+        "build",
+        &d("reference.csv"),
+        "--prediction",
+        "prediction",
+        "--out",
+        &d("baseline.json"),
+    ])
+    .await;
+    assert!(built.contains("2 features, 2000 reference rows"), "{built}");
+    let mut args = with_api(&["baseline", "upload", "kws", "2.0.0"]);
+    args.push(d("baseline.json"));
+    let o = run(args).await;
+    assert_eq!(
+        stdout(&o).trim(),
+        "model kws 2.0.0: baseline with 2 features",
+        "{}",
+        stderr(&o)
+    );
+
+    // Devices with labels, then alerts and drift, with the errors a typo gets.
+    let o = run(with_api(&[
+        "devices",
+        "enroll",
+        "pump-1",
+        "--label",
+        "site=north",
+    ]))
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(with_api(&["devices", "show", "pump-1"])).await;
+    let device: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(device["labels"]["site"], "north");
+
+    let o = run(with_api(&["alerts", "list", "--state", "open"])).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout(&o)).unwrap(),
+        Value::Array(vec![])
+    );
+    let o = run(with_api(&["alerts", "list", "--state", "opened"])).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("state \"opened\": one of open, acknowledged, resolved"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(with_api(&["alerts", "ack", "999"])).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("404"), "{}", stderr(&o));
+
+    // A cohort name that needs encoding reaches the gateway intact.
+    let o = run(with_api(&[
+        "drift",
+        "kws",
+        "2.0.0",
+        "--cohort",
+        "north & south",
+    ]))
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no drift data for kws 2.0.0 (cohort north & south)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(with_api(&["drift"])).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout(&o)).unwrap(),
+        Value::Array(vec![])
+    );
+
+    gateway
+        .shutdown(std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+}
