@@ -13,7 +13,12 @@ concurrent=${3:-1000}
 bin=target/release
 work=$(mktemp -d)
 gw=; sim=
-trap 'kill "${gw:-0}" "${sim:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
+# Stop what is still running, by pid (an empty pid must not become `kill 0`).
+cleanup() {
+  for pid in ${sim:-} ${gw:-}; do kill "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
 
 "$bin/fleetgate" keys generate --out "$work/release" > /dev/null
 key=$(cat "$work/release.pub")

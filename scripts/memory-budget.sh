@@ -9,7 +9,12 @@ counts=("${@:-0 100 1000}")
 [ $# -eq 0 ] && counts=(0 100 1000)
 bin=target/release
 work=$(mktemp -d)
-trap 'kill "${gw:-0}" "${sim:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
+# Stop what is still running, by pid (an empty pid must not become `kill 0`).
+cleanup() {
+  for pid in ${sim:-} ${gw:-}; do kill "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
 
 mqtt=127.0.0.1:18830
 http=127.0.0.1:18080

@@ -21,11 +21,47 @@ pub enum EnrollError {
     File { path: String, message: String },
 }
 
-/// Enrolls `ids` (re-issuing the credential of ids already enrolled), `threads` at a time.
+/// Spreads a fleet over groups by a device label: the i-th device gets
+/// `label = "<label>-<i mod groups>"` (e.g. `site = "site-3"`), for cohorts and rollout stages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spread {
+    pub label: String,
+    pub groups: usize,
+}
+
+impl Spread {
+    fn labels(&self, i: usize) -> Value {
+        json!({ &self.label: format!("{}-{}", self.label, i % self.groups.max(1)) })
+    }
+}
+
+impl std::str::FromStr for Spread {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Spread, String> {
+        let (label, groups) = s
+            .split_once('=')
+            .ok_or("expected LABEL=GROUPS, e.g. site=20")?;
+        let groups: usize = groups
+            .parse()
+            .map_err(|_| format!("groups {groups:?} is not a number"))?;
+        if label.is_empty() || groups == 0 {
+            return Err("the label must not be empty and groups must be at least 1".into());
+        }
+        Ok(Spread {
+            label: label.to_owned(),
+            groups,
+        })
+    }
+}
+
+/// Enrolls `ids` (re-issuing the credential of ids already enrolled), `threads` at a time,
+/// labelled by `spread` if given (a re-issued credential keeps the device's labels).
 pub fn enroll(
     api: &str,
     token: &str,
     ids: &[String],
+    spread: Option<&Spread>,
     threads: usize,
 ) -> Result<Vec<Credential>, EnrollError> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -35,7 +71,7 @@ pub fn enroll(
         .into();
     let base = format!("{}/api/v1", api.trim_end_matches('/'));
     let auth = format!("Bearer {token}");
-    let one = |id: &str| -> Result<Credential, EnrollError> {
+    let one = |i: usize, id: &str| -> Result<Credential, EnrollError> {
         let post = |path: String, body: Value| -> Result<(u16, Value), EnrollError> {
             let response = agent
                 .post(&path)
@@ -49,7 +85,13 @@ pub fn enroll(
                 .map_err(|e| EnrollError::Api(format!("{path}: {e}")))?;
             Ok((status, value))
         };
-        let (mut status, mut body) = post(format!("{base}/devices"), json!({ "id": id }))?;
+        let (mut status, mut body) = post(
+            format!("{base}/devices"),
+            match spread {
+                Some(sp) => json!({ "id": id, "labels": sp.labels(i) }),
+                None => json!({ "id": id }),
+            },
+        )?;
         if status == 409 {
             (status, body) = post(format!("{base}/devices/{id}/credential"), json!({}))?;
         }
@@ -69,8 +111,14 @@ pub fn enroll(
     std::thread::scope(|s| {
         let handles: Vec<_> = ids
             .chunks(chunk)
-            .map(|part| {
-                s.spawn(move || part.iter().map(|id| one(id)).collect::<Result<Vec<_>, _>>())
+            .enumerate()
+            .map(|(c, part)| {
+                s.spawn(move || {
+                    part.iter()
+                        .enumerate()
+                        .map(|(j, id)| one(c * chunk + j, id))
+                        .collect::<Result<Vec<_>, _>>()
+                })
             })
             .collect();
         let mut all = Vec::with_capacity(ids.len());
@@ -130,4 +178,24 @@ pub fn save(path: &Path, credentials: &[Credential]) -> Result<(), EnrollError> 
 /// Device ids `prefix-00000`, `prefix-00001`, ...
 pub fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i:05}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_labels_devices_round_robin() {
+        let s: Spread = "site=20".parse().unwrap();
+        assert_eq!(s.labels(0), json!({ "site": "site-0" }));
+        assert_eq!(s.labels(23), json!({ "site": "site-3" }));
+        assert_eq!(s.labels(19), json!({ "site": "site-19" }));
+    }
+
+    #[test]
+    fn spread_refuses_malformed_input() {
+        for bad in ["site", "site=0", "=3", "site=x", "site=-1"] {
+            assert!(bad.parse::<Spread>().is_err(), "{bad} parsed");
+        }
+    }
 }

@@ -68,6 +68,10 @@ struct Target {
     /// Device ids are <prefix>-00000, <prefix>-00001, ...
     #[arg(long, default_value = "sim")]
     prefix: String,
+    /// Label enrolled devices into groups, as LABEL=GROUPS: device i gets
+    /// LABEL="LABEL-<i mod GROUPS>" (e.g. site=20 gives site-0 .. site-19).
+    #[arg(long)]
+    spread: Option<enroll::Spread>,
     /// Allow a gateway that is not on this machine (load belongs on loopback by default).
     #[arg(long)]
     allow_remote: bool,
@@ -101,6 +105,15 @@ struct RunArgs {
     /// Raw input samples per telemetry message.
     #[arg(long, default_value_t = 0)]
     samples: usize,
+    /// Input features per sample (standard normal each, unless shifted).
+    #[arg(long, default_value_t = 4)]
+    features: usize,
+    /// Send counts per baseline bin instead of raw samples, once the gateway sent the edges.
+    #[arg(long)]
+    bins: bool,
+    /// Shift the mean of one feature, as FEATURE=DELTA (e.g. 2=1.5); repeatable.
+    #[arg(long = "shift", value_parser = parse_shift)]
+    shifts: Vec<(usize, f32)>,
     /// Release key the devices trust for updates (64 hex characters); repeatable. Without
     /// one, devices refuse every update.
     #[arg(long = "trust-key", value_parser = fleetgate_config::parse_key)]
@@ -149,6 +162,22 @@ fn main() -> ExitCode {
     }
 }
 
+fn parse_shift(s: &str) -> Result<(usize, f32), String> {
+    let (f, delta) = s
+        .split_once('=')
+        .ok_or("expected FEATURE=DELTA, e.g. 2=1.5")?;
+    let f = f
+        .parse()
+        .map_err(|_| format!("feature index {f:?} is not a number"))?;
+    let delta: f32 = delta
+        .parse()
+        .map_err(|_| format!("delta {delta:?} is not a number"))?;
+    if !delta.is_finite() {
+        return Err("delta must be finite".into());
+    }
+    Ok((f, delta))
+}
+
 fn check_target(t: &Target) -> Result<(), String> {
     let loopback = |ip: IpAddr| ip.is_loopback();
     if !t.allow_remote && !loopback(t.mqtt.ip()) {
@@ -178,7 +207,8 @@ fn credentials(t: &Target, n: usize) -> Result<Vec<enroll::Credential>, String> 
         .as_deref()
         .ok_or("give --token (or FLEETGATE_API_TOKEN) to enroll, or --credentials")?;
     let ids = enroll::ids(&t.prefix, n);
-    let creds = enroll::enroll(&t.api, token, &ids, 8).map_err(|e| e.to_string())?;
+    let creds =
+        enroll::enroll(&t.api, token, &ids, t.spread.as_ref(), 8).map_err(|e| e.to_string())?;
     if let Some(path) = &t.save_credentials {
         enroll::save(path, &creds).map_err(|e| e.to_string())?;
     }
@@ -196,6 +226,28 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
     };
     if duration.is_some_and(|d| d > MAX_DURATION) {
         return Err("--duration is limited to 24h".into());
+    }
+    if args.features == 0 || args.features > fleetgate_protocol::limits::MAX_FEATURES {
+        return Err(format!(
+            "--features must be within 1..={}",
+            fleetgate_protocol::limits::MAX_FEATURES
+        ));
+    }
+    if args.samples > fleetgate_protocol::limits::MAX_SAMPLES {
+        return Err(format!(
+            "--samples must be at most {}",
+            fleetgate_protocol::limits::MAX_SAMPLES
+        ));
+    }
+    if args.bins && args.samples == 0 {
+        return Err("--bins summarises samples: give --samples too".into());
+    }
+    let mut shift = vec![0.0; args.features];
+    for (f, delta) in args.shifts {
+        *shift
+            .get_mut(f)
+            .ok_or_else(|| format!("--shift {f}=..: there are {} features", args.features))? =
+            delta;
     }
     let creds = credentials(&args.target, args.devices)?;
     let mut spec = FleetSpec::new(
@@ -218,6 +270,9 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
     };
     spec.shape = DataShape {
         samples: args.samples,
+        features: args.features,
+        shift,
+        bins: args.bins,
         ..DataShape::default()
     };
     spec.profiles = vec![fleetgate_sim::updater::DeviceProfile {

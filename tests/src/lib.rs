@@ -141,10 +141,12 @@ impl TestGateway {
     pub async fn enroll_fleet(&self, prefix: &str, n: usize) -> Vec<Credential> {
         let ids = fleetgate_sim::enroll::ids(prefix, n);
         let url = self.http_url();
-        tokio::task::spawn_blocking(move || fleetgate_sim::enroll::enroll(&url, TOKEN, &ids, 4))
-            .await
-            .expect("enroll task")
-            .expect("enroll fleet")
+        tokio::task::spawn_blocking(move || {
+            fleetgate_sim::enroll::enroll(&url, TOKEN, &ids, None, 4)
+        })
+        .await
+        .expect("enroll task")
+        .expect("enroll fleet")
     }
 }
 
