@@ -19,6 +19,9 @@ pub const MAX_FEATURES: usize = 64;
 pub const MAX_BINS: usize = 256;
 /// Most classes in a class histogram.
 pub const MAX_CLASSES: usize = 256;
+/// Longest signed body of a rollback directive, in bytes: a device id, two names and versions
+/// and a few numbers fit in well under half of it.
+pub const MAX_ROLLBACK_LEN: usize = 1024;
 
 /// A decoded message that breaks a rule: which field, and what is wrong with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

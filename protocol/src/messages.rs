@@ -16,7 +16,7 @@ use crate::sign::Signed;
 use crate::update::UpdateError;
 
 /// A firmware image or model a device has installed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Installed {
     pub name: String,
@@ -309,6 +309,11 @@ pub enum Action {
     /// ([`FeatureBins`]) instead of raw samples. Sent after a hello and whenever the baseline
     /// changes; not acknowledged.
     DriftBins(DriftBins),
+    /// A signed [`RollbackDirective`](crate::RollbackDirective): go back to the image in the
+    /// other slot. Answered with a [`CommandAck`]: `done` (then the device reboots into that
+    /// image and says hello again), or `rejected` with the reason
+    /// `"<RollbackError name>: <detail>"`.
+    Rollback(Signed),
 }
 
 /// Interior bin edges per feature (bin i holds x with `edges[i-1] <= x < edges[i]`).
@@ -506,6 +511,17 @@ impl Validate for Command {
                 )?;
                 for e in &bins.edges {
                     limits::count("action.drift_bins.edges", e.len(), limits::MAX_BINS)?;
+                }
+                Ok(())
+            }
+            Action::Rollback(directive) => {
+                limits::count(
+                    "action.rollback.signatures",
+                    directive.signatures.len(),
+                    crate::sign::MAX_SIGNATURES,
+                )?;
+                if directive.body.len() > limits::MAX_ROLLBACK_LEN {
+                    return Err(Invalid::new("action.rollback.body", "is too long"));
                 }
                 Ok(())
             }

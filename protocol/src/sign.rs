@@ -8,9 +8,13 @@
 
 use alloc::vec::Vec;
 
-use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use ed25519_dalek::{Signer, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+/// The key type that signs documents, re-exported so that signers need not depend on
+/// ed25519-dalek themselves.
+pub use ed25519_dalek::SigningKey;
 
 /// What kind of document a signature is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

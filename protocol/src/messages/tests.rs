@@ -1,3 +1,5 @@
+//! Golden bytes, round trips, the docs examples and property tests of every message.
+
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -138,6 +140,19 @@ fn offer() -> Command {
     }
 }
 
+fn rollback() -> Command {
+    Command {
+        id: 2,
+        action: Action::Rollback(Signed {
+            body: vec![1, 2, 3],
+            signatures: vec![crate::sign::Signature {
+                key_id: [7; 8],
+                signature: [9; 64],
+            }],
+        }),
+    }
+}
+
 fn ack() -> CommandAck {
     CommandAck {
         id: 300,
@@ -199,6 +214,12 @@ fn postcard_golden_bytes() {
             "09".repeat(64)
         ),
     );
+    // id 2; Rollback = variant 5; body 03 010203; one signature: 08 x 07, 40 x 09.
+    check(
+        "rollback",
+        &rollback(),
+        &alloc::format!("010205030102030108{}40{}", "07".repeat(8), "09".repeat(64)),
+    );
 }
 
 #[test]
@@ -223,6 +244,7 @@ fn postcard_round_trips_every_message() {
     rt(chunk());
     rt(report());
     rt(offer());
+    rt(rollback());
     rt(UpdateReport {
         transfer: 1,
         state: UpdateState::Installed {
@@ -377,8 +399,10 @@ fn decode_all(bytes: &[u8]) {
         let _ = decode::<Chunk>(bytes, enc);
         let _ = decode::<UpdateReport>(bytes, enc);
         let _ = decode::<crate::Manifest>(bytes, enc);
+        let _ = decode::<crate::RollbackDirective>(bytes, enc);
         if let Ok(signed) = postcard::from_bytes::<Signed>(bytes) {
             let _ = signed.verify(crate::sign::Domain::Manifest, &[[7; 32]], 1);
+            let _ = crate::check_rollback(&signed, &[[7; 32]], "d1", 0, |_, _| None);
         }
     }
 }
@@ -394,10 +418,12 @@ proptest! {
 
     #[test]
     fn mutated_valid_messages_never_panic(idx in 0usize..200, byte in any::<u8>(), cut in 0usize..200) {
-        let mut bytes = encode(&telemetry(), Encoding::Postcard).unwrap();
-        let i = idx % bytes.len();
-        bytes[i] = byte;
-        bytes.truncate(cut.max(1));
-        decode_all(&bytes);
+        for msg in [encode(&telemetry(), Encoding::Postcard), encode(&rollback(), Encoding::Postcard)] {
+            let mut bytes = msg.unwrap();
+            let i = idx % bytes.len();
+            bytes[i] = byte;
+            bytes.truncate(cut.max(1));
+            decode_all(&bytes);
+        }
     }
 }
