@@ -219,7 +219,7 @@ impl Device {
             self.counters.clone(),
             self.stop.clone(),
             done_sending.clone(),
-            self.index,
+            device_seed(spec.seed, &self.cred.id).wrapping_mul(31),
         ));
 
         let subscriptions = [Downlink::Command, Downlink::Chunk]
@@ -232,6 +232,7 @@ impl Device {
         {
             let mut b = shared.behaviour.lock().await;
             b.claimed_class = profile.faults.claim_class.clone();
+            b.regression = profile.regression.clone();
             if let Some(release) = profile.model_release
                 && let Some(m) = b.models.first_mut()
             {
@@ -245,7 +246,10 @@ impl Device {
         // A restart waits until everything sent is acknowledged, so the gateway has the
         // device's last reports before it drops the connection.
         let mut restart_pending = false;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed.wrapping_add(self.index));
+        // The connection is ending because the device dropped it on purpose (a reboot or the
+        // disconnect fault): the error that follows is not one.
+        let mut planned_drop = false;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(device_seed(spec.seed, &self.cred.id));
         loop {
             let event = tokio::select! {
                 biased;
@@ -273,6 +277,12 @@ impl Device {
                     self.counters.bump(&self.counters.connects, 1);
                     self.counters.mark_connected(self.index);
                     restart = None;
+                    // What the last connection had in flight is resent by the client or was
+                    // lost with it; either way this connection starts with nothing to wait for
+                    // (otherwise one lost message would hold every later restart forever).
+                    shared
+                        .sent
+                        .store(shared.acked.load(Ordering::Relaxed), Ordering::Relaxed);
                     // Subscribe before hello: the gateway sends offers once it has the hello.
                     for t in &subscriptions {
                         let _ = client.try_subscribe(t.clone(), QoS::AtLeastOnce);
@@ -305,6 +315,9 @@ impl Device {
                         let _ = client.try_disconnect();
                     }
                 }
+                // A device going down (reboot, or the disconnect fault) handles nothing more:
+                // what it would send now could be lost with the connection.
+                Ok(Event::Incoming(Packet::Publish(_))) if restart.is_some() => {}
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let effect = self
                         .on_publish(&p, &client, &shared, &id, &mut updater)
@@ -320,6 +333,7 @@ impl Device {
                     }
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) if restart.is_some() => {
+                    planned_drop = true;
                     if shared.online.swap(false, Ordering::Relaxed) {
                         self.connected.fetch_sub(1, Ordering::Relaxed);
                     }
@@ -333,7 +347,9 @@ impl Device {
                     if shared.online.swap(false, Ordering::Relaxed) {
                         self.connected.fetch_sub(1, Ordering::Relaxed);
                     }
-                    self.counters.bump(&self.counters.errors, 1);
+                    if !std::mem::take(&mut planned_drop) {
+                        self.counters.bump(&self.counters.errors, 1);
+                    }
                     if matches!(e, rumqttc::ConnectionError::ConnectionRefused(_)) {
                         self.counters.bump(&self.counters.connect_errors, 1);
                     }
@@ -359,7 +375,8 @@ impl Device {
 }
 
 impl Device {
-    /// Handles a message from the gateway: a command, an update offer or a chunk.
+    /// Handles a message from the gateway: a command, an update offer, a rollback directive or
+    /// a chunk.
     async fn on_publish(
         &self,
         p: &rumqttc::Publish,
@@ -368,7 +385,6 @@ impl Device {
         id: &str,
         updater: &mut Updater,
     ) -> UpdateEffect {
-        let spec = &self.spec;
         let Ok(parsed) = fleetgate_protocol::Topic::parse(&p.topic) else {
             self.counters.bump(&self.counters.errors, 1);
             return UpdateEffect::None;
@@ -400,20 +416,24 @@ impl Device {
                     self.send_report(client, shared, id, &report);
                     return UpdateEffect::None;
                 }
+                if let fleetgate_protocol::Action::Rollback(directive) = &cmd.action {
+                    let now = now_ms();
+                    self.counters.rollback_received(now);
+                    let outcome = {
+                        let mut b = shared.behaviour.lock().await;
+                        updater.rollback(&mut b, cmd.id, directive, now)
+                    };
+                    match outcome.refused {
+                        None => self.counters.bump(&self.counters.rollbacks_done, 1),
+                        Some(code) => self.counters.rollback_rejected(code),
+                    }
+                    // The ack goes out before the reboot: a restart waits until it is acked.
+                    self.send_ack(client, shared, id, &outcome.ack);
+                    return outcome.effect;
+                }
                 let (ack, effect) = shared.behaviour.lock().await.command(&cmd);
-                if let Some(ack) = ack
-                    && let Ok(payload) = encode(&ack, spec.encoding)
-                    && client
-                        .try_publish(
-                            topic_for(id, Uplink::Ack, spec.encoding),
-                            QoS::AtLeastOnce,
-                            false,
-                            payload,
-                        )
-                        .is_ok()
-                {
-                    self.counters.bump(&self.counters.command_acks, 1);
-                    count_sent(shared, QoS::AtLeastOnce);
+                if let Some(ack) = ack {
+                    self.send_ack(client, shared, id, &ack);
                 }
                 if effect == Effect::Reboot {
                     UpdateEffect::Reboot
@@ -421,6 +441,28 @@ impl Device {
                     UpdateEffect::None
                 }
             }
+        }
+    }
+
+    fn send_ack(
+        &self,
+        client: &AsyncClient,
+        shared: &Shared,
+        id: &str,
+        ack: &fleetgate_protocol::CommandAck,
+    ) {
+        if let Ok(payload) = encode(ack, self.spec.encoding)
+            && client
+                .try_publish(
+                    topic_for(id, Uplink::Ack, self.spec.encoding),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
+                .is_ok()
+        {
+            self.counters.bump(&self.counters.command_acks, 1);
+            count_sent(shared, QoS::AtLeastOnce);
         }
     }
 
@@ -480,6 +522,17 @@ fn count_sent(shared: &Shared, qos: QoS) {
     }
 }
 
+/// A device's random seed: the run's seed mixed with the device id (FNV-1a), so that two fleets
+/// run side by side with the same seed never draw the same numbers.
+fn device_seed(seed: u64, id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for b in id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 /// The sending task: telemetry (and alerts) on the device's interval, then waits for the
 /// acknowledgements and tells the polling task to disconnect.
 async fn send(
@@ -489,7 +542,7 @@ async fn send(
     counters: Arc<Counters>,
     stop: CancellationToken,
     done: CancellationToken,
-    index: u64,
+    seed: u64,
 ) {
     // Wait for the first CONNACK.
     loop {
@@ -502,7 +555,7 @@ async fn send(
             _ = up => {}
         }
     }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed.wrapping_mul(31).wrapping_add(index));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let deadline = spec.duration.map(|d| tokio::time::Instant::now() + d);
     // Spread devices over the interval so a fleet does not publish in lockstep.
     let phase = spec.interval.mul_f64(rng.random_range(0.0..1.0));
@@ -524,12 +577,18 @@ async fn send(
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep_until(next) => {}
         }
-        let (telemetry, alert, interval_ms) = {
+        let (telemetry, alerts, interval_ms) = {
             let mut b = shared.behaviour.lock().await;
             let t = b.telemetry(&mut rng, now_ms());
-            let a = (spec.alert_every > 0 && (sent + 1).is_multiple_of(spec.alert_every))
-                .then(|| b.alert(&mut rng, now_ms()));
-            (t, a, b.interval_ms)
+            let mut alerts = Vec::new();
+            if spec.alert_every > 0 && (sent + 1).is_multiple_of(spec.alert_every) {
+                alerts.push(b.alert(&mut rng, now_ms()));
+            }
+            // A regressed version alerts on its own cadence, on top of the fleet's.
+            if b.take_regression_alert() {
+                alerts.push(b.alert(&mut rng, now_ms()));
+            }
+            (t, alerts, b.interval_ms)
         };
         let publish = |channel, payload| {
             client.publish(
@@ -547,12 +606,13 @@ async fn send(
         }
         counters.bump(&counters.telemetry, 1);
         count_sent(&shared, spec.qos);
-        if let Some(alert) = alert
-            && let Ok(payload) = encode(&alert, spec.encoding)
-            && publish(Uplink::Alert, payload).await.is_ok()
-        {
-            counters.bump(&counters.alerts, 1);
-            count_sent(&shared, spec.qos);
+        for alert in alerts {
+            if let Ok(payload) = encode(&alert, spec.encoding)
+                && publish(Uplink::Alert, payload).await.is_ok()
+            {
+                counters.bump(&counters.alerts, 1);
+                count_sent(&shared, spec.qos);
+            }
         }
         sent += 1;
         next += Duration::from_millis(u64::from(interval_ms));

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fleetgate_protocol::Encoding;
-use fleetgate_sim::behaviour::DataShape;
+use fleetgate_sim::behaviour::{DataShape, Regression, parse_classes};
+use fleetgate_sim::updater::{DeviceProfile, Trust};
 use fleetgate_sim::{FleetSpec, enroll};
 use tokio_util::sync::CancellationToken;
 
@@ -28,7 +29,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Connect N devices that say hello, send telemetry and alerts, and answer commands.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Enroll N devices through the API and save their credentials for later runs.
     Enroll(EnrollArgs),
 }
@@ -121,6 +122,26 @@ struct RunArgs {
     /// Distinct trusted keys an update must be signed by.
     #[arg(long, default_value_t = 1)]
     trust_threshold: usize,
+    /// The gateway's key the devices trust for rollback directives (64 hex characters);
+    /// repeatable. Without one, devices refuse every rollback.
+    #[arg(long = "rollback-key", value_parser = fleetgate_config::parse_key)]
+    rollback_keys: Vec<[u8; 32]>,
+    /// Make every Nth device's installs fail after a good download (the devices with index
+    /// N-1, 2N-1, ...).
+    #[arg(long, value_name = "N")]
+    fail_install_every: Option<u64>,
+    /// Make every device behave worse while it runs one model version, as
+    /// MODEL@VERSION:key=value,... with keys latency (factor), alerts (an alert every N
+    /// messages), confidence (delta), temp (delta, C), free_mem (factor), power (factor) and
+    /// classes (weights a/b/c), e.g. sim-model@2.0.0:latency=3,alerts=5.
+    #[arg(long, value_name = "SPEC")]
+    regress: Option<String>,
+    /// Relative frequency of each predicted class, e.g. 0.7,0.2,0.1 (the default).
+    #[arg(long, value_name = "A,B,C")]
+    classes: Option<String>,
+    /// Mean confidence of the model's predictions, within 0..=1 (default 0.9).
+    #[arg(long)]
+    confidence: Option<f32>,
     /// Write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -136,7 +157,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Run(args) => match run(args) {
+        Command::Run(args) => match run(*args) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("fleetgate-sim: {e}");
@@ -249,6 +270,54 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
             .ok_or_else(|| format!("--shift {f}=..: there are {} features", args.features))? =
             delta;
     }
+    let mut shape = DataShape {
+        samples: args.samples,
+        features: args.features,
+        shift,
+        bins: args.bins,
+        ..DataShape::default()
+    };
+    if let Some(classes) = &args.classes {
+        shape.classes = parse_classes(classes, ',').map_err(|e| format!("--classes: {e}"))?;
+    }
+    if let Some(c) = args.confidence {
+        if !(0.0..=1.0).contains(&c) {
+            return Err("--confidence must be within 0..=1".into());
+        }
+        shape.mean_confidence = c;
+    }
+    let regression = args
+        .regress
+        .as_deref()
+        .map(str::parse::<Regression>)
+        .transpose()
+        .map_err(|e| format!("--regress: {e}"))?;
+    let profile = DeviceProfile {
+        trust: Trust {
+            keys: args.trust_keys,
+            threshold: args.trust_threshold,
+            rollback_keys: args.rollback_keys,
+        },
+        regression,
+        ..DeviceProfile::default()
+    };
+    // Device i gets profiles[i % len]: with N profiles, the last one is every Nth device's.
+    let profiles = match args.fail_install_every {
+        None => vec![profile],
+        Some(n) if n >= 1 && n <= args.devices as u64 => (1..=n)
+            .map(|i| {
+                let mut p = profile.clone();
+                p.faults.fail_install = i == n;
+                p
+            })
+            .collect(),
+        Some(_) => {
+            return Err(format!(
+                "--fail-install-every must be within 1..={} (the number of devices)",
+                args.devices
+            ));
+        }
+    };
     let creds = credentials(&args.target, args.devices)?;
     let mut spec = FleetSpec::new(
         &args.target.mqtt.ip().to_string(),
@@ -268,20 +337,8 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         Enc::Postcard => Encoding::Postcard,
         Enc::Json => Encoding::Json,
     };
-    spec.shape = DataShape {
-        samples: args.samples,
-        features: args.features,
-        shift,
-        bins: args.bins,
-        ..DataShape::default()
-    };
-    spec.profiles = vec![fleetgate_sim::updater::DeviceProfile {
-        trust: fleetgate_sim::updater::Trust {
-            keys: args.trust_keys,
-            threshold: args.trust_threshold,
-        },
-        ..Default::default()
-    }];
+    spec.shape = shape;
+    spec.profiles = profiles;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

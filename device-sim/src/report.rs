@@ -1,9 +1,11 @@
 //! What a simulated fleet did, counted while it ran.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use fleetgate_protocol::RollbackError;
 use serde::Serialize;
 
 /// Counters shared by every device of a run.
@@ -22,6 +24,15 @@ pub struct Counters {
     pub updates_installed: AtomicU64,
     pub updates_rejected: AtomicU64,
     pub updates_failed: AtomicU64,
+    /// Rollback directives obeyed (the device reverted and rebooted).
+    pub rollbacks_done: AtomicU64,
+    /// Rollback directives refused, in total and by reason.
+    pub rollbacks_rejected: AtomicU64,
+    rollbacks_rejected_by: std::sync::Mutex<BTreeMap<&'static str, u64>>,
+    /// Wall-clock time (ms since the UNIX epoch) the first and the last rollback directive
+    /// arrived at any device; 0 until one does.
+    pub first_rollback_ms: AtomicU64,
+    pub last_rollback_ms: AtomicU64,
     pub acked: AtomicU64,
     pub errors: AtomicU64,
     /// Devices that got a CONNACK at least once.
@@ -63,6 +74,33 @@ impl Counters {
         }
     }
 
+    /// Notes that a rollback directive arrived at wall-clock time `now_ms`.
+    pub fn rollback_received(&self, now_ms: u64) {
+        let _ =
+            self.first_rollback_ms
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |first| {
+                    (first == 0 || now_ms < first).then_some(now_ms)
+                });
+        self.last_rollback_ms.fetch_max(now_ms, Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+
+    /// Counts a refused rollback directive under its reason.
+    pub fn rollback_rejected(&self, code: RollbackError) {
+        if let Ok(mut by) = self.rollbacks_rejected_by.lock() {
+            *by.entry(code.name()).or_default() += 1;
+        }
+        self.bump(&self.rollbacks_rejected, 1);
+    }
+
+    /// Refused rollback directives by reason name.
+    pub fn rollbacks_rejected_by(&self) -> BTreeMap<String, u64> {
+        self.rollbacks_rejected_by
+            .lock()
+            .map(|by| by.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect())
+            .unwrap_or_default()
+    }
+
     /// QoS 1 publishes handed to the client (every kind of message).
     pub fn published(&self) -> u64 {
         [
@@ -91,6 +129,12 @@ pub struct Report {
     pub acked: u64,
     pub commands_received: u64,
     pub updates: Updates,
+    pub rollbacks: Rollbacks,
+    /// Wall-clock time (ms since the UNIX epoch) the first rollback directive arrived at any
+    /// device; with `last_rollback_ms`, what a benchmark measures the spread of a rollback by.
+    pub first_rollback_ms: Option<u64>,
+    /// Wall-clock time (ms since the UNIX epoch) the last rollback directive arrived.
+    pub last_rollback_ms: Option<u64>,
     pub errors: u64,
     pub elapsed_s: f64,
     /// Telemetry messages per second over the run.
@@ -106,6 +150,16 @@ pub struct Updates {
     /// Chunks received again after they were stored.
     pub chunks_duplicate: u64,
     pub reports: u64,
+}
+
+/// What devices did with rollback directives.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Rollbacks {
+    /// Reverted to the other slot (and rebooted into it).
+    pub done: u64,
+    pub rejected: u64,
+    /// Refusals by reason (`not_running`, `expired`, ...).
+    pub rejected_by: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -141,6 +195,13 @@ impl Report {
                 chunks_duplicate: g(&c.chunks_duplicate),
                 reports: g(&c.update_reports),
             },
+            rollbacks: Rollbacks {
+                done: g(&c.rollbacks_done),
+                rejected: g(&c.rollbacks_rejected),
+                rejected_by: c.rollbacks_rejected_by(),
+            },
+            first_rollback_ms: Some(g(&c.first_rollback_ms)).filter(|ms| *ms > 0),
+            last_rollback_ms: Some(g(&c.last_rollback_ms)).filter(|ms| *ms > 0),
             errors: g(&c.errors),
             elapsed_s: secs,
             telemetry_rate: if secs > 0.0 {
@@ -187,6 +248,26 @@ impl fmt::Display for Report {
                 u.installed, u.rejected, u.failed, u.chunks_stored, u.chunks_duplicate
             )?;
         }
+        let r = &self.rollbacks;
+        if r.done + r.rejected > 0 {
+            write!(f, "rollbacks: {} done, {} rejected", r.done, r.rejected)?;
+            if !r.rejected_by.is_empty() {
+                let by: Vec<String> = r
+                    .rejected_by
+                    .iter()
+                    .map(|(code, n)| format!("{code} {n}"))
+                    .collect();
+                write!(f, " ({})", by.join(", "))?;
+            }
+            if let (Some(first), Some(last)) = (self.first_rollback_ms, self.last_rollback_ms) {
+                write!(
+                    f,
+                    "; directives received over {} ms",
+                    last.saturating_sub(first)
+                )?;
+            }
+            writeln!(f)?;
+        }
         writeln!(f, "errors:    {}", self.errors)?;
         write!(
             f,
@@ -195,3 +276,6 @@ impl fmt::Display for Report {
         )
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,21 +1,29 @@
-//! The simulated device's update client: the real checks from `fleetgate_protocol::update`,
-//! A/B slots, resumable downloads, and faults to inject.
+//! The simulated device's update client: the real checks from `fleetgate_protocol::update`
+//! and `fleetgate_protocol::rollback`, A/B slots, resumable downloads, rollbacks, and faults to
+//! inject.
 
 use std::collections::HashMap;
 
 use fleetgate_protocol::update::{Accepted, DevicePolicy, Download, Failure, check_offer};
-use fleetgate_protocol::{Chunk, Installed, UpdateError, UpdateOffer, UpdateReport, UpdateState};
+use fleetgate_protocol::{
+    AckStatus, Chunk, CommandAck, Installed, RollbackError, RollbackFailure, Signed, UpdateError,
+    UpdateOffer, UpdateReport, UpdateState, check_rollback,
+};
 
-use crate::behaviour::Behaviour;
+use crate::behaviour::{Behaviour, Regression};
 
 /// Chunks between two progress reports (the gateway's default window is 8).
 pub const REPORT_EVERY: u64 = 4;
 
-/// Keys the device trusts for updates.
+/// Keys the device trusts.
 #[derive(Debug, Clone, Default)]
 pub struct Trust {
+    /// Release keys, for update manifests.
     pub keys: Vec<[u8; 32]>,
+    /// Distinct release keys a manifest must be signed by.
     pub threshold: usize,
+    /// The gateway's keys, for rollback directives only (one signature suffices).
+    pub rollback_keys: Vec<[u8; 32]>,
 }
 
 /// Misbehaviour to simulate.
@@ -44,6 +52,8 @@ pub struct DeviceProfile {
     pub faults: Faults,
     /// Installed release of the model (default 1).
     pub model_release: Option<u64>,
+    /// How the device behaves worse on one model version.
+    pub regression: Option<Regression>,
 }
 
 /// What the runner does after a message.
@@ -54,6 +64,16 @@ pub enum UpdateEffect {
     Reconnect,
     /// Reboot into the new image; send `pending` after the hello.
     Reboot,
+}
+
+/// How the device answered a rollback directive.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RollbackOutcome {
+    pub ack: CommandAck,
+    /// Why it refused; `None`: it reverted.
+    pub refused: Option<RollbackError>,
+    /// [`UpdateEffect::Reboot`] after a revert, into the restored image.
+    pub effect: UpdateEffect,
 }
 
 /// Counts of what the update client saw.
@@ -226,7 +246,7 @@ impl Updater {
             version: manifest.version.clone(),
             release: manifest.release,
         };
-        behaviour.install(manifest.kind, installed);
+        behaviour.install(manifest.kind, installed, transfer);
         self.stats.installed += 1;
         self.pending = Some(UpdateReport {
             transfer,
@@ -237,4 +257,55 @@ impl Updater {
         });
         (reports, UpdateEffect::Reboot)
     }
+
+    /// Answers rollback directive `id`: the protocol's checks against the device's slots, at
+    /// the device's (possibly skewed) time; on success the artifact's other slot becomes the
+    /// running one and the device reboots into it.
+    pub fn rollback(
+        &mut self,
+        behaviour: &mut Behaviour,
+        id: u64,
+        directive: &Signed,
+        now_ms: u64,
+    ) -> RollbackOutcome {
+        let device_time = now_ms.saturating_add_signed(self.profile.faults.clock_skew_ms);
+        let checked = check_rollback(
+            directive,
+            &self.profile.trust.rollback_keys,
+            &behaviour.id,
+            device_time,
+            |kind, name| behaviour.slot(kind, name),
+        );
+        let failure = match checked {
+            Ok(d) if behaviour.revert(d.kind, &d.from.name) => None,
+            // The checks found the other slot, so activating it cannot fail; were it to, the
+            // device would still run `from`.
+            Ok(_) => Some(RollbackFailure {
+                code: RollbackError::NoPrevious,
+                detail: "the other slot could not be activated".into(),
+            }),
+            Err(f) => Some(f),
+        };
+        match failure {
+            None => RollbackOutcome {
+                ack: CommandAck {
+                    id,
+                    status: AckStatus::Done,
+                },
+                refused: None,
+                effect: UpdateEffect::Reboot,
+            },
+            Some(f) => RollbackOutcome {
+                ack: CommandAck {
+                    id,
+                    status: AckStatus::Rejected { reason: f.reason() },
+                },
+                refused: Some(f.code),
+                effect: UpdateEffect::None,
+            },
+        }
+    }
 }
+
+#[cfg(test)]
+mod tests;

@@ -32,6 +32,7 @@ fn trusting(keys: &[u8], threshold: usize) -> DeviceProfile {
         trust: Trust {
             keys: keys.iter().map(|k| public(*k)).collect(),
             threshold,
+            ..Trust::default()
         },
         ..DeviceProfile::default()
     }
