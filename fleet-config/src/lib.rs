@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use fleetgate_protocol::{AlertKind, HwMetric, Severity};
 
+mod rollouts;
 mod walk;
 
+pub use rollouts::{Abort, Gates, RolloutPolicy, Rollouts, StagePolicy, StageSize, Threshold};
 use walk::{Problems, Section};
 
 /// The embedded default configuration, with a comment on every setting.
@@ -30,6 +32,7 @@ pub struct Config {
     pub registry: Registry,
     pub updates: Updates,
     pub drift: Drift,
+    pub rollouts: Rollouts,
     pub alerts: Alerts,
 }
 
@@ -354,6 +357,8 @@ impl Config {
         }
         let drift = drift.finish_with(dr, p);
 
+        let rollouts = Rollouts::walk(root.section(p, "rollouts"), p);
+
         let mut alerts = root.section(p, "alerts");
         let rules = alerts
             .tables(p, "rules")
@@ -371,6 +376,7 @@ impl Config {
             registry,
             updates,
             drift,
+            rollouts,
             alerts,
         }
         .finish_with(root, p)

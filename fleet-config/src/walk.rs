@@ -15,7 +15,7 @@ pub(crate) struct Problems {
 }
 
 impl Problems {
-    fn push(&mut self, path: String, message: String) {
+    pub(crate) fn push(&mut self, path: String, message: String) {
         self.errors.push(ConfigError { path, message });
     }
 
@@ -61,6 +61,60 @@ impl<'t> Section<'t> {
             path: String::new(),
             table: Some(table),
             used: Vec::new(),
+        }
+    }
+
+    /// A table found at `path` (an array item, say).
+    pub(crate) fn at(path: String, table: &'t Table) -> Self {
+        Section {
+            path,
+            table: Some(table),
+            used: Vec::new(),
+        }
+    }
+
+    /// The items of an array of any values, each with its path; a missing key is an error.
+    pub(crate) fn array(&mut self, p: &mut Problems, key: &str) -> Vec<(String, &'t Value)> {
+        let path = self.key_path(key);
+        match self.required(p, key) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("{path}[{i}]"), v))
+                .collect(),
+            Some(other) => {
+                p.push(
+                    path,
+                    format!("expected an array, found {}", other.type_str()),
+                );
+                Vec::new()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// The raw value of `key`, without marking it read.
+    pub(crate) fn raw(&self, key: &str) -> Option<&'t Value> {
+        self.table?.get(key)
+    }
+
+    /// Whether the table has `key` (without reading it).
+    pub(crate) fn has(&self, key: &str) -> bool {
+        self.table.is_some_and(|t| t.contains_key(key))
+    }
+
+    pub(crate) fn boolean(&mut self, p: &mut Problems, key: &str) -> bool {
+        match self.required(p, key) {
+            Some(Value::Boolean(b)) => *b,
+            Some(other) => {
+                self.error(
+                    p,
+                    key,
+                    &format!("expected true or false, found {}", other.type_str()),
+                );
+                false
+            }
+            None => false,
         }
     }
 
