@@ -72,6 +72,18 @@ impl Gateway {
             .await?
             .context("starting the embedded broker")?;
 
+        // The gateway's own key for rollback directives: configured, or made on first start.
+        let rollback_key = {
+            let (configured, dir) = (config.rollouts.signing_key.clone(), data_dir.clone());
+            tokio::task::spawn_blocking(move || match configured {
+                Some(path) => crate::registry::keys::read(&path),
+                None => crate::registry::keys::load_or_create(&dir.join("rollback")),
+            })
+            .await?
+            .context("loading the rollback signing key (rollouts.signing_key)")?
+        };
+        let rollback_public = rollback_key.verifying_key().to_bytes();
+
         let writer = {
             let (store, config, credentials, sessions) = (
                 store.clone(),
@@ -80,11 +92,13 @@ impl Gateway {
                 sessions.clone(),
             );
             let (downlink, metrics) = (broker.downlink(), metrics.clone());
-            tokio::task::spawn_blocking(move || {
+            let mut writer = tokio::task::spawn_blocking(move || {
                 Writer::new(store, &config, credentials, sessions, downlink, metrics)
             })
             .await?
-            .context("loading state from the database")?
+            .context("loading state from the database")?;
+            writer.set_rollback_key(rollback_key);
+            writer
         };
         let writer = std::thread::Builder::new()
             .name("fg-writer".into())
@@ -121,6 +135,8 @@ impl Gateway {
             metrics: metrics.clone(),
             token: auth::digest(&token),
             max_body_bytes: config.registry.max_bundle_bytes,
+            rollouts: config.rollouts.clone(),
+            rollback_public,
         });
         let app = api::router(api_state);
         let http_shutdown = shutdown.clone();

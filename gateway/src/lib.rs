@@ -15,6 +15,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod model;
 pub mod registry;
+pub mod rollouts;
 pub mod storage;
 pub mod updates;
 

@@ -164,6 +164,10 @@ pub struct Metrics {
     pub drift_status: Family<DriftLabels, Gauge>,
     /// Samples or bin counts that did not match their model's baseline.
     pub drift_mismatched: Counter,
+    /// Rollouts running or paused.
+    pub rollouts_active: Gauge,
+    /// Signed rollback directives sent to devices.
+    pub rollback_directives: Counter,
     storage_bytes: Gauge,
     resident_bytes: Gauge,
     log_limit: LogLimit,
@@ -250,6 +254,12 @@ impl Metrics {
                 r,
                 "drift_mismatched",
                 "Samples or bin counts that did not match the model's baseline",
+            ),
+            rollouts_active: metric(r, "rollouts_active", "Rollouts running or paused"),
+            rollback_directives: metric(
+                r,
+                "rollback_directives",
+                "Signed rollback directives sent to devices",
             ),
             storage_bytes: metric(r, "storage_bytes", "Size of the database file"),
             resident_bytes: metric(

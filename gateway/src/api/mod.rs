@@ -25,6 +25,7 @@ use crate::storage::{AlertFilter, Store};
 
 mod drift;
 pub mod error;
+mod rollouts;
 mod updates;
 pub mod views;
 
@@ -44,6 +45,10 @@ pub struct ApiState {
     pub token: Digest32,
     /// Largest request body (bundle uploads); other bodies are small JSON.
     pub max_body_bytes: usize,
+    /// The rollout policy rollouts start from, with the rules for their overrides.
+    pub rollouts: fleetgate_config::Rollouts,
+    /// The public key devices must trust for rollback directives.
+    pub rollback_public: [u8; 32],
 }
 
 type AppState = State<Arc<ApiState>>;
@@ -84,6 +89,15 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/drift/{model}/{version}", get(drift::current))
         .route("/drift/{model}/{version}/history", get(drift::history))
         .route("/drift/{model}/{version}/samples.csv", get(drift::samples))
+        .route("/rollouts", get(rollouts::list).post(rollouts::create))
+        .route("/rollouts/signing-key", get(rollouts::signing_key))
+        .route("/rollouts/{id}", get(rollouts::get))
+        .route("/rollouts/{id}/pause", post(rollouts::pause))
+        .route("/rollouts/{id}/resume", post(rollouts::resume))
+        .route("/rollouts/{id}/abort", post(rollouts::abort))
+        .route("/rollouts/{id}/rollback", post(rollouts::rollback))
+        .route("/rollouts/{id}/devices", get(rollouts::devices))
+        .route("/rollouts/{id}/audit", get(rollouts::audit))
         .route("/updates", get(updates::transfers).post(updates::start))
         .route("/updates/{id}", get(updates::transfer))
         .route("/updates/{id}/cancel", post(updates::cancel))

@@ -42,6 +42,8 @@ fn api() -> Api {
         metrics,
         token: digest(TOKEN),
         max_body_bytes: 1 << 20,
+        rollouts: config.rollouts.clone(),
+        rollback_public: [7; 32],
     });
     Api {
         _dir: dir,

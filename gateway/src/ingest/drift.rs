@@ -56,7 +56,7 @@ impl Writer {
     }
 
     /// A model version's baseline, looked up in the registry the first time.
-    fn baseline(&mut self, model: &str, version: &Version) -> Option<Arc<Baseline>> {
+    pub(super) fn baseline(&mut self, model: &str, version: &Version) -> Option<Arc<Baseline>> {
         if !self.drift.knows(model, version) {
             self.load_baseline(model, version);
         }

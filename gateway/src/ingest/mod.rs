@@ -37,11 +37,13 @@ use crate::updates;
 use seq::SeqOutcome;
 
 mod drift;
+mod rollouts;
 pub mod seq;
 mod transfers;
 
 pub use drift::{DriftAnswer, DriftQuery, DriftStream};
 
+pub use rollouts::{RolloutCreated, RolloutRequest};
 pub use transfers::{UpdatePlan, UpdateRequest};
 
 pub type WriterTx = flume::Sender<WriterMsg>;
@@ -143,6 +145,23 @@ pub enum Control {
         by: String,
         reply: Reply<crate::model::TransferRecord>,
     },
+    CreateRollout {
+        request: Box<RolloutRequest>,
+        by: String,
+        reply: Reply<RolloutCreated>,
+    },
+    Rollout {
+        id: u64,
+        action: crate::rollouts::OperatorAction,
+        by: String,
+        reason: Option<String>,
+        reply: Reply<crate::rollouts::model::RolloutRecord>,
+    },
+    /// Live views of one rollout, or of every rollout that may still act.
+    RolloutViews {
+        id: Option<u64>,
+        reply: oneshot::Sender<Vec<crate::rollouts::View>>,
+    },
     /// A model version's baseline was set or replaced.
     BaselineChanged {
         model: String,
@@ -243,6 +262,45 @@ impl ControlTx {
     ) -> Result<crate::model::TransferRecord, ControlError> {
         self.ask(|reply| Control::CancelUpdate { id, by, reply })
             .await
+    }
+
+    pub async fn create_rollout(
+        &self,
+        request: RolloutRequest,
+        by: String,
+    ) -> Result<RolloutCreated, ControlError> {
+        let request = Box::new(request);
+        self.ask(|reply| Control::CreateRollout { request, by, reply })
+            .await
+    }
+
+    pub async fn rollout(
+        &self,
+        id: u64,
+        action: crate::rollouts::OperatorAction,
+        by: String,
+        reason: Option<String>,
+    ) -> Result<crate::rollouts::model::RolloutRecord, ControlError> {
+        self.ask(|reply| Control::Rollout {
+            id,
+            action,
+            by,
+            reason,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn rollout_views(
+        &self,
+        id: Option<u64>,
+    ) -> Result<Vec<crate::rollouts::View>, ControlError> {
+        let (reply, rx) = oneshot::channel();
+        self.0
+            .send_async(Control::RolloutViews { id, reply })
+            .await
+            .map_err(|_| ControlError::Stopped)?;
+        rx.await.map_err(|_| ControlError::Stopped)
     }
 
     pub async fn baseline_changed(&self, model: String, version: semver::Version) {
@@ -364,6 +422,11 @@ pub struct Writer {
     artifacts: ArtifactStore,
     prepared: transfers::PreparedCache,
     next_transfer_id: u64,
+    rollouts: crate::rollouts::Engine,
+    rollout_settings: crate::rollouts::Settings,
+    next_rollout_id: u64,
+    /// Signs rollback directives; without it none can be sent.
+    rollback_key: Option<Arc<ed25519_dalek::SigningKey>>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -417,6 +480,9 @@ impl Writer {
             retention_interval: config.retention.interval,
             rules: config.alerts.rules.clone(),
         };
+        let rollout_settings = crate::rollouts::Settings {
+            directive_ttl_ms: config.rollouts.directive_ttl.as_millis() as u64,
+        };
         let mut writer = Writer {
             store,
             settings,
@@ -440,9 +506,18 @@ impl Writer {
             artifacts: ArtifactStore::new(&config.storage.data_dir),
             prepared: transfers::PreparedCache::new(),
             next_transfer_id: 1,
+            rollouts: crate::rollouts::Engine::new(rollout_settings),
+            rollout_settings,
+            next_rollout_id: 1,
+            rollback_key: None,
         };
         writer.reload()?;
         Ok(writer)
+    }
+
+    /// The key that signs rollback directives.
+    pub fn set_rollback_key(&mut self, key: ed25519_dalek::SigningKey) {
+        self.rollback_key = Some(Arc::new(key));
     }
 
     /// (Re)builds the in-memory state from storage: at start, and after a failed commit.
@@ -488,8 +563,16 @@ impl Writer {
         self.updates = updates::Engine::new(self.update_settings);
         self.prepared.clear();
         let now = now_ms();
+        self.next_rollout_id = loaded.next_rollout_id;
+        self.rollouts = crate::rollouts::Engine::new(self.rollout_settings);
+        let limits: HashMap<u64, updates::Limits> =
+            self.restore_rollouts(loaded.rollouts).into_iter().collect();
         for record in loaded.open_transfers {
-            let _ = self.updates.on_event(updates::Event::Start(record), now);
+            let event = match limits.get(&record.id) {
+                Some(l) => updates::Event::StartLimited(record, *l),
+                None => updates::Event::Start(record),
+            };
+            let _ = self.updates.on_event(event, now);
         }
         // Drift verdicts continue from the last stored windows.
         self.drift = crate::drift::engine::Engine::new(self.drift_settings.clone(), DRIFT_SEED);
@@ -646,7 +729,8 @@ impl Writer {
             WriterMsg::Presence(p) => {
                 let (device, online, at) = (p.device.clone(), p.online, p.at_ms);
                 if self.apply_presence(p) && !online {
-                    self.update_event(t, updates::Event::Offline(device), at, fx)?;
+                    self.update_event(t, updates::Event::Offline(device.clone()), at, fx)?;
+                    self.rollouts_offline(t, &device, at, fx)?;
                 }
             }
             WriterMsg::Rejected { device } => {
@@ -745,13 +829,20 @@ impl Writer {
                         received_ms,
                         fx,
                     )?;
+                    self.rollouts_hello(t, &m.device, received_ms, fx)?;
                 }
                 said
             }
             Uplink::Telemetry => self.telemetry(t, &m, fx)?,
-            Uplink::Alert => self.device_alert(t, &m)?,
+            Uplink::Alert => {
+                let stored = self.device_alert(t, &m)?;
+                if stored {
+                    self.rollouts_alert(t, &m.device, received_ms, fx)?;
+                }
+                stored
+            }
             Uplink::Log => self.log(t, &m)?,
-            Uplink::Ack => self.ack(t, &m)?,
+            Uplink::Ack => self.ack(t, &m, fx)?,
             Uplink::Report => match self.decode::<fleetgate_protocol::UpdateReport>(&m) {
                 Some(report) => self.report(t, &m.device, report, received_ms, fx)?,
                 None => false,
@@ -830,6 +921,7 @@ impl Writer {
         s.device.last_hw = Some(tel.hw.clone());
         self.apply_rules(t, &m.device, &tel, m.received_us / 1000)?;
         self.drift_observe(t, &m.device, &tel, m.received_us / 1000)?;
+        self.rollouts_telemetry(t, &m.device, &tel, m.received_us / 1000, fx)?;
         Ok(true)
     }
 
@@ -1006,7 +1098,12 @@ impl Writer {
         Ok(true)
     }
 
-    fn ack(&mut self, t: &mut Tables<'_>, m: &UplinkMsg) -> storage::Result<bool> {
+    fn ack(
+        &mut self,
+        t: &mut Tables<'_>,
+        m: &UplinkMsg,
+        fx: &mut Effects,
+    ) -> storage::Result<bool> {
         let Some(ack) = self.decode::<CommandAck>(m) else {
             return Ok(false);
         };
@@ -1019,6 +1116,7 @@ impl Writer {
             );
             return Ok(false);
         };
+        self.rollouts_ack(t, &cmd, &status, m.received_us / 1000, fx)?;
         cmd.state = match status {
             fleetgate_protocol::AckStatus::Done => CommandState::Done,
             fleetgate_protocol::AckStatus::Rejected { reason } => CommandState::Rejected { reason },
@@ -1095,6 +1193,23 @@ impl Writer {
             Control::CancelUpdate { id, by, reply } => {
                 let result = self.cancel_update(t, id, &by, now, fx)?;
                 fx.reply(reply, result);
+            }
+            Control::CreateRollout { request, by, reply } => {
+                let result = self.create_rollout(t, *request, &by, now, fx)?;
+                fx.reply(reply, result);
+            }
+            Control::Rollout {
+                id,
+                action,
+                by,
+                reason,
+                reply,
+            } => {
+                let result = self.rollout_operator(t, id, action, &by, reason, now, fx)?;
+                fx.reply(reply, result);
+            }
+            Control::RolloutViews { id, reply } => {
+                let _ = reply.send(self.rollout_views(id));
             }
             Control::BaselineChanged { model, version } => {
                 self.baseline_changed(&model, &version, fx)
@@ -1249,6 +1364,7 @@ impl Writer {
             if self.updates.live().next().is_some() {
                 self.update_event(t, updates::Event::Tick, now, &mut fx)?;
             }
+            self.rollouts_tick(t, now, &mut fx)?;
             self.drift_tick(t, now)
         });
         match result {

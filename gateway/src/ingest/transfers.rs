@@ -14,7 +14,7 @@ use super::{ControlError, Effects, Writer};
 use crate::broker::front::Direct;
 use crate::clock::now_ms;
 use crate::metrics::Reject;
-use crate::model::{Stamp, TransferRecord, TransferState};
+use crate::model::{ArtifactRecord, ReleaseRecord, Stamp, TransferRecord, TransferState};
 use crate::storage::{self, Tables, schema};
 use crate::updates::{self, Event};
 
@@ -61,6 +61,29 @@ pub(super) struct ChunkSend {
     to: u64,
 }
 
+/// Why a device cannot take a release now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(super) enum Unfit {
+    #[error("{0}")]
+    Skip(String),
+    #[error("update in progress (transfer {0})")]
+    Busy(u64),
+    #[error("already runs release {0}")]
+    Runs(u64),
+}
+
+/// What a device runs of an artifact, by its hello.
+pub(super) fn running(
+    hello: &fleetgate_protocol::Hello,
+    kind: ArtifactKind,
+    name: &str,
+) -> Option<fleetgate_protocol::Installed> {
+    match kind {
+        ArtifactKind::Firmware => (hello.firmware.name == name).then(|| hello.firmware.clone()),
+        ArtifactKind::Model => hello.models.iter().find(|m| m.name == name).cloned(),
+    }
+}
+
 /// Artifacts of transfers in progress, loaded once.
 pub(super) type PreparedCache = HashMap<[u8; 32], Arc<Prepared>>;
 
@@ -94,88 +117,94 @@ impl Writer {
             skipped: Vec::new(),
         };
         for device in devices {
-            let skip =
-                |plan: &mut UpdatePlan, why: String| plan.skipped.push((device.clone(), why));
-            let Some(state) = self.devices.get(&device) else {
-                skip(&mut plan, "not enrolled".into());
-                continue;
-            };
-            if state.device.revoked() {
-                skip(&mut plan, "revoked".into());
-                continue;
-            }
-            let Some(hello) = &state.device.hello else {
-                skip(
-                    &mut plan,
-                    "hardware unknown: the device has not said hello yet".into(),
-                );
-                continue;
-            };
-            let Some(artifact) = release.artifact_for(&hello.hardware) else {
-                let hw = &hello.hardware;
-                skip(
-                    &mut plan,
-                    format!(
-                        "no artifact for class {} ({}, {} bytes RAM)",
-                        hw.class, hw.arch, hw.ram_bytes
-                    ),
-                );
-                continue;
-            };
-            if now >= artifact.manifest.expires_ms {
-                skip(&mut plan, "the release's manifest has expired".into());
-                continue;
-            }
-            if let Some(busy) = self.updates.transfer_of(&device) {
-                skip(
-                    &mut plan,
-                    format!("update in progress (transfer {})", busy.id),
-                );
-                continue;
-            }
-            let installed = match req.kind {
-                ArtifactKind::Firmware => {
-                    (hello.firmware.name == req.name).then_some(hello.firmware.release)
+            match self.fit(&device, &release, req.kind, now, req.allow_downgrade) {
+                Ok(artifact) => {
+                    let record = self.new_transfer(&device, &release, &artifact, by, now);
+                    let id = record.id;
+                    self.update_event(t, Event::Start(record), now, fx)?;
+                    plan.started.push((device, id));
                 }
-                ArtifactKind::Model => hello
-                    .models
-                    .iter()
-                    .find(|m| m.name == req.name)
-                    .map(|m| m.release),
-            };
-            if let Some(r) = installed.filter(|r| *r >= release.release && !req.allow_downgrade) {
-                skip(&mut plan, format!("already runs release {r}"));
-                continue;
+                Err(unfit) => plan.skipped.push((device, unfit.to_string())),
             }
-            let id = self.next_transfer_id;
-            self.next_transfer_id += 1;
-            let record = TransferRecord {
-                id,
-                device: device.clone(),
-                kind: release.kind,
-                name: release.name.clone(),
-                version: release.version.clone(),
-                release: release.release,
-                sha256: artifact.sha256,
-                size: artifact.size,
-                chunks: artifact.manifest.chunk_count(),
-                state: TransferState::Queued,
-                next_chunk: 0,
-                chunks_sent: 0,
-                chunks_resent: 0,
-                offers: 0,
-                created: Stamp {
-                    at_ms: now,
-                    by: by.to_owned(),
-                },
-                updated_ms: now,
-                finished_ms: None,
-            };
-            self.update_event(t, Event::Start(record), now, fx)?;
-            plan.started.push((device, id));
         }
         t.set_meta(schema::META_NEXT_TRANSFER_ID, self.next_transfer_id)?;
         Ok(Ok(plan))
+    }
+
+    /// Whether `device` can take `release` now, and which of its artifacts.
+    pub(super) fn fit(
+        &self,
+        device: &str,
+        release: &ReleaseRecord,
+        kind: ArtifactKind,
+        now: u64,
+        allow_downgrade: bool,
+    ) -> Result<ArtifactRecord, Unfit> {
+        let state = self
+            .devices
+            .get(device)
+            .ok_or_else(|| Unfit::Skip("not enrolled".into()))?;
+        if state.device.revoked() {
+            return Err(Unfit::Skip("revoked".into()));
+        }
+        let hello = state.device.hello.as_ref().ok_or_else(|| {
+            Unfit::Skip("hardware unknown: the device has not said hello yet".into())
+        })?;
+        let Some(artifact) = release.artifact_for(&hello.hardware) else {
+            let hw = &hello.hardware;
+            return Err(Unfit::Skip(format!(
+                "no artifact for class {} ({}, {} bytes RAM)",
+                hw.class, hw.arch, hw.ram_bytes
+            )));
+        };
+        if now >= artifact.manifest.expires_ms {
+            return Err(Unfit::Skip("the release's manifest has expired".into()));
+        }
+        if let Some(busy) = self.updates.transfer_of(device) {
+            return Err(Unfit::Busy(busy.id));
+        }
+        if let Some(r) = running(hello, kind, &release.name)
+            .map(|i| i.release)
+            .filter(|r| *r >= release.release && !allow_downgrade)
+        {
+            return Err(Unfit::Runs(r));
+        }
+        Ok(artifact.clone())
+    }
+
+    /// A queued transfer of `artifact` to `device`, with a new id.
+    pub(super) fn new_transfer(
+        &mut self,
+        device: &str,
+        release: &ReleaseRecord,
+        artifact: &ArtifactRecord,
+        by: &str,
+        now: u64,
+    ) -> TransferRecord {
+        let id = self.next_transfer_id;
+        self.next_transfer_id += 1;
+        TransferRecord {
+            id,
+            device: device.to_owned(),
+            kind: release.kind,
+            name: release.name.clone(),
+            version: release.version.clone(),
+            release: release.release,
+            sha256: artifact.sha256,
+            size: artifact.size,
+            chunks: artifact.manifest.chunk_count(),
+            state: TransferState::Queued,
+            next_chunk: 0,
+            chunks_sent: 0,
+            chunks_resent: 0,
+            offers: 0,
+            created: Stamp {
+                at_ms: now,
+                by: by.to_owned(),
+            },
+            updated_ms: now,
+            finished_ms: None,
+        }
     }
 
     pub(super) fn cancel_update(
@@ -262,7 +291,13 @@ impl Writer {
     ) -> storage::Result<()> {
         for action in actions {
             match action {
-                updates::Action::Save(record) => t.put_transfer(&record)?,
+                updates::Action::Save(record) => {
+                    t.put_transfer(&record)?;
+                    if record.state.is_final() {
+                        let now = record.updated_ms;
+                        self.rollouts_transfer_finished(t, &record, now, fx)?;
+                    }
+                }
                 updates::Action::Offer { id } => {
                     let Some(record) = self.updates.transfer(id).cloned() else {
                         continue;

@@ -55,6 +55,18 @@ pub fn write(key: &SigningKey, stem: &Path) -> Result<(), KeyError> {
     .map_err(|e| file_err(&public, e))
 }
 
+/// Reads `<stem>.key`, or creates it (and `<stem>.pub`) on first use: the gateway's own key for
+/// rollback directives.
+pub fn load_or_create(stem: &Path) -> Result<SigningKey, KeyError> {
+    let private = stem.with_extension("key");
+    if private.exists() {
+        return read(&private);
+    }
+    let key = generate()?;
+    write(&key, stem)?;
+    Ok(key)
+}
+
 /// Reads a private key, refusing a file others can read.
 pub fn read(path: &Path) -> Result<SigningKey, KeyError> {
     auth::check_private(path).map_err(|e| file_err(path, e))?;
@@ -66,6 +78,17 @@ pub fn read(path: &Path) -> Result<SigningKey, KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn load_or_create_makes_the_key_once_then_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let stem = dir.path().join("rollback");
+        let first = load_or_create(&stem).unwrap();
+        let again = load_or_create(&stem).unwrap();
+        assert_eq!(first.to_bytes(), again.to_bytes());
+        let public = std::fs::read_to_string(stem.with_extension("pub")).unwrap();
+        assert_eq!(public.trim(), hex(first.verifying_key().as_bytes()));
+    }
 
     #[test]
     fn a_generated_key_round_trips_and_its_file_is_private() {

@@ -24,6 +24,9 @@ use fleetgate_protocol::ArtifactKind;
 use semver::Version;
 
 use crate::drift::engine::{Evaluation, StreamKey};
+use crate::rollouts::model::{
+    AuditEntry, DeviceState as RolloutDeviceState, RolloutDevice, RolloutRecord, RolloutState,
+};
 
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "fleetgate.redb";
@@ -84,6 +87,9 @@ pub struct Tables<'txn> {
     transfers: Table<'txn, u64, &'static [u8]>,
     device_transfers: Table<'txn, (&'static str, u64), ()>,
     drift: Table<'txn, (&'static str, &'static str, &'static str, u64), &'static [u8]>,
+    rollouts: Table<'txn, u64, &'static [u8]>,
+    rollout_devices: Table<'txn, (u64, &'static str), &'static [u8]>,
+    rollout_audit: Table<'txn, (u64, u64), &'static [u8]>,
 }
 
 impl std::fmt::Debug for Tables<'_> {
@@ -110,6 +116,9 @@ pub struct Loaded {
     pub next_transfer_id: u64,
     /// Transfers that have not reached a final state.
     pub open_transfers: Vec<TransferRecord>,
+    pub next_rollout_id: u64,
+    /// Rollouts that may still act (see [`Store::load`]), with their devices.
+    pub rollouts: Vec<(RolloutRecord, Vec<RolloutDevice>)>,
     /// Newest telemetry and log keys per device, so new keys stay unique after a restart even
     /// if the clock went back.
     pub last_keys: std::collections::HashMap<String, (u64, u64)>,
@@ -177,6 +186,9 @@ impl Store {
                 transfers: txn.open_table(TRANSFERS)?,
                 device_transfers: txn.open_table(DEVICE_TRANSFERS)?,
                 drift: txn.open_table(DRIFT_WINDOWS)?,
+                rollouts: txn.open_table(ROLLOUTS)?,
+                rollout_devices: txn.open_table(ROLLOUT_DEVICES)?,
+                rollout_audit: txn.open_table(ROLLOUT_AUDIT)?,
             };
             f(&mut tables)?
         };
@@ -219,6 +231,44 @@ impl Store {
                 open_transfers.push(t);
             }
         }
+        // Rollouts that may still act: running or paused ones, the newest completed one of each
+        // artifact (it still updates its stragglers), and rolled-back ones with directives
+        // outstanding.
+        let mut rollouts = Vec::new();
+        let mut newest_completed: std::collections::HashMap<(ArtifactKind, String), u64> =
+            Default::default();
+        let mut all = Vec::new();
+        for entry in txn.open_table(ROLLOUTS)?.iter()? {
+            all.push(RolloutRecord::decode(entry?.1.value())?);
+        }
+        for r in &all {
+            if r.state == RolloutState::Completed {
+                let e = newest_completed
+                    .entry((r.kind, r.name.clone()))
+                    .or_insert(r.id);
+                *e = (*e).max(r.id);
+            }
+        }
+        let devices_table = txn.open_table(ROLLOUT_DEVICES)?;
+        for r in all {
+            let ds = devices_of(&devices_table, r.id)?;
+            let keep = match &r.state {
+                RolloutState::Running | RolloutState::Paused { .. } => true,
+                RolloutState::Completed => {
+                    newest_completed.get(&(r.kind, r.name.clone())) == Some(&r.id)
+                }
+                RolloutState::RolledBack { .. } => ds.iter().any(|d| {
+                    matches!(
+                        d.state,
+                        RolloutDeviceState::RollbackSent { .. } | RolloutDeviceState::Cancelled
+                    )
+                }),
+                RolloutState::Aborted { .. } => false,
+            };
+            if keep {
+                rollouts.push((r, ds));
+            }
+        }
         Ok(Loaded {
             devices,
             unresolved_alerts,
@@ -227,6 +277,8 @@ impl Store {
             next_command_id: get(META_NEXT_COMMAND_ID)?,
             next_transfer_id: get(META_NEXT_TRANSFER_ID)?,
             open_transfers,
+            next_rollout_id: get(META_NEXT_ROLLOUT_ID)?,
+            rollouts,
         })
     }
 
@@ -419,6 +471,53 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Rollouts, newest first, at most `limit`.
+    pub fn rollouts(&self, limit: usize) -> Result<Vec<RolloutRecord>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ROLLOUTS)?;
+        table
+            .iter()?
+            .rev()
+            .take(limit)
+            .map(|e| Ok(RolloutRecord::decode(e?.1.value())?))
+            .collect()
+    }
+
+    pub fn rollout(&self, id: u64) -> Result<Option<RolloutRecord>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ROLLOUTS)?;
+        table
+            .get(id)?
+            .map(|v| RolloutRecord::decode(v.value()))
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    /// A rollout's devices, in no particular order.
+    pub fn rollout_devices(&self, id: u64) -> Result<Vec<RolloutDevice>> {
+        let txn = self.db.begin_read()?;
+        devices_of(&txn.open_table(ROLLOUT_DEVICES)?, id)
+    }
+
+    /// A rollout's audit log, oldest first, from entry `from`, at most `limit`.
+    pub fn rollout_audit(
+        &self,
+        id: u64,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, AuditEntry)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ROLLOUT_AUDIT)?;
+        table
+            .range((id, from)..=(id, u64::MAX))?
+            .take(limit)
+            .map(|e| {
+                let (k, v) = e?;
+                Ok((k.value().1, AuditEntry::decode(v.value())?))
+            })
+            .collect()
     }
 
     /// A drift stream's closed windows, newest first, at most `limit`.
@@ -648,10 +747,41 @@ impl Tables<'_> {
         Ok(())
     }
 
+    pub fn rollout_exists(&self, id: u64) -> Result<bool> {
+        Ok(self.rollouts.get(id)?.is_some())
+    }
+
+    pub fn put_rollout(&mut self, r: &RolloutRecord) -> Result<()> {
+        self.rollouts.insert(r.id, r.encode().as_slice())?;
+        Ok(())
+    }
+
+    pub fn put_rollout_device(&mut self, rollout: u64, d: &RolloutDevice) -> Result<()> {
+        self.rollout_devices
+            .insert((rollout, d.device.as_str()), d.encode().as_slice())?;
+        Ok(())
+    }
+
+    pub fn put_audit(&mut self, rollout: u64, n: u64, e: &AuditEntry) -> Result<()> {
+        self.rollout_audit
+            .insert((rollout, n), e.encode().as_slice())?;
+        Ok(())
+    }
+
     pub fn set_meta(&mut self, key: &'static str, value: u64) -> Result<()> {
         self.meta.insert(key, value)?;
         Ok(())
     }
+}
+
+fn devices_of(
+    table: &redb::ReadOnlyTable<(u64, &'static str), &'static [u8]>,
+    rollout: u64,
+) -> Result<Vec<RolloutDevice>> {
+    table
+        .range((rollout, "")..(rollout + 1, ""))?
+        .map(|e| Ok(RolloutDevice::decode(e?.1.value())?))
+        .collect()
 }
 
 /// Inserts one per-device row, then drops the device's oldest rows while it has more than `keep`.

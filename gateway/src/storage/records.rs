@@ -8,6 +8,7 @@ use crate::drift::engine::Evaluation;
 use crate::model::{
     AlertRecord, CommandRecord, Device, LogRow, ReleaseRecord, TelemetryRow, TransferRecord,
 };
+use crate::rollouts::model::{AuditEntry, RolloutDevice, RolloutRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -68,4 +69,7 @@ records! {
     ReleaseRecord => "release", version 1;
     TransferRecord => "transfer", version 1;
     Evaluation => "drift window", version 1;
+    RolloutRecord => "rollout", version 1;
+    RolloutDevice => "rollout device", version 1;
+    AuditEntry => "rollout audit entry", version 1;
 }

@@ -8,7 +8,7 @@ use redb::TableDefinition;
 pub const SCHEMA_VERSION: u64 = 1;
 
 /// Small counters and markers: `schema_version`, `next_alert_id`, `next_command_id`,
-/// `next_transfer_id`.
+/// `next_transfer_id`, `next_rollout_id`.
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Device id -> `Device`.
@@ -45,7 +45,19 @@ pub(crate) const DEVICE_TRANSFERS: TableDefinition<(&str, u64), ()> =
 pub(crate) const DRIFT_WINDOWS: TableDefinition<(&str, &str, &str, u64), &[u8]> =
     TableDefinition::new("drift_windows");
 
+/// Rollout id (increasing) -> `RolloutRecord`.
+pub(crate) const ROLLOUTS: TableDefinition<u64, &[u8]> = TableDefinition::new("rollouts");
+
+/// (rollout id, device id) -> `RolloutDevice`.
+pub(crate) const ROLLOUT_DEVICES: TableDefinition<(u64, &str), &[u8]> =
+    TableDefinition::new("rollout_devices");
+
+/// (rollout id, entry number) -> `AuditEntry`.
+pub(crate) const ROLLOUT_AUDIT: TableDefinition<(u64, u64), &[u8]> =
+    TableDefinition::new("rollout_audit");
+
 pub(crate) const META_SCHEMA_VERSION: &str = "schema_version";
 pub(crate) const META_NEXT_ALERT_ID: &str = "next_alert_id";
 pub(crate) const META_NEXT_COMMAND_ID: &str = "next_command_id";
+pub(crate) const META_NEXT_ROLLOUT_ID: &str = "next_rollout_id";
 pub(crate) const META_NEXT_TRANSFER_ID: &str = "next_transfer_id";

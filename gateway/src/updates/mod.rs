@@ -38,9 +38,17 @@ impl From<&fleetgate_config::Updates> for Settings {
     }
 }
 
+/// A transfer's own stall timeout and retries (a rollout stage's), instead of the gateway's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub stall_ms: u64,
+    pub retries: u32,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Start(TransferRecord),
+    StartLimited(TransferRecord, Limits),
     Report {
         device: String,
         report: UpdateReport,
@@ -83,6 +91,7 @@ struct Live {
     /// Chunks below this have been sent since the last (re)start of the download.
     sent_upto: u64,
     last_activity_ms: u64,
+    limits: Option<Limits>,
 }
 
 #[derive(Debug, Default)]
@@ -148,30 +157,9 @@ impl Engine {
     pub fn on_event(&mut self, event: Event, now_ms: u64) -> Result<Vec<Action>, Refused> {
         let mut actions = Vec::new();
         match event {
-            Event::Start(mut record) => {
-                if let Some(&id) = self.by_device.get(&record.device) {
-                    return Err(Refused::Busy(record.device, id));
-                }
-                // A transfer reloaded after a restart waits to be offered again; its device will
-                // say where its download stands.
-                if matches!(
-                    record.state,
-                    TransferState::Offered | TransferState::Downloading
-                ) {
-                    record.state = TransferState::Queued;
-                }
-                record.updated_ms = now_ms;
-                actions.push(Action::Save(Box::new(record.clone())));
-                self.by_device.insert(record.device.clone(), record.id);
-                let sent_upto = record.next_chunk;
-                self.live.insert(
-                    record.id,
-                    Live {
-                        record,
-                        sent_upto,
-                        last_activity_ms: now_ms,
-                    },
-                );
+            Event::Start(record) => self.start(record, None, now_ms, &mut actions)?,
+            Event::StartLimited(record, limits) => {
+                self.start(record, Some(limits), now_ms, &mut actions)?
             }
             Event::Report { device, report } => {
                 self.report(device, report, now_ms, &mut actions)?
@@ -204,6 +192,40 @@ impl Engine {
         }
         self.admit(now_ms, &mut actions);
         Ok(actions)
+    }
+
+    fn start(
+        &mut self,
+        mut record: TransferRecord,
+        limits: Option<Limits>,
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), Refused> {
+        if let Some(&id) = self.by_device.get(&record.device) {
+            return Err(Refused::Busy(record.device, id));
+        }
+        // A transfer reloaded after a restart waits to be offered again; its device will say
+        // where its download stands.
+        if matches!(
+            record.state,
+            TransferState::Offered | TransferState::Downloading
+        ) {
+            record.state = TransferState::Queued;
+        }
+        record.updated_ms = now_ms;
+        actions.push(Action::Save(Box::new(record.clone())));
+        self.by_device.insert(record.device.clone(), record.id);
+        let sent_upto = record.next_chunk;
+        self.live.insert(
+            record.id,
+            Live {
+                record,
+                sent_upto,
+                last_activity_ms: now_ms,
+                limits,
+            },
+        );
+        Ok(())
     }
 
     fn report(
@@ -326,17 +348,23 @@ impl Engine {
     /// Re-offers transfers whose device went silent, or times them out.
     fn stalls(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
         let s = self.settings();
+        let limits = |l: &Live| {
+            l.limits.unwrap_or(Limits {
+                stall_ms: s.stall_ms,
+                retries: s.retries,
+            })
+        };
         let mut stalled: Vec<u64> = self
             .live
             .values()
             .filter(|l| holds_slot(&l.record.state) && self.online.contains(&l.record.device))
-            .filter(|l| now_ms.saturating_sub(l.last_activity_ms) >= s.stall_ms)
+            .filter(|l| now_ms.saturating_sub(l.last_activity_ms) >= limits(l).stall_ms)
             .map(|l| l.record.id)
             .collect();
         stalled.sort_unstable();
         for id in stalled {
             let offers = self.live[&id].record.offers;
-            if offers > s.retries {
+            if offers > limits(&self.live[&id]).retries {
                 if let Some(live) = self.live.get_mut(&id) {
                     live.record.state = TransferState::TimedOut;
                 }

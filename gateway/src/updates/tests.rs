@@ -329,3 +329,33 @@ fn a_reloaded_transfer_waits_for_its_device() {
         }]
     );
 }
+
+#[test]
+fn a_transfer_with_its_own_limits_times_out_by_them() {
+    // The gateway: 1 s and 2 retries; this transfer (a rollout stage's): 5 s and none.
+    let mut e = engine(10);
+    e.on_event(Event::Online("d1".into()), 0).unwrap();
+    e.on_event(Event::Online("d2".into()), 0).unwrap();
+    let limits = Limits {
+        stall_ms: 5000,
+        retries: 0,
+    };
+    e.on_event(Event::StartLimited(record(1, "d1", 4), limits), 0)
+        .unwrap();
+    e.on_event(Event::Start(record(2, "d2", 4)), 0).unwrap();
+    let a = e.on_event(Event::Tick, 1000).unwrap();
+    assert_eq!(
+        wire(&a),
+        [Action::Offer { id: 2 }],
+        "only the gateway's 1 s passed"
+    );
+    assert_eq!(state(&e, 1), "offered");
+    let a = e.on_event(Event::Tick, 5000).unwrap();
+    assert!(
+        a.iter().any(
+            |a| matches!(a, Action::Save(r) if r.id == 1 && r.state == TransferState::TimedOut)
+        ),
+        "{a:?}"
+    );
+    assert_eq!(state(&e, 1), "gone");
+}
