@@ -7,4 +7,5 @@ mod fleet;
 mod hostile;
 mod interop;
 mod restart;
+mod rollouts;
 mod updates;
