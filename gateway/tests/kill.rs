@@ -1,0 +1,407 @@
+//! A gateway killed with SIGKILL in the middle of a rollout, and started again on the same data
+//! directory, finishes the rollout with the outcome it would have had, and no device gets an
+//! instruction it cannot handle. These run the `fleetgate` binary (a real process to kill)
+//! against a simulated fleet in this process.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use fleetgate::cli::ApiClient;
+use fleetgate::registry::bundle::BundleFile;
+use fleetgate::registry::keys::hex;
+use fleetgate_protocol::manifest::{ManifestSpec, RuntimeReq};
+use fleetgate_protocol::{ArtifactKind, Compat};
+use fleetgate_sim::FleetSpec;
+use fleetgate_sim::fleet::Fleet;
+use fleetgate_sim::updater::{DeviceProfile, Faults, Trust};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "kill-test-token-0123456789abcdef";
+
+fn release_key() -> SigningKey {
+    SigningKey::from_bytes(&[9; 32])
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// sim-model 2.0.0 (release 2) for the simulator's hardware, signed by the release key.
+fn bundle() -> Vec<u8> {
+    let now = fleetgate::clock::now_ms();
+    let spec = ManifestSpec {
+        kind: ArtifactKind::Model,
+        name: "sim-model".into(),
+        version: semver::Version::new(2, 0, 0),
+        release: 2,
+        compat: Compat {
+            classes: vec!["sim-mcu".into()],
+            runtime: Some(RuntimeReq {
+                name: "tflm".into(),
+                min_version: semver::Version::new(2, 0, 0),
+            }),
+            ..Compat::default()
+        },
+        chunk_size: 4096,
+        created_ms: now,
+        expires_ms: now + 86_400_000,
+    };
+    let artifact: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    BundleFile::sign(artifact, spec, &[release_key()], BTreeMap::new(), vec![]).encode()
+}
+
+/// A gateway process on fixed ports and a data directory that outlive it.
+struct Gateway {
+    config: PathBuf,
+    log: PathBuf,
+    mqtt: u16,
+    http: u16,
+    child: Option<Child>,
+}
+
+impl Gateway {
+    fn new(dir: &Path, stages: &str) -> Gateway {
+        let (mqtt, http) = (free_port(), free_port());
+        let config = dir.join("gateway.toml");
+        let public = hex(release_key().verifying_key().as_bytes());
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[mqtt]
+listen = "127.0.0.1:{mqtt}"
+[http]
+listen = "127.0.0.1:{http}"
+token = "{TOKEN}"
+[storage]
+data_dir = "{data}"
+[registry]
+trusted_keys = ["{public}"]
+[rollouts.policy]
+stages = {stages}
+bake = "3s"
+[rollouts.policy.gates]
+window = "3s"
+confirm = "1s"
+wait = "30s"
+min_samples = 20
+"#,
+                data = dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        Gateway {
+            config,
+            log: dir.join("gateway.log"),
+            mqtt,
+            http,
+            child: None,
+        }
+    }
+
+    fn api(&self) -> ApiClient {
+        ApiClient::new(&format!("http://127.0.0.1:{}", self.http), TOKEN)
+    }
+
+    /// Starts the process and waits (bounded) until its API answers.
+    async fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("FLEETGATE_LOG", "info")
+            .env_remove("FLEETGATE_API_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("fleetgate starts");
+        self.child = Some(child);
+        let url = format!("http://127.0.0.1:{}/healthz", self.http);
+        for _ in 0..200 {
+            let up = tokio::task::spawn_blocking({
+                let url = url.clone();
+                move || ureq::get(&url).call().is_ok()
+            })
+            .await
+            .unwrap();
+            if up {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "the gateway did not start: {}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let api = self.api();
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || api.get(&path))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("GET: {e}"))
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let api = self.api();
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || api.post(&path, &body))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("POST: {e}"))
+    }
+
+    /// Polls a rollout until `done` holds for it (at most `limit`).
+    async fn wait(&self, id: u64, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let r = self.get(&format!("/rollouts/{id}")).await;
+            if done(&r) {
+                return r;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "rollout {id}: {r}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Enrolls `n` devices, registers the release and starts a fleet trusting both keys; every
+/// device has said hello when this returns.
+async fn setup(
+    gw: &Gateway,
+    n: usize,
+    faults: impl Fn(usize) -> Faults,
+) -> (Fleet, CancellationToken) {
+    let url = format!("http://127.0.0.1:{}", gw.http);
+    let creds = tokio::task::spawn_blocking(move || {
+        fleetgate_sim::enroll::enroll(&url, TOKEN, &fleetgate_sim::enroll::ids("k", n), None, 4)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let api = gw.api();
+    tokio::task::spawn_blocking(move || api.post_bytes("/registry/bundles", &bundle()))
+        .await
+        .unwrap()
+        .unwrap();
+    let key = gw.get("/rollouts/signing-key").await;
+    let rollback = fleetgate_config::parse_key(key["public_key"].as_str().unwrap()).unwrap();
+    let profiles = (0..10)
+        .map(|i| DeviceProfile {
+            trust: Trust {
+                keys: vec![release_key().verifying_key().to_bytes()],
+                threshold: 1,
+                rollback_keys: vec![rollback],
+            },
+            faults: faults(i),
+            ..DeviceProfile::default()
+        })
+        .collect();
+    let mut spec = FleetSpec::new("127.0.0.1", gw.mqtt, creds);
+    spec.interval = Duration::from_millis(100);
+    spec.duration = Some(Duration::from_secs(240));
+    spec.profiles = profiles;
+    let stop = CancellationToken::new();
+    let fleet = Fleet::start(spec, stop.clone());
+    assert!(
+        fleet
+            .wait_connected(n as u64, Duration::from_secs(30))
+            .await
+    );
+    let said = fleet
+        .counters()
+        .wait_until(Duration::from_secs(30), |c| {
+            c.hello.load(Relaxed) >= n as u64
+        })
+        .await;
+    assert!(said);
+    // The hellos are stored before the rollout picks its devices.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while gw
+        .get("/devices")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| !d["models"].is_null())
+        .count()
+        < n
+    {
+        assert!(tokio::time::Instant::now() < deadline, "hellos not stored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (fleet, stop)
+}
+
+/// Devices per model version, by their last hello; and transfers per device.
+async fn fleet_state(gw: &Gateway) -> (BTreeMap<String, u64>, BTreeMap<u64, u64>) {
+    let mut versions = BTreeMap::new();
+    let mut transfers = BTreeMap::new();
+    for d in gw.get("/devices").await.as_array().unwrap() {
+        let v = d["models"][0]["version"]
+            .as_str()
+            .unwrap_or("none")
+            .to_owned();
+        *versions.entry(v).or_insert(0) += 1;
+        let id = d["id"].as_str().unwrap();
+        let n = gw
+            .get(&format!("/updates?device={id}"))
+            .await
+            .as_array()
+            .unwrap()
+            .len() as u64;
+        *transfers.entry(n).or_insert(0) += 1;
+    }
+    (versions, transfers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_killed_mid_stage_finishes_the_same_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::new(dir.path(), r#"["10", "50%", "100%"]"#);
+    gw.start().await;
+    let (fleet, stop) = setup(&gw, 60, |_| Faults::default()).await;
+    let created = gw
+        .post(
+            "/rollouts",
+            json!({ "kind": "model", "name": "sim-model", "version": "2.0.0", "all": true }),
+        )
+        .await;
+    let id = created["rollout"]["id"].as_u64().unwrap();
+    // Kill it while stage 2 updates devices.
+    gw.wait(id, Duration::from_secs(60), |r| {
+        r["stage"]["number"] == 2 && r["counts"]["updating"].as_u64().unwrap_or(0) > 0
+    })
+    .await;
+    gw.kill();
+    gw.start().await;
+    let r = gw
+        .wait(id, Duration::from_secs(120), |r| r["state"] != "running")
+        .await;
+    assert_eq!(r["state"], "completed", "{r}");
+    assert_eq!(r["counts"], json!({ "healthy": 60 }), "{r}");
+    // Every stage started once, passed once.
+    let audit = gw.get(&format!("/rollouts/{id}/audit?limit=1000")).await;
+    let events: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    for e in ["stage_started", "stage_installed", "stage_passed"] {
+        assert_eq!(
+            events.iter().filter(|x| **x == e).count(),
+            3,
+            "{e}: {events:?}"
+        );
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (versions, transfers) = loop {
+        let state = fleet_state(&gw).await;
+        if state.0.get("2.0.0") == Some(&60) || tokio::time::Instant::now() > deadline {
+            break state;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(versions, [("2.0.0".to_owned(), 60)].into());
+    // One transfer per device: the kill made nobody start over.
+    assert_eq!(transfers, [(1, 60)].into());
+    stop.cancel();
+    let report = fleet.finish().await;
+    assert_eq!(report.updates.installed, 60, "{report}");
+    assert_eq!(
+        (
+            report.updates.rejected,
+            report.updates.failed,
+            report.rollbacks.done
+        ),
+        (0, 0, 0),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_killed_as_it_starts_reaches_every_device_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::new(dir.path(), r#"["40", "100%"]"#);
+    gw.start().await;
+    // One device in ten fails to install: more than the 10 % the first stage allows.
+    let (fleet, stop) = setup(&gw, 60, |i| Faults {
+        fail_install: i == 0,
+        ..Faults::default()
+    })
+    .await;
+    let id = gw
+        .post(
+            "/rollouts",
+            json!({ "kind": "model", "name": "sim-model", "version": "2.0.0", "all": true, "policy": { "min_reporting": 40 } }),
+        )
+        .await["rollout"]["id"]
+        .as_u64()
+        .unwrap();
+    // The moment it decides to roll back, the gateway dies: some directives went out, some
+    // did not, some acks are lost.
+    gw.wait(id, Duration::from_secs(60), |r| r["state"] == "rolled_back")
+        .await;
+    gw.kill();
+    gw.start().await;
+    let r = gw
+        .wait(id, Duration::from_secs(60), |r| {
+            r["counts"]["rollback_sent"].is_null()
+        })
+        .await;
+    assert_eq!(r["state"], "rolled_back", "{r}");
+    assert!(r["reason"].as_str().unwrap().contains("failed"), "{r}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (versions, _) = loop {
+        let state = fleet_state(&gw).await;
+        if state.0.get("1.0.0") == Some(&60) || tokio::time::Instant::now() > deadline {
+            break state;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(versions, [("1.0.0".to_owned(), 60)].into());
+    stop.cancel();
+    let report = fleet.finish().await;
+    // Each device that installed went back exactly once, and refused nothing.
+    assert_eq!(
+        (report.updates.installed, report.updates.failed),
+        (36, 4),
+        "{report}"
+    );
+    assert_eq!(report.rollbacks.done, report.updates.installed, "{report}");
+    assert_eq!(report.rollbacks.rejected, 0, "{report}");
+    assert_eq!(
+        r["counts"]["rolled_back"].as_u64().unwrap(),
+        report.rollbacks.done,
+        "{r}"
+    );
+}
