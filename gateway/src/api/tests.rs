@@ -343,3 +343,71 @@ async fn metrics_and_ingest_counters() {
     assert_eq!(body["rejected"]["bad_topic"], 0);
     assert_eq!(body["storage"]["devices"], 0);
 }
+
+#[tokio::test]
+async fn rollout_requests_are_checked_and_say_what_is_wrong() {
+    let api = api();
+    let cases = [
+        (
+            r#"{"kind": "model", "name": "kws", "version": "2.0.0", "all": true, "devices": ["d1"]}"#,
+            StatusCode::BAD_REQUEST,
+            "give exactly one target: \"all\": true, \"labels\": {...} or \"devices\": [...]",
+        ),
+        (
+            r#"{"kind": "model", "name": "kws", "version": "2.0.0"}"#,
+            StatusCode::BAD_REQUEST,
+            "give exactly one target: \"all\": true, \"labels\": {...} or \"devices\": [...]",
+        ),
+        (
+            r#"{"kind": "blob", "name": "kws", "version": "2.0.0", "all": true}"#,
+            StatusCode::BAD_REQUEST,
+            "kind \"blob\": one of model, firmware",
+        ),
+        (
+            r#"{"kind": "model", "name": "kws", "version": "2.0.0", "all": true, "policy": {"bake": 5, "stages": ["10", "5"]}}"#,
+            StatusCode::BAD_REQUEST,
+            "policy.bake: expected a duration like \"5s\", found integer; policy.stages: the last stage must be \"100%\"; policy.stages[1]: must be larger than the stage before it (sizes are cumulative)",
+        ),
+        (
+            r#"{"kind": "model", "name": "kws", "version": "2.0.0", "all": true}"#,
+            StatusCode::NOT_FOUND,
+            "model kws 2.0.0 not found",
+        ),
+    ];
+    for (body, status, error) in cases {
+        let (got, answer) = api.post("/api/v1/rollouts", body).await;
+        assert_eq!(
+            (got, answer["error"].as_str()),
+            (status, Some(error)),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        api.get("/api/v1/rollouts/7").await,
+        (
+            StatusCode::NOT_FOUND,
+            json!({"error": "rollout 7 not found"})
+        )
+    );
+    let (status, body) = api.post("/api/v1/rollouts/7/pause", "").await;
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::NOT_FOUND,
+            json!({"error": "rollout 7 not found"})
+        )
+    );
+    let (status, body) = api.get("/api/v1/rollouts?state=done").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(
+        api.get("/api/v1/rollouts").await,
+        (StatusCode::OK, json!([]))
+    );
+    let (status, key) = api.get("/api/v1/rollouts/signing-key").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(key["public_key"], hex_of([7; 32]));
+}
+
+fn hex_of(bytes: [u8; 32]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
