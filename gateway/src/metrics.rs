@@ -171,7 +171,23 @@ pub struct Metrics {
     storage_bytes: Gauge,
     resident_bytes: Gauge,
     log_limit: LogLimit,
+    /// Telemetry from its device timestamp to its commit, in microseconds.
+    ingest_latency: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
 }
+
+/// Percentiles of the ingest latency since the gateway started.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Latency {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+/// Device timestamps further than this from the gateway's clock are not wall-clock times (a
+/// device without a clock counts from its boot) and are left out of the latency.
+const CLOCK_SLACK_MS: u64 = 86_400_000;
 
 /// A JSON-friendly copy of the ingest counters.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -268,6 +284,10 @@ impl Metrics {
                 "Resident memory of the gateway process",
             ),
             log_limit: LogLimit::new(reject_log_interval),
+            ingest_latency: std::sync::Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                    .expect("valid histogram bounds"),
+            ),
             registry,
         }
     }
@@ -324,6 +344,37 @@ impl Metrics {
             duplicates: self.duplicates.get(),
             batches: self.batches.get(),
             queue_depth: self.queue_depth.get(),
+        }
+    }
+
+    /// Records, at their commit, telemetry messages stamped `device_ms` by their devices.
+    pub fn ingested(&self, committed_ms: u64, device_ms: &[u64]) {
+        let Ok(mut h) = self.ingest_latency.lock() else {
+            return;
+        };
+        for &t in device_ms {
+            if t.abs_diff(committed_ms) <= CLOCK_SLACK_MS {
+                // A device clock slightly ahead of ours counts as no delay.
+                let us = committed_ms.saturating_sub(t).saturating_mul(1000).max(1);
+                h.saturating_record(us);
+            }
+        }
+    }
+
+    pub fn ingest_latency(&self) -> Latency {
+        let Ok(h) = self.ingest_latency.lock() else {
+            return Latency::default();
+        };
+        if h.is_empty() {
+            return Latency::default();
+        }
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        Latency {
+            count: h.len(),
+            p50_ms: ms(0.5),
+            p99_ms: ms(0.99),
+            p999_ms: ms(0.999),
+            max_ms: h.max() as f64 / 1000.0,
         }
     }
 
@@ -403,6 +454,17 @@ impl LogLimit {
             None
         }
     }
+}
+
+/// CPU time (user + system) this process has used, in seconds (Linux: /proc/self/stat).
+pub fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may hold spaces: fields are counted after its closing parenthesis.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on every Linux the gateway targets.
+    Some(ticks as f64 / 100.0)
 }
 
 /// Resident set size of this process (Linux: `VmRSS` of /proc/self/status).

@@ -477,6 +477,7 @@ async fn resolve_alert(
 
 async fn ingest_counts(State(state): AppState) -> Result<Json<serde_json::Value>, ApiError> {
     let counts = state.metrics.counts();
+    let latency = state.metrics.ingest_latency();
     let tables = read(&state, |s| s.counts()).await?;
     Ok(Json(serde_json::json!({
         "at": crate::clock::rfc3339(now_ms()),
@@ -488,6 +489,17 @@ async fn ingest_counts(State(state): AppState) -> Result<Json<serde_json::Value>
         "stored": counts.stored,
         "rejected": counts.rejected,
         "telemetry_lost": counts.lost,
+        "latency": {
+            "count": latency.count,
+            "p50_ms": latency.p50_ms,
+            "p99_ms": latency.p99_ms,
+            "p999_ms": latency.p999_ms,
+            "max_ms": latency.max_ms,
+        },
+        "process": {
+            "resident_bytes": crate::metrics::resident_memory_bytes(),
+            "cpu_seconds": crate::metrics::cpu_seconds(),
+        },
         "telemetry_duplicates": counts.duplicates,
         "write_batches": counts.batches,
         "queue_depth": counts.queue_depth,

@@ -370,6 +370,8 @@ struct Effects {
     stop: Option<(u64, Instant, oneshot::Sender<()>)>,
     /// Highest flush marker seen in this batch.
     marker: u64,
+    /// Device timestamps of the telemetry stored in this batch (for the ingest latency).
+    telemetry_times: Vec<u64>,
 }
 
 impl Effects {
@@ -679,6 +681,8 @@ impl Writer {
                 self.metrics.stored(*channel, fx.stored[i]);
             }
         }
+        self.metrics
+            .ingested(now_ms(), &std::mem::take(&mut fx.telemetry_times));
         self.metrics.lost.inc_by(fx.lost);
         self.metrics.duplicates.inc_by(fx.duplicates);
         self.metrics.alerts_open.set(self.unresolved.len() as i64);
@@ -919,6 +923,7 @@ impl Writer {
         t.insert_telemetry(&m.device, key, &row, keep, &mut s.device.telemetry_rows)?;
         s.device.counters.telemetry += 1;
         s.device.last_hw = Some(tel.hw.clone());
+        fx.telemetry_times.push(tel.time_ms);
         self.apply_rules(t, &m.device, &tel, m.received_us / 1000)?;
         self.drift_observe(t, &m.device, &tel, m.received_us / 1000)?;
         self.rollouts_telemetry(t, &m.device, &tel, m.received_us / 1000, fx)?;

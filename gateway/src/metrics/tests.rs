@@ -48,3 +48,29 @@ fn log_limit_allows_one_line_per_interval_and_counts_the_rest() {
     assert_eq!(always.allow(0), Some(0));
     assert_eq!(always.allow(0), Some(0));
 }
+
+#[test]
+fn ingest_latency_counts_wall_clock_timestamps_only() {
+    let m = Metrics::new(std::time::Duration::from_secs(60));
+    assert_eq!(m.ingest_latency(), Latency::default());
+    let now = 1_800_000_000_000;
+    // 99 messages 10 ms old, one 1 s old, one from a device counting from its boot, one from a
+    // device whose clock runs 2 ms ahead.
+    let mut times = vec![now - 10; 99];
+    times.extend([now - 1000, 42_000, now + 2]);
+    m.ingested(now, &times);
+    let l = m.ingest_latency();
+    assert_eq!(l.count, 101);
+    // To the histogram's precision: 3 significant digits.
+    let near = |got: f64, want: f64| (got - want).abs() <= want * 1e-3;
+    assert!(near(l.p50_ms, 10.0) && near(l.p99_ms, 10.0), "{l:?}");
+    assert!(near(l.max_ms, 1000.0), "{l:?}");
+    // The device ahead of the gateway counts as (almost) no delay.
+    assert!(l.p999_ms >= 999.0, "{l:?}");
+}
+
+#[test]
+fn cpu_time_and_memory_of_this_process_are_read() {
+    assert!(cpu_seconds().is_some_and(|s| s >= 0.0));
+    assert!(resident_memory_bytes().is_some_and(|b| b > 1 << 20));
+}
