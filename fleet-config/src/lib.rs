@@ -51,8 +51,8 @@ pub struct Mqtt {
 pub struct Router {
     pub ingest_segment_bytes: usize,
     pub ingest_segment_count: usize,
-    pub device_segment_bytes: usize,
-    pub device_segment_count: usize,
+    pub downlink_segment_bytes: usize,
+    pub downlink_segment_count: usize,
     pub max_outgoing_packet_count: u64,
 }
 
@@ -244,8 +244,8 @@ impl Config {
         let router = Router {
             ingest_segment_bytes: router.usize(p, "ingest_segment_bytes", 1024..=1 << 30),
             ingest_segment_count: router.usize(p, "ingest_segment_count", 1..=64),
-            device_segment_bytes: router.usize(p, "device_segment_bytes", 1024..=1 << 30),
-            device_segment_count: router.usize(p, "device_segment_count", 1..=64),
+            downlink_segment_bytes: router.usize(p, "downlink_segment_bytes", 1024..=1 << 30),
+            downlink_segment_count: router.usize(p, "downlink_segment_count", 1..=64),
             max_outgoing_packet_count: router.usize(p, "max_outgoing_packet_count", 1..=10_000)
                 as u64,
         }

@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::api::{self, ApiState};
 use crate::auth::{self, Credentials, TokenSource};
 use crate::broker::front::{Front, Kick, Sessions};
-use crate::broker::{Broker, DownlinkTx};
+use crate::broker::{Broker, UplinkTx};
 use crate::ingest::{self, ControlTx, Writer};
 use crate::metrics::Metrics;
 use crate::storage::Store;
@@ -39,7 +39,8 @@ pub struct Gateway {
     tracker: TaskTracker,
     sessions: Arc<Sessions>,
     control: ControlTx,
-    downlink: DownlinkTx,
+    /// Flush markers go behind every device message queued for the broker.
+    uplink: UplinkTx,
     writer: std::thread::JoinHandle<()>,
     http: tokio::task::JoinHandle<()>,
     markers: std::sync::atomic::AtomicU64,
@@ -68,9 +69,12 @@ impl Gateway {
 
         let mqtt_cfg = config.mqtt.clone();
         let broker_writer = writer_tx.clone();
-        let broker = tokio::task::spawn_blocking(move || Broker::start(&mqtt_cfg, broker_writer))
-            .await?
-            .context("starting the embedded broker")?;
+        let broker_sessions = sessions.clone();
+        let broker = tokio::task::spawn_blocking(move || {
+            Broker::start(&mqtt_cfg, broker_writer, broker_sessions)
+        })
+        .await?
+        .context("starting the embedded broker")?;
 
         // The gateway's own key for rollback directives: configured, or made on first start.
         let rollback_key = {
@@ -159,7 +163,7 @@ impl Gateway {
             tracker,
             sessions,
             control,
-            downlink: broker.downlink(),
+            uplink: broker.uplink(),
             writer,
             http,
             markers: std::sync::atomic::AtomicU64::new(0),
@@ -177,7 +181,7 @@ impl Gateway {
     pub async fn sync(&self) -> anyhow::Result<()> {
         let n = self.next_marker();
         let done = self.control.sync(n).await?;
-        self.downlink.flush_marker(n).await?;
+        self.uplink.flush_marker(n).await?;
         done.await.context("the storage writer stopped")
     }
 
@@ -201,7 +205,7 @@ impl Gateway {
             tracing::warn!("HTTP requests still running after the grace period");
         }
         let stopped = self.control.stop(n, grace).await;
-        if self.downlink.flush_marker(n).await.is_err() {
+        if self.uplink.flush_marker(n).await.is_err() {
             tracing::warn!("broker gone before the flush marker");
         }
         if let Some(stopped) = stopped {

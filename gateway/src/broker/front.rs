@@ -3,8 +3,8 @@
 //! rumqttd's listeners have no per-topic authorization, run the TLS handshake inline in the
 //! accept loop and end every violation with a bare disconnect. The front instead gives each
 //! connection its own task with a CONNECT deadline, authenticates the device against its
-//! enrolled credential, answers refusals with proper CONNACK/SUBACK/PUBACK codes, and builds one
-//! router link per device, bound to the device's tenant (see `policy`).
+//! enrolled credential, answers refusals with proper CONNACK/SUBACK/PUBACK codes, and runs a
+//! session that forwards what the device may send into the router (see `policy`, `session`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -66,14 +66,17 @@ struct Entry {
     direct: mpsc::Sender<Direct>,
 }
 
-/// A message the gateway writes straight into a device's session, bypassing the broker: bulk
-/// update chunks, which would otherwise stay in the broker's per-device log for good. Sent at
-/// QoS 0; the update protocol's acknowledgements make delivery reliable.
+/// A message for a device's session to write: commands the dispatcher took from the router
+/// (QoS 1), and bulk update chunks the writer sends straight here (QoS 0: the update
+/// protocol's acknowledgements make their delivery reliable, and they would otherwise sit in
+/// the router's log).
 #[derive(Debug)]
 pub struct Direct {
     pub channel: Downlink,
     pub encoding: Encoding,
     pub payload: bytes::Bytes,
+    /// The highest QoS to deliver it with (the device's subscription may lower it).
+    pub qos: u8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -108,7 +111,7 @@ impl Drop for Claim {
     }
 }
 
-/// How long a new session waits for the one it replaces to let go of its router link.
+/// How long a new session waits for the one it replaces to end.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
 impl Sessions {
@@ -165,8 +168,8 @@ impl Sessions {
     }
 
     /// Takes `device`'s slot: kicks the session holding it and waits until that session has
-    /// released its router link, so the router never sees two links with one client id.
-    async fn claim(self: &Arc<Self>, device: &str) -> Claim {
+    /// ended (its will, if any, sent), so one device never has two sessions.
+    pub(crate) async fn claim(self: &Arc<Self>, device: &str) -> Claim {
         loop {
             let previous = {
                 let mut map = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
@@ -417,14 +420,6 @@ impl Front {
         }
 
         let mut claim = self.sessions.claim(&device).await;
-        let link = match self.broker.link(&device, connect.clean_session).await {
-            Ok(link) => link,
-            Err(e) => {
-                tracing::error!(device, error = %e, "router refused the device link");
-                let _ = stream.write_all(&refuse(unavailable)).await;
-                return;
-            }
-        };
 
         let requested = Duration::from_secs(u64::from(connect.keep_alive));
         let keep_alive = if requested.is_zero() || requested > self.max_keep_alive {
@@ -447,15 +442,16 @@ impl Front {
         self.presence(&device, claim.id, true, protocol, peer, None)
             .await;
         let mut out = BytesMut::new();
+        // No session state is kept between connections: a device subscribes again, and the
+        // gateway offers again what matters (updates, rollbacks, bin edges) after its hello.
         let connack = Packet::ConnAck(
             ConnAck {
-                session_present: link.session_present,
+                session_present: false,
                 code: ConnectReturnCode::Success,
             },
             props,
         );
         if proto.write(connack, &mut out).is_err() || stream.write_all(&out).await.is_err() {
-            super::disconnect(link.tx).await;
             self.presence(
                 &device,
                 claim.id,
@@ -476,7 +472,6 @@ impl Front {
             device.clone(),
             stream,
             buf,
-            link,
             will,
             keep_alive,
             direct,

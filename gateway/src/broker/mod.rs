@@ -1,15 +1,21 @@
 //! The embedded MQTT broker (rumqttd's router) and everything that touches rumqttd types.
 //!
 //! Invariants:
-//! - rumqttd has no shutdown. The router thread, the link-builder thread and the ingest thread
-//!   live as long as the process; nothing ever waits for them. The gateway stops by closing
-//!   devices' sessions, publishing a flush marker and stopping the storage writer when the
-//!   marker arrives (see `app`).
-//! - No rumqttd listener is started: devices reach the router only through the gateway's own
-//!   front (`front`, `session`), which authenticates them and checks every topic.
-//! - The gateway has exactly one router connection of its own ("fleetgate"): its receiving half
-//!   is the ingest subscription ([`policy::INGEST_FILTER`]), its sending half publishes commands
-//!   to devices. Every router call that blocks runs on a dedicated thread.
+//! - rumqttd has no shutdown. The router thread and the threads of the gateway's three router
+//!   connections live as long as the process; nothing ever waits for them. The gateway stops by
+//!   closing devices' sessions, publishing a flush marker and stopping the storage writer when
+//!   the marker arrives (see `app`).
+//! - No rumqttd listener is started and devices hold no router connection of their own: they
+//!   reach the router only through the gateway's front (`front`, `session`), which
+//!   authenticates them and checks every topic. A router connection costs ~40 KiB of queues
+//!   whether the device talks or not; a session costs a few KiB.
+//! - The gateway has three router connections: "fleetgate-uplink" publishes what devices send
+//!   (one bounded queue, in arrival order, flush markers included, so a marker is always behind
+//!   every message acknowledged before it); "fleetgate" subscribes to the ingest filter
+//!   ([`policy::INGEST_FILTER`]) for the storage writer and publishes commands to devices;
+//!   "fleetgate-dispatch" subscribes to every device's downlink topics
+//!   ([`policy::DOWNLINK_FILTER`]) and hands what arrives to the device's session. Every router
+//!   call that blocks runs on a dedicated thread.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,7 +26,6 @@ use fleetgate_config::Mqtt;
 use fleetgate_protocol::{Downlink, Encoding};
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::{Notification, Router, RouterConfig};
-use tokio::sync::oneshot;
 
 use crate::clock::now_us;
 use crate::ingest::{UplinkMsg, WriterMsg, WriterTx};
@@ -29,42 +34,34 @@ pub mod front;
 pub mod policy;
 mod session;
 
+use front::{Direct, Sessions};
+
 /// Router id of the embedded broker.
 const ROUTER_ID: usize = 0;
-/// Client id of the gateway's own router connection.
+/// Client ids of the gateway's router connections.
 const GATEWAY_CLIENT_ID: &str = "fleetgate";
-/// Router connections beyond the device budget: the gateway's own link plus headroom for
-/// sessions that are closing while their replacements connect.
-const EXTRA_CONNECTIONS: usize = 16;
-/// The router's event channel holds 1000 events; above this many the front backs off before
-/// sending, so that no async task blocks on a full channel.
-const ROUTER_BUSY: usize = 900;
+const UPLINK_CLIENT_ID: &str = "fleetgate-uplink";
+const DISPATCH_CLIENT_ID: &str = "fleetgate-dispatch";
+/// Router connections: the gateway's three and a few spare.
+const ROUTER_CONNECTIONS: usize = 8;
+/// Messages from devices waiting for the router. A full queue makes sessions wait (and stop
+/// reading their sockets), so a burst slows devices down instead of growing memory.
+const UPLINK_QUEUE: usize = 8192;
+/// Most messages handed to the router in one event.
+const UPLINK_BATCH: usize = 256;
 
 /// Handles to the running broker.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Broker {
-    links: flume::Sender<LinkRequest>,
-    router_busy: Arc<dyn Fn() -> bool + Send + Sync>,
+    uplink: UplinkTx,
     downlink: DownlinkTx,
 }
 
-impl std::fmt::Debug for Broker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker").finish_non_exhaustive()
-    }
-}
-
-/// A device's router connection, as built for the front.
-pub(crate) struct DeviceLink {
-    pub tx: LinkTx,
-    pub rx: LinkRx,
-    pub session_present: bool,
-}
-
-struct LinkRequest {
-    device: String,
-    clean_session: bool,
-    reply: oneshot::Sender<Result<DeviceLink, String>>,
+/// Sends device -> gateway messages (already checked and on their internal topics) into the
+/// router, in order. Cloneable.
+#[derive(Clone, Debug)]
+pub struct UplinkTx {
+    tx: flume::Sender<(Bytes, Bytes)>,
 }
 
 /// Sends gateway -> device messages through the router. Cloneable; usable from any thread.
@@ -74,8 +71,30 @@ pub struct DownlinkTx {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("the broker's downlink thread has stopped")]
+#[error("the broker's queue has stopped")]
 pub struct DownlinkClosed;
+
+impl UplinkTx {
+    /// Queues a device's message; waits while the queue is full.
+    pub(crate) async fn send(
+        &self,
+        internal_topic: Bytes,
+        payload: Bytes,
+    ) -> Result<(), DownlinkClosed> {
+        self.tx
+            .send_async((internal_topic, payload))
+            .await
+            .map_err(|_| DownlinkClosed)
+    }
+
+    /// Publishes flush marker `n` behind every device message queued before it; the ingest
+    /// writer sees it after all of them.
+    pub async fn flush_marker(&self, n: u64) -> Result<(), DownlinkClosed> {
+        let topic = Bytes::from(policy::flush_marker_topic());
+        let payload = Bytes::copy_from_slice(&n.to_be_bytes());
+        self.send(topic, payload).await
+    }
+}
 
 impl DownlinkTx {
     /// A downlink whose messages land in the returned receiver instead of the broker (tests).
@@ -113,17 +132,6 @@ impl DownlinkTx {
             .await
             .map_err(|_| DownlinkClosed)
     }
-
-    /// Publishes flush marker `n` through the router; the ingest writer sees it after
-    /// everything devices published before now.
-    pub async fn flush_marker(&self, n: u64) -> Result<(), DownlinkClosed> {
-        let topic = policy::flush_marker_topic();
-        let payload = Bytes::copy_from_slice(&n.to_be_bytes());
-        self.tx
-            .send_async((topic, payload))
-            .await
-            .map_err(|_| DownlinkClosed)
-    }
 }
 
 /// The router's sizing from the gateway config (see ARCHITECTURE.md, "Memory budget").
@@ -133,10 +141,10 @@ fn router_config(cfg: &Mqtt) -> RouterConfig {
         max_segment_count: cfg.router.ingest_segment_count,
     };
     RouterConfig {
-        max_connections: cfg.max_connections + EXTRA_CONNECTIONS,
+        max_connections: ROUTER_CONNECTIONS,
         max_outgoing_packet_count: cfg.router.max_outgoing_packet_count,
-        max_segment_size: cfg.router.device_segment_bytes,
-        max_segment_count: cfg.router.device_segment_count,
+        max_segment_size: cfg.router.downlink_segment_bytes,
+        max_segment_count: cfg.router.downlink_segment_count,
         custom_segment: Some(HashMap::from([(policy::INGEST_FILTER.to_owned(), ingest)])),
         initialized_filters: None,
         shared_subscriptions_strategy: Default::default(),
@@ -144,27 +152,37 @@ fn router_config(cfg: &Mqtt) -> RouterConfig {
 }
 
 impl Broker {
-    /// Starts the router, the gateway's own link (ingest and downlink threads) and the
-    /// link-builder thread. Returns once the ingest subscription is active, so no device
-    /// message can be published before the gateway is subscribed.
-    pub fn start(cfg: &Mqtt, writer: WriterTx) -> std::io::Result<Broker> {
+    /// Starts the router and the gateway's three connections with their threads. Returns once
+    /// the ingest and dispatch subscriptions are active, so nothing a device publishes or the
+    /// gateway sends can be routed before its consumer exists.
+    pub fn start(cfg: &Mqtt, writer: WriterTx, sessions: Arc<Sessions>) -> std::io::Result<Broker> {
         let router_tx = Router::new(ROUTER_ID, router_config(cfg)).spawn();
+        let link = |id: &str| {
+            LinkBuilder::new(id, router_tx.clone())
+                .build()
+                .map(|(tx, rx, _ack)| (tx, rx))
+                .map_err(|e| std::io::Error::other(format!("router connection {id}: {e}")))
+        };
 
-        let (gw_tx, mut gw_rx, _ack) = LinkBuilder::new(GATEWAY_CLIENT_ID, router_tx.clone())
-            .build()
-            .map_err(|e| std::io::Error::other(format!("gateway link: {e}")))?;
-        let (mut gw_tx, subscribed) = subscribe_ingest(gw_tx, &mut gw_rx)?;
-        if !subscribed {
-            return Err(std::io::Error::other(
-                "router did not acknowledge the ingest subscription",
-            ));
-        }
-
+        let (gw_tx, mut gw_rx) = link(GATEWAY_CLIENT_ID)?;
+        let gw_tx = subscribe(gw_tx, &mut gw_rx, policy::INGEST_FILTER)?;
         std::thread::Builder::new()
             .name("fg-ingest-link".into())
             .spawn(move || ingest_thread(gw_rx, writer))?;
 
+        let (dispatch_tx, mut dispatch_rx) = link(DISPATCH_CLIENT_ID)?;
+        // The sending half must live as long as the receiving half: dropping it would look like
+        // a disconnect to nobody, but keep the connection's state consistent.
+        let dispatch_tx = subscribe(dispatch_tx, &mut dispatch_rx, policy::DOWNLINK_FILTER)?;
+        std::thread::Builder::new()
+            .name("fg-dispatch".into())
+            .spawn(move || {
+                let _keep = dispatch_tx;
+                dispatch_thread(dispatch_rx, &sessions)
+            })?;
+
         let (down_tx, down_rx) = flume::bounded::<(String, Bytes)>(1024);
+        let mut gw_tx = gw_tx;
         std::thread::Builder::new()
             .name("fg-downlink".into())
             .spawn(move || {
@@ -176,35 +194,14 @@ impl Broker {
                 }
             })?;
 
-        let (links_tx, links_rx) = flume::bounded::<LinkRequest>(256);
-        let runtime = tokio::runtime::Handle::current();
-        let builder_router = router_tx.clone();
+        let (up_tx, up_rx) = flume::bounded::<(Bytes, Bytes)>(UPLINK_QUEUE);
+        let (uplink, uplink_rx) = link(UPLINK_CLIENT_ID)?;
         std::thread::Builder::new()
-            .name("fg-link-builder".into())
-            .spawn(move || {
-                for req in links_rx.iter() {
-                    let built = LinkBuilder::new(&req.device, builder_router.clone())
-                        .tenant_id(Some(req.device.clone()))
-                        .clean_session(req.clean_session)
-                        .build()
-                        .map_err(|e| e.to_string())
-                        .map(|(tx, rx, ack)| DeviceLink {
-                            tx,
-                            rx,
-                            session_present: session_present(ack),
-                        });
-                    // The requester may have gone (shutdown, kicked while connecting); the link
-                    // must then be released, or the router keeps its slot and client id.
-                    if let Err(Ok(unused)) = req.reply.send(built) {
-                        runtime.spawn(disconnect(unused.tx));
-                    }
-                }
-            })?;
+            .name("fg-uplink".into())
+            .spawn(move || uplink_thread(uplink, uplink_rx, up_rx))?;
 
-        let busy_tx = router_tx;
         Ok(Broker {
-            links: links_tx,
-            router_busy: Arc::new(move || busy_tx.len() >= ROUTER_BUSY),
+            uplink: UplinkTx { tx: up_tx },
             downlink: DownlinkTx { tx: down_tx },
         })
     }
@@ -213,67 +210,100 @@ impl Broker {
         self.downlink.clone()
     }
 
-    /// Builds a router connection for an authenticated device, bound to its tenant.
-    pub(crate) async fn link(
-        &self,
-        device: &str,
-        clean_session: bool,
-    ) -> Result<DeviceLink, String> {
-        let (reply, rx) = oneshot::channel();
-        let req = LinkRequest {
-            device: device.to_owned(),
-            clean_session,
-            reply,
-        };
-        self.links
-            .send_async(req)
-            .await
-            .map_err(|_| "link builder stopped".to_owned())?;
-        rx.await.map_err(|_| "link builder stopped".to_owned())?
+    pub fn uplink(&self) -> UplinkTx {
+        self.uplink.clone()
     }
+}
 
-    /// Waits while the router's event channel is nearly full.
-    pub(crate) async fn wait_router(&self) {
-        let mut pause = Duration::from_micros(200);
-        while (self.router_busy)() {
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(20));
+/// Hands device messages to the router in batches: the queue's contents go into the
+/// connection's buffer, then one event tells the router.
+fn uplink_thread(mut tx: LinkTx, mut rx: LinkRx, queue: flume::Receiver<(Bytes, Bytes)>) {
+    // The router sends this connection nothing but scheduling notifications; answer them so it
+    // is never stalled.
+    std::thread::Builder::new()
+        .name("fg-uplink-rx".into())
+        .spawn(move || {
+            loop {
+                match rx.recv() {
+                    Ok(Some(Notification::Unschedule)) => {
+                        if rx.ready().is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        })
+        .ok();
+    while let Ok(first) = queue.recv() {
+        let mut batch = Vec::with_capacity(UPLINK_BATCH);
+        batch.push(first);
+        batch.extend(queue.try_iter().take(UPLINK_BATCH - 1));
+        let Some((topic, payload)) = batch.pop() else {
+            continue;
+        };
+        tx.buffer().extend(batch.into_iter().map(|(t, p)| {
+            rumqttd::protocol::Packet::Publish(rumqttd::protocol::Publish::new(t, p, false), None)
+        }));
+        if let Err(e) = tx.publish(topic, payload) {
+            tracing::error!(error = %e, "uplink publish failed; uplink stopped");
+            return;
         }
     }
 }
 
-/// Tells the router a link is gone, so it frees the slot and the client id.
-pub(crate) async fn disconnect(mut tx: LinkTx) {
-    let bye = rumqttd::protocol::Packet::Disconnect(
-        rumqttd::protocol::Disconnect {
-            reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
-        },
-        None,
-    );
-    let _ = tx.send(bye).await;
-}
-
-fn session_present(ack: Notification) -> bool {
-    match Option::<rumqttd::protocol::Packet>::from(ack) {
-        Some(rumqttd::protocol::Packet::ConnAck(ack, _)) => ack.session_present,
-        _ => false,
+/// Delivers what the router routes to devices' downlink topics to their sessions.
+fn dispatch_thread(mut rx: LinkRx, sessions: &Sessions) {
+    loop {
+        match rx.recv() {
+            Ok(Some(Notification::Forward(forward))) => {
+                let Ok(topic) = std::str::from_utf8(&forward.publish.topic) else {
+                    continue;
+                };
+                let Some((device, channel, encoding)) = policy::downlink_of(topic) else {
+                    tracing::error!(topic, "unexpected topic on the dispatch subscription");
+                    continue;
+                };
+                let msg = Direct {
+                    channel,
+                    encoding,
+                    payload: forward.publish.payload,
+                    qos: 1,
+                };
+                if let Err(e) = sessions.send_direct(device, msg) {
+                    tracing::debug!(device, error = %e, "downlink message not delivered");
+                }
+            }
+            Ok(Some(Notification::Unschedule)) => {
+                if rx.ready().is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => return,
+        }
     }
 }
 
-/// Subscribes the gateway link to the ingest filter and waits for the router's SubAck.
-fn subscribe_ingest(mut tx: LinkTx, rx: &mut LinkRx) -> std::io::Result<(LinkTx, bool)> {
-    tx.subscribe(policy::INGEST_FILTER)
-        .map_err(|e| std::io::Error::other(format!("ingest subscribe: {e}")))?;
+/// Subscribes a connection to `filter` and waits (bounded) for the router's SubAck.
+fn subscribe(mut tx: LinkTx, rx: &mut LinkRx, filter: &str) -> std::io::Result<LinkTx> {
+    tx.subscribe(filter)
+        .map_err(|e| std::io::Error::other(format!("subscribing to {filter}: {e}")))?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         match rx.recv_deadline(deadline) {
             Ok(Some(n)) => {
                 if let Some(rumqttd::protocol::Packet::SubAck(..)) = Option::from(n) {
-                    return Ok((tx, true));
+                    return Ok(tx);
                 }
             }
             Ok(None) => {}
-            Err(_) => return Ok((tx, false)),
+            Err(_) => {
+                return Err(std::io::Error::other(format!(
+                    "the router did not acknowledge the subscription to {filter}"
+                )));
+            }
         }
     }
 }

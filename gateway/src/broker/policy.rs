@@ -9,16 +9,19 @@
 //! | `fg/<id>/telemetry` (uplink) | `/tenants/<id>/up/telemetry` |
 //! | `fg/<id>/cmd/json` (downlink) | `/tenants/<id>/down/cmd/json` |
 //!
-//! The front checks every topic against the *authenticated* device id before it rewrites it,
-//! and every device link is bound to its tenant, so the broker's own tenant check
-//! (`validate-tenant-prefix`) refuses anything outside `/tenants/<id>/` as a second line of
-//! defence. The gateway's ingest link subscribes to [`INGEST_FILTER`] only.
+//! The front checks every topic against the *authenticated* device id before it rewrites it;
+//! nothing reaches the broker without passing here. The gateway's ingest connection subscribes
+//! to [`INGEST_FILTER`], its dispatch connection to [`DOWNLINK_FILTER`], and the dispatcher
+//! hands a downlink message only to the session of the device its topic names.
 
 use fleetgate_protocol::topic::{self, JSON_SUFFIX};
 use fleetgate_protocol::{Channel, Downlink, Encoding, Topic, TopicError, Uplink};
 
 /// The one subscription through which the gateway receives everything devices publish.
 pub const INGEST_FILTER: &str = "/tenants/+/up/#";
+
+/// The subscription through which the gateway's dispatcher receives every message for devices.
+pub const DOWNLINK_FILTER: &str = "/tenants/+/down/#";
 
 /// Tenant name of the shutdown flush marker; not a valid device id (must start with a letter
 /// or digit), so no device can publish it.
@@ -96,6 +99,22 @@ pub fn to_device(device: &str, internal_topic: &str) -> Option<String> {
         }) => Some(device_topic),
         _ => None,
     }
+}
+
+/// Parses an internal downlink topic into the device, channel and encoding it is for. Only the
+/// gateway publishes these, so `None` means a bug, not bad input.
+pub fn downlink_of(internal_topic: &str) -> Option<(&str, Downlink, Encoding)> {
+    let rest = internal_topic.strip_prefix(PREFIX)?;
+    let (device, rest) = rest.split_once('/')?;
+    let rest = rest.strip_prefix("down/")?;
+    let (channel, encoding) = match rest.split_once('/') {
+        None => (rest, Encoding::Postcard),
+        Some((c, JSON_SUFFIX)) => (c, Encoding::Json),
+        Some(_) => return None,
+    };
+    let channel = Downlink::ALL.into_iter().find(|c| c.name() == channel)?;
+    fleetgate_protocol::id::validate(device).ok()?;
+    Some((device, channel, encoding))
 }
 
 /// What arrived on the ingest subscription.

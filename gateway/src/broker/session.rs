@@ -1,25 +1,26 @@
-//! One established device session: moves packets between the device's socket and its router
-//! link, applying the topic policy to everything the device sends.
+//! One established device session: reads the device's packets, checks every topic against the
+//! policy, queues what the device may publish for the router, answers the device's
+//! subscriptions itself, and writes what the gateway sends the device.
 //!
 //! Invariants:
-//! - Every topic a device publishes or subscribes to passes `policy` before the router sees it;
-//!   refusals are answered (v5 reason codes, v3.1.1 acknowledgements) and counted, and the
+//! - Every topic a device publishes or subscribes to passes `policy` before anything else sees
+//!   it; refusals are answered (v5 reason codes, v3.1.1 acknowledgements) and counted, and the
 //!   connection stays up.
-//! - The router link is released with a DISCONNECT exactly once, unless the router has already
-//!   dropped it: the router reuses connection ids, so a late DISCONNECT could end another
-//!   device's session.
+//! - A QoS 1 publish is acknowledged once it is in the broker's uplink queue, behind every
+//!   earlier message of every device; a flush marker queued later is seen by the storage
+//!   writer after it. QoS 2 is delivered once per packet id until the device releases it.
+//! - The device's subscriptions live in its session only: a reconnect starts without any.
 //! - MQTT 3.1.1 devices never receive v5-only packets or properties (rumqttd's v4 encoder
 //!   panics on them).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use rumqttd::Notification;
+use bytes::{BufMut, Bytes, BytesMut};
 use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, Packet, PingResp, Protocol, PubAck, PubAckReason, PubComp,
-    PubCompReason, PubRec, PubRecReason, Publish, SubAck, SubscribeReasonCode, UnsubAck,
+    PubCompReason, PubRec, PubRecReason, Publish, QoS, SubAck, SubscribeReasonCode, UnsubAck,
     UnsubAckReason,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -29,14 +30,15 @@ use fleetgate_protocol::{Channel, Downlink, Encoding, topic};
 use tokio::sync::mpsc;
 
 use super::front::{Claim, Direct, Front, Kick};
-use super::{Broker, DeviceLink, policy};
+use super::{UplinkTx, policy};
 use crate::ingest::{WriterMsg, WriterTx};
 use crate::metrics::{Metrics, Reject};
 
 /// A device that does not read what it is sent for this long is disconnected.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most router notifications handled before the session writes and yields.
-const NOTIFY_BATCH: usize = 256;
+/// QoS 1 messages to a device not yet acknowledged by it; beyond this, new ones are dropped
+/// (and counted): the device is not reading.
+const MAX_INFLIGHT: usize = 256;
 
 /// Why a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,8 +55,8 @@ pub enum End {
     Malformed,
     ProtocolViolation,
     Kicked(Kick),
-    /// The router dropped the link (its own checks); it must not be told again.
-    RouterGone,
+    /// The broker's uplink queue closed: the gateway is stopping.
+    BrokerGone,
 }
 
 impl End {
@@ -70,7 +72,7 @@ impl End {
             End::Kicked(Kick::TakenOver) => "replaced by a new connection",
             End::Kicked(Kick::Revoked) => "enrollment revoked",
             End::Kicked(Kick::ShuttingDown) => "gateway shutting down",
-            End::RouterGone => "dropped by the broker",
+            End::BrokerGone => "broker stopped",
         }
     }
 
@@ -177,27 +179,22 @@ pub(crate) struct Session<P> {
     stream: TcpStream,
     rbuf: BytesMut,
     wbuf: BytesMut,
-    link: DeviceLink,
     will: Option<Publish>,
     keep_alive: Duration,
     max_packet: usize,
-    broker: Broker,
+    uplink: UplinkTx,
     metrics: std::sync::Arc<Metrics>,
     writer: WriterTx,
-    /// Subscribe/unsubscribe packet ids whose refused filters must be merged into the
-    /// router's answer: `None` slots are filled from the router, in order.
-    pending_suback: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
-    pending_unsuback: HashMap<u16, Vec<Option<UnsubAckReason>>>,
-    /// QoS 2 publishes refused under v3.1.1 (which must be PUBREC'd): their PUBREL is answered
-    /// here, not by the router, which never saw them.
-    refused_qos2: HashSet<u16>,
-    unscheduled: bool,
-    /// Messages the gateway sends straight to this device (see `Direct`), and the direct
-    /// channels the device subscribed to.
+    /// QoS 2 packet ids received and not yet released by the device's PUBREL: a repeat of one
+    /// is acknowledged again but not delivered again.
+    qos2: HashSet<u16>,
+    /// Messages for this device (see `Direct`), and what it subscribed to: channel, encoding and
+    /// the QoS granted.
     direct: mpsc::Receiver<Direct>,
-    direct_subs: Vec<(Downlink, Encoding)>,
-    /// Packets for the router from the current read, handed over in one go.
-    outbox: Vec<Packet>,
+    subs: Vec<(Downlink, Encoding, u8)>,
+    /// Packet ids of QoS 1 messages sent to the device and not yet acknowledged.
+    inflight: HashSet<u16>,
+    next_pkid: u16,
 }
 
 enum Step {
@@ -213,7 +210,6 @@ impl<P: Protocol + Send> Session<P> {
         device: String,
         stream: TcpStream,
         rbuf: BytesMut,
-        link: DeviceLink,
         will: Option<Publish>,
         keep_alive: Duration,
         direct: mpsc::Receiver<Direct>,
@@ -226,20 +222,17 @@ impl<P: Protocol + Send> Session<P> {
             stream,
             rbuf,
             wbuf: BytesMut::new(),
-            link,
             will,
             keep_alive,
             max_packet: front.max_packet,
-            broker: front.broker.clone(),
+            uplink: front.broker.uplink(),
             metrics: front.metrics.clone(),
             writer: front.writer.clone(),
-            pending_suback: HashMap::new(),
-            pending_unsuback: HashMap::new(),
-            refused_qos2: HashSet::new(),
-            unscheduled: false,
+            qos2: HashSet::new(),
             direct,
-            direct_subs: Vec::new(),
-            outbox: Vec::new(),
+            subs: Vec::new(),
+            inflight: HashSet::new(),
+            next_pkid: 1,
         }
     }
 
@@ -251,7 +244,7 @@ impl<P: Protocol + Send> Session<P> {
 
     async fn pump(&mut self, claim: &Claim) -> End {
         // Packets that arrived together with the CONNECT.
-        if let Step::End(end) = self.parse_buffered().await {
+        if let Step::End(end) = self.parse_packets().await {
             return end;
         }
         if let Err(end) = self.flush().await {
@@ -281,13 +274,8 @@ impl<P: Protocol + Send> Session<P> {
                     Ok(0) | Err(_) => Step::End(End::Closed),
                     Ok(_) => {
                         deadline.as_mut().reset(tokio::time::Instant::now() + idle);
-                        self.parse_buffered().await
+                        self.parse_packets().await
                     }
-                },
-                notification = self.link.rx.next() => match notification {
-                    Ok(Some(n)) => self.on_router(n),
-                    Ok(None) => Step::Continue,
-                    Err(_) => Step::End(End::RouterGone),
                 },
                 Some(msg) = self.direct.recv() => {
                     self.on_direct(msg);
@@ -300,52 +288,13 @@ impl<P: Protocol + Send> Session<P> {
             if let Step::End(end) = step {
                 return end;
             }
-            if let Step::End(end) = self.drain_router() {
-                return end;
-            }
             if let Err(end) = self.flush().await {
                 return end;
-            }
-            if std::mem::take(&mut self.unscheduled) && self.link.rx.wake().await.is_err() {
-                return End::RouterGone;
             }
             if self.rbuf.capacity() - self.rbuf.len() < 512 {
                 self.rbuf.reserve(4096.min(self.max_packet + 8));
             }
         }
-    }
-
-    /// Handles the router notifications already waiting, without blocking.
-    fn drain_router(&mut self) -> Step {
-        for _ in 0..NOTIFY_BATCH {
-            match self.link.rx.recv_deadline(Instant::now()) {
-                Ok(Some(n)) => {
-                    if let Step::End(end) = self.on_router(n) {
-                        return Step::End(end);
-                    }
-                }
-                Ok(None) => {}
-                Err(_) => break,
-            }
-        }
-        Step::Continue
-    }
-
-    async fn parse_buffered(&mut self) -> Step {
-        let step = self.parse_packets().await;
-        match self.flush_outbox().await {
-            Step::Continue => step,
-            end => end,
-        }
-    }
-
-    /// Hands the packets of one read to the router with one router event.
-    async fn flush_outbox(&mut self) -> Step {
-        let Some(last) = self.outbox.pop() else {
-            return Step::Continue;
-        };
-        self.link.tx.buffer().extend(self.outbox.drain(..));
-        self.send_to_router(last).await
     }
 
     async fn parse_packets(&mut self) -> Step {
@@ -376,108 +325,91 @@ impl<P: Protocol + Send> Session<P> {
 
     async fn on_device_packet(&mut self, packet: Packet, peek: Option<(u8, u16)>) -> Step {
         match packet {
-            Packet::Publish(publish, props) => {
+            Packet::Publish(publish, _props) => {
                 let (qos, pkid) = peek.unwrap_or((0, 0));
-                self.publish(publish, props, qos, pkid).await
+                self.publish(publish, qos, pkid).await
             }
-            Packet::Subscribe(sub, props) => {
-                let mut allowed = Vec::new();
-                let mut codes = Vec::new();
-                for mut filter in sub.filters {
+            Packet::Subscribe(sub, _props) => {
+                let mut codes = Vec::with_capacity(sub.filters.len());
+                for filter in sub.filters {
                     match policy::subscribe(&self.device, &filter.path) {
-                        Ok(s) if s.channel == Downlink::Chunk => {
-                            // Served by the session itself (see `Direct`), at QoS 0.
-                            if !self.direct_subs.contains(&(s.channel, s.encoding)) {
-                                self.direct_subs.push((s.channel, s.encoding));
-                            }
-                            let qos0 =
-                                SubscribeReasonCode::Success(rumqttd::protocol::QoS::AtMostOnce);
-                            codes.push(Some(qos0));
-                        }
                         Ok(s) => {
-                            filter.path = s.internal;
-                            allowed.push(filter);
-                            codes.push(None);
+                            // Commands go at QoS 1 at most; chunks at QoS 0 (see `Direct`).
+                            let most = if s.channel == Downlink::Chunk { 0 } else { 1 };
+                            let qos = (filter.qos as u8).min(most);
+                            self.subs
+                                .retain(|(c, e, _)| (*c, *e) != (s.channel, s.encoding));
+                            self.subs.push((s.channel, s.encoding, qos));
+                            codes.push(SubscribeReasonCode::Success(if qos == 0 {
+                                QoS::AtMostOnce
+                            } else {
+                                QoS::AtLeastOnce
+                            }));
                         }
                         Err(denied) => {
                             self.refused(denied, &filter.path).await;
-                            codes.push(Some(self.refused_suback_code()));
+                            codes.push(self.refused_suback_code());
                         }
                     }
                 }
-                if allowed.is_empty() {
-                    let codes = codes.into_iter().flatten().collect();
-                    self.write(Packet::SubAck(
-                        SubAck {
-                            pkid: sub.pkid,
-                            return_codes: codes,
-                        },
-                        None,
-                    ));
-                    return Step::Continue;
-                }
-                if codes.iter().any(Option::is_some) {
-                    self.pending_suback.insert(sub.pkid, codes);
-                }
-                let sub = rumqttd::protocol::Subscribe {
-                    pkid: sub.pkid,
-                    filters: allowed,
-                };
-                self.queue(Packet::Subscribe(sub, props))
+                self.write(Packet::SubAck(
+                    SubAck {
+                        pkid: sub.pkid,
+                        return_codes: codes,
+                    },
+                    None,
+                ));
+                Step::Continue
             }
-            Packet::Unsubscribe(unsub, props) => {
-                let mut allowed = Vec::new();
-                let mut codes = Vec::new();
-                for filter in unsub.filters {
-                    match policy::subscribe(&self.device, &filter) {
-                        Ok(s) if s.channel == Downlink::Chunk => {
-                            let had = self.direct_subs.contains(&(s.channel, s.encoding));
-                            self.direct_subs.retain(|d| *d != (s.channel, s.encoding));
-                            codes.push(Some(if had {
+            Packet::Unsubscribe(unsub, _props) => {
+                let reasons = unsub
+                    .filters
+                    .iter()
+                    .map(|filter| match policy::subscribe(&self.device, filter) {
+                        Ok(s) => {
+                            let had = self
+                                .subs
+                                .iter()
+                                .any(|(c, e, _)| (*c, *e) == (s.channel, s.encoding));
+                            self.subs
+                                .retain(|(c, e, _)| (*c, *e) != (s.channel, s.encoding));
+                            if had {
                                 UnsubAckReason::Success
                             } else {
                                 UnsubAckReason::NoSubscriptionExisted
-                            }));
+                            }
                         }
-                        Ok(s) => {
-                            allowed.push(s.internal);
-                            codes.push(None);
-                        }
-                        Err(_) => codes.push(Some(UnsubAckReason::NoSubscriptionExisted)),
-                    }
-                }
-                if allowed.is_empty() {
-                    let reasons = codes.into_iter().flatten().collect();
-                    self.write(Packet::UnsubAck(
-                        UnsubAck {
-                            pkid: unsub.pkid,
-                            reasons,
-                        },
-                        None,
-                    ));
-                    return Step::Continue;
-                }
-                if codes.iter().any(Option::is_some) {
-                    self.pending_unsuback.insert(unsub.pkid, codes);
-                }
-                let unsub = rumqttd::protocol::Unsubscribe {
-                    pkid: unsub.pkid,
-                    filters: allowed,
+                        Err(_) => UnsubAckReason::NoSubscriptionExisted,
+                    })
+                    .collect();
+                self.write(Packet::UnsubAck(
+                    UnsubAck {
+                        pkid: unsub.pkid,
+                        reasons,
+                    },
+                    None,
+                ));
+                Step::Continue
+            }
+            Packet::PubRel(rel, _) => {
+                let reason = if self.qos2.remove(&rel.pkid) || !self.v5 {
+                    PubCompReason::Success
+                } else {
+                    PubCompReason::PacketIdentifierNotFound
                 };
-                self.queue(Packet::Unsubscribe(unsub, props))
+                let comp = PubComp {
+                    pkid: rel.pkid,
+                    reason,
+                };
+                self.write(Packet::PubComp(comp, None));
+                Step::Continue
             }
-            Packet::PubRel(rel, props) => {
-                if self.refused_qos2.remove(&rel.pkid) {
-                    let comp = PubComp {
-                        pkid: rel.pkid,
-                        reason: PubCompReason::Success,
-                    };
-                    self.write(Packet::PubComp(comp, None));
-                    return Step::Continue;
-                }
-                self.queue(Packet::PubRel(rel, props))
+            Packet::PubAck(ack, _) => {
+                self.inflight.remove(&ack.pkid);
+                Step::Continue
             }
-            p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => self.queue(p),
+            // The gateway never sends QoS 2: nothing to answer.
+            Packet::PubRec(..) | Packet::PubComp(..) => Step::Continue,
             Packet::PingReq(_) => {
                 self.write(Packet::PingResp(PingResp));
                 Step::Continue
@@ -494,49 +426,65 @@ impl<P: Protocol + Send> Session<P> {
         }
     }
 
-    async fn publish(
-        &mut self,
-        mut publish: Publish,
-        props: Option<rumqttd::protocol::PublishProperties>,
-        qos: u8,
-        pkid: u16,
-    ) -> Step {
+    async fn publish(&mut self, publish: Publish, qos: u8, pkid: u16) -> Step {
         let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-        match policy::uplink(&self.device, &topic) {
-            Ok((_, internal)) => {
-                publish.topic = Bytes::from(internal);
-                publish.retain = false;
-                self.queue(Packet::Publish(publish, props))
-            }
-            Err(denied) => {
-                self.refused(denied, &topic).await;
-                // v5 can say no; v3.1.1 cannot, and must acknowledge or disconnect. Acknowledging
-                // keeps a misconfigured stock client from reconnecting in a loop.
-                match qos {
-                    1 => {
-                        let reason = if self.v5 {
-                            PubAckReason::NotAuthorized
-                        } else {
-                            PubAckReason::Success
-                        };
-                        self.write(Packet::PubAck(PubAck { pkid, reason }, None));
-                    }
-                    2 => {
-                        let reason = if self.v5 {
-                            PubRecReason::NotAuthorized
-                        } else {
-                            PubRecReason::Success
-                        };
-                        if !self.v5 {
-                            self.refused_qos2.insert(pkid);
-                        }
-                        self.write(Packet::PubRec(PubRec { pkid, reason }, None));
-                    }
-                    _ => {}
+        let allowed = policy::uplink(&self.device, &topic);
+        if let Err(denied) = allowed {
+            self.refused(denied, &topic).await;
+            // v5 can say no; v3.1.1 cannot, and must acknowledge or disconnect. Acknowledging
+            // keeps a misconfigured stock client from reconnecting in a loop.
+            match qos {
+                1 => {
+                    let reason = if self.v5 {
+                        PubAckReason::NotAuthorized
+                    } else {
+                        PubAckReason::Success
+                    };
+                    self.write(Packet::PubAck(PubAck { pkid, reason }, None));
                 }
-                Step::Continue
+                2 => {
+                    let reason = if self.v5 {
+                        PubRecReason::NotAuthorized
+                    } else {
+                        self.qos2.insert(pkid);
+                        PubRecReason::Success
+                    };
+                    self.write(Packet::PubRec(PubRec { pkid, reason }, None));
+                }
+                _ => {}
             }
+            return Step::Continue;
         }
+        let internal = allowed.map(|(_, t)| t).unwrap_or_default();
+        // A QoS 2 repeat (the device did not see our PUBREC) is not delivered twice.
+        let repeat = qos == 2 && !self.qos2.insert(pkid);
+        if !repeat
+            && self
+                .uplink
+                .send(Bytes::from(internal), publish.payload)
+                .await
+                .is_err()
+        {
+            return Step::End(End::BrokerGone);
+        }
+        match qos {
+            1 => self.write(Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            )),
+            2 => self.write(Packet::PubRec(
+                PubRec {
+                    pkid,
+                    reason: PubRecReason::Success,
+                },
+                None,
+            )),
+            _ => {}
+        }
+        Step::Continue
     }
 
     async fn refused(&mut self, denied: policy::Denied, topic: &str) {
@@ -563,92 +511,48 @@ impl<P: Protocol + Send> Session<P> {
         }
     }
 
-    /// Queues a packet for the router; [`Session::flush_outbox`] sends the read's batch.
-    fn queue(&mut self, packet: Packet) -> Step {
-        self.outbox.push(packet);
-        Step::Continue
-    }
-
-    async fn send_to_router(&mut self, packet: Packet) -> Step {
-        self.broker.wait_router().await;
-        match self.link.tx.send(packet).await {
-            Ok(_) => Step::Continue,
-            Err(_) => Step::End(End::RouterGone),
-        }
-    }
-
-    fn on_router(&mut self, notification: Notification) -> Step {
-        match notification {
-            Notification::Forward(mut forward) => {
-                let topic = String::from_utf8_lossy(&forward.publish.topic).into_owned();
-                match policy::to_device(&self.device, &topic) {
-                    Some(device_topic) => {
-                        forward.publish.topic = Bytes::from(device_topic);
-                        self.write(Packet::Publish(forward.publish, forward.properties));
-                    }
-                    None => {
-                        tracing::error!(device = %self.device, topic, "router delivered a foreign topic; dropped")
-                    }
-                }
-                Step::Continue
-            }
-            Notification::Unschedule => {
-                self.unscheduled = true;
-                Step::Continue
-            }
-            Notification::Disconnect(d, props) => {
-                if self.v5 {
-                    self.write(Packet::Disconnect(d, props));
-                }
-                Step::End(End::RouterGone)
-            }
-            other => {
-                match Option::<Packet>::from(other) {
-                    Some(Packet::SubAck(mut ack, props)) => {
-                        if let Some(slots) = self.pending_suback.remove(&ack.pkid) {
-                            let mut from_router = ack.return_codes.into_iter();
-                            ack.return_codes = slots
-                                .into_iter()
-                                .map(|s| {
-                                    s.or_else(|| from_router.next())
-                                        .unwrap_or(SubscribeReasonCode::Failure)
-                                })
-                                .collect();
-                        }
-                        self.write(Packet::SubAck(ack, props));
-                    }
-                    Some(Packet::UnsubAck(mut ack, props)) => {
-                        if let Some(slots) = self.pending_unsuback.remove(&ack.pkid) {
-                            let mut from_router = ack.reasons.into_iter();
-                            ack.reasons = slots
-                                .into_iter()
-                                .map(|s| {
-                                    s.or_else(|| from_router.next())
-                                        .unwrap_or(UnsubAckReason::Success)
-                                })
-                                .collect();
-                        }
-                        self.write(Packet::UnsubAck(ack, props));
-                    }
-                    Some(packet) => self.write(packet),
-                    None => {}
-                }
-                Step::Continue
-            }
-        }
-    }
-
-    /// Writes a direct message if the device subscribed to its channel in its encoding.
+    /// Writes a message for the device if it subscribed to its channel in its encoding, at the
+    /// lower of the message's and the subscription's QoS.
     fn on_direct(&mut self, msg: Direct) {
-        if !self.direct_subs.contains(&(msg.channel, msg.encoding)) {
+        let Some(&(_, _, sub_qos)) = self
+            .subs
+            .iter()
+            .find(|(c, e, _)| (*c, *e) == (msg.channel, msg.encoding))
+        else {
+            self.metrics.direct_dropped.inc();
+            return;
+        };
+        let topic = topic::format(&self.device, Channel::Down(msg.channel), msg.encoding);
+        if msg.qos.min(sub_qos) == 0 {
+            self.write(Packet::Publish(
+                Publish::new(Bytes::from(topic), msg.payload, false),
+                None,
+            ));
+            return;
+        }
+        if self.inflight.len() >= MAX_INFLIGHT {
             self.metrics.direct_dropped.inc();
             return;
         }
-        let topic = topic::format(&self.device, Channel::Down(msg.channel), msg.encoding);
-        self.write(Packet::Publish(
-            Publish::new(Bytes::from(topic), msg.payload, false),
-            None,
-        ));
+        let pkid = self.take_pkid();
+        write_qos1_publish(
+            &mut self.wbuf,
+            self.v5,
+            topic.as_bytes(),
+            pkid,
+            &msg.payload,
+        );
+    }
+
+    /// A packet id not in flight (they run 1..=65535).
+    fn take_pkid(&mut self) -> u16 {
+        loop {
+            let pkid = self.next_pkid;
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if self.inflight.insert(pkid) {
+                return pkid;
+            }
+        }
     }
 
     /// Encodes a packet for the device, in its protocol version.
@@ -691,17 +595,40 @@ impl<P: Protocol + Send> Session<P> {
     async fn finish(mut self, end: End) {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
         let _ = self.stream.shutdown().await;
-        if end == End::RouterGone {
-            return;
-        }
         if end.sends_will()
+            && end != End::BrokerGone
             && let Some(will) = self.will.take()
         {
-            let _ = self.send_to_router(Packet::Publish(will, None)).await;
+            let _ = self.uplink.send(will.topic, will.payload).await;
         }
-        self.broker.wait_router().await;
-        super::disconnect(self.link.tx).await;
     }
+}
+
+/// Encodes a QoS 1 PUBLISH (rumqttd's `Publish` keeps QoS and packet id private, so the gateway
+/// writes its own): fixed header, topic, packet id, (v5: empty properties), payload.
+fn write_qos1_publish(out: &mut BytesMut, v5: bool, topic: &[u8], pkid: u16, payload: &[u8]) {
+    let len = 2 + topic.len() + 2 + usize::from(v5) + payload.len();
+    out.reserve(5 + len);
+    out.put_u8(0x32);
+    let mut rest = len;
+    loop {
+        let mut byte = (rest % 128) as u8;
+        rest /= 128;
+        if rest > 0 {
+            byte |= 0x80;
+        }
+        out.put_u8(byte);
+        if rest == 0 {
+            break;
+        }
+    }
+    out.put_u16(topic.len() as u16);
+    out.put_slice(topic);
+    out.put_u16(pkid);
+    if v5 {
+        out.put_u8(0);
+    }
+    out.put_slice(payload);
 }
 
 /// The v3.1.1 form of a packet: no properties, only v3.1.1 codes; `None` for packets v3.1.1

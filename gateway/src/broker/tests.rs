@@ -1,51 +1,64 @@
-use std::time::{Duration, Instant};
-
-use rumqttd::protocol::Packet;
+use std::time::Duration;
 
 use super::*;
+use crate::ingest::WriterMsg;
 
-/// The second line of defence: a device link bound to its tenant cannot get a publish outside
-/// `/tenants/<id>/` into the router, even if the front let one through.
-#[test]
-fn the_router_drops_a_tenant_link_that_publishes_outside_its_prefix() {
+/// The broker's plumbing: a device message queued on the uplink reaches the storage writer's
+/// queue through the router, behind it a flush marker; a command published for a device
+/// reaches that device's session (and no other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_flow_through_the_router_both_ways() {
     let cfg = fleetgate_config::Config::default();
-    let router = Router::new(7, router_config(&cfg.mqtt)).spawn();
-    let (mut gw_tx, mut gw_rx, _) = LinkBuilder::new("gw", router.clone()).build().unwrap();
-    gw_tx.subscribe(policy::INGEST_FILTER).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    assert!(matches!(
-        Option::<Packet>::from(gw_rx.recv_deadline(deadline).unwrap().unwrap()),
-        Some(Packet::SubAck(..))
-    ));
+    let (writer_tx, writer_rx, _control, _control_rx) = crate::ingest::channels(&cfg);
+    let sessions = Arc::new(Sessions::default());
+    let mut d1 = sessions.claim("d1").await;
+    let mut d2 = sessions.claim("d2").await;
+    let (mut d1_rx, mut d2_rx) = (d1.direct.take().unwrap(), d2.direct.take().unwrap());
+    let mqtt = cfg.mqtt.clone();
+    let s = sessions.clone();
+    let broker = tokio::task::spawn_blocking(move || Broker::start(&mqtt, writer_tx, s))
+        .await
+        .unwrap()
+        .unwrap();
 
-    let (mut dev7, mut dev7_rx, _) = LinkBuilder::new("dev7", router.clone())
-        .tenant_id(Some("dev7".into()))
-        .build()
+    broker
+        .uplink()
+        .send(
+            Bytes::from(policy::uplink("d1", "fg/d1/telemetry").unwrap().1),
+            Bytes::from_static(b"reading"),
+        )
+        .await
         .unwrap();
-    dev7.publish("/tenants/dev8/up/telemetry", &b"forged"[..])
-        .unwrap();
-    // The router drops the link: its receiver reports the disconnect.
-    let dropped = loop {
-        match dev7_rx.recv_deadline(Instant::now() + Duration::from_secs(5)) {
-            Ok(Some(_)) | Ok(None) => continue,
-            Err(_) => break true,
-        }
+    broker.uplink().flush_marker(7).await.unwrap();
+    let recv = |rx: flume::Receiver<WriterMsg>| async move {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv_async())
+            .await
+            .expect("in time")
+            .expect("open")
     };
-    assert!(dropped);
+    match recv(writer_rx.clone()).await {
+        WriterMsg::Uplink(m) => {
+            assert_eq!(
+                (m.device.as_str(), m.channel, &m.payload[..]),
+                ("d1", fleetgate_protocol::Uplink::Telemetry, &b"reading"[..])
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(recv(writer_rx).await, WriterMsg::FlushMarker(7)));
 
-    // A legitimate device still gets through, and the gateway receives only that.
-    let (mut dev8, _dev8_rx, _) = LinkBuilder::new("dev8", router)
-        .tenant_id(Some("dev8".into()))
-        .build()
+    broker
+        .downlink()
+        .send_async("d2", Downlink::Command, Encoding::Json, b"{}".to_vec())
+        .await
         .unwrap();
-    dev8.publish("/tenants/dev8/up/telemetry", &b"real"[..])
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let forward = loop {
-        match gw_rx.recv_deadline(deadline).unwrap() {
-            Some(Notification::Forward(f)) => break f,
-            Some(_) | None => continue,
-        }
-    };
-    assert_eq!(&forward.publish.payload[..], b"real");
+    let msg = tokio::time::timeout(Duration::from_secs(5), d2_rx.recv())
+        .await
+        .expect("in time")
+        .expect("open");
+    assert_eq!(
+        (msg.channel, msg.encoding, &msg.payload[..], msg.qos),
+        (Downlink::Command, Encoding::Json, &b"{}"[..], 1)
+    );
+    assert!(d1_rx.try_recv().is_err(), "d1 got nothing");
 }

@@ -413,6 +413,7 @@ impl Writer {
                     channel: Downlink::Chunk,
                     encoding: s.encoding,
                     payload: payload.into(),
+                    qos: 0,
                 };
                 match self.sessions.send_direct(&s.device, msg) {
                     Ok(()) => self.metrics.chunks_sent.inc(),

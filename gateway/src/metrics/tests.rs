@@ -51,7 +51,7 @@ fn log_limit_allows_one_line_per_interval_and_counts_the_rest() {
 
 #[test]
 fn ingest_latency_counts_wall_clock_timestamps_only() {
-    let m = Metrics::new(std::time::Duration::from_secs(60));
+    let m = Metrics::new(Duration::from_secs(60));
     assert_eq!(m.ingest_latency(), Latency::default());
     let now = 1_800_000_000_000;
     // 99 messages 10 ms old, one 1 s old, one from a device counting from its boot, one from a

@@ -106,3 +106,29 @@ fn ingested_topics_parse_back() {
         INGEST_FILTER
     ));
 }
+
+#[test]
+fn downlink_topics_parse_back_to_their_device() {
+    for (device, channel, encoding) in [
+        ("d1", Downlink::Command, Encoding::Postcard),
+        ("pump-7", Downlink::Command, Encoding::Json),
+        ("a.b:c", Downlink::Chunk, Encoding::Postcard),
+    ] {
+        let topic = downlink(device, channel, encoding);
+        assert_eq!(
+            downlink_of(&topic),
+            Some((device, channel, encoding)),
+            "{topic}"
+        );
+    }
+    for bad in [
+        "/tenants/d1/up/telemetry",
+        "/tenants/d1/down/telemetry",
+        "/tenants/d1/down/cmd/xml",
+        "/tenants/_flush/down/cmd",
+        "tenants/d1/down/cmd",
+        "/tenants/d1/down",
+    ] {
+        assert_eq!(downlink_of(bad), None, "{bad}");
+    }
+}

@@ -96,7 +96,7 @@ fn v4_form_strips_properties_and_v5_codes() {
         SubAck {
             pkid: 3,
             return_codes: vec![
-                SubscribeReasonCode::Success(rumqttd::protocol::QoS::AtLeastOnce),
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
                 SubscribeReasonCode::NotAuthorized,
             ],
         },
@@ -121,4 +121,33 @@ fn v4_form_strips_properties_and_v5_codes() {
         ))
         .is_none()
     );
+}
+
+#[test]
+fn qos1_publishes_the_gateway_writes_decode_in_both_versions() {
+    for (v5, payload) in [(false, vec![1u8, 2, 3]), (true, vec![7u8; 300])] {
+        let mut out = BytesMut::new();
+        write_qos1_publish(&mut out, v5, b"fg/d1/cmd", 4242, &payload);
+        assert_eq!(peek_publish(&out), Some((1, 4242)));
+        let mut buf = out.clone();
+        let packet = if v5 {
+            V5.read_mut(&mut buf, 1 << 20)
+        } else {
+            V4.read_mut(&mut buf, 1 << 20)
+        }
+        .unwrap();
+        let Packet::Publish(p, _) = packet else {
+            panic!("{packet:?}");
+        };
+        assert_eq!(
+            (&p.topic[..], &p.payload[..]),
+            (&b"fg/d1/cmd"[..], &payload[..])
+        );
+        assert!(buf.is_empty(), "nothing left over");
+    }
+    // A big payload takes a multi-byte remaining length.
+    let mut out = BytesMut::new();
+    write_qos1_publish(&mut out, false, b"t", 1, &vec![0; 20_000]);
+    // 2 + 1 (topic) + 2 (packet id) + 20,000 = 20,005 = 37 + 28 x 128 + 1 x 128^2.
+    assert_eq!(&out[..4], &[0x32, 0x80 | 37, 0x80 | 28, 1]);
 }
