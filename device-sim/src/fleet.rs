@@ -2,19 +2,24 @@
 //! answers commands and counts acknowledgements) and a sending task (hello, telemetry, alerts).
 //! Publishing and polling are separate tasks because rumqttc deadlocks when a task awaits a
 //! publish while it is the one that polls the event loop.
+//!
+//! A fleet is made of groups ([`Group`], a scenario's `[[group]]`): devices alike in hardware,
+//! rates, data and faults. A spec without groups is one group made of its fleet-wide fields.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fleetgate_protocol::topic;
-use fleetgate_protocol::{Channel, Command, Downlink, Encoding, Uplink, decode, encode};
+use fleetgate_protocol::{
+    Channel, Command, Downlink, Encoding, HardwareProfile, Uplink, decode, encode,
+};
 use rand::{Rng, SeedableRng};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::behaviour::{Behaviour, DataShape, Effect};
+use crate::behaviour::{Behaviour, DataShape, Effect, default_hardware};
 use crate::enroll::Credential;
 use crate::report::{Counters, Report};
 use crate::updater::{DeviceProfile, UpdateEffect, Updater, UpdaterStats};
@@ -44,6 +49,46 @@ pub struct FleetSpec {
     pub seed: u64,
     /// Device `i` gets `profiles[i % len]` (trusted keys, faults); none: default profile.
     pub profiles: Vec<DeviceProfile>,
+    /// The groups of the fleet, in the order of `credentials`: the first `groups[0].count`
+    /// credentials are the first group's devices, and so on. Each group's interval, alerts,
+    /// data, hardware and profile replace the fleet-wide `interval`, `alert_every`, `shape`
+    /// and `profiles`; devices past the last group (or every device, with no groups) use those.
+    pub groups: Vec<Group>,
+}
+
+/// Devices alike in hardware, rates, data and faults.
+#[derive(Debug, Clone)]
+pub struct Group {
+    /// Device ids are `<prefix>-00000`, `<prefix>-00001`, ... (what enrollment uses).
+    pub prefix: String,
+    pub count: usize,
+    /// Time between two telemetry messages of one device.
+    pub interval: Duration,
+    /// Every this many telemetry messages a device also sends an alert (0: never).
+    pub alert_every: u64,
+    pub shape: DataShape,
+    /// The shift of `shape` (drift injection) starts this long after a device first connects;
+    /// `None`: from its first message.
+    pub shift_after: Option<Duration>,
+    /// What the devices run on (their hello says so; update offers are checked against it).
+    pub hardware: HardwareProfile,
+    pub profile: DeviceProfile,
+}
+
+impl Group {
+    /// A group of `count` devices with the defaults of [`FleetSpec::new`].
+    pub fn new(prefix: &str, count: usize) -> Group {
+        Group {
+            prefix: prefix.to_owned(),
+            count,
+            interval: Duration::from_secs(1),
+            alert_every: 0,
+            shape: DataShape::default(),
+            shift_after: None,
+            hardware: default_hardware(),
+            profile: DeviceProfile::default(),
+        }
+    }
 }
 
 impl FleetSpec {
@@ -64,6 +109,33 @@ impl FleetSpec {
             shape: DataShape::default(),
             seed: 1,
             profiles: Vec::new(),
+            groups: Vec::new(),
+        }
+    }
+
+    /// How device `index` (of `credentials`) is set up: its group's settings, or the
+    /// fleet-wide ones.
+    fn setup(&self, index: usize) -> Group {
+        let mut first = 0;
+        for g in &self.groups {
+            if index < first + g.count {
+                return g.clone();
+            }
+            first += g.count;
+        }
+        Group {
+            prefix: String::new(),
+            count: 1,
+            interval: self.interval,
+            alert_every: self.alert_every,
+            shape: self.shape.clone(),
+            shift_after: None,
+            hardware: default_hardware(),
+            profile: if self.profiles.is_empty() {
+                DeviceProfile::default()
+            } else {
+                self.profiles[index % self.profiles.len()].clone()
+            },
         }
     }
 }
@@ -95,8 +167,17 @@ impl Fleet {
         let mut tasks = tokio::task::JoinSet::new();
         for (i, cred) in spec.credentials.iter().cloned().enumerate() {
             let start_after = Duration::from_secs_f64(i as f64 / spec.connect_rate.max(0.001));
+            // Whom the impersonation fault pretends to be: the next device of the fleet.
+            let next = &spec.credentials[(i + 1) % spec.credentials.len()].id;
+            let victim = if *next == cred.id {
+                format!("{}-twin", cred.id)
+            } else {
+                next.clone()
+            };
             let device = Device {
                 spec: spec.clone(),
+                setup: Arc::new(spec.setup(i)),
+                victim,
                 cred,
                 index: i as u64,
                 counters: counters.clone(),
@@ -157,6 +238,9 @@ impl Fleet {
 
 struct Device {
     spec: Arc<FleetSpec>,
+    setup: Arc<Group>,
+    /// The device the impersonation fault publishes as.
+    victim: String,
     cred: Credential,
     index: u64,
     counters: Arc<Counters>,
@@ -184,6 +268,25 @@ fn topic_for(id: &str, channel: Uplink, encoding: Encoding) -> String {
     topic::format(id, Channel::Up(channel), encoding)
 }
 
+/// What the malformed-payload fault sends as telemetry: neither postcard (an overlong varint)
+/// nor JSON (not UTF-8).
+const GARBAGE: [u8; 24] = [0xff; 24];
+
+/// Drops the connection without a DISCONNECT, as a network failure or a crash does, and
+/// returns how many QoS 1 publishes went with it. Those are what was in flight or still
+/// queued: with a clean session the client would throw them away at the next CONNACK anyway,
+/// so they are thrown away now, where they can be counted.
+fn drop_link(events: &mut rumqttc::EventLoop) -> u64 {
+    events.clean();
+    let lost = events
+        .pending
+        .iter()
+        .filter(|r| matches!(r, rumqttc::Request::Publish(p) if p.qos != QoS::AtMostOnce))
+        .count() as u64;
+    events.pending.clear();
+    lost
+}
+
 impl Device {
     async fn run(self) {
         let spec = &self.spec;
@@ -197,14 +300,17 @@ impl Device {
         // A new boot number on every start, as after a power-on: a device that starts again
         // begins a new sequence rather than repeating the numbers of its last run.
         let boot: u32 = rand::random();
-        let interval_ms = spec.interval.as_millis().min(u128::from(u32::MAX)) as u32;
+        let setup = self.setup.clone();
+        let interval_ms = setup.interval.as_millis().min(u128::from(u32::MAX)) as u32;
+        let mut shape = setup.shape.clone();
+        if setup.shift_after.is_some() {
+            // The shift starts later (the sender applies it).
+            shape.shift.clear();
+        }
+        let mut behaviour = Behaviour::new(id.clone(), boot, interval_ms, shape);
+        behaviour.hardware = setup.hardware.clone();
         let shared = Arc::new(Shared {
-            behaviour: Mutex::new(Behaviour::new(
-                id.clone(),
-                boot,
-                interval_ms,
-                spec.shape.clone(),
-            )),
+            behaviour: Mutex::new(behaviour),
             sent: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             acks: Notify::new(),
@@ -213,22 +319,24 @@ impl Device {
         });
         let done_sending = CancellationToken::new();
         let sender = tokio::spawn(send(
-            self.spec.clone(),
-            client.clone(),
-            shared.clone(),
-            self.counters.clone(),
-            self.stop.clone(),
-            done_sending.clone(),
+            Sender {
+                spec: self.spec.clone(),
+                setup: setup.clone(),
+                victim: self.victim.clone(),
+                client: client.clone(),
+                shared: shared.clone(),
+                counters: self.counters.clone(),
+                stop: self.stop.clone(),
+                done: done_sending.clone(),
+            },
             device_seed(spec.seed, &self.cred.id).wrapping_mul(31),
         ));
 
         let subscriptions = [Downlink::Command, Downlink::Chunk]
             .map(|d| topic::format(&id, Channel::Down(d), spec.encoding));
-        let profile = if spec.profiles.is_empty() {
-            DeviceProfile::default()
-        } else {
-            spec.profiles[self.index as usize % spec.profiles.len()].clone()
-        };
+        let profile = setup.profile.clone();
+        let flap = profile.faults.flap;
+        let crash_after_update = profile.faults.crash_after_update;
         {
             let mut b = shared.behaviour.lock().await;
             b.claimed_class = profile.faults.claim_class.clone();
@@ -250,6 +358,10 @@ impl Device {
         // disconnect fault): the error that follows is not one.
         let mut planned_drop = false;
         let mut rng = rand::rngs::StdRng::seed_from_u64(device_seed(spec.seed, &self.cred.id));
+        // When the flapping link drops next (while connected).
+        let mut flap_at: Option<tokio::time::Instant> = None;
+        // The link is down because of a flap or a crash (not an error).
+        let mut down_by_fault = false;
         loop {
             let event = tokio::select! {
                 biased;
@@ -266,11 +378,27 @@ impl Device {
                     }).await;
                     break;
                 }
+                _ = sleep_until_some(flap_at) => {
+                    flap_at = None;
+                    let lost = drop_link(&mut events);
+                    self.discard(&shared, lost);
+                    self.go_offline(&shared);
+                    down_by_fault = true;
+                    self.counters.bump(&self.counters.flaps, 1);
+                    let down = flap.map_or(Duration::ZERO, |f| f.down);
+                    tokio::select! {
+                        _ = self.stop.cancelled() => break,
+                        _ = done_sending.cancelled() => break,
+                        _ = tokio::time::sleep(down) => {}
+                    }
+                    continue;
+                }
                 e = events.poll() => e,
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(100);
+                    flap_at = flap.map(|f| tokio::time::Instant::now() + f.every);
                     if !shared.online.swap(true, Ordering::Relaxed) {
                         self.connected.fetch_add(1, Ordering::Relaxed);
                     }
@@ -280,9 +408,13 @@ impl Device {
                     // What the last connection had in flight is resent by the client or was
                     // lost with it; either way this connection starts with nothing to wait for
                     // (otherwise one lost message would hold every later restart forever).
-                    shared
-                        .sent
-                        .store(shared.acked.load(Ordering::Relaxed), Ordering::Relaxed);
+                    // After a fault's drop the lost ones are already taken off, and what was
+                    // sent while the link was down goes out now: wait for it.
+                    if !std::mem::take(&mut down_by_fault) {
+                        shared
+                            .sent
+                            .store(shared.acked.load(Ordering::Relaxed), Ordering::Relaxed);
+                    }
                     // Subscribe before hello: the gateway sends offers once it has the hello.
                     for t in &subscriptions {
                         let _ = client.try_subscribe(t.clone(), QoS::AtLeastOnce);
@@ -319,10 +451,31 @@ impl Device {
                 // what it would send now could be lost with the connection.
                 Ok(Event::Incoming(Packet::Publish(_))) if restart.is_some() => {}
                 Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let installed = updater.stats.installed;
                     let effect = self
                         .on_publish(&p, &client, &shared, &id, &mut updater)
                         .await;
                     self.sync_stats(&mut stats, updater.stats);
+                    if let Some(after) = crash_after_update
+                        && effect == UpdateEffect::Reboot
+                        && updater.stats.installed > installed
+                    {
+                        // The crash takes the last reports with it; the new image reports the
+                        // install after its hello.
+                        let lost = drop_link(&mut events);
+                        self.discard(&shared, lost);
+                        self.counters.bump(&self.counters.crashes, 1);
+                        self.go_offline(&shared);
+                        down_by_fault = true;
+                        flap_at = None;
+                        shared.behaviour.lock().await.reboot();
+                        tokio::select! {
+                            _ = self.stop.cancelled() => break,
+                            _ = done_sending.cancelled() => break,
+                            _ = tokio::time::sleep(after) => {}
+                        }
+                        continue;
+                    }
                     if effect != UpdateEffect::None {
                         restart = Some(effect);
                         if shared.all_acked() {
@@ -344,9 +497,10 @@ impl Device {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    if shared.online.swap(false, Ordering::Relaxed) {
-                        self.connected.fetch_sub(1, Ordering::Relaxed);
-                    }
+                    self.go_offline(&shared);
+                    // The client lost what it had in flight with this error: the next
+                    // CONNACK starts afresh.
+                    down_by_fault = false;
                     if !std::mem::take(&mut planned_drop) {
                         self.counters.bump(&self.counters.errors, 1);
                     }
@@ -367,14 +521,44 @@ impl Device {
                 }
             }
         }
-        if shared.online.swap(false, Ordering::Relaxed) {
-            self.connected.fetch_sub(1, Ordering::Relaxed);
-        }
         sender.abort();
+        if down_by_fault {
+            // The run ended while the fault kept the link down: what was sent meanwhile never
+            // left the device.
+            let lost = drop_link(&mut events);
+            self.discard(&shared, lost);
+        }
+        self.go_offline(&shared);
+    }
+}
+
+/// Sleeps until `at`; never wakes without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
 impl Device {
+    /// Counts `lost` QoS 1 publishes that a fault threw away: nothing waits for their
+    /// acknowledgement any more.
+    fn discard(&self, shared: &Shared, lost: u64) {
+        self.counters.bump(&self.counters.discarded, lost);
+        let _ = shared
+            .sent
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |sent| {
+                Some(sent.saturating_sub(lost))
+            });
+        shared.acks.notify_waiters();
+    }
+
+    fn go_offline(&self, shared: &Shared) {
+        if shared.online.swap(false, Ordering::Relaxed) {
+            self.connected.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Handles a message from the gateway: a command, an update offer, a rollback directive or
     /// a chunk.
     async fn on_publish(
@@ -533,17 +717,32 @@ fn device_seed(seed: u64, id: &str) -> u64 {
     h
 }
 
-/// The sending task: telemetry (and alerts) on the device's interval, then waits for the
-/// acknowledgements and tells the polling task to disconnect.
-async fn send(
+/// What the sending task of one device works with.
+struct Sender {
     spec: Arc<FleetSpec>,
+    setup: Arc<Group>,
+    victim: String,
     client: AsyncClient,
     shared: Arc<Shared>,
     counters: Arc<Counters>,
     stop: CancellationToken,
+    /// Cancelled when the device is done sending (the poller then disconnects).
     done: CancellationToken,
-    seed: u64,
-) {
+}
+
+/// The sending task: telemetry (and alerts) on the device's interval, with the group's
+/// faults, then waits for the acknowledgements and tells the polling task to disconnect.
+async fn send(s: Sender, seed: u64) {
+    let Sender {
+        spec,
+        setup,
+        victim,
+        client,
+        shared,
+        counters,
+        stop,
+        done,
+    } = s;
     // Wait for the first CONNACK.
     loop {
         let up = shared.up.notified();
@@ -555,14 +754,17 @@ async fn send(
             _ = up => {}
         }
     }
+    let faults = &setup.profile.faults;
+    let every = |n: Option<u64>, slot: u64| n.is_some_and(|n| slot.is_multiple_of(n));
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let deadline = spec.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut shift_at = setup.shift_after.map(|d| tokio::time::Instant::now() + d);
     // Spread devices over the interval so a fleet does not publish in lockstep.
-    let phase = spec.interval.mul_f64(rng.random_range(0.0..1.0));
+    let phase = setup.interval.mul_f64(rng.random_range(0.0..1.0));
     let mut next = tokio::time::Instant::now() + phase;
     let id = shared.behaviour.lock().await.id.clone();
     let mut sent = 0u64;
-    while spec.messages.is_none_or(|m| sent < m) {
+    'sending: while spec.messages.is_none_or(|m| sent < m) {
         // Stay connected until the run ends even when the next message would come after it.
         if let Some(d) = deadline
             && d < next
@@ -577,11 +779,18 @@ async fn send(
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep_until(next) => {}
         }
+        let slot = sent + 1;
+        // The malformed message takes the place of a telemetry message, and no number.
+        let malformed = every(faults.malformed_every, slot);
         let (telemetry, alerts, interval_ms) = {
             let mut b = shared.behaviour.lock().await;
-            let t = b.telemetry(&mut rng, now_ms());
+            if shift_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
+                shift_at = None;
+                b.shape.shift = setup.shape.shift.clone();
+            }
+            let t = (!malformed).then(|| b.telemetry(&mut rng, now_ms()));
             let mut alerts = Vec::new();
-            if spec.alert_every > 0 && (sent + 1).is_multiple_of(spec.alert_every) {
+            if setup.alert_every > 0 && slot.is_multiple_of(setup.alert_every) {
                 alerts.push(b.alert(&mut rng, now_ms()));
             }
             // A regressed version alerts on its own cadence, on top of the fleet's.
@@ -590,25 +799,58 @@ async fn send(
             }
             (t, alerts, b.interval_ms)
         };
-        let publish = |channel, payload| {
+        let publish = |device: &str, channel, payload: Vec<u8>| {
             client.publish(
-                topic_for(&id, channel, spec.encoding),
+                topic_for(device, channel, spec.encoding),
                 spec.qos,
                 false,
                 payload,
             )
         };
-        let Ok(payload) = encode(&telemetry, spec.encoding) else {
-            break;
+        // A slow link: every publish waits (the timestamps inside were taken before).
+        let slow = || async {
+            if let Some(d) = faults.slow_link {
+                tokio::select! {
+                    _ = stop.cancelled() => return false,
+                    _ = tokio::time::sleep(d) => {}
+                }
+            }
+            true
         };
-        if publish(Uplink::Telemetry, payload).await.is_err() {
+        let payload = match &telemetry {
+            Some(t) => match encode(t, spec.encoding) {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            None => GARBAGE.to_vec(),
+        };
+        if !slow().await
+            || publish(&id, Uplink::Telemetry, payload.clone())
+                .await
+                .is_err()
+        {
             break;
         }
-        counters.bump(&counters.telemetry, 1);
+        let counter = if telemetry.is_some() {
+            &counters.telemetry
+        } else {
+            &counters.malformed
+        };
+        counters.bump(counter, 1);
         count_sent(&shared, spec.qos);
+        if telemetry.is_some() && every(faults.impersonate_every, slot) {
+            if publish(&victim, Uplink::Telemetry, payload).await.is_err() {
+                break;
+            }
+            counters.bump(&counters.impersonated, 1);
+            count_sent(&shared, spec.qos);
+        }
         for alert in alerts {
+            if !slow().await {
+                break 'sending;
+            }
             if let Ok(payload) = encode(&alert, spec.encoding)
-                && publish(Uplink::Alert, payload).await.is_ok()
+                && publish(&id, Uplink::Alert, payload).await.is_ok()
             {
                 counters.bump(&counters.alerts, 1);
                 count_sent(&shared, spec.qos);

@@ -1,15 +1,22 @@
-//! The `fleetgate-sim` command: runs a simulated fleet against a gateway.
+//! The `fleetgate-sim` command: runs a simulated fleet against a gateway (`run`, `enroll`),
+//! and load and stress runs against a gateway or a bare MQTT broker (`load`, `stress`).
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fleetgate_protocol::Encoding;
 use fleetgate_sim::behaviour::{DataShape, Regression, parse_classes};
+use fleetgate_sim::ingest::Api;
+use fleetgate_sim::load::{LoadError, LoadSpec};
+use fleetgate_sim::progress::Progress;
+use fleetgate_sim::stress::{Ramp, RampSpec, StopRules};
 use fleetgate_sim::updater::{DeviceProfile, Trust};
-use fleetgate_sim::{FleetSpec, enroll};
+use fleetgate_sim::{FleetSpec, enroll, scenario};
+use rumqttc::QoS;
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 /// Longest run the simulator accepts: every run is bounded.
@@ -29,9 +36,31 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Connect N devices that say hello, send telemetry and alerts, and answer commands.
+    ///
+    /// Each device is a full MQTT client with its own credentials and a stable client id: it
+    /// says hello, sends telemetry and alerts, answers commands, takes updates and rollbacks
+    /// with the real update client, and reconnects with jittered backoff. --scenario FILE
+    /// runs groups of devices with different hardware, rates, data and faults instead
+    /// (see device-sim/scenarios/example.toml).
     Run(Box<RunArgs>),
     /// Enroll N devices through the API and save their credentials for later runs.
     Enroll(EnrollArgs),
+    /// Measure a broker under steady load: a connect ramp, then a fixed rate per device.
+    ///
+    /// Lean clients send numbered, timestamped telemetry only. The summary gives the connect
+    /// rate and CONNACK latency; offered, acknowledged and ingested messages per second;
+    /// loss and duplicates (from sequence numbers); latency; and, from a gateway, its memory
+    /// and CPU. Against a gateway, ingest figures come from GET /api/v1/ingest (give --token);
+    /// against a bare broker (--target mqtt), from a subscriber on the telemetry topics.
+    Load(Box<LoadArgs>),
+    /// Find where a broker saturates, or time a reconnect storm (--storm).
+    ///
+    /// A ramp raises the rate per device (or the number of devices, --ramp devices) step by
+    /// step, each step a steady phase of --duration, until ingest falls behind what was
+    /// offered, a message is lost, PUBACK p99 passes --p99-limit, or the clients cannot offer
+    /// their rate; the last good step is the saturation point. --storm connects every device,
+    /// drops every connection at once and reports how long until all are back.
+    Stress(Box<StressArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -49,15 +78,42 @@ enum Enc {
     Json,
 }
 
+impl From<Enc> for Encoding {
+    fn from(e: Enc) -> Encoding {
+        match e {
+            Enc::Postcard => Encoding::Postcard,
+            Enc::Json => Encoding::Json,
+        }
+    }
+}
+
+/// What kind of broker a load run talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Broker {
+    /// A fleetgate gateway: enrolled devices, ingest figures from its API.
+    Gateway,
+    /// Any MQTT broker allowing anonymous clients on any topic (such as Mosquitto): a
+    /// subscriber counts what arrives.
+    Mqtt,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RampKind {
+    /// Multiply the rate of every device.
+    Rate,
+    /// Multiply the number of devices, each at --rate.
+    Devices,
+}
+
 #[derive(Debug, Args)]
 struct Target {
-    /// Gateway MQTT address.
+    /// MQTT address of the gateway (or broker).
     #[arg(long, default_value = "127.0.0.1:1883")]
     mqtt: SocketAddr,
-    /// Gateway API, to enroll the devices.
+    /// Gateway API, to enroll the devices (and, for load, to read its ingest counters).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     api: String,
-    /// Operator token for enrolling.
+    /// Operator token for the API.
     #[arg(long, env = "FLEETGATE_API_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Use the credentials in this file (id,secret lines) instead of enrolling.
@@ -79,9 +135,116 @@ struct Target {
 }
 
 #[derive(Debug, Args)]
+struct LoadArgs {
+    #[command(flatten)]
+    target: Target,
+    /// What --mqtt is: a fleetgate gateway, or a bare MQTT broker.
+    #[arg(
+        long = "target",
+        value_name = "KIND",
+        value_enum,
+        default_value = "gateway"
+    )]
+    broker: Broker,
+    /// Number of devices (clients).
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// New connections per second during the connect ramp.
+    #[arg(long, default_value_t = 500.0)]
+    connect_rate: f64,
+    /// How long to wait for the last connections after the ramp's planned end.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    connect_timeout: Duration,
+    /// Telemetry messages per second, per device (stress: of the first step).
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// How long the steady phase lasts (stress: each step).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    duration: Duration,
+    /// QoS of the telemetry: 0 or 1.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    qos: u8,
+    /// Payload encoding.
+    #[arg(long, value_enum, default_value = "postcard")]
+    encoding: Enc,
+    /// Pad each telemetry message with raw samples to at least this many bytes.
+    #[arg(long, value_name = "BYTES")]
+    payload_bytes: Option<usize>,
+    /// Features per padding sample (more are used if 256 samples are not enough).
+    #[arg(long, default_value_t = 4)]
+    features: usize,
+    /// Unacknowledged QoS 1 messages one client may have in flight.
+    #[arg(long, default_value_t = 256)]
+    inflight: u16,
+    /// After sending, how long to wait for outstanding acknowledgements.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    linger: Duration,
+    /// Then, how long to wait (at most) for the broker's ingest to catch up.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    drain: Duration,
+    /// Seed of the clients' random numbers (send phases, backoff jitter).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct StressArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// What the ramp raises from step to step.
+    #[arg(long, value_enum, default_value = "rate")]
+    ramp: RampKind,
+    /// Each step's rate (or devices) is the previous step's times this.
+    #[arg(long, default_value_t = 2.0)]
+    factor: f64,
+    /// Most steps to run.
+    #[arg(long, default_value_t = 8)]
+    steps: usize,
+    /// Devices of the first step of a devices ramp.
+    #[arg(long, default_value_t = 10)]
+    start_devices: usize,
+    /// Shortfall allowed before a step counts as saturated: ingested below offered, or
+    /// offered below the target rate, by more than this share.
+    #[arg(long, default_value_t = 0.05)]
+    tolerance: f64,
+    /// A step whose publish-to-PUBACK p99 is above this counts as saturated ("off": no limit).
+    #[arg(long, value_parser = parse_limit, default_value = "1s")]
+    p99_limit: Limit,
+    /// Instead of a ramp: connect every device, drop all connections at once and wait for
+    /// them to come back.
+    #[arg(long)]
+    storm: bool,
+    /// How long a storm waits for every device to come back.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    storm_timeout: Duration,
+}
+
+/// A latency limit, or none.
+#[derive(Debug, Clone, Copy)]
+struct Limit(Option<Duration>);
+
+fn parse_limit(s: &str) -> Result<Limit, String> {
+    if s == "off" {
+        return Ok(Limit(None));
+    }
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    Ok(Limit(Some(d)))
+}
+
+#[derive(Debug, Args)]
 struct RunArgs {
     #[command(flatten)]
     target: Target,
+    /// Run the groups of devices a scenario file describes (TOML; see
+    /// device-sim/scenarios/example.toml) instead of one group set up by the flags below.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "devices", "rate", "alert_every", "samples", "features", "bins", "shifts",
+        "fail_install_every", "regress", "classes", "confidence",
+    ])]
+    scenario: Option<PathBuf>,
     /// Number of devices.
     #[arg(long, default_value_t = 10)]
     devices: usize,
@@ -164,6 +327,8 @@ fn main() -> ExitCode {
                 ExitCode::from(64)
             }
         },
+        Command::Load(args) => exit(load(*args)),
+        Command::Stress(args) => exit(stress(*args)),
         Command::Enroll(args) => {
             if args.target.save_credentials.is_none() {
                 eprintln!("fleetgate-sim: give --save-credentials FILE");
@@ -200,14 +365,230 @@ fn parse_shift(s: &str) -> Result<(usize, f32), String> {
 }
 
 fn check_target(t: &Target) -> Result<(), String> {
-    let loopback = |ip: IpAddr| ip.is_loopback();
-    if !t.allow_remote && !loopback(t.mqtt.ip()) {
+    if t.allow_remote {
+        return Ok(());
+    }
+    if !t.mqtt.ip().is_loopback() {
         return Err(format!(
             "{} is not a loopback address; pass --allow-remote to load another machine",
             t.mqtt
         ));
     }
+    if !url_is_loopback(&t.api) {
+        return Err(format!(
+            "--api {} is not on a loopback address; pass --allow-remote to use another machine",
+            t.api
+        ));
+    }
     Ok(())
+}
+
+/// Whether `url` (`http://host[:port][/...]`) names this machine: `localhost`, 127.0.0.0/8
+/// or `[::1]`.
+fn url_is_loopback(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.split(':').next().unwrap_or(""),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The credentials of exactly `ids`, in that order: from --credentials, or enrolled.
+fn credentials_for(t: &Target, ids: &[String]) -> Result<Vec<enroll::Credential>, String> {
+    if let Some(path) = &t.credentials {
+        let all = enroll::load(path).map_err(|e| e.to_string())?;
+        let by_id: std::collections::HashMap<&str, &enroll::Credential> =
+            all.iter().map(|c| (c.id.as_str(), c)).collect();
+        return ids
+            .iter()
+            .map(|id| {
+                by_id
+                    .get(id.as_str())
+                    .map(|c| (*c).clone())
+                    .ok_or_else(|| format!("{} has no credential for {id}", path.display()))
+            })
+            .collect();
+    }
+    let token = t
+        .token
+        .as_deref()
+        .ok_or("give --token (or FLEETGATE_API_TOKEN) to enroll, or --credentials")?;
+    let creds =
+        enroll::enroll(&t.api, token, ids, t.spread.as_ref(), 8).map_err(|e| e.to_string())?;
+    if let Some(path) = &t.save_credentials {
+        enroll::save(path, &creds).map_err(|e| e.to_string())?;
+    }
+    Ok(creds)
+}
+
+/// Runs `f` on a new runtime; Ctrl-C cancels the token it gets.
+fn on_runtime<F, Fut, T>(f: F) -> Result<T, String>
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = T>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok(runtime.block_on(async {
+        let stop = CancellationToken::new();
+        let on_signal = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                on_signal.cancel();
+            }
+        });
+        f(stop).await
+    }))
+}
+
+fn write_json(path: Option<&PathBuf>, report: &impl Serialize) -> Result<(), String> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let text = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Why a load or stress command did not finish: bad arguments (exit 64) or a failed run
+/// (exit 1).
+#[derive(Debug)]
+enum Failure {
+    Usage(String),
+    Run(String),
+}
+
+impl From<LoadError> for Failure {
+    fn from(e: LoadError) -> Failure {
+        match e {
+            LoadError::Invalid(_) => Failure::Usage(e.to_string()),
+            LoadError::Subscriber(_) => Failure::Run(e.to_string()),
+        }
+    }
+}
+
+fn exit(result: Result<ExitCode, Failure>) -> ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(Failure::Usage(e)) => {
+            eprintln!("fleetgate-sim: {e}");
+            ExitCode::from(64)
+        }
+        Err(Failure::Run(e)) => {
+            eprintln!("fleetgate-sim: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The load spec of the arguments, checked by `check` before any device is enrolled.
+fn load_spec(
+    a: &LoadArgs,
+    check: impl Fn(&LoadSpec) -> Result<(), LoadError>,
+) -> Result<LoadSpec, Failure> {
+    check_target(&a.target).map_err(Failure::Usage)?;
+    let host = a.target.mqtt.ip().to_string();
+    let port = a.target.mqtt.port();
+    let fill = |mut spec: LoadSpec| {
+        spec.connect_rate = a.connect_rate;
+        spec.connect_timeout = a.connect_timeout;
+        spec.rate = a.rate;
+        spec.duration = a.duration;
+        spec.qos = if a.qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        spec.encoding = a.encoding.into();
+        spec.payload_bytes = a.payload_bytes;
+        spec.features = a.features;
+        spec.inflight = a.inflight;
+        spec.linger = a.linger;
+        spec.drain = a.drain;
+        spec.seed = a.seed;
+        spec.progress = Progress::stderr();
+        spec
+    };
+    check(&fill(LoadSpec::mqtt(
+        &host,
+        port,
+        &a.target.prefix,
+        a.devices,
+    )))?;
+    Ok(match a.broker {
+        Broker::Mqtt => fill(LoadSpec::mqtt(&host, port, &a.target.prefix, a.devices)),
+        Broker::Gateway => {
+            let creds = credentials(&a.target, a.devices).map_err(Failure::Usage)?;
+            let api = a.target.token.clone().map(|token| Api {
+                url: a.target.api.clone(),
+                token,
+            });
+            if api.is_none() {
+                eprintln!("fleetgate-sim: no --token: the gateway's ingest counters are not read");
+            }
+            fill(LoadSpec::gateway(&host, port, creds, api))
+        }
+    })
+}
+
+fn load(a: LoadArgs) -> Result<ExitCode, Failure> {
+    let spec = load_spec(&a, LoadSpec::validate)?;
+    let report =
+        on_runtime(|stop| fleetgate_sim::load::run(spec, stop)).map_err(Failure::Run)??;
+    println!("{report}");
+    write_json(a.json.as_ref(), &report).map_err(Failure::Run)?;
+    Ok(if report.clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn stress(a: StressArgs) -> Result<ExitCode, Failure> {
+    let json = a.load.json.clone();
+    if a.storm {
+        let timeout = a.storm_timeout;
+        let load = load_spec(&a.load, LoadSpec::validate)?;
+        let run = on_runtime(|stop| fleetgate_sim::stress::storm(load, timeout, stop))
+            .map_err(Failure::Run)??;
+        println!("{run}");
+        write_json(json.as_ref(), &run).map_err(Failure::Run)?;
+        return Ok(if run.clean() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    let ramp = |load: LoadSpec| RampSpec {
+        load,
+        ramp: match a.ramp {
+            RampKind::Rate => Ramp::Rate,
+            RampKind::Devices => Ramp::Devices,
+        },
+        factor: a.factor,
+        steps: a.steps,
+        start_devices: a.start_devices,
+        rules: StopRules {
+            tolerance: a.tolerance,
+            p99_limit: a.p99_limit.0,
+        },
+    };
+    let load = load_spec(&a.load, |l| ramp(l.clone()).validate())?;
+    let spec = ramp(load);
+    let report =
+        on_runtime(|stop| fleetgate_sim::stress::ramp(spec, stop)).map_err(Failure::Run)??;
+    println!("{report}");
+    write_json(json.as_ref(), &report).map_err(Failure::Run)?;
+    // Saturating is what a ramp is for; failing to connect its first devices is not.
+    Ok(if report.connect.connected == report.connect.devices {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn credentials(t: &Target, n: usize) -> Result<Vec<enroll::Credential>, String> {
@@ -238,15 +619,80 @@ fn credentials(t: &Target, n: usize) -> Result<Vec<enroll::Credential>, String> 
 
 fn run(args: RunArgs) -> Result<ExitCode, String> {
     check_target(&args.target)?;
-    if !(args.rate > 0.0 && args.rate <= 1000.0) {
-        return Err("--rate must be within (0, 1000] messages per second per device".into());
-    }
     let duration = match (args.duration, args.messages) {
         (None, None) => Some(Duration::from_secs(60)),
         (d, _) => d,
     };
     if duration.is_some_and(|d| d > MAX_DURATION) {
         return Err("--duration is limited to 24h".into());
+    }
+    let trust = Trust {
+        keys: args.trust_keys.clone(),
+        threshold: args.trust_threshold,
+        rollback_keys: args.rollback_keys.clone(),
+    };
+    let mut spec = match &args.scenario {
+        Some(path) => scenario_fleet(&args.target, path, trust)?,
+        None => plain_fleet(&args, trust)?,
+    };
+    spec.messages = args.messages;
+    // A message limit alone still ends: at the latest after the time the slowest device
+    // needs, twice over.
+    let slowest = spec
+        .groups
+        .iter()
+        .map(|g| g.interval)
+        .max()
+        .unwrap_or(spec.interval);
+    spec.duration = duration.or_else(|| {
+        args.messages
+            .map(|m| slowest.mul_f64(m as f64 * 2.0) + Duration::from_secs(30))
+    });
+    spec.connect_rate = args.connect_rate;
+    spec.encoding = args.encoding.into();
+
+    let report = on_runtime(|stop| fleetgate_sim::run(spec, stop))?;
+    println!("{report}");
+    write_json(args.json.as_ref(), &report)?;
+    Ok(if report.errors == 0 && report.unacked() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The fleet a scenario file describes; every group trusts `trust`.
+fn scenario_fleet(t: &Target, path: &Path, trust: Trust) -> Result<FleetSpec, String> {
+    let scenario = scenario::load(path).map_err(|e| e.to_string())?;
+    let creds = credentials_for(t, &scenario.ids())?;
+    println!(
+        "scenario:  {} ({} devices in {} groups){}",
+        path.display(),
+        scenario.devices(),
+        scenario.groups.len(),
+        scenario
+            .description
+            .as_deref()
+            .map(|d| format!(": {d}"))
+            .unwrap_or_default()
+    );
+    let mut spec = FleetSpec::new(&t.mqtt.ip().to_string(), t.mqtt.port(), creds);
+    spec.groups = scenario
+        .groups
+        .into_iter()
+        .map(|mut g| {
+            g.profile.trust = trust.clone();
+            g
+        })
+        .collect();
+    Ok(spec)
+}
+
+/// The fleet of the `run` flags: one group of alike devices (every Nth failing installs with
+/// --fail-install-every).
+fn plain_fleet(args: &RunArgs, trust: Trust) -> Result<FleetSpec, String> {
+    if !(args.rate > 0.0 && args.rate <= 1000.0) {
+        return Err("--rate must be within (0, 1000] messages per second per device".into());
     }
     if args.features == 0 || args.features > fleetgate_protocol::limits::MAX_FEATURES {
         return Err(format!(
@@ -264,7 +710,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         return Err("--bins summarises samples: give --samples too".into());
     }
     let mut shift = vec![0.0; args.features];
-    for (f, delta) in args.shifts {
+    for &(f, delta) in &args.shifts {
         *shift
             .get_mut(f)
             .ok_or_else(|| format!("--shift {f}=..: there are {} features", args.features))? =
@@ -293,11 +739,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         .transpose()
         .map_err(|e| format!("--regress: {e}"))?;
     let profile = DeviceProfile {
-        trust: Trust {
-            keys: args.trust_keys,
-            threshold: args.trust_threshold,
-            rollback_keys: args.rollback_keys,
-        },
+        trust,
         regression,
         ..DeviceProfile::default()
     };
@@ -325,43 +767,8 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         creds,
     );
     spec.interval = Duration::from_secs_f64(1.0 / args.rate);
-    spec.messages = args.messages;
-    // A message limit alone still ends: at the latest after the time it needs, twice over.
-    spec.duration = duration.or_else(|| {
-        args.messages
-            .map(|m| spec.interval.mul_f64(m as f64 * 2.0) + Duration::from_secs(30))
-    });
     spec.alert_every = args.alert_every;
-    spec.connect_rate = args.connect_rate;
-    spec.encoding = match args.encoding {
-        Enc::Postcard => Encoding::Postcard,
-        Enc::Json => Encoding::Json,
-    };
     spec.shape = shape;
     spec.profiles = profiles;
-
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let report = runtime.block_on(async {
-        let stop = CancellationToken::new();
-        let on_signal = stop.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                on_signal.cancel();
-            }
-        });
-        fleetgate_sim::run(spec, stop).await
-    });
-    println!("{report}");
-    if let Some(path) = args.json {
-        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    Ok(if report.errors == 0 && report.unacked() == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(spec)
 }

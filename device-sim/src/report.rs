@@ -33,6 +33,15 @@ pub struct Counters {
     /// arrived at any device; 0 until one does.
     pub first_rollback_ms: AtomicU64,
     pub last_rollback_ms: AtomicU64,
+    /// Garbage sent in place of telemetry, and telemetry also sent as another device (faults).
+    pub malformed: AtomicU64,
+    pub impersonated: AtomicU64,
+    /// Times a flapping link dropped, and devices that crashed after an install.
+    pub flaps: AtomicU64,
+    pub crashes: AtomicU64,
+    /// QoS 1 publishes a link drop or a crash (faults) threw away before they were
+    /// acknowledged.
+    pub discarded: AtomicU64,
     pub acked: AtomicU64,
     pub errors: AtomicU64,
     /// Devices that got a CONNACK at least once.
@@ -109,6 +118,8 @@ impl Counters {
             &self.alerts,
             &self.command_acks,
             &self.update_reports,
+            &self.malformed,
+            &self.impersonated,
         ]
         .iter()
         .map(|c| Counters::get(c))
@@ -130,6 +141,7 @@ pub struct Report {
     pub commands_received: u64,
     pub updates: Updates,
     pub rollbacks: Rollbacks,
+    pub faults: FaultCounts,
     /// Wall-clock time (ms since the UNIX epoch) the first rollback directive arrived at any
     /// device; with `last_rollback_ms`, what a benchmark measures the spread of a rollback by.
     pub first_rollback_ms: Option<u64>,
@@ -160,6 +172,27 @@ pub struct Rollbacks {
     pub rejected: u64,
     /// Refusals by reason (`not_running`, `expired`, ...).
     pub rejected_by: BTreeMap<String, u64>,
+}
+
+/// What the injected faults did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FaultCounts {
+    /// Garbage payloads sent in place of telemetry.
+    pub malformed: u64,
+    /// Telemetry also published on another device's topic.
+    pub impersonated: u64,
+    /// Times a flapping link dropped.
+    pub flaps: u64,
+    /// Crashes after an install.
+    pub crashes: u64,
+    /// QoS 1 publishes lost with those link drops and crashes, never acknowledged.
+    pub discarded: u64,
+}
+
+impl FaultCounts {
+    fn any(&self) -> bool {
+        self.malformed + self.impersonated + self.flaps + self.crashes > 0
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -200,6 +233,13 @@ impl Report {
                 rejected: g(&c.rollbacks_rejected),
                 rejected_by: c.rollbacks_rejected_by(),
             },
+            faults: FaultCounts {
+                malformed: g(&c.malformed),
+                impersonated: g(&c.impersonated),
+                flaps: g(&c.flaps),
+                crashes: g(&c.crashes),
+                discarded: g(&c.discarded),
+            },
             first_rollback_ms: Some(g(&c.first_rollback_ms)).filter(|ms| *ms > 0),
             last_rollback_ms: Some(g(&c.last_rollback_ms)).filter(|ms| *ms > 0),
             errors: g(&c.errors),
@@ -212,11 +252,19 @@ impl Report {
         }
     }
 
-    /// Messages sent at QoS 1 that were not acknowledged.
+    /// Messages sent at QoS 1 that were not acknowledged (those a link drop or a crash threw
+    /// away are counted under `faults.discarded` instead).
     pub fn unacked(&self) -> u64 {
         let s = &self.sent;
-        (s.hello + s.telemetry + s.alerts + s.command_acks + self.updates.reports)
-            .saturating_sub(self.acked)
+        let f = &self.faults;
+        (s.hello
+            + s.telemetry
+            + s.alerts
+            + s.command_acks
+            + self.updates.reports
+            + f.malformed
+            + f.impersonated)
+            .saturating_sub(self.acked + f.discarded)
     }
 }
 
@@ -267,6 +315,15 @@ impl fmt::Display for Report {
                 )?;
             }
             writeln!(f)?;
+        }
+        let x = &self.faults;
+        if x.any() {
+            writeln!(
+                f,
+                "faults:    {} malformed, {} impersonated, {} link drops, {} crashes after update; \
+                 {} messages lost with the drops and crashes",
+                x.malformed, x.impersonated, x.flaps, x.crashes, x.discarded
+            )?;
         }
         writeln!(f, "errors:    {}", self.errors)?;
         write!(

@@ -3,6 +3,7 @@
 //! inject.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use fleetgate_protocol::update::{Accepted, DevicePolicy, Download, Failure, check_offer};
 use fleetgate_protocol::{
@@ -43,6 +44,26 @@ pub struct Faults {
     pub claim_class: Option<String>,
     /// The install step fails after a good download.
     pub fail_install: bool,
+    /// The link drops (no DISCONNECT) every so often and stays down for a while.
+    pub flap: Option<Flap>,
+    /// Wait this long before each telemetry and alert publish (a slow link).
+    pub slow_link: Option<Duration>,
+    /// After an install the device crashes instead of rebooting cleanly: it drops the link
+    /// at once (its last reports unacknowledged), reboots into the new image and comes back
+    /// after this long.
+    pub crash_after_update: Option<Duration>,
+    /// Every Nth telemetry message is garbage bytes (it takes no sequence number).
+    pub malformed_every: Option<u64>,
+    /// Every Nth telemetry message is also published on another device's telemetry topic
+    /// (the gateway refuses it).
+    pub impersonate_every: Option<u64>,
+}
+
+/// A flapping connection: connected for `every`, then down for `down`, again and again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flap {
+    pub every: Duration,
+    pub down: Duration,
 }
 
 /// How one device is set up for a simulation.

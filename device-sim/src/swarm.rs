@@ -1,0 +1,1108 @@
+//! The clients of `load` and `stress` runs: lean MQTT publishers (telemetry only, no hello, no
+//! commands) driven in phases, an optional subscriber that counts what a bare broker
+//! delivers, and the samples of the gateway's ingest counters around each phase.
+//!
+//! Each client has a polling task and a sending task, as in `fleet.rs` (rumqttc deadlocks if
+//! the task that polls awaits a publish). The sender never awaits a publish: it hands messages
+//! to the client with `try_publish`, and a message the client cannot take (its queue is full
+//! because the broker is not acknowledging fast enough) is counted as skipped and not numbered,
+//! so it never shows up as loss. The poller matches each `Outgoing::Publish(pkid)` with its
+//! `PubAck` for the publish-to-acknowledgement latency.
+//!
+//! Phases never overlap: one ends, its acknowledgements and the broker's ingest are waited
+//! for (bounded), and only then does the next begin. An acknowledgement counts for the phase
+//! its publish went out in; a late one from an earlier phase is ignored.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fleetgate_protocol::{Channel, Encoding, Telemetry, Uplink, decode, encode, limits, topic};
+use hdrhistogram::Histogram;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Outgoing, Packet, QoS};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::behaviour::{Behaviour, DataShape};
+use crate::ingest::{Api, IngestDelta, IngestSample};
+use crate::progress::Progress;
+use crate::seq::SeqCounter;
+use crate::stats::{self, Percentiles, per_second};
+
+/// Requests a client queues before `try_publish` refuses (then the sender skips).
+const CHANNEL: usize = 1024;
+/// First reconnect delay after an error; doubles up to `MAX_BACKOFF`, with jitter.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often the coordinator looks at counters while it waits for acknowledgements.
+const POLL: Duration = Duration::from_millis(10);
+/// How often the gateway's API is asked while ingest drains.
+const API_POLL: Duration = Duration::from_millis(100);
+/// Ingest that makes no progress for this long is considered drained.
+const QUIET: Duration = Duration::from_secs(2);
+/// Longest wait for the senders to finish a phase after its end.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// What every client of a run shares.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub host: String,
+    pub port: u16,
+    pub qos: QoS,
+    pub encoding: Encoding,
+    /// Raw samples (and features per sample) that pad each telemetry message.
+    pub samples: usize,
+    pub features: usize,
+    pub inflight: u16,
+    pub keep_alive: Duration,
+    pub seed: u64,
+}
+
+/// How one client logs in: the device id is its client id, and its topic's id.
+#[derive(Debug, Clone)]
+pub(crate) struct Ident {
+    pub id: String,
+    /// Username and password; `None`: anonymous.
+    pub login: Option<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Plan {
+    Idle,
+    Send {
+        phase: u32,
+        rate: f64,
+        start: Instant,
+        until: Instant,
+    },
+}
+
+/// One client's counters, shared by its tasks and the coordinator.
+#[derive(Debug)]
+struct Dev {
+    id: String,
+    boot: u32,
+    online: AtomicBool,
+    /// Telemetry numbered so far in this boot (the next message's `seq`); written by the sender
+    /// only.
+    next_seq: AtomicU64,
+    /// The last phase whose sending this client finished (everything due in it was handed to
+    /// the client or skipped).
+    finished: AtomicU32,
+    /// This phase: handed to the client, due but not sent, acknowledged.
+    offered: AtomicU64,
+    skipped: AtomicU64,
+    acked: AtomicU64,
+    stats: Mutex<DevStats>,
+    /// Wakes the poller to drop the connection at once (a reconnect storm).
+    drop: tokio::sync::Notify,
+}
+
+#[derive(Debug)]
+struct DevStats {
+    /// Publish to PUBACK, this phase (us).
+    ack: Histogram<u64>,
+    /// Connect attempt to CONNACK (us), since the coordinator last reset it.
+    connack: Histogram<u64>,
+    last_connack: Option<Instant>,
+    /// CONNACK refusals by return code, and other connection errors.
+    refused: BTreeMap<String, u64>,
+    errors: u64,
+    /// Size of the last telemetry payload sent.
+    payload_bytes: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Wall-clock milliseconds, as devices stamp telemetry.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+impl Dev {
+    fn set_offline(&self, connected: &AtomicU64) {
+        if self.online.swap(false, Relaxed) {
+            connected.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+/// How the connect ramp went.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConnectReport {
+    /// Clients started.
+    pub devices: u64,
+    /// Clients connected at the end of the ramp.
+    pub connected: u64,
+    /// From the first connect attempt to the last CONNACK (or to the end of the wait).
+    pub elapsed_s: f64,
+    /// Connections per second achieved.
+    pub rate_per_s: f64,
+    /// Connect attempt to CONNACK.
+    pub connack: Option<Percentiles>,
+    /// CONNACKs that refused the connection, in total and by return code.
+    pub refused: u64,
+    pub refused_by: BTreeMap<String, u64>,
+    /// Other failed attempts (network errors, timeouts).
+    pub errors: u64,
+}
+
+/// What the broker (or gateway) took in during a phase.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IngestReport {
+    /// `gateway_api` (the gateway's `GET /api/v1/ingest`) or `subscriber` (what the
+    /// simulator's own subscriber received from a bare broker).
+    pub source: &'static str,
+    /// Telemetry stored (or received) for the phase's messages, after draining.
+    pub ingested: u64,
+    /// Telemetry stored (or received) during the phase, per second.
+    pub ingested_per_s: f64,
+    /// Messages missing by sequence numbers (the subscriber counts the tail against what was
+    /// sent; the gateway counts gaps).
+    pub lost: i64,
+    pub duplicates: u64,
+    /// Device timestamp to stored (the gateway's own figure, over everything it stored since
+    /// it started) or to received (subscriber, this phase only, ms resolution of the
+    /// timestamp).
+    pub latency: Option<Percentiles>,
+    /// The gateway's resident memory at the end of the phase, and its CPU use during it (in
+    /// percent of one core).
+    pub resident_bytes: Option<u64>,
+    pub cpu_pct: Option<f64>,
+    /// Subscriber only: messages on the telemetry topics that did not decode as telemetry,
+    /// since the subscriber started.
+    pub undecodable: u64,
+}
+
+/// One phase of steady load.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PhaseReport {
+    /// Clients connected when the phase began.
+    pub devices: u64,
+    pub rate_per_device: f64,
+    pub duration_s: f64,
+    /// `devices x rate_per_device`.
+    pub target_per_s: f64,
+    /// Telemetry handed to the clients.
+    pub offered: u64,
+    pub offered_per_s: f64,
+    /// Due but not sent: the client was offline, or its queue was full.
+    pub skipped: u64,
+    /// QoS 1 only: acknowledged, per second of the phase, not acknowledged after the linger.
+    pub acked: Option<u64>,
+    pub acked_per_s: Option<f64>,
+    pub unacked: Option<u64>,
+    /// QoS 1 only: publish to PUBACK.
+    pub ack_latency: Option<Percentiles>,
+    pub ingest: Option<IngestReport>,
+    /// Payload size of the telemetry sent, in bytes.
+    pub payload_bytes: u64,
+    /// Connection errors and refusals during the phase.
+    pub connection_errors: u64,
+}
+
+/// A reconnect storm: every client dropped at once.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StormReport {
+    /// Clients connected when the storm began (all of them were dropped).
+    pub dropped: u64,
+    /// Of those, connected again within the bound, and not.
+    pub back: u64,
+    pub never_back: u64,
+    /// From the drop to the last one's CONNACK; `None` if some never came back.
+    pub all_back_s: Option<f64>,
+    pub timeout_s: f64,
+    /// Reconnect attempt to CONNACK.
+    pub connack: Option<Percentiles>,
+    pub refused: u64,
+    pub refused_by: BTreeMap<String, u64>,
+    pub errors: u64,
+}
+
+/// A point in a run to measure ingest from.
+#[derive(Debug, Clone)]
+struct Mark {
+    ingested: u64,
+    lost: i64,
+    duplicates: u64,
+    gateway: Option<IngestSample>,
+}
+
+/// What the subscriber saw.
+#[derive(Debug)]
+struct SubState {
+    seq: SeqCounter,
+    /// Device timestamp to arrival, this phase (us).
+    e2e: Histogram<u64>,
+    undecodable: u64,
+}
+
+/// The running clients of a load or stress run.
+#[derive(Debug)]
+pub(crate) struct Swarm {
+    cfg: Arc<Config>,
+    devs: Vec<Arc<Dev>>,
+    tasks: tokio::task::JoinSet<()>,
+    plan: watch::Sender<Plan>,
+    phase: Arc<AtomicU32>,
+    connected: Arc<AtomicU64>,
+    stop: CancellationToken,
+    close: CancellationToken,
+    subscriber: Option<Arc<Mutex<SubState>>>,
+    api: Option<Api>,
+    progress: Progress,
+    pub notes: Vec<String>,
+}
+
+impl Swarm {
+    pub fn new(
+        cfg: Config,
+        api: Option<Api>,
+        stop: CancellationToken,
+        progress: Progress,
+    ) -> Swarm {
+        let (plan, _) = watch::channel(Plan::Idle);
+        Swarm {
+            cfg: Arc::new(cfg),
+            devs: Vec::new(),
+            tasks: tokio::task::JoinSet::new(),
+            plan,
+            phase: Arc::new(AtomicU32::new(0)),
+            connected: Arc::new(AtomicU64::new(0)),
+            close: stop.child_token(),
+            stop,
+            subscriber: None,
+            api,
+            progress,
+            notes: Vec::new(),
+        }
+    }
+
+    pub fn connected(&self) -> u64 {
+        self.connected.load(Relaxed)
+    }
+
+    pub fn devices(&self) -> u64 {
+        self.devs.len() as u64
+    }
+
+    /// Starts the subscriber (client id `client_id`, on `filter`) and waits, at most `wait`,
+    /// for its SUBACK. Returns whether it is subscribed.
+    pub async fn subscribe(&mut self, client_id: &str, filter: &str, wait: Duration) -> bool {
+        let state = Arc::new(Mutex::new(SubState {
+            seq: SeqCounter::new(),
+            e2e: stats::histogram(),
+            undecodable: 0,
+        }));
+        self.subscriber = Some(state.clone());
+        let mut opts = MqttOptions::new(client_id, &self.cfg.host, self.cfg.port);
+        opts.set_keep_alive(self.cfg.keep_alive);
+        opts.set_clean_session(true);
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        opts.set_inflight(u16::MAX);
+        let (ready_tx, mut ready) = watch::channel(false);
+        let qos = self.cfg.qos;
+        let filter = filter.to_owned();
+        let close = self.close.clone();
+        self.tasks
+            .spawn(subscriber(opts, filter, qos, state, ready_tx, close));
+        let deadline = Instant::now() + wait;
+        loop {
+            if *ready.borrow_and_update() {
+                return true;
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return false,
+                _ = tokio::time::sleep_until(deadline) => return false,
+                r = ready.changed() => if r.is_err() { return false },
+            }
+        }
+    }
+
+    /// Starts clients for `idents`, `rate` new connections per second, and waits until all of
+    /// them are connected or `timeout` after the ramp's planned end.
+    pub async fn connect(
+        &mut self,
+        idents: Vec<Ident>,
+        rate: f64,
+        timeout: Duration,
+    ) -> ConnectReport {
+        let first = self.devs.len();
+        let n = idents.len();
+        let started = Instant::now();
+        let planned = Duration::from_secs_f64(n as f64 / rate.max(0.001));
+        let want = self.connected() + n as u64;
+        self.progress.phase("connect", planned);
+        for (i, ident) in idents.into_iter().enumerate() {
+            let dev = Arc::new(Dev {
+                id: ident.id.clone(),
+                boot: rand::random(),
+                online: AtomicBool::new(false),
+                next_seq: AtomicU64::new(0),
+                finished: AtomicU32::new(0),
+                offered: AtomicU64::new(0),
+                skipped: AtomicU64::new(0),
+                acked: AtomicU64::new(0),
+                stats: Mutex::new(DevStats {
+                    ack: stats::histogram(),
+                    connack: stats::histogram(),
+                    last_connack: None,
+                    refused: BTreeMap::new(),
+                    errors: 0,
+                    payload_bytes: 0,
+                }),
+                drop: tokio::sync::Notify::new(),
+            });
+            self.devs.push(dev.clone());
+            let client = Client {
+                dev,
+                ident,
+                cfg: self.cfg.clone(),
+                plan: self.plan.subscribe(),
+                phase: self.phase.clone(),
+                connected: self.connected.clone(),
+                close: self.close.clone(),
+                seed: self.cfg.seed.wrapping_add((first + i) as u64),
+                start_at: started + Duration::from_secs_f64(i as f64 / rate.max(0.001)),
+            };
+            self.tasks.spawn(client.run());
+        }
+        let deadline = started + planned + timeout;
+        let mut last_progress = Instant::now();
+        while self.connected() < want && Instant::now() < deadline && !self.stop.is_cancelled() {
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                _ = tokio::time::sleep(POLL) => {}
+            }
+            if last_progress.elapsed() >= Duration::from_millis(250) {
+                last_progress = Instant::now();
+                self.progress.update(
+                    started.elapsed(),
+                    format!("{}/{} connected", self.connected(), want),
+                );
+            }
+        }
+        let devs = &self.devs[first..];
+        let (connack, refused_by, errors) = collect_connects(devs);
+        let last = devs
+            .iter()
+            .filter_map(|d| lock(&d.stats).last_connack)
+            .max()
+            .unwrap_or_else(Instant::now);
+        let connected = devs.iter().filter(|d| d.online.load(Relaxed)).count() as u64;
+        let elapsed = if connected == n as u64 {
+            last.saturating_duration_since(started)
+        } else {
+            started.elapsed()
+        };
+        ConnectReport {
+            devices: n as u64,
+            connected,
+            elapsed_s: elapsed.as_secs_f64(),
+            rate_per_s: per_second(connected, elapsed),
+            connack: Percentiles::of(&connack),
+            refused: refused_by.values().sum(),
+            refused_by,
+            errors,
+        }
+    }
+
+    /// Every connected client sends telemetry at `rate` per second for `duration`; then the
+    /// phase waits (at most `linger`) for acknowledgements and (at most `drain`) for ingest to
+    /// catch up.
+    pub async fn phase(
+        &mut self,
+        name: &str,
+        rate: f64,
+        duration: Duration,
+        linger: Duration,
+        drain: Duration,
+    ) -> PhaseReport {
+        for d in &self.devs {
+            d.offered.store(0, Relaxed);
+            d.skipped.store(0, Relaxed);
+            d.acked.store(0, Relaxed);
+            let mut s = lock(&d.stats);
+            s.ack.reset();
+            s.refused.clear();
+            s.errors = 0;
+        }
+        if let Some(sub) = &self.subscriber {
+            lock(sub).e2e.reset();
+        }
+        let phase = self.phase.fetch_add(1, Relaxed) + 1;
+        let devices = self.connected();
+        let before = self.mark().await;
+        let start = Instant::now() + Duration::from_millis(20);
+        let until = start + duration;
+        self.plan.send_replace(Plan::Send {
+            phase,
+            rate,
+            start,
+            until,
+        });
+        self.progress.phase(name, duration);
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                _ = tokio::time::sleep_until(until.min(now + Duration::from_millis(250))) => {}
+            }
+            self.progress.update(
+                start.elapsed(),
+                format!(
+                    "{} connected, {} sent, {} acked",
+                    self.connected(),
+                    self.sum(|d| &d.offered),
+                    self.sum(|d| &d.acked)
+                ),
+            );
+        }
+        self.plan.send_replace(Plan::Idle);
+        let steady = Instant::now().min(until).saturating_duration_since(start);
+        // Senders woken late still hand over what fell due before the end; wait (bounded) for
+        // them, so the counts below are final.
+        let settle = Instant::now() + SETTLE;
+        while self.devs.iter().any(|d| d.finished.load(Relaxed) != phase)
+            && Instant::now() < settle
+            && !self.stop.is_cancelled()
+        {
+            tokio::time::sleep(POLL).await;
+        }
+        let end = self.mark().await;
+
+        let qos1 = self.cfg.qos != QoS::AtMostOnce;
+        if qos1 {
+            let linger_end = Instant::now() + linger;
+            while self.sum(|d| &d.acked) < self.sum(|d| &d.offered)
+                && Instant::now() < linger_end
+                && !self.stop.is_cancelled()
+            {
+                tokio::time::sleep(POLL).await;
+            }
+        }
+        let offered = self.sum(|d| &d.offered);
+        let acked = self.sum(|d| &d.acked);
+        let expected = if qos1 { acked } else { offered };
+        let drained = self.drain(before.as_ref(), expected, drain).await;
+
+        let mut ack = stats::histogram();
+        let mut payload_bytes = 0;
+        let mut connection_errors = 0;
+        for d in &self.devs {
+            let s = lock(&d.stats);
+            let _ = ack.add(&s.ack);
+            payload_bytes = payload_bytes.max(s.payload_bytes);
+            connection_errors += s.errors + s.refused.values().sum::<u64>();
+        }
+        let ingest = match (&before, &end, &drained) {
+            (Some(b), Some(e), Some(d)) => Some(self.ingest_report(b, e, d, steady)),
+            _ => None,
+        };
+        PhaseReport {
+            devices,
+            rate_per_device: rate,
+            duration_s: steady.as_secs_f64(),
+            target_per_s: devices as f64 * rate,
+            offered,
+            offered_per_s: per_second(offered, steady),
+            skipped: self.sum(|d| &d.skipped),
+            acked: qos1.then_some(acked),
+            acked_per_s: qos1.then(|| per_second(acked, steady)),
+            unacked: qos1.then(|| offered.saturating_sub(acked)),
+            ack_latency: if qos1 { Percentiles::of(&ack) } else { None },
+            ingest,
+            payload_bytes,
+            connection_errors,
+        }
+    }
+
+    fn ingest_report(
+        &self,
+        before: &Mark,
+        end: &Mark,
+        drained: &Mark,
+        steady: Duration,
+    ) -> IngestReport {
+        let undecodable = self.subscriber.as_ref().map_or(0, |s| lock(s).undecodable);
+        let (source, latency, resident_bytes, cpu_pct) = match (&before.gateway, &end.gateway) {
+            (Some(b), Some(e)) => (
+                "gateway_api",
+                drained.gateway.as_ref().and_then(|g| g.latency),
+                e.process.and_then(|p| p.resident_bytes),
+                IngestDelta::between(b, e).cpu_pct,
+            ),
+            _ => (
+                "subscriber",
+                self.subscriber
+                    .as_ref()
+                    .and_then(|s| Percentiles::of(&lock(s).e2e)),
+                None,
+                None,
+            ),
+        };
+        IngestReport {
+            source,
+            ingested: stats::delta(before.ingested, drained.ingested),
+            ingested_per_s: per_second(stats::delta(before.ingested, end.ingested), steady),
+            lost: drained.lost - before.lost,
+            duplicates: stats::delta(before.duplicates, drained.duplicates),
+            latency,
+            resident_bytes,
+            cpu_pct,
+            undecodable,
+        }
+    }
+
+    /// Drops every connected client at once, without a DISCONNECT, and waits (at most
+    /// `timeout`) until all of them are connected again. Each reconnects at once, then backs
+    /// off with jitter after a failure, as the fleet's devices do.
+    pub async fn storm(&mut self, timeout: Duration) -> StormReport {
+        let victims: Vec<Arc<Dev>> = self
+            .devs
+            .iter()
+            .filter(|d| d.online.load(Relaxed))
+            .cloned()
+            .collect();
+        for d in &self.devs {
+            let mut s = lock(&d.stats);
+            s.connack.reset();
+            s.refused.clear();
+            s.errors = 0;
+        }
+        self.progress.phase("storm", timeout);
+        let t0 = Instant::now();
+        for d in &victims {
+            d.drop.notify_one();
+        }
+        let back =
+            |d: &Dev| d.online.load(Relaxed) && lock(&d.stats).last_connack.is_some_and(|t| t > t0);
+        let deadline = t0 + timeout;
+        let mut last_progress = Instant::now();
+        loop {
+            let n = victims.iter().filter(|d| back(d)).count();
+            if n == victims.len() || Instant::now() >= deadline {
+                break;
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                _ = tokio::time::sleep(POLL) => {}
+            }
+            if last_progress.elapsed() >= Duration::from_millis(250) {
+                last_progress = Instant::now();
+                self.progress
+                    .update(t0.elapsed(), format!("{n}/{} back", victims.len()));
+            }
+        }
+        let came_back: Vec<&Arc<Dev>> = victims.iter().filter(|d| back(d)).collect();
+        let all_back = (came_back.len() == victims.len()).then(|| {
+            came_back
+                .iter()
+                .filter_map(|d| lock(&d.stats).last_connack)
+                .max()
+                .map_or(Duration::ZERO, |t| t.saturating_duration_since(t0))
+        });
+        let (connack, refused_by, errors) = collect_connects(&self.devs);
+        StormReport {
+            dropped: victims.len() as u64,
+            back: came_back.len() as u64,
+            never_back: (victims.len() - came_back.len()) as u64,
+            all_back_s: all_back.map(|d| d.as_secs_f64()),
+            timeout_s: timeout.as_secs_f64(),
+            connack: Percentiles::of(&connack),
+            refused: refused_by.values().sum(),
+            refused_by,
+            errors,
+        }
+    }
+
+    /// Disconnects every client (a DISCONNECT each, bounded) and waits for their tasks.
+    pub async fn close(mut self) {
+        self.plan.send_replace(Plan::Idle);
+        self.close.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        self.tasks.abort_all();
+        self.progress.finish();
+    }
+
+    fn sum(&self, counter: impl Fn(&Dev) -> &AtomicU64) -> u64 {
+        self.devs.iter().map(|d| counter(d).load(Relaxed)).sum()
+    }
+
+    /// Where ingest stands now: the gateway's counters, or what the subscriber has seen
+    /// (its loss counted against what every client has sent).
+    async fn mark(&mut self) -> Option<Mark> {
+        if let Some(api) = &self.api {
+            return match IngestSample::fetch_async(api).await {
+                Ok(s) => Some(Mark {
+                    ingested: s.telemetry,
+                    lost: s.lost,
+                    duplicates: s.duplicates,
+                    gateway: Some(s),
+                }),
+                Err(e) => {
+                    let note = format!("ingest counters unavailable: {e}");
+                    if !self.notes.contains(&note) {
+                        self.notes.push(note);
+                    }
+                    None
+                }
+            };
+        }
+        let sub = self.subscriber.as_ref()?;
+        let s = lock(sub);
+        let t = s.seq.totals();
+        let lost: u64 = self
+            .devs
+            .iter()
+            .map(|d| s.seq.unseen(&d.id, d.boot, d.next_seq.load(Relaxed)))
+            .sum();
+        Some(Mark {
+            ingested: t.unique,
+            lost: lost as i64,
+            duplicates: t.duplicates,
+            gateway: None,
+        })
+    }
+
+    /// Waits until `expected` messages past `before` are ingested, ingest stops moving for a
+    /// while, or `limit` passes; returns the last mark.
+    async fn drain(
+        &mut self,
+        before: Option<&Mark>,
+        expected: u64,
+        limit: Duration,
+    ) -> Option<Mark> {
+        let before = before?;
+        let every = if self.api.is_some() { API_POLL } else { POLL };
+        let deadline = Instant::now() + limit;
+        let mut last = self.mark().await?;
+        let mut moved = Instant::now();
+        self.progress.phase("drain", limit);
+        let started = Instant::now();
+        loop {
+            let done = stats::delta(before.ingested, last.ingested);
+            if done >= expected
+                || Instant::now() >= deadline
+                || moved.elapsed() >= QUIET
+                || self.stop.is_cancelled()
+            {
+                return Some(last);
+            }
+            tokio::time::sleep(every).await;
+            let next = self.mark().await?;
+            if next.ingested != last.ingested {
+                moved = Instant::now();
+            }
+            self.progress
+                .update(started.elapsed(), format!("{done}/{expected} ingested"));
+            last = next;
+        }
+    }
+}
+
+fn collect_connects(devs: &[Arc<Dev>]) -> (Histogram<u64>, BTreeMap<String, u64>, u64) {
+    let mut connack = stats::histogram();
+    let mut refused_by: BTreeMap<String, u64> = BTreeMap::new();
+    let mut errors = 0;
+    for d in devs {
+        let s = lock(&d.stats);
+        let _ = connack.add(&s.connack);
+        for (code, n) in &s.refused {
+            *refused_by.entry(code.clone()).or_default() += n;
+        }
+        errors += s.errors;
+    }
+    (connack, refused_by, errors)
+}
+
+/// A CONNACK return code as a report key (`bad_user_name_or_password`, ...).
+fn refusal_name(code: rumqttc::ConnectReturnCode) -> String {
+    use rumqttc::ConnectReturnCode as C;
+    match code {
+        C::Success => "success",
+        C::RefusedProtocolVersion => "protocol_version",
+        C::BadClientId => "bad_client_id",
+        C::ServiceUnavailable => "server_unavailable",
+        C::BadUserNamePassword => "bad_user_name_or_password",
+        C::NotAuthorized => "not_authorized",
+    }
+    .to_owned()
+}
+
+/// The smallest telemetry padding (raw samples of `features` values, more features if 256
+/// samples are not enough) whose encoding is at least `bytes` long. Returns the samples, the
+/// features, and the size of one message.
+pub(crate) fn padding(
+    bytes: usize,
+    features: usize,
+    encoding: Encoding,
+) -> Result<(usize, usize, usize), String> {
+    let size = |samples: usize, features: usize| -> Result<usize, String> {
+        let t = template("pad", 0, samples, features);
+        encode(&t, encoding)
+            .map(|p| p.len())
+            .map_err(|e| e.to_string())
+    };
+    let base = size(0, features)?;
+    if bytes <= base {
+        return Ok((0, features, base));
+    }
+    for f in features..=limits::MAX_FEATURES {
+        if size(limits::MAX_SAMPLES, f)? < bytes {
+            continue;
+        }
+        // The fewest samples that reach `bytes` (JSON numbers differ in length, so the size
+        // of one sample is not a constant to divide by).
+        let (mut lo, mut hi) = (0, limits::MAX_SAMPLES);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if size(mid, f)? >= bytes {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        return Ok((lo, f, size(lo, f)?));
+    }
+    let most = size(limits::MAX_SAMPLES, limits::MAX_FEATURES)?;
+    Err(format!(
+        "a telemetry message holds at most about {most} bytes in {}",
+        encoding.name()
+    ))
+}
+
+/// A device's telemetry message to send again and again, renumbered: noisy values drawn once
+/// (with a fixed seed, so every client's payload has the same size).
+fn template(id: &str, boot: u32, samples: usize, features: usize) -> Telemetry {
+    let shape = DataShape {
+        samples,
+        features,
+        ..DataShape::default()
+    };
+    let mut rng = StdRng::seed_from_u64(7);
+    Behaviour::new(id.to_owned(), boot, 1000, shape).telemetry(&mut rng, now_ms())
+}
+
+/// One publishing client.
+struct Client {
+    dev: Arc<Dev>,
+    ident: Ident,
+    cfg: Arc<Config>,
+    plan: watch::Receiver<Plan>,
+    phase: Arc<AtomicU32>,
+    connected: Arc<AtomicU64>,
+    close: CancellationToken,
+    seed: u64,
+    start_at: Instant,
+}
+
+impl Client {
+    /// The polling task: connects (after its place in the ramp), reconnects with jittered
+    /// backoff, matches publishes with their acknowledgements.
+    async fn run(self) {
+        tokio::select! {
+            _ = self.close.cancelled() => return,
+            _ = tokio::time::sleep_until(self.start_at) => {}
+        }
+        let Client {
+            dev,
+            ident,
+            cfg,
+            plan,
+            phase,
+            connected,
+            close,
+            seed,
+            ..
+        } = self;
+        let mut opts = MqttOptions::new(&ident.id, &cfg.host, cfg.port);
+        if let Some((user, password)) = &ident.login {
+            opts.set_credentials(user, password);
+        }
+        opts.set_keep_alive(cfg.keep_alive);
+        opts.set_clean_session(true);
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        opts.set_inflight(cfg.inflight.max(1));
+        let (client, mut events) = AsyncClient::new(opts, CHANNEL);
+        let sender = tokio::spawn(send(
+            dev.clone(),
+            client.clone(),
+            cfg.clone(),
+            plan,
+            close.clone(),
+            seed,
+        ));
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
+        // pkid -> (when it went out, its phase).
+        let mut inflight: HashMap<u16, (Instant, u32)> = HashMap::new();
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempt = Instant::now();
+        loop {
+            let event = tokio::select! {
+                biased;
+                _ = close.cancelled() => break,
+                _ = dev.drop.notified() => {
+                    // The link goes away without a DISCONNECT, as when a network drops; the
+                    // next poll reconnects at once.
+                    events.clean();
+                    dev.set_offline(&connected);
+                    inflight.clear();
+                    attempt = Instant::now();
+                    continue;
+                }
+                e = events.poll() => e,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let now = Instant::now();
+                    {
+                        let mut s = lock(&dev.stats);
+                        stats::record(&mut s.connack, now.saturating_duration_since(attempt));
+                        s.last_connack = Some(now);
+                    }
+                    backoff = FIRST_BACKOFF;
+                    if !dev.online.swap(true, Relaxed) {
+                        connected.fetch_add(1, Relaxed);
+                    }
+                }
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
+                    inflight.insert(pkid, (Instant::now(), phase.load(Relaxed)));
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    if let Some((sent, p)) = inflight.remove(&ack.pkid)
+                        && p == phase.load(Relaxed)
+                    {
+                        dev.acked.fetch_add(1, Relaxed);
+                        stats::record(&mut lock(&dev.stats).ack, sent.elapsed());
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    dev.set_offline(&connected);
+                    inflight.clear();
+                    {
+                        let mut s = lock(&dev.stats);
+                        match e {
+                            ConnectionError::ConnectionRefused(code) => {
+                                *s.refused.entry(refusal_name(code)).or_default() += 1;
+                            }
+                            _ => s.errors += 1,
+                        }
+                    }
+                    let jitter = rng.random_range(0.5..1.5);
+                    tokio::select! {
+                        _ = close.cancelled() => break,
+                        _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    attempt = Instant::now();
+                }
+            }
+        }
+        sender.abort();
+        if dev.online.load(Relaxed) {
+            let _ = client.try_disconnect();
+            // Let the DISCONNECT go out, then stop polling.
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                loop {
+                    match events.poll().await {
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                        _ => {}
+                    }
+                }
+            })
+            .await;
+        }
+        dev.set_offline(&connected);
+    }
+}
+
+enum PhaseEnd {
+    Done,
+    Changed,
+    Closed,
+}
+
+/// The sending task: telemetry at the plan's rate while a phase lasts.
+async fn send(
+    dev: Arc<Dev>,
+    client: AsyncClient,
+    cfg: Arc<Config>,
+    mut plan: watch::Receiver<Plan>,
+    close: CancellationToken,
+    seed: u64,
+) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut telemetry = template(&dev.id, dev.boot, cfg.samples, cfg.features);
+    let topic = topic::format(&dev.id, Channel::Up(Uplink::Telemetry), cfg.encoding);
+    loop {
+        let current = *plan.borrow_and_update();
+        let end = match current {
+            Plan::Idle => PhaseEnd::Done,
+            Plan::Send {
+                phase,
+                rate,
+                start,
+                until,
+            } => {
+                let period = Duration::from_secs_f64(1.0 / rate);
+                // Spread the clients over the period so they do not publish in lockstep.
+                let mut next = start + period.mul_f64(rng.random_range(0.0..1.0));
+                // Everything due by now (timers are coarser than a fast rate's period).
+                let mut due = |next: &mut Instant| {
+                    let now = Instant::now();
+                    while *next <= now && *next < until {
+                        publish(&dev, &client, &cfg, &topic, &mut telemetry);
+                        *next += period;
+                    }
+                };
+                let end = loop {
+                    if next >= until {
+                        break PhaseEnd::Done;
+                    }
+                    tokio::select! {
+                        _ = close.cancelled() => break PhaseEnd::Closed,
+                        r = plan.changed() => {
+                            // The plan changes when the phase is over (or stopped): what fell
+                            // due before that still goes out.
+                            due(&mut next);
+                            break if r.is_ok() { PhaseEnd::Changed } else { PhaseEnd::Closed };
+                        }
+                        _ = tokio::time::sleep_until(next) => {}
+                    }
+                    due(&mut next);
+                };
+                dev.finished.store(phase, Relaxed);
+                end
+            }
+        };
+        match end {
+            PhaseEnd::Closed => return,
+            PhaseEnd::Changed => continue,
+            PhaseEnd::Done => {}
+        }
+        tokio::select! {
+            _ = close.cancelled() => return,
+            r = plan.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+fn publish(dev: &Dev, client: &AsyncClient, cfg: &Config, topic: &str, t: &mut Telemetry) {
+    if !dev.online.load(Relaxed) {
+        dev.skipped.fetch_add(1, Relaxed);
+        return;
+    }
+    let seq = dev.next_seq.load(Relaxed);
+    t.seq = seq as u32;
+    t.time_ms = now_ms();
+    let Ok(payload) = encode(t, cfg.encoding) else {
+        dev.skipped.fetch_add(1, Relaxed);
+        return;
+    };
+    let len = payload.len() as u64;
+    if client
+        .try_publish(topic.to_owned(), cfg.qos, false, payload)
+        .is_ok()
+    {
+        dev.next_seq.store(seq + 1, Relaxed);
+        dev.offered.fetch_add(1, Relaxed);
+        let mut s = lock(&dev.stats);
+        s.payload_bytes = len;
+    } else {
+        dev.skipped.fetch_add(1, Relaxed);
+    }
+}
+
+/// The subscriber: counts every telemetry message a bare broker delivers, by device and
+/// sequence number, and its latency from the device's timestamp.
+async fn subscriber(
+    opts: MqttOptions,
+    filter: String,
+    qos: QoS,
+    state: Arc<Mutex<SubState>>,
+    ready: watch::Sender<bool>,
+    close: CancellationToken,
+) {
+    let (client, mut events) = AsyncClient::new(opts, 16);
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let event = tokio::select! {
+            biased;
+            _ = close.cancelled() => break,
+            e = events.poll() => e,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = FIRST_BACKOFF;
+                let _ = client.try_subscribe(filter.clone(), qos);
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                ready.send_replace(true);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let arrived_us = now_us();
+                let parsed = fleetgate_protocol::Topic::parse(&p.topic)
+                    .ok()
+                    .and_then(|t| {
+                        Some((t.device, decode::<Telemetry>(&p.payload, t.encoding).ok()?))
+                    });
+                let mut s = lock(&state);
+                match parsed {
+                    Some((device, t)) => {
+                        s.seq.observe(device, t.boot, t.seq);
+                        if t.time_ms > 0 {
+                            let sent_us = t.time_ms.saturating_mul(1000);
+                            stats::record_us(&mut s.e2e, arrived_us.saturating_sub(sent_us));
+                        }
+                    }
+                    None => s.undecodable += 1,
+                }
+            }
+            Ok(_) => {}
+            Err(_) => {
+                ready.send_replace(false);
+                tokio::select! {
+                    _ = close.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                _ => {}
+            }
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests;
