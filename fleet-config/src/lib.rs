@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fleetgate_protocol::{AlertKind, HwMetric, Severity};
+use fleetgate_protocol::{AlertKind, HwMetric, Severity, Uplink};
 
 mod rollouts;
 mod walk;
@@ -25,6 +25,7 @@ pub const DEFAULT_TOML: &str = include_str!("default.toml");
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub mqtt: Mqtt,
+    pub limits: Limits,
     pub http: Http,
     pub storage: Storage,
     pub retention: Retention,
@@ -38,12 +39,72 @@ pub struct Config {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mqtt {
+    /// The plain TCP listener's address; used only when `plain` is true.
     pub listen: SocketAddr,
+    /// `false` when the file says `listen = ""` (then `tls` is set: one listener always is).
+    pub plain: bool,
+    /// The TLS listener; `None` when `mqtt.tls.listen` is empty.
+    pub tls: Option<MqttTls>,
     pub max_connections: usize,
+    /// Time from accepting a connection to a complete CONNECT (TLS handshake included).
     pub connect_timeout: Duration,
     pub max_packet_bytes: usize,
     pub max_keep_alive: Duration,
+    /// New connections one source address may open: a token bucket refilled at this rate...
+    pub per_source_connects_per_second: f64,
+    /// ...holding at most this many.
+    pub per_source_burst: u32,
     pub router: Router,
+}
+
+/// MQTT over TLS (`[mqtt.tls]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttTls {
+    pub listen: SocketAddr,
+    /// Certificate chain and private key (PEM). `None`: a self-signed certificate for `names`,
+    /// generated on first start in `<data_dir>/tls/` and reused after.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Subject alternative names (host names or IP addresses) of the generated certificate.
+    pub names: Vec<String>,
+    /// CA certificates (PEM) that client certificates must chain to. `None`: devices present no
+    /// certificate. Either way a device authenticates with its credential in CONNECT.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// What one device may cost the gateway (`[limits]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Publishes a device may send per second on average (a token bucket)...
+    pub device_messages_per_second: f64,
+    /// ...and at once after a quiet spell.
+    pub device_burst: u32,
+    pub max_message_bytes: MaxMessageBytes,
+}
+
+/// Largest payload, in bytes, a device may publish on each uplink channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MaxMessageBytes {
+    pub hello: usize,
+    pub telemetry: usize,
+    pub alert: usize,
+    pub log: usize,
+    pub ack: usize,
+    pub report: usize,
+}
+
+impl MaxMessageBytes {
+    /// The limit of `channel`.
+    pub fn of(&self, channel: Uplink) -> usize {
+        match channel {
+            Uplink::Hello => self.hello,
+            Uplink::Telemetry => self.telemetry,
+            Uplink::Alert => self.alert,
+            Uplink::Log => self.log,
+            Uplink::Ack => self.ack,
+            Uplink::Report => self.report,
+        }
+    }
 }
 
 /// Sizes of the embedded broker's in-memory logs (see ARCHITECTURE.md, "Memory budget").
@@ -250,15 +311,38 @@ impl Config {
                 as u64,
         }
         .finish_with(router, p);
+        let tls = MqttTls::walk(mqtt.section(p, "tls"), p);
+        let listen = mqtt.opt_socket_addr(p, "listen");
+        match (listen, &tls) {
+            (None, None) if mqtt.exists() => mqtt.error(
+                p,
+                "listen",
+                "is empty and so is mqtt.tls.listen: set at least one listener",
+            ),
+            (Some(plain), Some(tls)) if plain == tls.listen && plain.port() != 0 => {
+                mqtt.error(p, "listen", "is the same address as mqtt.tls.listen");
+            }
+            _ => {}
+        }
         let mqtt = Mqtt {
-            listen: mqtt.socket_addr(p, "listen"),
+            listen: listen.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
+            plain: listen.is_some(),
+            tls,
             max_connections: mqtt.usize(p, "max_connections", 1..=1_000_000),
             connect_timeout: mqtt.duration(p, "connect_timeout", ms(100)..=secs(65)),
             max_packet_bytes: mqtt.usize(p, "max_packet_bytes", 1024..=256 << 20),
             max_keep_alive: mqtt.duration(p, "max_keep_alive", secs(1)..=secs(65_535)),
+            per_source_connects_per_second: mqtt.float_in(
+                p,
+                "per_source_connects_per_second",
+                RATE_RANGE,
+            ),
+            per_source_burst: mqtt.usize(p, "per_source_burst", 1..=1_000_000) as u32,
             router,
         }
         .finish_with(mqtt, p);
+
+        let limits = Limits::walk(root.section(p, "limits"), p);
 
         let mut http = root.section(p, "http");
         let token = http.string(p, "token");
@@ -369,6 +453,7 @@ impl Config {
 
         Config {
             mqtt,
+            limits,
             http,
             storage,
             retention,
@@ -382,6 +467,90 @@ impl Config {
         .finish_with(root, p)
     }
 }
+
+impl MqttTls {
+    /// `None` when `listen` is empty; the other keys are checked either way.
+    fn walk(mut s: Section<'_>, p: &mut Problems) -> Option<MqttTls> {
+        let listen = s.opt_socket_addr(p, "listen");
+        let path = |s: &mut Section<'_>, p: &mut Problems, key: &str| {
+            Some(PathBuf::from(s.string(p, key))).filter(|p| !p.as_os_str().is_empty())
+        };
+        let cert = path(&mut s, p, "cert");
+        let key = path(&mut s, p, "key");
+        match (&cert, &key) {
+            (Some(_), None) => s.error(p, "key", "must be set when cert is"),
+            (None, Some(_)) => s.error(p, "cert", "must be set when key is"),
+            _ => {}
+        }
+        let names = s.strings(p, "names");
+        for (i, name) in names.iter().enumerate() {
+            if !is_host_name(name) {
+                let msg = format!("{name:?} is not a host name or IP address");
+                s.error(p, &format!("names[{i}]"), &msg);
+            }
+        }
+        if listen.is_some() && cert.is_none() && names.is_empty() {
+            s.error(
+                p,
+                "names",
+                "must hold at least one name for the generated certificate (or set cert and key)",
+            );
+        }
+        let client_ca = path(&mut s, p, "client_ca");
+        s.finish(p);
+        Some(MqttTls {
+            listen: listen?,
+            cert,
+            key,
+            names,
+            client_ca,
+        })
+    }
+}
+
+/// A DNS name (letters, digits, `-`, `.`, a leading `*.` wildcard) or an IP address.
+fn is_host_name(name: &str) -> bool {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let name = name.strip_prefix("*.").unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+impl Limits {
+    fn walk(mut s: Section<'_>, p: &mut Problems) -> Limits {
+        let mut max = s.section(p, "max_message_bytes");
+        let mut bytes = |key: &str| max.usize(p, key, 16..=256 << 20);
+        let max_message_bytes = MaxMessageBytes {
+            hello: bytes("hello"),
+            telemetry: bytes("telemetry"),
+            alert: bytes("alert"),
+            log: bytes("log"),
+            ack: bytes("ack"),
+            report: bytes("report"),
+        }
+        .finish_with(max, p);
+        Limits {
+            device_messages_per_second: s.float_in(p, "device_messages_per_second", RATE_RANGE),
+            device_burst: s.usize(p, "device_burst", 1..=1_000_000) as u32,
+            max_message_bytes,
+        }
+        .finish_with(s, p)
+    }
+}
+
+/// Rates of the token buckets, per second: from one per ~17 minutes to a million.
+const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.001..=1_000_000.0;
 
 impl AlertRule {
     fn walk(mut s: Section<'_>, p: &mut Problems) -> Option<AlertRule> {

@@ -184,3 +184,91 @@ fn trusted_keys_are_hex_ed25519_keys() {
         ]
     );
 }
+
+#[test]
+fn default_listeners_and_limits() {
+    let c = Config::default();
+    assert!(c.mqtt.plain);
+    assert_eq!(c.mqtt.tls, None, "no TLS listener unless configured");
+    assert_eq!(c.mqtt.per_source_connects_per_second, 1000.0);
+    assert_eq!(c.mqtt.per_source_burst, 2000);
+    assert_eq!(c.limits.device_messages_per_second, 50.0);
+    assert_eq!(c.limits.device_burst, 200);
+    let max = &c.limits.max_message_bytes;
+    for channel in Uplink::ALL {
+        assert!(
+            (16..c.mqtt.max_packet_bytes).contains(&max.of(channel)),
+            "{channel:?}"
+        );
+    }
+    assert_eq!(max.of(Uplink::Telemetry), 49152);
+    assert_eq!(max.of(Uplink::Hello), 8192);
+}
+
+#[test]
+fn tls_listener_with_a_generated_or_a_given_certificate() {
+    let c = Config::from_toml_str("[mqtt.tls]\nlisten = \"127.0.0.1:8883\"\n", "x").unwrap();
+    let tls = c.mqtt.tls.unwrap();
+    assert_eq!(tls.listen, "127.0.0.1:8883".parse().unwrap());
+    assert_eq!((tls.cert, tls.key, tls.client_ca), (None, None, None));
+    assert_eq!(tls.names, ["localhost", "127.0.0.1"]);
+
+    let c = Config::from_toml_str(
+        "[mqtt]\nlisten = \"\"\n[mqtt.tls]\nlisten = \"0.0.0.0:8883\"\ncert = \"/etc/fg/cert.pem\"\n\
+         key = \"/etc/fg/key.pem\"\nnames = []\nclient_ca = \"/etc/fg/ca.pem\"\n",
+        "x",
+    )
+    .unwrap();
+    assert!(!c.mqtt.plain, "the plain listener is off");
+    let tls = c.mqtt.tls.unwrap();
+    assert_eq!(tls.cert, Some(PathBuf::from("/etc/fg/cert.pem")));
+    assert_eq!(tls.key, Some(PathBuf::from("/etc/fg/key.pem")));
+    assert_eq!(tls.client_ca, Some(PathBuf::from("/etc/fg/ca.pem")));
+}
+
+#[test]
+fn listener_tls_and_limit_problems_are_named_by_their_paths() {
+    assert_eq!(
+        errors("[mqtt]\nlisten = \"\"\n"),
+        ["mqtt.listen: is empty and so is mqtt.tls.listen: set at least one listener"]
+    );
+    assert_eq!(
+        errors(
+            "[mqtt]\nlisten = \"127.0.0.1:1883\"\nper_source_connects_per_second = 0\n\
+             per_source_burst = 0\n[mqtt.tls]\nlisten = \"127.0.0.1:1883\"\ncert = \"c.pem\"\n\
+             names = [\"ok.example\", \"bad name\", \"-x.example\", \"\", 7]\nwhat = 1\n"
+        ),
+        [
+            "mqtt.tls.key: must be set when cert is",
+            "mqtt.tls.names[4]: expected a string, found integer",
+            "mqtt.tls.names[1]: \"bad name\" is not a host name or IP address",
+            "mqtt.tls.names[2]: \"-x.example\" is not a host name or IP address",
+            "mqtt.tls.names[3]: \"\" is not a host name or IP address",
+            "mqtt.tls.what: unknown key",
+            "mqtt.listen: is the same address as mqtt.tls.listen",
+            "mqtt.per_source_connects_per_second: is out of range 0.001..=1000000",
+            "mqtt.per_source_burst: 0 is out of range 1..=1000000",
+        ]
+    );
+    assert_eq!(
+        errors("[mqtt.tls]\nlisten = \"127.0.0.1:8883\"\nkey = \"k.pem\"\nnames = []\n"),
+        [
+            "mqtt.tls.cert: must be set when key is",
+            "mqtt.tls.names: must hold at least one name for the generated certificate (or set cert and key)",
+        ]
+    );
+    assert_eq!(
+        errors(
+            "[limits]\ndevice_messages_per_second = -1.0\ndevice_burst = 2000000\nx = 1\n\
+             [limits.max_message_bytes]\ntelemetry = 8\nlog = \"1k\"\nvideo = 100\n"
+        ),
+        [
+            "limits.max_message_bytes.telemetry: 8 is out of range 16..=268435456",
+            "limits.max_message_bytes.log: expected an integer, found string",
+            "limits.max_message_bytes.video: unknown key",
+            "limits.device_messages_per_second: is out of range 0.001..=1000000",
+            "limits.device_burst: 2000000 is out of range 1..=1000000",
+            "limits.x: unknown key",
+        ]
+    );
+}

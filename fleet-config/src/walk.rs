@@ -368,6 +368,27 @@ impl<'t> Section<'t> {
         })
     }
 
+    /// An address like [`Section::socket_addr`], or `None` for an empty string (a listener
+    /// that is off).
+    pub(crate) fn opt_socket_addr(&mut self, p: &mut Problems, key: &str) -> Option<SocketAddr> {
+        match self.raw(key) {
+            Some(Value::String(s)) if s.is_empty() => {
+                self.get(key);
+                None
+            }
+            Some(_) => Some(self.socket_addr(p, key)),
+            None => {
+                self.required(p, key);
+                None
+            }
+        }
+    }
+
+    /// Whether this section is a table (a missing or mistyped one has been reported already).
+    pub(crate) fn exists(&self) -> bool {
+        self.table.is_some()
+    }
+
     /// Reports every key of this table that nobody read.
     pub(crate) fn finish(self, p: &mut Problems) {
         let Some(table) = self.table else { return };

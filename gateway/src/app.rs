@@ -28,7 +28,10 @@ use crate::storage::Store;
 /// A running gateway. Dropping it without [`Gateway::shutdown`] leaves its tasks running.
 #[derive(Debug)]
 pub struct Gateway {
+    /// The plain MQTT listener's address, or the TLS listener's when the plain one is off.
     pub mqtt_addr: SocketAddr,
+    /// The MQTT-over-TLS listener's address, when it is on.
+    pub mqtt_tls_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
     /// The operator API token and where it came from.
     pub token: String,
@@ -109,19 +112,46 @@ impl Gateway {
             .spawn(move || writer.run(writer_rx, control_rx))
             .context("starting the storage writer")?;
 
-        let mqtt = TcpListener::bind(config.mqtt.listen)
-            .await
-            .with_context(|| format!("binding the MQTT listener on {}", config.mqtt.listen))?;
+        let mqtt = match config.mqtt.plain {
+            true => Some(
+                TcpListener::bind(config.mqtt.listen)
+                    .await
+                    .with_context(|| {
+                        format!("binding the MQTT listener on {}", config.mqtt.listen)
+                    })?,
+            ),
+            false => None,
+        };
+        let mqtt_tls = match config.mqtt.tls.clone() {
+            Some(tls) => {
+                let (listen, dir) = (tls.listen, data_dir.clone());
+                let acceptor =
+                    tokio::task::spawn_blocking(move || crate::broker::tls::acceptor(&tls, &dir))
+                        .await?
+                        .context("setting up TLS for MQTT ([mqtt.tls])")?;
+                let listener = TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("binding the MQTT TLS listener on {listen}"))?;
+                Some((listener, acceptor))
+            }
+            None => None,
+        };
         let http = TcpListener::bind(config.http.listen)
             .await
             .with_context(|| format!("binding the HTTP listener on {}", config.http.listen))?;
-        let mqtt_addr = mqtt.local_addr()?;
+        let mqtt_tls_addr = mqtt_tls.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
+        let mqtt_addr = match (&mqtt, mqtt_tls_addr) {
+            (Some(plain), _) => plain.local_addr()?,
+            (None, Some(tls)) => tls,
+            (None, None) => anyhow::bail!("no MQTT listener: set mqtt.listen or mqtt.tls.listen"),
+        };
         let http_addr = http.local_addr()?;
 
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let front = Arc::new(Front::new(
             &config.mqtt,
+            &config.limits,
             broker.clone(),
             credentials,
             metrics.clone(),
@@ -129,7 +159,12 @@ impl Gateway {
             writer_tx,
             shutdown.clone(),
         ));
-        tracker.spawn(front.serve(mqtt, tracker.clone()));
+        if let Some(mqtt) = mqtt {
+            tracker.spawn(front.clone().serve(mqtt, tracker.clone()));
+        }
+        if let Some((listener, acceptor)) = mqtt_tls {
+            tracker.spawn(front.serve_tls(listener, acceptor, tracker.clone()));
+        }
 
         let registry = crate::registry::Registry::new(store.clone(), &data_dir, &config.registry);
         let api_state = Arc::new(ApiState {
@@ -154,6 +189,7 @@ impl Gateway {
 
         Ok(Gateway {
             mqtt_addr,
+            mqtt_tls_addr,
             http_addr,
             token,
             token_source,

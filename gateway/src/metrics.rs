@@ -37,10 +37,14 @@ pub enum Reject {
     UnknownCommand,
     /// An update report for a transfer this device does not have.
     UnknownTransfer,
+    /// Over the device's message rate (`limits.device_messages_per_second`, `device_burst`).
+    RateLimited,
+    /// A payload over its channel's `limits.max_message_bytes`.
+    TooLarge,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 9] = [
+    pub const ALL: [Reject; 11] = [
         Reject::BadTopic,
         Reject::NotPermitted,
         Reject::Oversized,
@@ -50,6 +54,8 @@ impl Reject {
         Reject::UnknownDevice,
         Reject::UnknownCommand,
         Reject::UnknownTransfer,
+        Reject::RateLimited,
+        Reject::TooLarge,
     ];
 
     pub fn name(self) -> &'static str {
@@ -63,6 +69,8 @@ impl Reject {
             Reject::UnknownDevice => "unknown_device",
             Reject::UnknownCommand => "unknown_command",
             Reject::UnknownTransfer => "unknown_transfer",
+            Reject::RateLimited => "rate_limited",
+            Reject::TooLarge => "too_large",
         }
     }
 
@@ -89,10 +97,16 @@ pub enum Refusal {
     ServerFull,
     /// The gateway is shutting down.
     ShuttingDown,
+    /// The source address opened connections faster than `mqtt.per_source_connects_per_second`
+    /// allows; closed before anything was read.
+    RateLimited,
+    /// The TLS handshake failed (not TLS, no shared protocol version or cipher, a client
+    /// certificate missing or not signed by `mqtt.tls.client_ca`).
+    Tls,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 7] = [
+    pub const ALL: [Refusal; 9] = [
         Refusal::ConnectTimeout,
         Refusal::Protocol,
         Refusal::BadCredentials,
@@ -100,6 +114,8 @@ impl Refusal {
         Refusal::Will,
         Refusal::ServerFull,
         Refusal::ShuttingDown,
+        Refusal::RateLimited,
+        Refusal::Tls,
     ];
 
     pub fn name(self) -> &'static str {
@@ -111,6 +127,8 @@ impl Refusal {
             Refusal::Will => "will_not_permitted",
             Refusal::ServerFull => "server_full",
             Refusal::ShuttingDown => "shutting_down",
+            Refusal::RateLimited => "rate_limited",
+            Refusal::Tls => "tls_handshake",
         }
     }
 
@@ -321,6 +339,10 @@ impl Metrics {
 
     pub fn rejected_count(&self, reason: Reject) -> u64 {
         self.rejected[reason.index()].get()
+    }
+
+    pub fn refused_count(&self, reason: Refusal) -> u64 {
+        self.refused[reason.index()].get()
     }
 
     pub fn counts(&self) -> IngestCounts {

@@ -33,6 +33,18 @@ pub fn config(dir: &Path) -> Config {
     c
 }
 
+/// Turns on the MQTT TLS listener on a free loopback port, with the self-signed certificate the
+/// gateway generates in its data dir (see [`TestGateway::tls_cert`]).
+pub fn with_tls(config: &mut Config) {
+    config.mqtt.tls = Some(fleetgate_config::MqttTls {
+        listen: "127.0.0.1:0".parse().expect("address"),
+        cert: None,
+        key: None,
+        names: vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
+        client_ca: None,
+    });
+}
+
 impl TestGateway {
     /// Starts a gateway in a new temp dir.
     pub async fn start() -> TestGateway {
@@ -67,6 +79,20 @@ impl TestGateway {
 
     pub fn mqtt_port(&self) -> u16 {
         self.gateway().mqtt_addr.port()
+    }
+
+    /// Port of the TLS listener (see [`with_tls`]).
+    pub fn mqtt_tls_port(&self) -> u16 {
+        self.gateway()
+            .mqtt_tls_addr
+            .expect("TLS listener on")
+            .port()
+    }
+
+    /// The certificate the gateway generated for its TLS listener (PEM).
+    pub fn tls_cert(&self) -> PathBuf {
+        use fleetgate::broker::tls;
+        self.dir.join(tls::DIR).join(tls::CERT_FILE)
     }
 
     pub fn http_url(&self) -> String {
@@ -169,6 +195,60 @@ pub mod device {
         opts.set_credentials(id, password);
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut events) = AsyncClient::new(opts, 64);
+        let first = tokio::time::timeout(Duration::from_secs(10), events.poll())
+            .await
+            .map_err(|_| "connect timed out".to_owned())?;
+        match first {
+            Ok(Event::Incoming(rumqttc::Packet::ConnAck(_))) => {}
+            Ok(other) => return Err(format!("expected CONNACK, got {other:?}")),
+            Err(e) => return Err(e.to_string()),
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(event) = events.poll().await {
+                if tx.send(event).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok((client, rx))
+    }
+
+    /// A TLS transport (ring provider) that trusts only the certificates in the PEM file `ca`.
+    pub fn tls_transport(ca: &std::path::Path) -> rumqttc::Transport {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca).expect("CA file") {
+            roots
+                .add(cert.expect("PEM certificate"))
+                .expect("usable CA");
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(
+            config,
+        )))
+    }
+
+    /// Like [`connect`], over TLS to `127.0.0.1:port`, trusting only the certificates in `ca`.
+    pub async fn connect_tls(
+        port: u16,
+        id: &str,
+        password: &str,
+        ca: &std::path::Path,
+    ) -> Result<(AsyncClient, mpsc::UnboundedReceiver<Event>), String> {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_credentials(id, password);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        opts.set_transport(tls_transport(ca));
         let (client, mut events) = AsyncClient::new(opts, 64);
         let first = tokio::time::timeout(Duration::from_secs(10), events.poll())
             .await

@@ -1,32 +1,43 @@
-//! The device-facing MQTT front: the gateway's own accept loop in front of rumqttd's router.
+//! The device-facing MQTT front: the gateway's own accept loops in front of rumqttd's router.
 //!
 //! rumqttd's listeners have no per-topic authorization, run the TLS handshake inline in the
 //! accept loop and end every violation with a bare disconnect. The front instead gives each
 //! connection its own task with a CONNECT deadline, authenticates the device against its
 //! enrolled credential, answers refusals with proper CONNACK/SUBACK/PUBACK codes, and runs a
 //! session that forwards what the device may send into the router (see `policy`, `session`).
+//!
+//! Invariants:
+//! - The accept loops never wait on a connection: the only work they do per connection is the
+//!   per-source token bucket (a map lookup) and spawning its task. The TLS handshake and the
+//!   CONNECT read run in that task, both within one `mqtt.connect_timeout` from the accept, so
+//!   a client that stalls anywhere before CONNACK delays no other and is closed and counted.
+//! - A connection over its source's rate is closed before anything is read from it.
+//! - Plain TCP and TLS connections run the same code from the first MQTT byte on.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use fleetgate_config::Mqtt;
-use fleetgate_protocol::{Downlink, Encoding};
+use fleetgate_config::{Limits, MaxMessageBytes, Mqtt};
+use fleetgate_protocol::{Downlink, Encoding, Uplink};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, LastWill, Packet, Protocol, Publish,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::session::{self, Session};
+use super::limit::{self, Rate};
+use super::session::{self, DeviceStream, Session, send};
 use super::{Broker, policy};
 use crate::auth::Credentials;
 use crate::clock::now_ms;
@@ -217,6 +228,10 @@ impl Sessions {
     }
 }
 
+/// Source addresses the front keeps a connection bucket for: about 100 bytes each. Beyond it,
+/// sources whose bucket has refilled are forgotten first (see `limit::Table`).
+const MAX_SOURCES: usize = 10_000;
+
 /// Everything a connection task needs.
 #[derive(Debug)]
 pub struct Front {
@@ -224,6 +239,13 @@ pub struct Front {
     pub(crate) connect_timeout: Duration,
     pub(crate) max_keep_alive: Duration,
     pub(crate) max_connections: usize,
+    pub(crate) max_message: MaxMessageBytes,
+    pub(crate) device_rate: Rate,
+    /// New connections per source IP address, both listeners together.
+    sources: Mutex<limit::Table<IpAddr>>,
+    /// Message buckets of devices whose session ended before their bucket refilled, so that
+    /// reconnecting does not buy a device a new burst. Bounded like `sources`.
+    parked: Mutex<limit::Table<String>>,
     pub(crate) broker: Broker,
     pub(crate) credentials: Arc<Credentials>,
     pub(crate) metrics: Arc<Metrics>,
@@ -232,9 +254,17 @@ pub struct Front {
     pub(crate) shutdown: CancellationToken,
 }
 
+/// Why a connection got no further before its CONNACK.
+enum Cut {
+    Timeout,
+    ShuttingDown,
+}
+
 impl Front {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: &Mqtt,
+        limits: &Limits,
         broker: Broker,
         credentials: Arc<Credentials>,
         metrics: Arc<Metrics>,
@@ -247,6 +277,16 @@ impl Front {
             connect_timeout: cfg.connect_timeout,
             max_keep_alive: cfg.max_keep_alive,
             max_connections: cfg.max_connections,
+            max_message: limits.max_message_bytes.clone(),
+            device_rate: Rate::new(limits.device_messages_per_second, limits.device_burst),
+            sources: Mutex::new(limit::Table::new(
+                Rate::new(cfg.per_source_connects_per_second, cfg.per_source_burst),
+                MAX_SOURCES,
+            )),
+            parked: Mutex::new(limit::Table::new(
+                Rate::new(limits.device_messages_per_second, limits.device_burst),
+                cfg.max_connections.max(MAX_SOURCES),
+            )),
             broker,
             credentials,
             metrics,
@@ -256,8 +296,28 @@ impl Front {
         }
     }
 
-    /// Accepts connections until `shutdown`; each one runs in its own task on `tracker`.
+    /// Accepts plain TCP connections until `shutdown`; each one runs in its own task on
+    /// `tracker`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, tracker: TaskTracker) {
+        self.accept_loop(listener, None, tracker).await;
+    }
+
+    /// Accepts TLS connections until `shutdown`. The handshake runs in the connection's task.
+    pub async fn serve_tls(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: TlsAcceptor,
+        tracker: TaskTracker,
+    ) {
+        self.accept_loop(listener, Some(tls), tracker).await;
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
+        tracker: TaskTracker,
+    ) {
         loop {
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -265,8 +325,26 @@ impl Front {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    if !self.source_may_connect(peer.ip()) {
+                        self.metrics.refuse(
+                            Refusal::RateLimited,
+                            &peer,
+                            "too many new connections from this address",
+                        );
+                        // Dropping the stream closes it.
+                        continue;
+                    }
+                    let deadline = Instant::now() + self.connect_timeout;
                     let _ = stream.set_nodelay(true);
-                    tracker.spawn(self.clone().connection(stream, peer));
+                    match &tls {
+                        None => tracker.spawn(self.clone().connection(stream, peer, deadline)),
+                        Some(tls) => tracker.spawn(self.clone().tls_connection(
+                            tls.clone(),
+                            stream,
+                            peer,
+                            deadline,
+                        )),
+                    };
                 }
                 Err(e) => {
                     // Usually out of file descriptors: back off instead of spinning.
@@ -277,43 +355,93 @@ impl Front {
         }
     }
 
-    async fn connection(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
+    /// Takes a token from the bucket of `ip` (IPv4 clients of an IPv6 listener count as their
+    /// IPv4 address).
+    fn source_may_connect(&self, ip: IpAddr) -> bool {
+        let now = Instant::now().into_std();
+        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        sources.try_take(ip.to_canonical(), now)
+    }
+
+    /// Runs one step before the CONNACK, within the connection's deadline.
+    async fn before_connack<F: Future>(
+        &self,
+        deadline: Instant,
+        step: F,
+    ) -> Result<F::Output, Cut> {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => Err(Cut::ShuttingDown),
+            out = tokio::time::timeout_at(deadline, step) => out.map_err(|_| Cut::Timeout),
+        }
+    }
+
+    fn cut(&self, cut: Cut, peer: &SocketAddr, what: &str) {
+        match cut {
+            Cut::Timeout => self.metrics.refuse(Refusal::ConnectTimeout, peer, what),
+            Cut::ShuttingDown => {
+                self.metrics
+                    .refuse(Refusal::ShuttingDown, peer, "gateway is shutting down")
+            }
+        }
+    }
+
+    async fn tls_connection(
+        self: Arc<Self>,
+        tls: TlsAcceptor,
+        stream: TcpStream,
+        peer: SocketAddr,
+        deadline: Instant,
+    ) {
+        match self.before_connack(deadline, tls.accept(stream)).await {
+            Ok(Ok(stream)) => self.connection(stream, peer, deadline).await,
+            Ok(Err(e)) => self.metrics.refuse(Refusal::Tls, &peer, &e.to_string()),
+            Err(cut) => self.cut(cut, &peer, "no TLS handshake in time"),
+        }
+    }
+
+    async fn connection<S: DeviceStream>(
+        self: Arc<Self>,
+        mut stream: S,
+        peer: SocketAddr,
+        deadline: Instant,
+    ) {
         let mut buf = BytesMut::with_capacity(512);
-        let level = tokio::time::timeout(
-            self.connect_timeout,
-            read_protocol_level(&mut stream, &mut buf, self.max_packet),
-        )
-        .await;
+        let level = self
+            .before_connack(
+                deadline,
+                read_protocol_level(&mut stream, &mut buf, self.max_packet),
+            )
+            .await;
         match level {
-            Err(_) => self
-                .metrics
-                .refuse(Refusal::ConnectTimeout, &peer, "no CONNECT in time"),
+            Err(cut) => self.cut(cut, &peer, "no CONNECT in time"),
             Ok(Err(why)) => self.metrics.refuse(Refusal::Protocol, &peer, why),
-            Ok(Ok(4)) => self.connect(V4, false, stream, buf, peer).await,
-            Ok(Ok(5)) => self.connect(V5, true, stream, buf, peer).await,
+            Ok(Ok(4)) => self.connect(V4, false, stream, buf, peer, deadline).await,
+            Ok(Ok(5)) => self.connect(V5, true, stream, buf, peer, deadline).await,
             Ok(Ok(level)) => {
                 // MQTT 3.1 and unknown levels: refuse with the 3.1 "unacceptable protocol
                 // version" code, which every client version can read.
-                let _ = stream.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
+                let _ = send(&mut stream, &[0x20, 0x02, 0x00, 0x01]).await;
                 let detail = format!("unsupported protocol level {level}");
                 self.metrics.refuse(Refusal::Protocol, &peer, &detail);
             }
         }
     }
 
-    async fn connect<P: Protocol + Send + 'static>(
+    async fn connect<P: Protocol + Send + 'static, S: DeviceStream>(
         self: Arc<Self>,
         mut proto: P,
         v5: bool,
-        mut stream: TcpStream,
+        mut stream: S,
         mut buf: BytesMut,
         peer: SocketAddr,
+        deadline: Instant,
     ) {
-        let read = tokio::time::timeout(
-            self.connect_timeout,
-            session::read_packet(&mut proto, &mut stream, &mut buf, self.max_packet),
-        )
-        .await;
+        let read = self
+            .before_connack(
+                deadline,
+                session::read_packet(&mut proto, &mut stream, &mut buf, self.max_packet),
+            )
+            .await;
         let (connect, login, will) = match read {
             Ok(Ok(Packet::Connect(connect, _props, will, _will_props, login))) => {
                 (connect, login, will)
@@ -330,11 +458,7 @@ impl Front {
                     .metrics
                     .refuse(Refusal::Protocol, &peer, &e.to_string());
             }
-            Err(_) => {
-                return self
-                    .metrics
-                    .refuse(Refusal::ConnectTimeout, &peer, "CONNECT incomplete");
-            }
+            Err(cut) => return self.cut(cut, &peer, "CONNECT incomplete"),
         };
 
         let refuse = |code: ConnectReturnCode| {
@@ -352,18 +476,18 @@ impl Front {
         let Some(login) = login else {
             self.metrics
                 .refuse(Refusal::BadCredentials, &peer, "no username/password");
-            let _ = stream
-                .write_all(&refuse(ConnectReturnCode::BadUserNamePassword))
-                .await;
+            let _ = send(&mut stream, &refuse(ConnectReturnCode::BadUserNamePassword)).await;
             return;
         };
         let device = login.username;
         if !connect.client_id.is_empty() && connect.client_id != device {
             self.metrics
                 .refuse(Refusal::ClientId, &peer, "client id is not the username");
-            let _ = stream
-                .write_all(&refuse(ConnectReturnCode::ClientIdentifierNotValid))
-                .await;
+            let _ = send(
+                &mut stream,
+                &refuse(ConnectReturnCode::ClientIdentifierNotValid),
+            )
+            .await;
             return;
         }
         if fleetgate_protocol::id::validate(&device).is_err()
@@ -374,9 +498,7 @@ impl Front {
                 &peer,
                 "unknown device or wrong credential",
             );
-            let _ = stream
-                .write_all(&refuse(ConnectReturnCode::BadUserNamePassword))
-                .await;
+            let _ = send(&mut stream, &refuse(ConnectReturnCode::BadUserNamePassword)).await;
             return;
         }
         let will = match will.map(|w| will_publish(&device, w)).transpose() {
@@ -387,9 +509,7 @@ impl Front {
                     &peer,
                     "will topic is not the device's uplink",
                 );
-                let _ = stream
-                    .write_all(&refuse(ConnectReturnCode::NotAuthorized))
-                    .await;
+                let _ = send(&mut stream, &refuse(ConnectReturnCode::NotAuthorized)).await;
                 return;
             }
         };
@@ -401,7 +521,7 @@ impl Front {
         if self.shutdown.is_cancelled() {
             self.metrics
                 .refuse(Refusal::ShuttingDown, &peer, "gateway is shutting down");
-            let _ = stream.write_all(&refuse(unavailable)).await;
+            let _ = send(&mut stream, &refuse(unavailable)).await;
             return;
         }
         if self.sessions.len() >= self.max_connections && !self.sessions.contains(&device) {
@@ -415,7 +535,7 @@ impl Front {
             } else {
                 unavailable
             };
-            let _ = stream.write_all(&refuse(code)).await;
+            let _ = send(&mut stream, &refuse(code)).await;
             return;
         }
 
@@ -451,7 +571,7 @@ impl Front {
             },
             props,
         );
-        if proto.write(connack, &mut out).is_err() || stream.write_all(&out).await.is_err() {
+        if proto.write(connack, &mut out).is_err() || send(&mut stream, &out).await.is_err() {
             self.presence(
                 &device,
                 claim.id,
@@ -466,6 +586,12 @@ impl Front {
         self.metrics.connects.inc();
         self.metrics.connected.inc();
         let direct = claim.direct.take().unwrap_or_else(|| mpsc::channel(1).1);
+        // The claim ensures the device's previous session has parked its bucket by now.
+        let bucket = self
+            .parked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(&device, Instant::now().into_std());
         let session = Session::new(
             proto,
             v5,
@@ -475,9 +601,15 @@ impl Front {
             will,
             keep_alive,
             direct,
+            bucket,
             &self,
         );
-        let end = session.run(&claim).await;
+        let (end, bucket) = session.run(&claim).await;
+        self.parked.lock().unwrap_or_else(|e| e.into_inner()).put(
+            device.clone(),
+            bucket,
+            Instant::now().into_std(),
+        );
         self.metrics.connected.dec();
         let reason = end.describe();
         tracing::debug!(device, reason, "session ended");
@@ -510,20 +642,17 @@ impl Front {
 
 /// Checks a will at CONNECT time and turns it into the publish to send if the session ends
 /// without a clean DISCONNECT. The will may only go to one of the device's uplink topics.
-fn will_publish(device: &str, will: LastWill) -> Result<Publish, ()> {
+fn will_publish(device: &str, will: LastWill) -> Result<(Uplink, Publish), ()> {
     let topic = std::str::from_utf8(&will.topic).map_err(|_| ())?;
-    let (_, internal) = policy::uplink(device, topic).map_err(|_| ())?;
-    Ok(Publish::new(
-        bytes::Bytes::from(internal),
-        will.message,
-        false,
-    ))
+    let (channel, internal) = policy::uplink(device, topic).map_err(|_| ())?;
+    let publish = Publish::new(bytes::Bytes::from(internal), will.message, false);
+    Ok((channel, publish))
 }
 
 /// Reads until the CONNECT's protocol level is in `buf` (without consuming anything) and
 /// returns it. MQTT 3.1.1 is level 4, MQTT 5 is level 5.
-async fn read_protocol_level(
-    stream: &mut TcpStream,
+async fn read_protocol_level<S: DeviceStream>(
+    stream: &mut S,
     buf: &mut BytesMut,
     max_packet: usize,
 ) -> Result<u8, &'static str> {

@@ -31,8 +31,10 @@ use crate::clock::now_us;
 use crate::ingest::{UplinkMsg, WriterMsg, WriterTx};
 
 pub mod front;
+pub mod limit;
 pub mod policy;
 mod session;
+pub mod tls;
 
 use front::{Direct, Sessions};
 

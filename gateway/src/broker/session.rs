@@ -6,6 +6,11 @@
 //! - Every topic a device publishes or subscribes to passes `policy` before anything else sees
 //!   it; refusals are answered (v5 reason codes, v3.1.1 acknowledgements) and counted, and the
 //!   connection stays up.
+//! - A publish passes, in this order, the topic policy, its channel's size limit
+//!   (`limits.max_message_bytes`) and the device's token bucket (`limits.device_*`) before it is
+//!   queued; a refused one is dropped, answered (v5 PUBACK 0x87, 0x83, 0x97) and counted by
+//!   reason and per device. The bucket outlives the session (see `Front::parked`).
+//! - The session reads and writes any byte stream: plain TCP and TLS share all of this.
 //! - A QoS 1 publish is acknowledged once it is in the broker's uplink queue, behind every
 //!   earlier message of every device; a flush marker queued later is seen by the storage
 //!   writer after it. QoS 2 is delivered once per packet id until the device releases it.
@@ -18,18 +23,18 @@ use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use fleetgate_config::MaxMessageBytes;
+use fleetgate_protocol::{Channel, Downlink, Encoding, Uplink, topic};
 use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, Packet, PingResp, Protocol, PubAck, PubAckReason, PubComp,
     PubCompReason, PubRec, PubRecReason, Publish, QoS, SubAck, SubscribeReasonCode, UnsubAck,
     UnsubAckReason,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
-use fleetgate_protocol::{Channel, Downlink, Encoding, topic};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::front::{Claim, Direct, Front, Kick};
+use super::limit::{Rate, TokenBucket};
 use super::{UplinkTx, policy};
 use crate::ingest::{WriterMsg, WriterTx};
 use crate::metrics::{Metrics, Reject};
@@ -39,6 +44,17 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// QoS 1 messages to a device not yet acknowledged by it; beyond this, new ones are dropped
 /// (and counted): the device is not reading.
 const MAX_INFLIGHT: usize = 256;
+
+/// A device's connection: plain TCP, or TLS over it.
+pub(crate) trait DeviceStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> DeviceStream for T {}
+
+/// Writes all of `bytes` and flushes them (a TLS stream holds them back until flushed).
+pub(crate) async fn send<S: DeviceStream>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
 
 /// Why a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,9 +141,9 @@ fn next_packet<P: Protocol>(proto: &mut P, buf: &mut BytesMut, max: usize) -> Pa
 }
 
 /// Reads one whole packet (used for CONNECT, before the session loop).
-pub(crate) async fn read_packet<P: Protocol>(
+pub(crate) async fn read_packet<P: Protocol, S: AsyncRead + Unpin>(
     proto: &mut P,
-    stream: &mut TcpStream,
+    stream: &mut S,
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<Packet, ReadError> {
@@ -172,16 +188,20 @@ pub(crate) fn peek_publish(buf: &[u8]) -> Option<(u8, u16)> {
     Some((qos, u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?])))
 }
 
-pub(crate) struct Session<P> {
+pub(crate) struct Session<P, S> {
     proto: P,
     v5: bool,
     device: String,
-    stream: TcpStream,
+    stream: S,
     rbuf: BytesMut,
     wbuf: BytesMut,
-    will: Option<Publish>,
+    will: Option<(Uplink, Publish)>,
     keep_alive: Duration,
     max_packet: usize,
+    max_message: MaxMessageBytes,
+    /// The device's publishes: taken over from its last session, handed back at the end.
+    rate: Rate,
+    bucket: TokenBucket,
     uplink: UplinkTx,
     metrics: std::sync::Arc<Metrics>,
     writer: WriterTx,
@@ -202,17 +222,18 @@ enum Step {
     End(End),
 }
 
-impl<P: Protocol + Send> Session<P> {
+impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         proto: P,
         v5: bool,
         device: String,
-        stream: TcpStream,
+        stream: S,
         rbuf: BytesMut,
-        will: Option<Publish>,
+        will: Option<(Uplink, Publish)>,
         keep_alive: Duration,
         direct: mpsc::Receiver<Direct>,
+        bucket: TokenBucket,
         front: &Front,
     ) -> Self {
         Session {
@@ -225,6 +246,9 @@ impl<P: Protocol + Send> Session<P> {
             will,
             keep_alive,
             max_packet: front.max_packet,
+            max_message: front.max_message.clone(),
+            rate: front.device_rate,
+            bucket,
             uplink: front.broker.uplink(),
             metrics: front.metrics.clone(),
             writer: front.writer.clone(),
@@ -236,10 +260,12 @@ impl<P: Protocol + Send> Session<P> {
         }
     }
 
-    pub(crate) async fn run(mut self, claim: &Claim) -> End {
+    /// Runs the session to its end; returns why it ended and the device's message bucket.
+    pub(crate) async fn run(mut self, claim: &Claim) -> (End, TokenBucket) {
         let end = self.pump(claim).await;
+        let bucket = self.bucket;
         self.finish(end).await;
-        end
+        (end, bucket)
     }
 
     async fn pump(&mut self, claim: &Claim) -> End {
@@ -428,36 +454,40 @@ impl<P: Protocol + Send> Session<P> {
 
     async fn publish(&mut self, publish: Publish, qos: u8, pkid: u16) -> Step {
         let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-        let allowed = policy::uplink(&self.device, &topic);
-        if let Err(denied) = allowed {
-            self.refused(denied, &topic).await;
-            // v5 can say no; v3.1.1 cannot, and must acknowledge or disconnect. Acknowledging
-            // keeps a misconfigured stock client from reconnecting in a loop.
-            match qos {
-                1 => {
-                    let reason = if self.v5 {
-                        PubAckReason::NotAuthorized
-                    } else {
-                        PubAckReason::Success
-                    };
-                    self.write(Packet::PubAck(PubAck { pkid, reason }, None));
-                }
-                2 => {
-                    let reason = if self.v5 {
-                        PubRecReason::NotAuthorized
-                    } else {
-                        self.qos2.insert(pkid);
-                        PubRecReason::Success
-                    };
-                    self.write(Packet::PubRec(PubRec { pkid, reason }, None));
-                }
-                _ => {}
+        let (channel, internal) = match policy::uplink(&self.device, &topic) {
+            Ok(allowed) => allowed,
+            Err(denied) => {
+                self.refused(denied, &topic).await;
+                self.refuse_publish(qos, pkid, PubAckReason::NotAuthorized);
+                return Step::Continue;
             }
-            return Step::Continue;
+        };
+        // A QoS 2 repeat (the device did not see our PUBREC) is not delivered twice, and was
+        // measured against the limits the first time.
+        let repeat = qos == 2 && self.qos2.contains(&pkid);
+        if !repeat {
+            let limit = self.max_message.of(channel);
+            let size = publish.payload.len();
+            if size > limit {
+                let detail = format!("{topic}: {size} bytes, over {limit}");
+                self.metrics.reject(Reject::TooLarge, &self.device, &detail);
+                self.count_device_reject().await;
+                // No v5 PUBACK code says "too large" (0x95 exists for DISCONNECT only).
+                self.refuse_publish(qos, pkid, PubAckReason::ImplementationSpecificError);
+                return Step::Continue;
+            }
+            let now = tokio::time::Instant::now().into_std();
+            if !self.bucket.try_take(self.rate, now) {
+                self.metrics
+                    .reject(Reject::RateLimited, &self.device, &topic);
+                self.count_device_reject().await;
+                self.refuse_publish(qos, pkid, PubAckReason::QuotaExceeded);
+                return Step::Continue;
+            }
+            if qos == 2 {
+                self.qos2.insert(pkid);
+            }
         }
-        let internal = allowed.map(|(_, t)| t).unwrap_or_default();
-        // A QoS 2 repeat (the device did not see our PUBREC) is not delivered twice.
-        let repeat = qos == 2 && !self.qos2.insert(pkid);
         if !repeat
             && self
                 .uplink
@@ -485,6 +515,37 @@ impl<P: Protocol + Send> Session<P> {
             _ => {}
         }
         Step::Continue
+    }
+
+    /// Answers a publish that was dropped. v5 can say no; v3.1.1 cannot, and must acknowledge
+    /// or disconnect. Acknowledging keeps a misconfigured stock client from reconnecting in a
+    /// loop (and a rate-limited one from reconnecting to get around its limit).
+    fn refuse_publish(&mut self, qos: u8, pkid: u16, v5_reason: PubAckReason) {
+        match qos {
+            1 => {
+                let reason = if self.v5 {
+                    v5_reason
+                } else {
+                    PubAckReason::Success
+                };
+                self.write(Packet::PubAck(PubAck { pkid, reason }, None));
+            }
+            2 => {
+                let reason = if self.v5 {
+                    match v5_reason {
+                        PubAckReason::NotAuthorized => PubRecReason::NotAuthorized,
+                        PubAckReason::QuotaExceeded => PubRecReason::QuotaExceeded,
+                        _ => PubRecReason::ImplementationSpecificError,
+                    }
+                } else {
+                    // Its PUBREL must find the id, like an accepted one's.
+                    self.qos2.insert(pkid);
+                    PubRecReason::Success
+                };
+                self.write(Packet::PubRec(PubRec { pkid, reason }, None));
+            }
+            _ => {}
+        }
     }
 
     async fn refused(&mut self, denied: policy::Denied, topic: &str) {
@@ -579,7 +640,7 @@ impl<P: Protocol + Send> Session<P> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        match tokio::time::timeout(WRITE_TIMEOUT, self.stream.write_all(&self.wbuf)).await {
+        match tokio::time::timeout(WRITE_TIMEOUT, send(&mut self.stream, &self.wbuf)).await {
             Ok(Ok(())) => {
                 self.wbuf.clear();
                 if self.wbuf.capacity() > 64 * 1024 {
@@ -597,9 +658,17 @@ impl<P: Protocol + Send> Session<P> {
         let _ = self.stream.shutdown().await;
         if end.sends_will()
             && end != End::BrokerGone
-            && let Some(will) = self.will.take()
+            && let Some((channel, will)) = self.will.take()
         {
-            let _ = self.uplink.send(will.topic, will.payload).await;
+            // The will passed the policy at CONNECT; its size is checked now, like any
+            // publish's. It does not count against the rate: there is one per session.
+            if will.payload.len() > self.max_message.of(channel) {
+                let detail = format!("will: {} bytes", will.payload.len());
+                self.metrics.reject(Reject::TooLarge, &self.device, &detail);
+                self.count_device_reject().await;
+            } else {
+                let _ = self.uplink.send(will.topic, will.payload).await;
+            }
         }
     }
 }

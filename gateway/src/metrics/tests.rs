@@ -74,3 +74,50 @@ fn cpu_time_and_memory_of_this_process_are_read() {
     assert!(cpu_seconds().is_some_and(|s| s >= 0.0));
     assert!(resident_memory_bytes().is_some_and(|b| b > 1 << 20));
 }
+
+#[test]
+fn limit_reasons_are_counted_rendered_and_logged_on_their_own_slots() {
+    let m = Metrics::new(Duration::from_secs(3600));
+    for _ in 0..3 {
+        m.reject(Reject::RateLimited, "d1", &"fg/d1/telemetry");
+    }
+    m.reject(Reject::TooLarge, "d1", &"fg/d1/log: 5000 bytes");
+    m.refuse(Refusal::RateLimited, &"10.0.0.1:5", "too many connections");
+    m.refuse(Refusal::Tls, &"10.0.0.2:6", "bad record");
+    m.refuse(Refusal::Tls, &"10.0.0.2:7", "bad record");
+    let c = m.counts();
+    assert_eq!(
+        (c.rejected["rate_limited"], c.rejected["too_large"]),
+        (3, 1)
+    );
+    assert_eq!(
+        (c.refused["rate_limited"], c.refused["tls_handshake"]),
+        (1, 2)
+    );
+    assert_eq!(m.refused_count(Refusal::Tls), 2);
+    assert_eq!(m.rejected_count(Reject::RateLimited), 3);
+    let text = m.render(0);
+    for line in [
+        "fleetgate_ingest_rejected_total{reason=\"rate_limited\"} 3",
+        "fleetgate_ingest_rejected_total{reason=\"too_large\"} 1",
+        "fleetgate_mqtt_refused_total{reason=\"rate_limited\"} 1",
+        "fleetgate_mqtt_refused_total{reason=\"tls_handshake\"} 2",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?}");
+    }
+    // Each reason has its own log slot: one line each, the repeats held back and counted.
+    let slot = |r: Reject| r.index();
+    assert_eq!(m.log_limit.allow(slot(Reject::RateLimited)), None);
+    assert_eq!(
+        m.log_limit.allow(Reject::ALL.len() + Refusal::Tls.index()),
+        None
+    );
+    let names: std::collections::HashSet<_> = Reject::ALL.iter().map(|r| r.name()).collect();
+    assert_eq!(names.len(), Reject::ALL.len(), "reject names are distinct");
+    let names: std::collections::HashSet<_> = Refusal::ALL.iter().map(|r| r.name()).collect();
+    assert_eq!(
+        names.len(),
+        Refusal::ALL.len(),
+        "refusal names are distinct"
+    );
+}

@@ -6,6 +6,7 @@ mod drift;
 mod fleet;
 mod hostile;
 mod interop;
+mod limits;
 mod load;
 mod restart;
 mod rollouts;

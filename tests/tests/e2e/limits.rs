@@ -1,0 +1,629 @@
+//! Hostile load on the MQTT front: stalled connections, a flooding device, oversize messages,
+//! TLS clients and connection storms from one address. Each is refused or slowed down where it
+//! comes from, counted exactly, and the other devices go on as if nothing happened.
+
+use std::time::Duration;
+
+use fleetgate_config::Config;
+use rumqttc::QoS;
+use rumqttc::v5::mqttbytes::QoS as Q5;
+use rumqttc::v5::mqttbytes::v5::{Packet as P5, PubAckReason};
+use rumqttc::v5::{AsyncClient as Client5, Event as Event5, MqttOptions as Options5};
+use serde_json::{Value, json};
+use tests::device::{await_acks, connect, connect_tls, tls_transport};
+use tests::{TestGateway, config, with_tls};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Starts a gateway on the test config as changed by `change`.
+async fn start(change: impl FnOnce(&mut Config)) -> TestGateway {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = config(tmp.path());
+    change(&mut c);
+    TestGateway::start_with(c, Some(tmp)).await
+}
+
+/// An MQTT 5 client for `id` (over TLS when `tls` names the CA file to trust); its incoming
+/// packets arrive on the returned channel.
+async fn connect_v5(
+    port: u16,
+    id: &str,
+    secret: &str,
+    tls: Option<&std::path::Path>,
+) -> (Client5, mpsc::UnboundedReceiver<P5>) {
+    let mut opts = Options5::new(id, "127.0.0.1", port);
+    opts.set_credentials(id, secret);
+    opts.set_keep_alive(Duration::from_secs(30));
+    if let Some(ca) = tls {
+        opts.set_transport(tls_transport(ca));
+    }
+    let (client, mut events) = Client5::new(opts, 256);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(event) = events.poll().await {
+            if let Event5::Incoming(p) = event
+                && tx.send(p).is_err()
+            {
+                break;
+            }
+        }
+    });
+    let connack = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+    assert!(
+        matches!(connack, Ok(Some(P5::ConnAck(_)))),
+        "{id}: {connack:?}"
+    );
+    (client, rx)
+}
+
+/// The reason codes of the next `n` PUBACKs.
+async fn pubacks(rx: &mut mpsc::UnboundedReceiver<P5>, n: usize) -> Vec<PubAckReason> {
+    let mut reasons = Vec::with_capacity(n);
+    while reasons.len() < n {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(P5::PubAck(ack))) => reasons.push(ack.reason),
+            Ok(Some(_)) => {}
+            _ => panic!("{} of {n} PUBACKs", reasons.len()),
+        }
+    }
+    reasons
+}
+
+/// Polls `/ingest` until `done` holds for it (20 s at most) and returns it.
+async fn ingest_when(gw: &TestGateway, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ingest = gw.get("/ingest").await;
+        if done(&ingest) || Instant::now() > deadline {
+            return ingest;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn refused(ingest: &Value, reason: &str) -> u64 {
+    ingest["mqtt"]["refused"][reason]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no refusal count {reason:?} in {ingest}"))
+}
+
+fn rejected(ingest: &Value, reason: &str) -> u64 {
+    ingest["rejected"][reason]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no reject count {reason:?} in {ingest}"))
+}
+
+fn telemetry(seq: u64) -> Vec<u8> {
+    json!({ "seq": seq, "hw": { "temp_c": 40.0 } })
+        .to_string()
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_connections_do_not_delay_a_device_and_time_out_on_their_own() {
+    const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+    let gw = start(|c| {
+        c.mqtt.connect_timeout = CONNECT_TIMEOUT;
+        with_tls(c);
+    })
+    .await;
+    let cred = gw.enroll("steady-1").await;
+    let tls_cred = gw.enroll("steady-tls").await;
+
+    // 100 connections that never send CONNECT, and 20 that never send a TLS ClientHello.
+    let opened = Instant::now();
+    let mut stalled = Vec::new();
+    for _ in 0..100 {
+        stalled.push(
+            TcpStream::connect(("127.0.0.1", gw.mqtt_port()))
+                .await
+                .unwrap(),
+        );
+    }
+    for _ in 0..20 {
+        stalled.push(
+            TcpStream::connect(("127.0.0.1", gw.mqtt_tls_port()))
+                .await
+                .unwrap(),
+        );
+    }
+
+    // A device gets its CONNACK long before the stalled ones time out, on either listener.
+    let fast = Duration::from_secs(2);
+    let (client, mut events) =
+        tokio::time::timeout(fast, connect(gw.mqtt_port(), "steady-1", &cred.secret))
+            .await
+            .expect("CONNACK within 2 s while 120 connections stall")
+            .unwrap();
+    let (tls_client, mut tls_events) = tokio::time::timeout(
+        fast,
+        connect_tls(
+            gw.mqtt_tls_port(),
+            "steady-tls",
+            &tls_cred.secret,
+            &gw.tls_cert(),
+        ),
+    )
+    .await
+    .expect("TLS CONNACK within 2 s while 120 connections stall")
+    .unwrap();
+    client
+        .publish(
+            "fg/steady-1/telemetry/json",
+            QoS::AtLeastOnce,
+            false,
+            telemetry(1),
+        )
+        .await
+        .unwrap();
+    tls_client
+        .publish(
+            "fg/steady-tls/telemetry/json",
+            QoS::AtLeastOnce,
+            false,
+            telemetry(1),
+        )
+        .await
+        .unwrap();
+    await_acks(&mut events, 1).await;
+    await_acks(&mut tls_events, 1).await;
+    assert!(
+        opened.elapsed() < CONNECT_TIMEOUT,
+        "the devices were served while the stalled connections were all open"
+    );
+    assert_eq!(refused(&gw.get("/ingest").await, "connect_timeout"), 0);
+
+    // Each stalled connection is closed by the gateway, not before its timeout.
+    for mut s in stalled {
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout_at(
+            opened + CONNECT_TIMEOUT + Duration::from_secs(20),
+            s.read(&mut buf),
+        )
+        .await
+        .expect("the gateway closes a stalled connection");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    assert!(opened.elapsed() >= CONNECT_TIMEOUT);
+    let ingest = ingest_when(&gw, |i| refused(i, "connect_timeout") >= 120).await;
+    assert_eq!(
+        (
+            refused(&ingest, "connect_timeout"),
+            refused(&ingest, "tls_handshake"),
+            refused(&ingest, "protocol"),
+            refused(&ingest, "rate_limited"),
+        ),
+        (120, 0, 0, 0),
+        "{ingest}"
+    );
+    gw.sync().await;
+    let ingest = gw.get("/ingest").await;
+    assert_eq!(ingest["stored"]["telemetry"], 2, "{ingest}");
+    assert_eq!(ingest["mqtt"]["connects"], 2, "{ingest}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_device_is_held_to_its_rate_and_the_others_lose_nothing() {
+    const RATE: f64 = 20.0;
+    const BURST: u64 = 40;
+    const FLOOD_PER_SECOND: u64 = 2000; // 100 x the rate
+    const FLOOD_FOR: Duration = Duration::from_secs(2);
+    const N: u64 = 30;
+    let gw = start(|c| {
+        c.limits.device_messages_per_second = RATE;
+        c.limits.device_burst = BURST as u32;
+    })
+    .await;
+    let flood_cred = gw.enroll("flood").await;
+    let mut good = Vec::new();
+    for i in 0..5 {
+        good.push(gw.enroll(&format!("good-{i}")).await);
+    }
+    let port = gw.mqtt_port();
+
+    let flooder = async {
+        let start = Instant::now();
+        let (client, mut rx) = connect_v5(port, "flood", &flood_cred.secret, None).await;
+        let sent = FLOOD_PER_SECOND * FLOOD_FOR.as_secs();
+        let acks = async {
+            let reasons = pubacks(&mut rx, sent as usize).await;
+            (reasons, start.elapsed())
+        };
+        let publish = async {
+            // 20 every 10 ms.
+            for seq in 1..=sent {
+                client
+                    .publish(
+                        "fg/flood/telemetry/json",
+                        Q5::AtLeastOnce,
+                        false,
+                        telemetry(seq),
+                    )
+                    .await
+                    .unwrap();
+                if seq % 20 == 0 {
+                    let due = Duration::from_secs_f64(seq as f64 / FLOOD_PER_SECOND as f64);
+                    tokio::time::sleep_until(start + due).await;
+                }
+            }
+        };
+        let ((reasons, elapsed), ()) = tokio::join!(acks, publish);
+        (sent, reasons, elapsed)
+    };
+    let well_behaved: Vec<_> = good
+        .iter()
+        .cloned()
+        .map(|cred| {
+            tokio::spawn(async move {
+                let (client, mut events) = connect(port, &cred.id, &cred.secret).await.unwrap();
+                let topic = format!("fg/{}/telemetry/json", cred.id);
+                // 10 per second, half the limit.
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                for seq in 1..=N {
+                    tick.tick().await;
+                    client
+                        .publish(&topic, QoS::AtLeastOnce, false, telemetry(seq))
+                        .await
+                        .unwrap();
+                }
+                await_acks(&mut events, N as usize).await;
+            })
+        })
+        .collect();
+    let (sent, reasons, elapsed) = flooder.await;
+    for device in well_behaved {
+        device.await.unwrap();
+    }
+    gw.sync().await;
+
+    let ok = reasons
+        .iter()
+        .filter(|r| **r == PubAckReason::Success)
+        .count() as u64;
+    let quota = reasons
+        .iter()
+        .filter(|r| **r == PubAckReason::QuotaExceeded)
+        .count() as u64;
+    assert_eq!(
+        ok + quota,
+        sent,
+        "every PUBACK is success or quota exceeded"
+    );
+    let bound = BURST as f64 + RATE * elapsed.as_secs_f64() + 2.0;
+    assert!(
+        ok >= BURST && ok as f64 <= bound,
+        "{ok} of {sent} passed in {elapsed:?}; at most {bound}"
+    );
+
+    for cred in &good {
+        let d = gw.get(&format!("/devices/{}", cred.id)).await;
+        assert_eq!(
+            (
+                d["counters"]["telemetry"].as_u64(),
+                d["counters"]["rejected"].as_u64()
+            ),
+            (Some(N), Some(0)),
+            "{}: {d}",
+            cred.id
+        );
+    }
+    let d = gw.get("/devices/flood").await;
+    assert_eq!(d["counters"]["telemetry"].as_u64(), Some(ok), "{d}");
+    assert_eq!(d["counters"]["rejected"].as_u64(), Some(sent - ok), "{d}");
+    let ingest = gw.get("/ingest").await;
+    assert_eq!(rejected(&ingest, "rate_limited"), sent - ok, "{ingest}");
+    assert_eq!(ingest["stored"]["telemetry"].as_u64(), Some(5 * N + ok));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_message_is_refused_on_every_channel_and_the_next_one_is_stored() {
+    let gw = start(|c| {
+        let max = &mut c.limits.max_message_bytes;
+        (
+            max.hello,
+            max.telemetry,
+            max.alert,
+            max.log,
+            max.ack,
+            max.report,
+        ) = (200, 100, 120, 80, 64, 80);
+    })
+    .await;
+    let cred = gw.enroll("big-1").await;
+    let (client, mut rx) = connect_v5(gw.mqtt_port(), "big-1", &cred.secret, None).await;
+
+    // A telemetry message of exactly the limit is fine; one byte more is not.
+    let mut at_limit = br#"{"seq": 1}"#.to_vec();
+    at_limit.splice(9..9, std::iter::repeat_n(b' ', 100 - at_limit.len()));
+    assert_eq!(at_limit.len(), 100);
+    let normal: [(&str, Vec<u8>, usize); 6] = [
+        (
+            "hello",
+            br#"{"firmware": {"name": "fw", "version": "1.0.0"}, "hardware": {"arch": "a", "class": "c", "ram_bytes": 1, "flash_bytes": 1}}"#.to_vec(),
+            200,
+        ),
+        ("telemetry", at_limit, 100),
+        ("alert", br#"{"kind": "thermal", "severity": "critical", "value": 91.5}"#.to_vec(), 120),
+        ("log", br#"{"level": "warn", "text": "I2C retry"}"#.to_vec(), 80),
+        ("ack", br#"{"id": 999, "status": "done"}"#.to_vec(), 64),
+        ("report", br#"{"transfer": 999, "state": {"downloading": {"next_chunk": 1}}}"#.to_vec(), 80),
+    ];
+    for (channel, payload, limit) in &normal {
+        let topic = format!("fg/big-1/{channel}/json");
+        assert!(payload.len() <= *limit, "{channel}");
+        client
+            .publish(&topic, Q5::AtLeastOnce, false, vec![b' '; limit + 1])
+            .await
+            .unwrap();
+        client
+            .publish(&topic, Q5::AtLeastOnce, false, payload.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            pubacks(&mut rx, 2).await,
+            [
+                PubAckReason::ImplementationSpecificError,
+                PubAckReason::Success
+            ],
+            "{channel}"
+        );
+    }
+
+    // MQTT 3.1.1 cannot refuse a publish: the oversize one is acknowledged (QoS 1) or not
+    // (QoS 0), and dropped all the same.
+    let cred3 = gw.enroll("big-3").await;
+    let (c3, mut e3) = connect(gw.mqtt_port(), "big-3", &cred3.secret)
+        .await
+        .unwrap();
+    let topic = "fg/big-3/telemetry/json";
+    c3.publish(topic, QoS::AtLeastOnce, false, vec![b' '; 101])
+        .await
+        .unwrap();
+    c3.publish(topic, QoS::AtMostOnce, false, vec![b' '; 500])
+        .await
+        .unwrap();
+    c3.publish(topic, QoS::AtLeastOnce, false, telemetry(1))
+        .await
+        .unwrap();
+    await_acks(&mut e3, 2).await;
+    gw.sync().await;
+
+    let ingest = gw.get("/ingest").await;
+    assert_eq!(rejected(&ingest, "too_large"), 6 + 2, "{ingest}");
+    assert_eq!(
+        (
+            rejected(&ingest, "unknown_command"),
+            rejected(&ingest, "unknown_transfer"),
+            rejected(&ingest, "undecodable"),
+            rejected(&ingest, "oversized"),
+        ),
+        (1, 1, 0, 0),
+        "the normal ack and report got past the front: {ingest}"
+    );
+    let stored = &ingest["stored"];
+    assert_eq!(
+        [
+            &stored["hello"],
+            &stored["telemetry"],
+            &stored["alert"],
+            &stored["log"]
+        ],
+        [&json!(1), &json!(2), &json!(1), &json!(1)],
+        "{ingest}"
+    );
+    assert_eq!(
+        gw.get("/devices/big-1").await["counters"]["rejected"],
+        6 + 2
+    );
+    let big3 = gw.get("/devices/big-3").await;
+    assert_eq!(
+        (
+            &big3["counters"]["rejected"],
+            &big3["counters"]["telemetry"]
+        ),
+        (&json!(2), &json!(1)),
+        "{big3}"
+    );
+    assert_eq!(ingest["mqtt"]["connects"], 2, "the connections stayed up");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_device_publishes_with_its_credential_and_the_certificate_is_kept() {
+    let gw = start(with_tls).await;
+    let cred = gw.enroll("tls-1").await;
+    let ca = gw.tls_cert();
+    let pem = std::fs::read(&ca).unwrap();
+
+    let (client, mut events) = connect_tls(gw.mqtt_tls_port(), "tls-1", &cred.secret, &ca)
+        .await
+        .unwrap();
+    client
+        .publish(
+            "fg/tls-1/telemetry/json",
+            QoS::AtLeastOnce,
+            false,
+            telemetry(1),
+        )
+        .await
+        .unwrap();
+    await_acks(&mut events, 1).await;
+    // An MQTT 5 device over TLS too.
+    let (c5, mut rx5) = connect_v5(gw.mqtt_tls_port(), "tls-1", &cred.secret, Some(&ca)).await;
+    c5.publish(
+        "fg/tls-1/telemetry/json",
+        Q5::AtLeastOnce,
+        false,
+        telemetry(2),
+    )
+    .await
+    .unwrap();
+    assert_eq!(pubacks(&mut rx5, 1).await, [PubAckReason::Success]);
+
+    // TLS is no credential: a wrong one is refused like on the plain listener.
+    let wrong = connect_tls(gw.mqtt_tls_port(), "tls-1", "wrong", &ca).await;
+    assert!(wrong.is_err(), "{:?}", wrong.map(|_| ()));
+    // A client that does not trust the gateway's certificate gives up in the handshake.
+    let other = tempfile::tempdir().unwrap();
+    let stranger = other.path().join("stranger.pem");
+    std::fs::write(&stranger, another_gateways_cert()).unwrap();
+    assert!(
+        connect_tls(gw.mqtt_tls_port(), "tls-1", &cred.secret, &stranger)
+            .await
+            .is_err()
+    );
+    gw.sync().await;
+    let ingest = ingest_when(&gw, |i| refused(i, "tls_handshake") >= 1).await;
+    assert_eq!(
+        (
+            refused(&ingest, "bad_credentials"),
+            refused(&ingest, "tls_handshake"),
+        ),
+        (1, 1),
+        "{ingest}"
+    );
+    let d = gw.get("/devices/tls-1").await;
+    assert_eq!(d["counters"]["telemetry"], 2, "{d}");
+
+    // A restart reuses the generated certificate, so devices keep trusting it.
+    let dir = gw.stop().await.expect("temp dir");
+    let mut c = config(dir.path());
+    with_tls(&mut c);
+    let gw = TestGateway::start_with(c, Some(dir)).await;
+    assert_eq!(std::fs::read(gw.tls_cert()).unwrap(), pem);
+    let (client, mut events) = connect_tls(gw.mqtt_tls_port(), "tls-1", &cred.secret, &ca)
+        .await
+        .unwrap();
+    client
+        .publish(
+            "fg/tls-1/telemetry/json",
+            QoS::AtLeastOnce,
+            false,
+            telemetry(3),
+        )
+        .await
+        .unwrap();
+    await_acks(&mut events, 1).await;
+    gw.sync().await;
+    assert_eq!(gw.get("/devices/tls-1").await["counters"]["telemetry"], 3);
+    gw.stop().await;
+}
+
+/// The self-signed certificate another gateway would generate: valid, but not the one under test.
+fn another_gateways_cert() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    with_tls(&mut c);
+    let tls = c.mqtt.tls.unwrap();
+    fleetgate::broker::tls::acceptor(&tls, dir.path()).expect("a second certificate");
+    std::fs::read(
+        dir.path()
+            .join(fleetgate::broker::tls::DIR)
+            .join(fleetgate::broker::tls::CERT_FILE),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_gets_its_burst_of_connections_and_no_more() {
+    let gw = start(|c| {
+        // One new connection per 1000 s: nothing refills while the test runs.
+        c.mqtt.per_source_connects_per_second = 0.001;
+        c.mqtt.per_source_burst = 5;
+        with_tls(c);
+    })
+    .await;
+    let mut creds = Vec::new();
+    for i in 0..8 {
+        creds.push(gw.enroll(&format!("src-{i}")).await);
+    }
+    let (port, tls_port, ca) = (gw.mqtt_port(), gw.mqtt_tls_port(), gw.tls_cert());
+    // The burst, shared by both listeners: four plain connections and one over TLS.
+    let mut kept = Vec::new();
+    for c in &creds[..4] {
+        kept.push(
+            connect(port, &c.id, &c.secret)
+                .await
+                .expect("within the burst"),
+        );
+    }
+    kept.push(
+        connect_tls(tls_port, &creds[4].id, &creds[4].secret, &ca)
+            .await
+            .expect("within the burst"),
+    );
+    // Beyond it, closed before the CONNECT is read, on either listener.
+    for c in &creds[5..7] {
+        assert!(connect(port, &c.id, &c.secret).await.is_err(), "{}", c.id);
+    }
+    assert!(
+        connect_tls(tls_port, &creds[7].id, &creds[7].secret, &ca)
+            .await
+            .is_err()
+    );
+    // The five admitted devices are unaffected.
+    for ((client, events), cred) in kept.iter_mut().zip(&creds) {
+        let topic = format!("fg/{}/telemetry/json", cred.id);
+        client
+            .publish(topic, QoS::AtLeastOnce, false, telemetry(1))
+            .await
+            .unwrap();
+        await_acks(events, 1).await;
+    }
+    gw.sync().await;
+    let ingest = gw.get("/ingest").await;
+    assert_eq!(
+        (
+            refused(&ingest, "rate_limited"),
+            ingest["mqtt"]["connects"].as_u64(),
+            ingest["mqtt"]["connected_devices"].as_u64(),
+            ingest["stored"]["telemetry"].as_u64(),
+        ),
+        (3, Some(5), Some(5), Some(5)),
+        "{ingest}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnecting_does_not_buy_a_device_a_new_burst() {
+    let gw = start(|c| {
+        // Nothing refills while the test runs.
+        c.limits.device_messages_per_second = 0.001;
+        c.limits.device_burst = 5;
+    })
+    .await;
+    let cred = gw.enroll("again-1").await;
+    let topic = "fg/again-1/telemetry/json";
+    let (client, mut rx) = connect_v5(gw.mqtt_port(), "again-1", &cred.secret, None).await;
+    for seq in 1..=6 {
+        client
+            .publish(topic, Q5::AtLeastOnce, false, telemetry(seq))
+            .await
+            .unwrap();
+    }
+    let mut want = vec![PubAckReason::Success; 5];
+    want.push(PubAckReason::QuotaExceeded);
+    assert_eq!(pubacks(&mut rx, 6).await, want);
+    client.disconnect().await.unwrap();
+
+    // The next session starts with the bucket the last one left: empty.
+    let (client, mut rx) = connect_v5(gw.mqtt_port(), "again-1", &cred.secret, None).await;
+    client
+        .publish(topic, Q5::AtLeastOnce, false, telemetry(7))
+        .await
+        .unwrap();
+    assert_eq!(pubacks(&mut rx, 1).await, [PubAckReason::QuotaExceeded]);
+    gw.sync().await;
+    let d = gw.get("/devices/again-1").await;
+    assert_eq!(
+        (&d["counters"]["telemetry"], &d["counters"]["rejected"]),
+        (&json!(5), &json!(2)),
+        "{d}"
+    );
+    gw.stop().await;
+}
