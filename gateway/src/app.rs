@@ -167,12 +167,14 @@ impl Gateway {
         }
 
         let registry = crate::registry::Registry::new(store.clone(), &data_dir, &config.registry);
+        let tokens = api::access::load_tokens(&store, &token).context("loading API tokens")?;
         let api_state = Arc::new(ApiState {
             store,
             registry,
             control: control.clone(),
             metrics: metrics.clone(),
-            token: auth::digest(&token),
+            tokens: Arc::new(tokens),
+            data_dir: data_dir.clone(),
             max_body_bytes: config.registry.max_bundle_bytes,
             rollouts: config.rollouts.clone(),
             rollback_public,

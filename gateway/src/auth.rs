@@ -1,4 +1,4 @@
-//! Secrets: device credentials and the operator API token.
+//! Secrets: device credentials, and operator API tokens with their roles.
 //!
 //! Secrets are 32 random bytes shown once as 64 hex characters; only their SHA-256 is stored.
 //! Comparing digests instead of secrets makes the comparison's timing useless to an attacker
@@ -63,6 +63,109 @@ impl Credentials {
     }
 }
 
+/// What an operator token may do. Each role may do everything the roles before it may.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Every read: devices, telemetry, alerts, registry, drift, rollouts, metrics.
+    ReadOnly,
+    /// Also rollouts (create, pause, resume, abort, roll back), updates, commands to devices,
+    /// alert acknowledgement and resolution.
+    Operator,
+    /// Also enrollment and credentials, the registry (bundles, aliases), tokens and the audit
+    /// log.
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::ReadOnly, Role::Operator, Role::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::ReadOnly => "read-only",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Role, String> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown role `{s}`: expected read-only, operator or admin"))
+    }
+}
+
+/// Who presented a token: its name (recorded with every change it makes) and its role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+    pub role: Role,
+}
+
+/// Name of the token from the config, the environment or the token file: always an admin.
+pub const BOOTSTRAP_TOKEN: &str = "bootstrap";
+
+/// Checks a token name: 1 to 64 characters of `a-z 0-9 - _ .`, not the bootstrap token's.
+pub fn check_token_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err("token name must be 1 to 64 characters".to_owned());
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(format!(
+            "token name `{name}` may contain only a-z, 0-9, `-`, `_` and `.`"
+        ));
+    }
+    if name == BOOTSTRAP_TOKEN {
+        return Err(format!("`{BOOTSTRAP_TOKEN}` names the configured token"));
+    }
+    Ok(())
+}
+
+/// The digests of valid operator tokens, read on every API request. The API updates it after
+/// each token change is committed.
+#[derive(Debug, Default)]
+pub struct Tokens {
+    by_digest: RwLock<HashMap<Digest32, Caller>>,
+}
+
+impl Tokens {
+    pub fn check(&self, token: &str) -> Option<Caller> {
+        let d = digest(token);
+        self.by_digest.read().ok()?.get(&d).cloned()
+    }
+
+    pub fn insert(&self, digest: Digest32, caller: Caller) {
+        if let Ok(mut m) = self.by_digest.write() {
+            m.insert(digest, caller);
+        }
+    }
+
+    /// Forgets the token called `name`; true if there was one.
+    pub fn remove(&self, name: &str) -> bool {
+        self.by_digest.write().is_ok_and(|mut m| {
+            let before = m.len();
+            m.retain(|_, c| c.name != name);
+            m.len() != before
+        })
+    }
+}
+
 /// Where the operator token came from, so `serve` can tell the operator where to find it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenSource {
@@ -106,13 +209,18 @@ pub fn operator_token(
     Ok((token, TokenSource::File(path)))
 }
 
-/// Writes `contents` to a new file readable by its owner only.
-pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+/// Creates (or truncates) a file readable by its owner only.
+pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path)?;
+    options.open(path)
+}
+
+/// Writes `contents` to a new file readable by its owner only.
+pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    let mut file = create_private(path)?;
     file.write_all(contents.as_bytes())?;
     file.write_all(b"\n")?;
     file.sync_all()

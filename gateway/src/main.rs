@@ -86,6 +86,75 @@ enum Command {
         #[command(subcommand)]
         command: UpdatesCommand,
     },
+    /// Create, list and revoke operator API tokens (needs an admin token).
+    Tokens {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
+    /// Back up a gateway into one file: a consistent snapshot of the database (taken by the
+    /// running gateway, or directly when it is stopped), the rest of the data dir (artifacts,
+    /// keys, the API token) and the config file. Run it on the gateway's host (admin token).
+    Backup {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The archive to write (a tar file).
+        file: PathBuf,
+    },
+    /// Restore a backup onto a fresh data dir (the gateway must not be running on it).
+    Restore {
+        /// The archive from `fleetgate backup`.
+        file: PathBuf,
+        /// The data dir to fill; it must not hold a database yet.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Where to write the archived config file.
+        #[arg(long)]
+        config_out: Option<PathBuf>,
+    },
+    /// Show the audit log: every change made through the API, newest first (admin).
+    Audit {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Entries numbered below this (to page back).
+        #[arg(long)]
+        before: Option<u64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokensCommand {
+    /// Create a token and print it once. Roles: read-only (every read), operator (also
+    /// rollouts, updates, commands, alerts), admin (also enrollment, registry, tokens, audit).
+    Create {
+        name: String,
+        #[arg(long)]
+        role: String,
+    },
+    /// List tokens created through the API (names and roles; never the secrets).
+    List,
+    /// Revoke a token; it stops working at once.
+    Revoke { name: String },
+}
+
+fn tokens(c: &ApiClient, command: TokensCommand) -> anyhow::Result<()> {
+    let answer = match command {
+        TokensCommand::Create { name, role } => {
+            let answer = c.post(
+                "/tokens",
+                &serde_json::json!({ "name": name, "role": role }),
+            )?;
+            eprintln!("The token is shown once; store it now.");
+            answer
+        }
+        TokensCommand::List => c.get("/tokens")?,
+        TokensCommand::Revoke { name } => c.delete(&format!("/tokens/{name}"))?,
+    };
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -517,6 +586,51 @@ fn main() -> ExitCode {
             Ok(c) => report(updates(&c, command)),
             Err(code) => code,
         },
+        Command::Backup { api, file } => backup(&api, &file),
+        Command::Restore {
+            file,
+            data_dir,
+            config_out,
+        } => report(
+            fleetgate::backup::restore(&file, &data_dir, config_out.as_deref())
+                .map(|r| {
+                    let bytes: u64 = r.manifest.files.iter().map(|f| f.bytes).sum();
+                    println!(
+                        "restored {} files ({bytes} bytes) from a backup of {} into {}",
+                        r.manifest.files.len(),
+                        fleetgate::clock::rfc3339(r.manifest.created_ms),
+                        data_dir.display()
+                    );
+                    match r.config {
+                        Some(c) => println!("config written to {}", c.display()),
+                        None => println!(
+                            "the archive's config is at {} inside it; give --config-out to write it",
+                            fleetgate::backup::CONFIG_ENTRY
+                        ),
+                    }
+                })
+                .map_err(Into::into),
+        ),
+        Command::Tokens { api, command } => match client(&api) {
+            Ok(c) => report(tokens(&c, command)),
+            Err(code) => code,
+        },
+        Command::Audit { api, limit, before } => match client(&api) {
+            Ok(c) => report((|| {
+                let limit = limit.to_string();
+                let before = before.map(|b| b.to_string());
+                let mut query = vec![("limit", limit.as_str())];
+                if let Some(b) = &before {
+                    query.push(("before", b.as_str()));
+                }
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&c.get_query("/audit", &query)?)?
+                );
+                Ok(())
+            })()),
+            Err(code) => code,
+        },
     }
 }
 
@@ -932,6 +1046,77 @@ fn updates(client: &ApiClient, command: UpdatesCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `fleetgate backup`: the running gateway writes the database snapshot; a stopped one is
+/// read directly.
+fn backup(api: &ApiArgs, out: &Path) -> ExitCode {
+    let config = match load_config(api.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let data_dir = config.storage.data_dir.clone();
+    let config_text = match &api.config {
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("{}: {e}", p.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let snapshot = match client(api).map(|c| c.post("/backup/snapshot", &Value::Null)) {
+        Ok(Ok(answer)) => match answer["path"].as_str() {
+            Some(p) => PathBuf::from(p),
+            None => {
+                eprintln!("unexpected answer from the gateway: {answer}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Ok(Err(ClientError::Unreachable { url, .. })) => {
+            eprintln!("no gateway answers at {url}; reading the stopped gateway's database");
+            let path = data_dir.join(format!(
+                "{}{}.redb",
+                fleetgate::backup::SNAPSHOT_PREFIX,
+                fleetgate::clock::now_ms()
+            ));
+            let taken = fleetgate::storage::Store::open(&data_dir).and_then(|s| s.snapshot(&path));
+            if let Err(e) = taken {
+                eprintln!("reading the database in {}: {e}", data_dir.display());
+                return ExitCode::FAILURE;
+            }
+            path
+        }
+        Ok(Err(e)) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+        Err(code) => return code,
+    };
+    let written =
+        fleetgate::backup::write_archive(out, &snapshot, &data_dir, config_text.as_deref());
+    let _ = std::fs::remove_file(&snapshot);
+    match written {
+        Ok(m) => {
+            let bytes: u64 = m.files.iter().map(|f| f.bytes).sum();
+            println!(
+                "wrote {}: {} files, {bytes} bytes{}",
+                out.display(),
+                m.files.len(),
+                if config_text.is_some() {
+                    ""
+                } else {
+                    " (no --config given: the embedded default config applies)"
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
     match path {
         None => Ok(Config::default()),
@@ -983,6 +1168,9 @@ async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
     let gateway = Gateway::start(config).await?;
     println!("fleetgate {} running", env!("CARGO_PKG_VERSION"));
     println!("  MQTT (devices):  {}", gateway.mqtt_addr);
+    if let Some(tls) = gateway.mqtt_tls_addr.filter(|a| *a != gateway.mqtt_addr) {
+        println!("  MQTT over TLS:   {tls}");
+    }
     println!("  HTTP API:        http://{}/api/v1", gateway.http_addr);
     println!("  data dir:        {}", gateway.data_dir.display());
     match &gateway.token_source {

@@ -337,3 +337,28 @@ pub struct TransferRecord {
     pub updated_ms: u64,
     pub finished_ms: Option<u64>,
 }
+
+/// An operator token created through the API. The secret itself is shown once and never
+/// stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub name: String,
+    pub digest: [u8; 32],
+    pub role: crate::auth::Role,
+    pub created_ms: u64,
+    pub created_by: String,
+}
+
+/// One change an operator made through the API, recorded whether it succeeded or not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub at_ms: u64,
+    /// The token's name.
+    pub by: String,
+    pub role: crate::auth::Role,
+    pub method: String,
+    /// The request path, without the query.
+    pub path: String,
+    /// HTTP status of the answer.
+    pub status: u16,
+}

@@ -252,3 +252,87 @@ async fn the_release_and_drift_flow_of_the_readme_works_from_the_command_line() 
         .await
         .unwrap();
 }
+
+/// Least privilege from the command line: an admin hands out a read-only token, which can
+/// read but not start a rollout; without a token nothing is answered; the audit log names who
+/// tried what.
+#[tokio::test]
+async fn a_read_only_token_reads_but_cannot_roll_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.token = Some(TOKEN.to_owned());
+    config.storage.data_dir = dir.path().join("data");
+    let gateway = Gateway::start(config).await.unwrap();
+    let url = format!("http://{}", gateway.http_addr);
+    let url = url.as_str();
+
+    let created = ok(&[
+        "tokens",
+        "create",
+        "dashboard",
+        "--role",
+        "read-only",
+        "--url",
+        url,
+        "--token",
+        TOKEN,
+    ])
+    .await;
+    let created: Value = serde_json::from_str(&created).unwrap();
+    let viewer = created["token"].as_str().unwrap().to_owned();
+    assert_eq!(created["role"], "read-only");
+
+    let listed = ok(&["rollout", "list", "--url", url, "--token", &viewer]).await;
+    // A table with its header and no rollouts.
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    assert!(listed.trim_start().starts_with("ID KIND"), "{listed}");
+    let rollout = [
+        "rollout", "create", "model", "kws", "2.0.0", "--all", "--url", url,
+    ];
+    let mut args = rollout.to_vec();
+    args.extend(["--token", viewer.as_str()]);
+    let refused = fleetgate(&args).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stderr(&refused)
+            .contains("403: token `dashboard` has role read-only; POST /rollouts needs operator"),
+        "{}",
+        stderr(&refused)
+    );
+    let mut args = rollout.to_vec();
+    args.extend(["--token", "not-a-token"]);
+    let refused = fleetgate(&args).await;
+    assert!(
+        stderr(&refused).contains("401: missing or wrong bearer token"),
+        "{}",
+        stderr(&refused)
+    );
+
+    let audit = ok(&["audit", "--url", url, "--token", TOKEN]).await;
+    let audit: Value = serde_json::from_str(&audit).unwrap();
+    let entries: Vec<(String, String, u64)> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["by"].as_str().unwrap().to_owned(),
+                e["path"].as_str().unwrap().to_owned(),
+                e["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            ("dashboard".to_owned(), "/api/v1/rollouts".to_owned(), 403),
+            ("bootstrap".to_owned(), "/api/v1/tokens".to_owned(), 201),
+        ]
+    );
+    gateway
+        .shutdown(std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+}

@@ -1,14 +1,14 @@
-//! The operator HTTP API: JSON under `/api/v1` behind a bearer token, `/healthz` and
-//! `/metrics` open. Reads go straight to storage snapshots; every change goes through the
+//! The operator HTTP API: JSON under `/api/v1` behind bearer tokens with roles (see
+//! `access`), `/healthz` and `/metrics` open. Reads go straight to storage snapshots; every change goes through the
 //! ingest writer and is answered after it is committed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -16,13 +16,14 @@ use fleetgate_protocol::{Action, Severity};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::auth::{Digest32, digest};
+use crate::auth::{Caller, Tokens};
 use crate::clock::now_ms;
 use crate::ingest::{AlertAction, ControlTx};
 use crate::metrics::Metrics;
 use crate::model::AlertState;
 use crate::storage::{AlertFilter, Store};
 
+pub mod access;
 mod drift;
 pub mod error;
 mod rollouts;
@@ -35,6 +36,11 @@ use views::{AlertView, CommandView, DeviceView, LogView, TelemetryView};
 /// Largest `limit` a list request may ask for.
 const MAX_LIMIT: usize = 10_000;
 const DEFAULT_LIMIT: usize = 100;
+/// Longest an authenticated request may take, reading its body included. A change that
+/// reached the writer before the deadline is still carried out.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Largest request body other than a bundle upload or a baseline CSV.
+pub const MAX_JSON_BODY: usize = 1 << 20;
 
 #[derive(Debug)]
 pub struct ApiState {
@@ -42,8 +48,11 @@ pub struct ApiState {
     pub registry: crate::registry::Registry,
     pub control: ControlTx,
     pub metrics: Arc<Metrics>,
-    pub token: Digest32,
-    /// Largest request body (bundle uploads); other bodies are small JSON.
+    /// Valid operator tokens and their roles.
+    pub tokens: Arc<Tokens>,
+    /// Where backup snapshots of the database are written.
+    pub data_dir: std::path::PathBuf,
+    /// Largest bundle upload; other bodies are small JSON (at most [`MAX_JSON_BODY`]).
     pub max_body_bytes: usize,
     /// The rollout policy rollouts start from, with the rules for their overrides.
     pub rollouts: fleetgate_config::Rollouts,
@@ -68,7 +77,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/alerts/{id}/resolve", post(resolve_alert))
         .route("/ingest", get(ingest_counts))
         .route("/registry", get(updates::list))
-        .route("/registry/bundles", post(updates::upload))
+        .route(
+            "/registry/bundles",
+            post(updates::upload).layer(DefaultBodyLimit::max(state.max_body_bytes)),
+        )
         .route(
             "/registry/{kind}/{name}/{version}",
             get(updates::get).patch(updates::annotate),
@@ -83,7 +95,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route(
             "/registry/model/{name}/{version}/baseline.csv",
-            post(drift::post_baseline_csv),
+            post(drift::post_baseline_csv).layer(DefaultBodyLimit::max(state.max_body_bytes)),
         )
         .route("/drift", get(drift::summary))
         .route("/drift/{model}/{version}", get(drift::current))
@@ -101,8 +113,15 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/updates", get(updates::transfers).post(updates::start))
         .route("/updates/{id}", get(updates::transfer))
         .route("/updates/{id}/cancel", post(updates::cancel))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
-        .layer(axum::extract::DefaultBodyLimit::max(state.max_body_bytes));
+        .route("/tokens", get(access::list).post(access::create))
+        .route("/tokens/{name}", axum::routing::delete(access::revoke))
+        .route("/audit", get(access::audit))
+        .route("/backup/snapshot", post(backup_snapshot))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            access::require_token,
+        ))
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY));
     Router::new()
         .route(
             "/healthz",
@@ -115,23 +134,6 @@ pub fn router(state: Arc<ApiState>) -> Router {
             ApiError::MethodNotAllowed("method not allowed on this endpoint".to_owned())
         })
         .with_state(state)
-}
-
-async fn require_token(
-    State(state): AppState,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match presented {
-        Some(token) if digest(token) == state.token => Ok(next.run(req).await),
-        _ => Err(ApiError::Unauthorized),
-    }
 }
 
 /// `Json` whose rejections are JSON [`ApiError`]s.
@@ -198,9 +200,6 @@ pub(crate) fn limit(requested: Option<usize>) -> Result<usize, ApiError> {
         Some(n) => Ok(n),
     }
 }
-
-/// Who made a change, for the records.
-pub(crate) const OPERATOR: &str = "operator";
 
 async fn metrics(State(state): AppState) -> Result<Response, ApiError> {
     let size = state.store.file_size();
@@ -375,6 +374,7 @@ struct CommandRequest {
 
 async fn send_command(
     State(state): AppState,
+    caller: Caller,
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<CommandRequest>,
 ) -> Result<(StatusCode, Json<CommandView>), ApiError> {
@@ -385,10 +385,7 @@ async fn send_command(
             "interval_ms must be within 100..=86400000".to_owned(),
         ));
     }
-    let record = state
-        .control
-        .command(id, req.action, OPERATOR.to_owned())
-        .await?;
+    let record = state.control.command(id, req.action, caller.name).await?;
     Ok((StatusCode::ACCEPTED, Json(record.into())))
 }
 
@@ -455,24 +452,37 @@ async fn get_alert(
 
 async fn ack_alert(
     State(state): AppState,
+    caller: Caller,
     ApiPath(id): ApiPath<u64>,
 ) -> Result<Json<AlertView>, ApiError> {
     let alert = state
         .control
-        .alert(id, AlertAction::Acknowledge, OPERATOR.to_owned())
+        .alert(id, AlertAction::Acknowledge, caller.name)
         .await?;
     Ok(Json(alert.into()))
 }
 
 async fn resolve_alert(
     State(state): AppState,
+    caller: Caller,
     ApiPath(id): ApiPath<u64>,
 ) -> Result<Json<AlertView>, ApiError> {
     let alert = state
         .control
-        .alert(id, AlertAction::Resolve, OPERATOR.to_owned())
+        .alert(id, AlertAction::Resolve, caller.name)
         .await?;
     Ok(Json(alert.into()))
+}
+
+/// `POST /backup/snapshot`: writes a consistent copy of the database into the data dir for
+/// `fleetgate backup`, which archives it with the rest of the data dir and deletes it.
+async fn backup_snapshot(State(state): AppState) -> Result<Json<serde_json::Value>, ApiError> {
+    let name = format!("{}{}.redb", crate::backup::SNAPSHOT_PREFIX, now_ms());
+    let path = state.data_dir.join(name);
+    let dest = path.clone();
+    read(&state, move |s| s.snapshot(&dest)).await?;
+    let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+    Ok(Json(serde_json::json!({ "path": path, "bytes": bytes })))
 }
 
 async fn ingest_counts(State(state): AppState) -> Result<Json<serde_json::Value>, ApiError> {
@@ -512,6 +522,27 @@ async fn ingest_counts(State(state): AppState) -> Result<Json<serde_json::Value>
             "commands": tables.commands,
         },
     })))
+}
+
+/// For the cargo-fuzz target `api_bodies` (`fuzz/`): the request body types are private to
+/// this module, so this is the one way to reach them from outside the crate.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Deserializes `bytes` as every JSON request body of the API; it must never panic.
+    pub fn api_bodies(bytes: &[u8]) {
+        fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) {
+            let _ = serde_json::from_slice::<T>(bytes);
+        }
+        body::<super::EnrollRequest>(bytes);
+        body::<super::CommandRequest>(bytes);
+        body::<super::rollouts::CreateBody>(bytes);
+        body::<super::rollouts::ActionBody>(bytes);
+        body::<super::updates::Annotations>(bytes);
+        body::<super::updates::AliasBody>(bytes);
+        body::<super::updates::StartBody>(bytes);
+        body::<super::access::CreateBody>(bytes);
+        body::<crate::drift::baseline::Baseline>(bytes);
+    }
 }
 
 #[cfg(test)]

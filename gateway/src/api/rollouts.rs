@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState, limit, read};
+use crate::auth::Caller;
 use crate::clock::rfc3339;
 use crate::ingest::RolloutRequest;
 use crate::registry::keys::hex;
@@ -21,11 +22,6 @@ use crate::rollouts::model::{GateEval, RolloutDevice, RolloutRecord, RolloutStat
 use crate::rollouts::{OperatorAction, View, plan};
 
 type AppState = State<Arc<ApiState>>;
-
-/// Who an operator request is by: the operator token's fingerprint, for the audit log.
-fn operator(state: &ApiState) -> String {
-    format!("operator:{}", hex(&state.token[..4]))
-}
 
 fn duration(d: std::time::Duration) -> String {
     humantime::format_duration(d).to_string()
@@ -200,6 +196,7 @@ pub struct CreateBody {
 /// `POST /rollouts`.
 pub async fn create(
     State(state): AppState,
+    caller: Caller,
     ApiJson(body): ApiJson<CreateBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let target = match (body.all, body.labels, body.devices) {
@@ -233,10 +230,7 @@ pub async fn create(
         target,
         policy,
     };
-    let created = state
-        .control
-        .create_rollout(request, operator(&state))
-        .await?;
+    let created = state.control.create_rollout(request, caller.name).await?;
     let id = created.record.id;
     let view = one(&state, id).await?;
     let skipped: Vec<Value> = created
@@ -315,6 +309,7 @@ pub struct ActionBody {
 /// Acts on a rollout; the body is empty or `{"reason": "..."}`.
 async fn act(
     state: &Arc<ApiState>,
+    caller: Caller,
     id: u64,
     action: OperatorAction,
     body: &[u8],
@@ -328,41 +323,45 @@ async fn act(
     };
     state
         .control
-        .rollout(id, action, operator(state), reason)
+        .rollout(id, action, caller.name, reason)
         .await?;
     Ok(Json(one(state, id).await?))
 }
 
 pub async fn pause(
     State(state): AppState,
+    caller: Caller,
     ApiPath(id): ApiPath<u64>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    act(&state, id, OperatorAction::Pause, &body).await
+    act(&state, caller, id, OperatorAction::Pause, &body).await
 }
 
 pub async fn resume(
     State(state): AppState,
+    caller: Caller,
     ApiPath(id): ApiPath<u64>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    act(&state, id, OperatorAction::Resume, &body).await
+    act(&state, caller, id, OperatorAction::Resume, &body).await
 }
 
 pub async fn abort(
     State(state): AppState,
+    caller: Caller,
     ApiPath(id): ApiPath<u64>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    act(&state, id, OperatorAction::Abort, &body).await
+    act(&state, caller, id, OperatorAction::Abort, &body).await
 }
 
 pub async fn rollback(
     State(state): AppState,
+    caller: Caller,
     ApiPath(id): ApiPath<u64>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    act(&state, id, OperatorAction::Rollback, &body).await
+    act(&state, caller, id, OperatorAction::Rollback, &body).await
 }
 
 #[derive(Debug, Deserialize)]

@@ -21,6 +21,7 @@ fn api() -> Api {
     let dir = tempfile::tempdir().unwrap();
     let config = fleetgate_config::Config::default();
     let store = Store::open(dir.path()).unwrap();
+    let store_for_tokens = store.clone();
     let metrics = Arc::new(Metrics::new(std::time::Duration::from_secs(60)));
     let (_wtx, wrx, control, crx) = crate::ingest::channels(&config);
     let (downlink, _drx) = DownlinkTx::detached(16);
@@ -40,7 +41,8 @@ fn api() -> Api {
         registry,
         control,
         metrics,
-        token: digest(TOKEN),
+        tokens: Arc::new(access::load_tokens(&store_for_tokens, TOKEN).unwrap()),
+        data_dir: dir.path().to_owned(),
         max_body_bytes: 1 << 20,
         rollouts: config.rollouts.clone(),
         rollback_public: [7; 32],
@@ -410,4 +412,276 @@ async fn rollout_requests_are_checked_and_say_what_is_wrong() {
 
 fn hex_of(bytes: [u8; 32]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn each_endpoint_needs_the_role_it_should() {
+    use crate::auth::Role::{Admin, Operator, ReadOnly};
+    let cases = [
+        (Method::GET, "/devices", ReadOnly),
+        (Method::GET, "/rollouts/{id}", ReadOnly),
+        (Method::GET, "/registry", ReadOnly),
+        (
+            Method::GET,
+            "/drift/{model}/{version}/samples.csv",
+            ReadOnly,
+        ),
+        (Method::POST, "/rollouts", Operator),
+        (Method::POST, "/rollouts/{id}/rollback", Operator),
+        (Method::POST, "/updates", Operator),
+        (Method::POST, "/alerts/{id}/ack", Operator),
+        (Method::POST, "/devices/{id}/commands", Operator),
+        (Method::POST, "/devices", Admin),
+        (Method::DELETE, "/devices/{id}", Admin),
+        (Method::POST, "/devices/{id}/credential", Admin),
+        (Method::POST, "/registry/bundles", Admin),
+        (
+            Method::PUT,
+            "/registry/{kind}/{name}/aliases/{alias}",
+            Admin,
+        ),
+        (Method::GET, "/tokens", Admin),
+        (Method::POST, "/tokens", Admin),
+        (Method::DELETE, "/tokens/{name}", Admin),
+        (Method::GET, "/audit", Admin),
+        (Method::POST, "/backup/snapshot", Admin),
+    ];
+    for (method, path, role) in cases {
+        assert_eq!(
+            access::required_role(&method, path),
+            role,
+            "{method} {path}"
+        );
+    }
+}
+
+impl Api {
+    async fn with(&self, token: &str, method: Method, uri: &str, body: Option<&str>) -> StatusCode {
+        self.call(method, uri, Some(token), body).await.0
+    }
+
+    /// Creates a token through the API and returns its secret.
+    async fn token(&self, name: &str, role: &str) -> String {
+        let (status, body) = self
+            .post(
+                "/api/v1/tokens",
+                &json!({ "name": name, "role": role }).to_string(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body["token"].as_str().unwrap().to_owned()
+    }
+}
+
+#[tokio::test]
+async fn roles_decide_what_a_token_may_do() {
+    let api = api();
+    let reader = api.token("dashboard", "read-only").await;
+    let operator = api.token("oncall", "operator").await;
+    let rollout = r#"{"kind": "model", "name": "m", "version": "1.0.0", "all": true}"#;
+
+    assert_eq!(
+        api.with(&reader, Method::GET, "/api/v1/devices", None)
+            .await,
+        StatusCode::OK
+    );
+    let (status, body) = api
+        .call(
+            Method::POST,
+            "/api/v1/rollouts",
+            Some(&reader),
+            Some(rollout),
+        )
+        .await;
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::FORBIDDEN,
+            json!({"error": "token `dashboard` has role read-only; POST /rollouts needs operator"})
+        )
+    );
+    let enroll = r#"{"id": "d1"}"#;
+    assert_eq!(
+        api.with(&operator, Method::POST, "/api/v1/devices", Some(enroll))
+            .await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        api.with(&operator, Method::GET, "/api/v1/tokens", None)
+            .await,
+        StatusCode::FORBIDDEN
+    );
+    // Past the role check, the request itself is judged: no such release, no such alert.
+    assert_eq!(
+        api.with(&operator, Method::POST, "/api/v1/rollouts", Some(rollout))
+            .await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        api.with(&operator, Method::POST, "/api/v1/alerts/9/ack", None)
+            .await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        api.with(TOKEN, Method::POST, "/api/v1/devices", Some(enroll))
+            .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.call(Method::POST, "/api/v1/rollouts", None, Some(rollout))
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn tokens_are_shown_once_listed_without_secrets_and_revoked_at_once() {
+    let api = api();
+    let secret = api.token("ci", "operator").await;
+    assert_eq!(secret.len(), 64);
+    let (status, body) = api.get("/api/v1/tokens").await;
+    assert_eq!(status, StatusCode::OK);
+    let list = body["tokens"].as_array().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["name"], "ci");
+    assert_eq!(list[0]["role"], "operator");
+    assert_eq!(list[0]["created_by"], "bootstrap");
+    assert!(list[0].get("token").is_none());
+    assert!(!body.to_string().contains(&secret));
+
+    for (bad, status, error) in [
+        (
+            r#"{"name": "ci", "role": "operator"}"#,
+            StatusCode::CONFLICT,
+            "a token named `ci` exists; revoke it first",
+        ),
+        (
+            r#"{"name": "CI Bot", "role": "operator"}"#,
+            StatusCode::BAD_REQUEST,
+            "token name `CI Bot` may contain only a-z, 0-9, `-`, `_` and `.`",
+        ),
+        (
+            r#"{"name": "bootstrap", "role": "admin"}"#,
+            StatusCode::BAD_REQUEST,
+            "`bootstrap` names the configured token",
+        ),
+        (
+            r#"{"name": "x", "role": "root"}"#,
+            StatusCode::BAD_REQUEST,
+            "unknown role `root`: expected read-only, operator or admin",
+        ),
+    ] {
+        assert_eq!(
+            api.post("/api/v1/tokens", bad).await,
+            (status, json!({ "error": error })),
+            "{bad}"
+        );
+    }
+
+    assert_eq!(
+        api.with(&secret, Method::GET, "/api/v1/devices", None)
+            .await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        api.with(TOKEN, Method::DELETE, "/api/v1/tokens/ci", None)
+            .await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        api.with(&secret, Method::GET, "/api/v1/devices", None)
+            .await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        api.call(Method::DELETE, "/api/v1/tokens/ci", Some(TOKEN), None)
+            .await,
+        (
+            StatusCode::NOT_FOUND,
+            json!({"error": "no token named `ci`"})
+        )
+    );
+    assert_eq!(
+        api.get("/api/v1/tokens").await,
+        (StatusCode::OK, json!({"tokens": []}))
+    );
+}
+
+#[tokio::test]
+async fn every_change_is_audited_with_the_tokens_name() {
+    let api = api();
+    let reader = api.token("viewer", "read-only").await;
+    assert_eq!(
+        api.with(
+            TOKEN,
+            Method::POST,
+            "/api/v1/devices",
+            Some(r#"{"id": "d1"}"#)
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.with(&reader, Method::DELETE, "/api/v1/devices/d1", None)
+            .await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        api.with(&reader, Method::GET, "/api/v1/devices/d1", None)
+            .await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        api.with(TOKEN, Method::POST, "/api/v1/alerts/5/resolve", None)
+            .await,
+        StatusCode::NOT_FOUND
+    );
+    let (status, body) = api.get("/api/v1/audit").await;
+    assert_eq!(status, StatusCode::OK);
+    let entries: Vec<(u64, &str, &str, &str, &str, u64)> = body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_u64().unwrap(),
+                e["by"].as_str().unwrap(),
+                e["role"].as_str().unwrap(),
+                e["method"].as_str().unwrap(),
+                e["path"].as_str().unwrap(),
+                e["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            (
+                4,
+                "bootstrap",
+                "admin",
+                "POST",
+                "/api/v1/alerts/5/resolve",
+                404
+            ),
+            (
+                3,
+                "viewer",
+                "read-only",
+                "DELETE",
+                "/api/v1/devices/d1",
+                403
+            ),
+            (2, "bootstrap", "admin", "POST", "/api/v1/devices", 201),
+            (1, "bootstrap", "admin", "POST", "/api/v1/tokens", 201),
+        ]
+    );
+    let (_, page) = api.get("/api/v1/audit?before=3&limit=1").await;
+    assert_eq!(page["entries"][0]["id"], 2);
+    assert_eq!(page["entries"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        api.with(&reader, Method::GET, "/api/v1/audit", None).await,
+        StatusCode::FORBIDDEN
+    );
 }

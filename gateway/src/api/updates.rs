@@ -12,7 +12,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::views::{ReleaseView, TransferView};
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState, OPERATOR, limit, read};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState, limit, read};
+use crate::auth::Caller;
 use crate::clock::now_ms;
 use crate::ingest::UpdateRequest;
 use crate::registry::RegisterError;
@@ -53,11 +54,13 @@ async fn view(
 /// `POST /registry/bundles`: the body is a bundle file from `fleetgate bundle sign`.
 pub async fn upload(
     State(state): AppState,
+    caller: Caller,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let registry = state.registry.clone();
     let registered =
-        tokio::task::spawn_blocking(move || registry.register(&body, now_ms(), OPERATOR)).await??;
+        tokio::task::spawn_blocking(move || registry.register(&body, now_ms(), &caller.name))
+            .await??;
     let status = if registered.created {
         StatusCode::CREATED
     } else {
@@ -171,6 +174,7 @@ pub struct StartBody {
 
 pub async fn start(
     State(state): AppState,
+    caller: Caller,
     ApiJson(body): ApiJson<StartBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let devices = match (body.devices, body.all) {
@@ -189,10 +193,7 @@ pub async fn start(
         devices,
         allow_downgrade: body.allow_downgrade,
     };
-    let plan = state
-        .control
-        .start_updates(request, OPERATOR.to_owned())
-        .await?;
+    let plan = state.control.start_updates(request, caller.name).await?;
     let started: Vec<Value> = plan
         .started
         .iter()
@@ -239,8 +240,9 @@ pub async fn transfer(
 
 pub async fn cancel(
     State(state): AppState,
+    caller: Caller,
     ApiPath(id): ApiPath<u64>,
 ) -> Result<Json<TransferView>, ApiError> {
-    let t = state.control.cancel_update(id, OPERATOR.to_owned()).await?;
+    let t = state.control.cancel_update(id, caller.name).await?;
     Ok(Json(t.into()))
 }

@@ -17,8 +17,8 @@ use records::{Record, RecordError};
 use schema::*;
 
 use crate::model::{
-    AlertRecord, AlertState, CommandRecord, Device, LogRow, ReleaseRecord, TelemetryRow,
-    TransferRecord,
+    AlertRecord, AlertState, AuditRecord, CommandRecord, Device, LogRow, ReleaseRecord,
+    TelemetryRow, TokenRecord, TransferRecord,
 };
 use fleetgate_protocol::ArtifactKind;
 use semver::Version;
@@ -90,6 +90,8 @@ pub struct Tables<'txn> {
     rollouts: Table<'txn, u64, &'static [u8]>,
     rollout_devices: Table<'txn, (u64, &'static str), &'static [u8]>,
     rollout_audit: Table<'txn, (u64, u64), &'static [u8]>,
+    tokens: Table<'txn, &'static str, &'static [u8]>,
+    audit: Table<'txn, u64, &'static [u8]>,
 }
 
 impl std::fmt::Debug for Tables<'_> {
@@ -165,6 +167,32 @@ impl Store {
         })
     }
 
+    /// Writes a consistent copy of the whole database to a new file at `dest` (which must not
+    /// exist): every table as of one read snapshot, while writers go on.
+    pub fn snapshot(&self, dest: &Path) -> Result<()> {
+        let src = self.db.begin_read()?;
+        let copy = Database::builder().create(dest)?;
+        let dst = copy.begin_write()?;
+        copy_table(&src, &dst, META)?;
+        copy_table(&src, &dst, DEVICES)?;
+        copy_table(&src, &dst, TELEMETRY)?;
+        copy_table(&src, &dst, LOGS)?;
+        copy_table(&src, &dst, ALERTS)?;
+        copy_table(&src, &dst, COMMANDS)?;
+        copy_table(&src, &dst, RELEASES)?;
+        copy_table(&src, &dst, ALIASES)?;
+        copy_table(&src, &dst, TRANSFERS)?;
+        copy_table(&src, &dst, DEVICE_TRANSFERS)?;
+        copy_table(&src, &dst, DRIFT_WINDOWS)?;
+        copy_table(&src, &dst, ROLLOUTS)?;
+        copy_table(&src, &dst, ROLLOUT_DEVICES)?;
+        copy_table(&src, &dst, ROLLOUT_AUDIT)?;
+        copy_table(&src, &dst, TOKENS)?;
+        copy_table(&src, &dst, AUDIT)?;
+        dst.commit()?;
+        Ok(())
+    }
+
     /// Size of the database file in bytes.
     pub fn file_size(&self) -> u64 {
         std::fs::metadata(&self.path).map_or(0, |m| m.len())
@@ -189,6 +217,8 @@ impl Store {
                 rollouts: txn.open_table(ROLLOUTS)?,
                 rollout_devices: txn.open_table(ROLLOUT_DEVICES)?,
                 rollout_audit: txn.open_table(ROLLOUT_AUDIT)?,
+                tokens: txn.open_table(TOKENS)?,
+                audit: txn.open_table(AUDIT)?,
             };
             f(&mut tables)?
         };
@@ -564,6 +594,27 @@ impl Store {
         Ok(out)
     }
 
+    /// Operator tokens created through the API, by name.
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        let txn = self.db.begin_read()?;
+        decode_all(&txn.open_table(TOKENS)?)
+    }
+
+    /// The API audit log, newest first: entries numbered below `before`, at most `limit`.
+    pub fn audit(&self, before: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(AUDIT)?;
+        table
+            .range(..before)?
+            .rev()
+            .take(limit)
+            .map(|e| {
+                let (k, v) = e?;
+                Ok((k.value(), AuditRecord::decode(v.value())?))
+            })
+            .collect()
+    }
+
     /// Row counts of the big tables, for metrics and tests.
     pub fn counts(&self) -> Result<TableCounts> {
         let txn = self.db.begin_read()?;
@@ -584,6 +635,20 @@ pub struct TableCounts {
     pub logs: u64,
     pub alerts: u64,
     pub commands: u64,
+}
+
+fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    src: &redb::ReadTransaction,
+    dst: &redb::WriteTransaction,
+    def: redb::TableDefinition<K, V>,
+) -> Result<()> {
+    let from = src.open_table(def)?;
+    let mut to = dst.open_table(def)?;
+    for entry in from.iter()? {
+        let (k, v) = entry?;
+        to.insert(k.value(), v.value())?;
+    }
+    Ok(())
 }
 
 fn decode_all<R: Record, T: ReadableTable<&'static str, &'static [u8]>>(
@@ -766,6 +831,28 @@ impl Tables<'_> {
         self.rollout_audit
             .insert((rollout, n), e.encode().as_slice())?;
         Ok(())
+    }
+
+    /// Adds a token; false (and nothing written) if the name is taken.
+    pub fn insert_token(&mut self, t: &TokenRecord) -> Result<bool> {
+        if self.tokens.get(t.name.as_str())?.is_some() {
+            return Ok(false);
+        }
+        self.tokens.insert(t.name.as_str(), t.encode().as_slice())?;
+        Ok(true)
+    }
+
+    /// Removes a token; false if there was none of that name.
+    pub fn remove_token(&mut self, name: &str) -> Result<bool> {
+        Ok(self.tokens.remove(name)?.is_some())
+    }
+
+    /// Appends to the API audit log; returns the entry's number.
+    pub fn append_audit(&mut self, e: &AuditRecord) -> Result<u64> {
+        let n = self.meta.get(META_NEXT_AUDIT_ID)?.map_or(1, |v| v.value());
+        self.audit.insert(n, e.encode().as_slice())?;
+        self.meta.insert(META_NEXT_AUDIT_ID, n + 1)?;
+        Ok(n)
     }
 
     pub fn set_meta(&mut self, key: &'static str, value: u64) -> Result<()> {

@@ -6,7 +6,8 @@ use serde::de::DeserializeOwned;
 
 use crate::drift::engine::Evaluation;
 use crate::model::{
-    AlertRecord, CommandRecord, Device, LogRow, ReleaseRecord, TelemetryRow, TransferRecord,
+    AlertRecord, AuditRecord, CommandRecord, Device, LogRow, ReleaseRecord, TelemetryRow,
+    TokenRecord, TransferRecord,
 };
 use crate::rollouts::model::{AuditEntry, RolloutDevice, RolloutRecord};
 
@@ -72,4 +73,6 @@ records! {
     RolloutRecord => "rollout", version 1;
     RolloutDevice => "rollout device", version 1;
     AuditEntry => "rollout audit entry", version 1;
+    TokenRecord => "token", version 1;
+    AuditRecord => "audit entry", version 1;
 }

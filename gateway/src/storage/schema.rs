@@ -56,8 +56,15 @@ pub(crate) const ROLLOUT_DEVICES: TableDefinition<(u64, &str), &[u8]> =
 pub(crate) const ROLLOUT_AUDIT: TableDefinition<(u64, u64), &[u8]> =
     TableDefinition::new("rollout_audit");
 
+/// token name -> `TokenRecord`.
+pub(crate) const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+
+/// entry number -> `AuditRecord`: every change made through the API.
+pub(crate) const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+
 pub(crate) const META_SCHEMA_VERSION: &str = "schema_version";
 pub(crate) const META_NEXT_ALERT_ID: &str = "next_alert_id";
 pub(crate) const META_NEXT_COMMAND_ID: &str = "next_command_id";
 pub(crate) const META_NEXT_ROLLOUT_ID: &str = "next_rollout_id";
 pub(crate) const META_NEXT_TRANSFER_ID: &str = "next_transfer_id";
+pub(crate) const META_NEXT_AUDIT_ID: &str = "next_audit_id";
