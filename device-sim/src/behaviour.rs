@@ -293,6 +293,15 @@ impl Behaviour {
         .unwrap_or(0)
     }
 
+    /// The running image that `transfer` installed, if it still runs.
+    pub fn installed_by_transfer(&self, transfer: u64) -> Option<&Installed> {
+        let ((kind, name), _) = self.installed_by.iter().find(|(_, t)| **t == transfer)?;
+        match kind {
+            ArtifactKind::Firmware => Some(&self.firmware),
+            ArtifactKind::Model => self.models.iter().find(|m| &m.name == name),
+        }
+    }
+
     /// Activates a new image installed by `transfer`; the one it replaces stays in the other
     /// slot, with the transfer that had installed it.
     pub fn install(&mut self, kind: ArtifactKind, new: Installed, transfer: u64) {

@@ -151,6 +151,17 @@ impl Updater {
         now_ms: u64,
     ) -> UpdateReport {
         let transfer = offer.transfer;
+        // The transfer already installed what runs now (its report was lost, say to a crash
+        // right after the install): say so again instead of refusing it as a downgrade.
+        if let Some(running) = behaviour.installed_by_transfer(transfer) {
+            return UpdateReport {
+                transfer,
+                state: UpdateState::Installed {
+                    version: running.version.clone(),
+                    release: running.release,
+                },
+            };
+        }
         let device_time = now_ms.saturating_add_signed(self.profile.faults.clock_skew_ms);
         let policy = DevicePolicy {
             trusted_keys: &self.profile.trust.keys,

@@ -262,3 +262,44 @@ fn a_factory_image_has_nothing_to_roll_back_to() {
     let outcome = updater.rollback(&mut b, 1, &factory.sign(&gateway_key()), NOW);
     assert_eq!(outcome.refused, Some(RollbackError::NotInstalledByTransfer));
 }
+
+#[test]
+fn the_transfer_that_installed_the_running_image_is_answered_installed_again() {
+    let (mut updater, b) = updated(Faults::default());
+    let artifact: Vec<u8> = (0..600u32).map(|i| i as u8).collect();
+    let spec = ManifestSpec {
+        kind: ArtifactKind::Model,
+        name: "sim-model".into(),
+        version: Version::new(2, 0, 0),
+        release: 2,
+        compat: Compat::default(),
+        chunk_size: 256,
+        created_ms: NOW - 1000,
+        expires_ms: NOW + 3_600_000,
+    };
+    let body = encode(&Manifest::build(spec, &artifact), Encoding::Postcard).unwrap();
+    let manifest = Signed::sign(Domain::Manifest, body, &[release_key()]);
+    let again = UpdateOffer {
+        transfer: 5,
+        manifest: manifest.clone(),
+    };
+    assert_eq!(
+        updater.offer(&b, &again, NOW).state,
+        UpdateState::Installed {
+            version: Version::new(2, 0, 0),
+            release: 2
+        }
+    );
+    // Another transfer of the same release is still a downgrade.
+    let other = UpdateOffer {
+        transfer: 6,
+        manifest,
+    };
+    assert!(matches!(
+        updater.offer(&b, &other, NOW).state,
+        UpdateState::Rejected {
+            reason: UpdateError::Downgrade,
+            ..
+        }
+    ));
+}
