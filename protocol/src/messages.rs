@@ -511,6 +511,13 @@ impl Validate for Command {
                 )?;
                 for e in &bins.edges {
                     limits::count("action.drift_bins.edges", e.len(), limits::MAX_BINS)?;
+                    // A NaN or infinite edge bins nothing, and JSON cannot carry it.
+                    if e.iter().any(|v| !v.is_finite()) {
+                        return Err(Invalid::new(
+                            "action.drift_bins.edges",
+                            "must be finite numbers",
+                        ));
+                    }
                 }
                 Ok(())
             }

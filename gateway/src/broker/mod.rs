@@ -367,3 +367,18 @@ fn ingest_thread(mut rx: LinkRx, writer: WriterTx) {
 
 #[cfg(test)]
 mod tests;
+
+/// For the cargo-fuzz target `mqtt_packets` (`fuzz/`): the packet readers are private to this
+/// module.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Runs the front's and the sessions' readers of device bytes over `bytes`: the protocol
+    /// level of a CONNECT, the QoS and packet id of a PUBLISH, and every packet as MQTT 3.1.1
+    /// and 5. Returns the packets found per version; it must never panic (rumqttd's decoder is
+    /// guarded, but the fuzzer reports a caught panic too, which is what we want to know).
+    pub fn mqtt_packets(bytes: &[u8], max: usize) -> (usize, usize) {
+        let _ = super::front::connect_level(bytes);
+        let _ = super::session::peek_publish(bytes);
+        super::session::parse_all(bytes, max)
+    }
+}

@@ -140,6 +140,23 @@ fn next_packet<P: Protocol>(proto: &mut P, buf: &mut BytesMut, max: usize) -> Pa
     }
 }
 
+/// Parses every packet in `bytes` as MQTT 3.1.1 and as MQTT 5, the way a session does, and
+/// returns how many packets each version found. For the fuzz target `mqtt_packets`.
+pub(crate) fn parse_all(bytes: &[u8], max: usize) -> (usize, usize) {
+    fn count<P: Protocol>(mut proto: P, bytes: &[u8], max: usize) -> usize {
+        let mut buf = BytesMut::from(bytes);
+        let mut n = 0;
+        while let Parsed::Packet(..) = next_packet(&mut proto, &mut buf, max) {
+            n += 1;
+        }
+        n
+    }
+    (
+        count(rumqttd::protocol::v4::V4, bytes, max),
+        count(rumqttd::protocol::v5::V5, bytes, max),
+    )
+}
+
 /// Reads one whole packet (used for CONNECT, before the session loop).
 pub(crate) async fn read_packet<P: Protocol, S: AsyncRead + Unpin>(
     proto: &mut P,

@@ -221,9 +221,11 @@ impl Baseline {
                     MAX_BINS - 1
                 ));
             }
-            if f.edges.iter().any(|e| !e.is_finite()) || f.edges.windows(2).any(|w| w[0] >= w[1]) {
+            // Devices receive the edges as f32 (`edges`): they must stay finite and apart there.
+            let as_sent: Vec<f32> = f.edges.iter().map(|&e| e as f32).collect();
+            if as_sent.iter().any(|e| !e.is_finite()) || as_sent.windows(2).any(|w| w[0] >= w[1]) {
                 return bad(format!(
-                    "feature {name}: edges must be finite and strictly increasing"
+                    "feature {name}: edges must be finite and strictly increasing as 32-bit floats (what devices receive)"
                 ));
             }
             if f.reference.len() != f.edges.len() + 1 {

@@ -388,6 +388,31 @@ fn validation_rejects_out_of_range_values() {
     ));
 }
 
+/// Found by the `messages` fuzz target: a drift_bins command with a NaN edge decoded, and its
+/// JSON (`null` for the NaN) did not.
+#[test]
+fn drift_bins_edges_must_be_finite() {
+    let invalid = Err(DecodeError::Invalid(Invalid::new(
+        "action.drift_bins.edges",
+        "must be finite numbers",
+    )));
+    for edge in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let cmd = Command {
+            id: 20,
+            action: Action::DriftBins(DriftBins {
+                model: "kws".into(),
+                version: v("2.0.0"),
+                edges: vec![vec![-1.0, 1.0], vec![edge, 2.0]],
+            }),
+        };
+        let bytes = encode(&cmd, Encoding::Postcard).unwrap();
+        assert_eq!(decode::<Command>(&bytes, Encoding::Postcard), invalid);
+    }
+    let json =
+        br#"{"id":20,"action":{"drift_bins":{"model":"kws","version":"2.0.0","edges":[[1e39]]}}}"#;
+    assert_eq!(decode::<Command>(json, Encoding::Json), invalid);
+}
+
 fn decode_all(bytes: &[u8]) {
     for enc in [Encoding::Postcard, Encoding::Json] {
         let _ = decode::<Hello>(bytes, enc);

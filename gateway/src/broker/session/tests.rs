@@ -151,3 +151,26 @@ fn qos1_publishes_the_gateway_writes_decode_in_both_versions() {
     // 2 + 1 (topic) + 2 (packet id) + 20,000 = 20,005 = 37 + 28 x 128 + 1 x 128^2.
     assert_eq!(&out[..4], &[0x32, 0x80 | 37, 0x80 | 28, 1]);
 }
+
+/// rumqttd 0.20's MQTT 5 decoder hits `unreachable!()` on a packet type only servers send; the
+/// fuzz target `mqtt_packets` found this CONNECT-then-CONNACK from a client.
+#[test]
+fn a_panicking_decoder_is_a_malformed_packet() {
+    let bytes = include_bytes!("../../../../fuzz/regressions/mqtt_packets/v5-connack-from-client");
+    let mut buf = BytesMut::from(&bytes[..]);
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let parsed = next_packet(&mut V5, &mut buf, 1024);
+    std::panic::set_hook(quiet);
+    assert!(
+        matches!(&parsed, Parsed::Malformed(why) if why == "decoder panicked"),
+        "{}",
+        match parsed {
+            Parsed::Packet(p, _) => format!("{p:?}"),
+            Parsed::NeedMore => "need more".into(),
+            Parsed::Oversized(n) => format!("oversized {n}"),
+            Parsed::Malformed(why) => why,
+        }
+    );
+    assert_eq!(parse_all(bytes, 1024).1, 0);
+}

@@ -83,3 +83,23 @@ fn bad_input_says_what_is_wrong() {
     b.features[0].reference = vec![0.9, 0.9];
     assert!(b.validate().unwrap_err().to_string().contains("sum to 1"));
 }
+
+#[test]
+fn edges_must_survive_the_trip_to_devices_as_f32() {
+    let csv: String = std::iter::once("a".to_owned())
+        .chain((0..100).map(|i| i.to_string()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let good = Baseline::from_csv(&csv, None, None, 4).unwrap();
+    assert!(good.validate().is_ok());
+    let want = "feature a: edges must be finite and strictly increasing as 32-bit floats (what \
+                devices receive)";
+    // Finite as f64, infinite as f32.
+    let mut huge = good.clone();
+    *huge.features[0].edges.last_mut().unwrap() = 1e39;
+    assert!(huge.validate().unwrap_err().to_string().ends_with(want));
+    // Apart as f64, equal as f32.
+    let mut close = good.clone();
+    close.features[0].edges[1] = close.features[0].edges[0] + 1e-12;
+    assert!(close.validate().unwrap_err().to_string().ends_with(want));
+}
