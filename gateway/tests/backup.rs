@@ -25,7 +25,8 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-async fn fleetgate(args: Vec<String>) -> Output {
+async fn fleetgate(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    let args: Vec<std::ffi::OsString> = args.iter().map(|a| a.as_ref().to_owned()).collect();
     tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_fleetgate"))
             .args(&args)
@@ -121,13 +122,7 @@ async fn a_backup_taken_under_load_restores_a_consistent_gateway() {
 
     // The backup, while the devices keep sending.
     let archive = dir.path().join("site.tar");
-    let o = fleetgate(vec![
-        "backup".into(),
-        archive.display().to_string(),
-        "--config".into(),
-        config_path.display().to_string(),
-    ])
-    .await;
+    let o = fleetgate(&[&"backup", &archive, &"--config", &config_path]).await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let said = String::from_utf8_lossy(&o.stdout);
     assert!(
@@ -153,13 +148,13 @@ async fn a_backup_taken_under_load_restores_a_consistent_gateway() {
     // Restore onto a fresh data dir and run a gateway on it.
     let fresh = dir.path().join("restored");
     let restored_config = dir.path().join("restored.toml");
-    let o = fleetgate(vec![
-        "restore".into(),
-        archive.display().to_string(),
-        "--data-dir".into(),
-        fresh.display().to_string(),
-        "--config-out".into(),
-        restored_config.display().to_string(),
+    let o = fleetgate(&[
+        &"restore",
+        &archive,
+        &"--data-dir",
+        &fresh,
+        &"--config-out",
+        &restored_config,
     ])
     .await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -208,13 +203,7 @@ async fn a_backup_taken_under_load_restores_a_consistent_gateway() {
     gateway.shutdown(Duration::from_secs(5)).await.unwrap();
 
     // A second restore onto the same dir is refused.
-    let o = fleetgate(vec![
-        "restore".into(),
-        archive.display().to_string(),
-        "--data-dir".into(),
-        fresh.display().to_string(),
-    ])
-    .await;
+    let o = fleetgate(&[&"restore", &archive, &"--data-dir", &fresh]).await;
     assert_eq!(o.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("already holds a database"),

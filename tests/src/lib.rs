@@ -191,10 +191,21 @@ pub mod device {
         id: &str,
         password: &str,
     ) -> Result<(AsyncClient, mpsc::UnboundedReceiver<Event>), String> {
+        connect_with(options(port, id, password)).await
+    }
+
+    fn options(port: u16, id: &str, password: &str) -> MqttOptions {
         let mut opts = MqttOptions::new(id, "127.0.0.1", port);
         opts.set_credentials(id, password);
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_max_packet_size(1 << 20, 1 << 20);
+        opts
+    }
+
+    /// Connects, waits (10 s at most) for the CONNACK, then hands every event to the receiver.
+    async fn connect_with(
+        opts: MqttOptions,
+    ) -> Result<(AsyncClient, mpsc::UnboundedReceiver<Event>), String> {
         let (client, mut events) = AsyncClient::new(opts, 64);
         let first = tokio::time::timeout(Duration::from_secs(10), events.poll())
             .await
@@ -244,29 +255,9 @@ pub mod device {
         password: &str,
         ca: &std::path::Path,
     ) -> Result<(AsyncClient, mpsc::UnboundedReceiver<Event>), String> {
-        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
-        opts.set_credentials(id, password);
-        opts.set_keep_alive(Duration::from_secs(30));
-        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let mut opts = options(port, id, password);
         opts.set_transport(tls_transport(ca));
-        let (client, mut events) = AsyncClient::new(opts, 64);
-        let first = tokio::time::timeout(Duration::from_secs(10), events.poll())
-            .await
-            .map_err(|_| "connect timed out".to_owned())?;
-        match first {
-            Ok(Event::Incoming(rumqttc::Packet::ConnAck(_))) => {}
-            Ok(other) => return Err(format!("expected CONNACK, got {other:?}")),
-            Err(e) => return Err(e.to_string()),
-        }
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok(event) = events.poll().await {
-                if tx.send(event).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok((client, rx))
+        connect_with(opts).await
     }
 
     /// Waits for `n` PUBACKs (10 s at most); panics with how many came otherwise.

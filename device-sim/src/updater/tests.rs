@@ -40,8 +40,8 @@ fn model(version: &str, release: u64) -> Installed {
     }
 }
 
-/// Offers `sim-model` 2.0.0 (release 2) as `transfer` and feeds every chunk.
-fn install(updater: &mut Updater, b: &mut Behaviour, transfer: u64) -> UpdateEffect {
+/// `sim-model` 2.0.0 (release 2): its artifact and its signed manifest.
+fn release() -> (Vec<u8>, Signed) {
     let artifact: Vec<u8> = (0..600u32).map(|i| i as u8).collect();
     let spec = ManifestSpec {
         kind: ArtifactKind::Model,
@@ -53,12 +53,17 @@ fn install(updater: &mut Updater, b: &mut Behaviour, transfer: u64) -> UpdateEff
         created_ms: NOW - 1000,
         expires_ms: NOW + 3_600_000,
     };
-    let manifest = Manifest::build(spec, &artifact);
-    let body = encode(&manifest, Encoding::Postcard).unwrap();
-    let offer = UpdateOffer {
-        transfer,
-        manifest: Signed::sign(Domain::Manifest, body, &[release_key()]),
-    };
+    let body = encode(&Manifest::build(spec, &artifact), Encoding::Postcard).unwrap();
+    (
+        artifact,
+        Signed::sign(Domain::Manifest, body, &[release_key()]),
+    )
+}
+
+/// Offers `sim-model` 2.0.0 (release 2) as `transfer` and feeds every chunk.
+fn install(updater: &mut Updater, b: &mut Behaviour, transfer: u64) -> UpdateEffect {
+    let (artifact, manifest) = release();
+    let offer = UpdateOffer { transfer, manifest };
     let report = updater.offer(b, &offer, NOW);
     assert_eq!(report.state, UpdateState::Accepted { next_chunk: 0 });
     let leaves = chunk_leaves(&artifact, 256);
@@ -266,19 +271,7 @@ fn a_factory_image_has_nothing_to_roll_back_to() {
 #[test]
 fn the_transfer_that_installed_the_running_image_is_answered_installed_again() {
     let (mut updater, b) = updated(Faults::default());
-    let artifact: Vec<u8> = (0..600u32).map(|i| i as u8).collect();
-    let spec = ManifestSpec {
-        kind: ArtifactKind::Model,
-        name: "sim-model".into(),
-        version: Version::new(2, 0, 0),
-        release: 2,
-        compat: Compat::default(),
-        chunk_size: 256,
-        created_ms: NOW - 1000,
-        expires_ms: NOW + 3_600_000,
-    };
-    let body = encode(&Manifest::build(spec, &artifact), Encoding::Postcard).unwrap();
-    let manifest = Signed::sign(Domain::Manifest, body, &[release_key()]);
+    let (_, manifest) = release();
     let again = UpdateOffer {
         transfer: 5,
         manifest: manifest.clone(),

@@ -685,3 +685,22 @@ async fn every_change_is_audited_with_the_tokens_name() {
         StatusCode::FORBIDDEN
     );
 }
+
+#[tokio::test]
+async fn a_json_body_over_one_mib_is_refused_and_says_so() {
+    let api = api();
+    let big = format!(
+        r#"{{"id": "d1", "labels": {{"x": "{}"}}}}"#,
+        "y".repeat(MAX_JSON_BODY)
+    );
+    let (status, body) = api.post("/api/v1/devices", &big).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body,
+        json!({"error": "Failed to buffer the request body: length limit exceeded"})
+    );
+    assert_eq!(
+        api.get("/api/v1/devices").await,
+        (StatusCode::OK, json!([]))
+    );
+}
