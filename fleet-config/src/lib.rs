@@ -362,7 +362,7 @@ impl Config {
         }
         let storage = Storage {
             data_dir: PathBuf::from(data_dir),
-            cache_bytes: storage.usize(p, "cache_bytes", 1 << 20..=1 << 34),
+            cache_bytes: storage.usize(p, "cache_bytes", 1 << 20..=pow2(34)),
         }
         .finish_with(storage, p);
 
@@ -408,7 +408,7 @@ impl Config {
         let registry = Registry {
             trusted_keys,
             threshold,
-            max_bundle_bytes: reg.usize(p, "max_bundle_bytes", 1024..=1 << 32),
+            max_bundle_bytes: reg.usize(p, "max_bundle_bytes", 1024..=pow2(32)),
             max_chunk_bytes: reg.usize(p, "max_chunk_bytes", 256..=1 << 20),
         }
         .finish_with(reg, p);
@@ -647,6 +647,11 @@ const fn secs(n: u64) -> Duration {
 }
 const fn days(n: u64) -> Duration {
     Duration::from_secs(n * 86_400)
+}
+
+/// 2^bits as a size, capped at `usize::MAX` on 32-bit hosts (armv7 Raspberry Pi OS).
+fn pow2(bits: u32) -> usize {
+    usize::try_from(1u64 << bits).unwrap_or(usize::MAX)
 }
 
 #[cfg(test)]

@@ -251,6 +251,19 @@ impl Engine {
                 transfer: report.transfer,
             });
         };
+        // The device's offline event can overtake the last reports of the connection that
+        // ended (presence goes straight to the writer, reports through the broker). A download
+        // report from a device that is offline is such a straggler: acting on it would send
+        // chunks nowhere and leave the transfer "downloading", so the device's next hello
+        // would not offer it again. The device says where it is when it is offered again.
+        if !self.online.contains(&device)
+            && matches!(
+                report.state,
+                UpdateState::Accepted { .. } | UpdateState::Downloading { .. }
+            )
+        {
+            return Ok(());
+        }
         live.last_activity_ms = now_ms;
         let r = &mut live.record;
         r.updated_ms = now_ms;

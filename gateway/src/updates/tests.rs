@@ -195,6 +195,43 @@ fn a_device_that_drops_out_resumes_where_it_says() {
     assert_eq!((r.offers, r.chunks_resent, r.chunks_sent), (2, 4, 13));
 }
 
+/// The offline event overtook the last download report of the connection that ended: the
+/// report changes nothing, and the device's next hello gets the offer again.
+#[test]
+fn a_download_report_that_arrives_after_the_offline_event_is_ignored() {
+    let mut e = engine(10);
+    e.on_event(Event::Online("d1".into()), 0).unwrap();
+    e.on_event(Event::Start(record(1, "d1", 10)), 0).unwrap();
+    e.on_event(report("d1", 1, UpdateState::Accepted { next_chunk: 0 }), 1)
+        .unwrap();
+    e.on_event(Event::Offline("d1".into()), 2).unwrap();
+    let late = e
+        .on_event(
+            report("d1", 1, UpdateState::Downloading { next_chunk: 4 }),
+            3,
+        )
+        .unwrap();
+    assert_eq!(late, []);
+    assert_eq!(state(&e, 1), "queued");
+    let a = e.on_event(Event::Online("d1".into()), 4).unwrap();
+    assert_eq!(wire(&a), [Action::Offer { id: 1 }]);
+    // A final outcome is taken even from an offline device: it is the device's last word.
+    e.on_event(Event::Offline("d1".into()), 5).unwrap();
+    e.on_event(
+        report(
+            "d1",
+            1,
+            UpdateState::Installed {
+                version: Version::new(2, 0, 0),
+                release: 2,
+            },
+        ),
+        6,
+    )
+    .unwrap();
+    assert_eq!(state(&e, 1), "gone");
+}
+
 #[test]
 fn slots_limit_concurrent_downloads_and_free_up_in_order() {
     let mut e = engine(2);
