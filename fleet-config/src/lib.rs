@@ -128,6 +128,8 @@ pub struct Http {
 pub struct Storage {
     pub data_dir: PathBuf,
     pub cache_bytes: usize,
+    /// Quota of the database's used space; 0: none.
+    pub max_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -363,6 +365,7 @@ impl Config {
         let storage = Storage {
             data_dir: PathBuf::from(data_dir),
             cache_bytes: storage.usize(p, "cache_bytes", 1 << 20..=pow2(34)),
+            max_bytes: storage.u64(p, "max_bytes", 0..=1 << 50),
         }
         .finish_with(storage, p);
 

@@ -251,8 +251,19 @@ impl<'t> Section<'t> {
         key: &str,
         range: RangeInclusive<usize>,
     ) -> usize {
+        self.int(p, key, range)
+    }
+
+    pub(crate) fn u64(&mut self, p: &mut Problems, key: &str, range: RangeInclusive<u64>) -> u64 {
+        self.int(p, key, range)
+    }
+
+    fn int<T>(&mut self, p: &mut Problems, key: &str, range: RangeInclusive<T>) -> T
+    where
+        T: TryFrom<i64> + PartialOrd + Copy + std::fmt::Display,
+    {
         match self.required(p, key) {
-            Some(Value::Integer(i)) => match usize::try_from(*i) {
+            Some(Value::Integer(i)) => match T::try_from(*i) {
                 Ok(n) if range.contains(&n) => n,
                 _ => {
                     let (lo, hi) = (range.start(), range.end());

@@ -186,6 +186,8 @@ pub struct Metrics {
     pub rollouts_active: Gauge,
     /// Signed rollback directives sent to devices.
     pub rollback_directives: Counter,
+    /// Times retention deleted the oldest rows because the database passed `storage.max_bytes`.
+    pub storage_quota_trims: Counter,
     storage_bytes: Gauge,
     resident_bytes: Gauge,
     log_limit: LogLimit,
@@ -294,6 +296,11 @@ impl Metrics {
                 r,
                 "rollback_directives",
                 "Signed rollback directives sent to devices",
+            ),
+            storage_quota_trims: metric(
+                r,
+                "storage_quota_trims",
+                "Times the oldest telemetry and logs were deleted to keep the database under storage.max_bytes",
             ),
             storage_bytes: metric(r, "storage_bytes", "Size of the database file"),
             resident_bytes: metric(

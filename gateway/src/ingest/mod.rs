@@ -396,6 +396,8 @@ struct Settings {
     telemetry_max_age: Duration,
     resolved_alerts_max_age: Duration,
     retention_interval: Duration,
+    /// `storage.max_bytes`; 0: no quota.
+    max_db_bytes: u64,
     rules: Vec<AlertRule>,
 }
 
@@ -429,6 +431,8 @@ pub struct Writer {
     next_rollout_id: u64,
     /// Signs rollback directives; without it none can be sent.
     rollback_key: Option<Arc<ed25519_dalek::SigningKey>>,
+    /// Database file size at the last storage quota trim.
+    quota_trimmed_at: u64,
 }
 
 impl std::fmt::Debug for Writer {
@@ -480,6 +484,7 @@ impl Writer {
             telemetry_max_age: config.retention.telemetry_max_age,
             resolved_alerts_max_age: config.retention.resolved_alerts_max_age,
             retention_interval: config.retention.interval,
+            max_db_bytes: config.storage.max_bytes,
             rules: config.alerts.rules.clone(),
         };
         let rollout_settings = crate::rollouts::Settings {
@@ -512,6 +517,7 @@ impl Writer {
             rollout_settings,
             next_rollout_id: 1,
             rollback_key: None,
+            quota_trimmed_at: 0,
         };
         writer.reload()?;
         Ok(writer)
@@ -1381,8 +1387,52 @@ impl Writer {
         }
     }
 
-    /// Deletes telemetry older than the retention age and long-resolved alerts.
+    /// Deletes telemetry older than the retention age and long-resolved alerts; then, if the
+    /// database file has passed `storage.max_bytes` and grown since the last time it did,
+    /// each device's oldest quarter of telemetry and logs.
     fn retention(&mut self) {
+        self.retention_by_age();
+        let size = self.store.file_size();
+        let quota = self.settings.max_db_bytes;
+        if quota == 0 || size <= quota || size <= self.quota_trimmed_at {
+            return;
+        }
+        // The file never shrinks: what is freed is reused. It grows again only once that space
+        // is full, which is when the next trim is due.
+        self.quota_trimmed_at = size;
+        let devices = &mut self.devices;
+        let result = self.store.write(|t| {
+            let (mut telemetry, mut logs) = (0, 0);
+            for s in devices.values_mut() {
+                let d = &mut s.device;
+                let (tel, log) =
+                    t.trim_oldest(&d.id, d.telemetry_rows.div_ceil(4), d.log_rows.div_ceil(4))?;
+                if tel + log > 0 {
+                    d.telemetry_rows -= tel.min(d.telemetry_rows);
+                    d.log_rows -= log.min(d.log_rows);
+                    t.put_device(d)?;
+                }
+                telemetry += tel;
+                logs += log;
+            }
+            Ok((telemetry, logs))
+        });
+        match result {
+            Ok((telemetry, logs)) => {
+                self.metrics.storage_quota_trims.inc();
+                tracing::warn!(
+                    size,
+                    quota,
+                    telemetry,
+                    logs,
+                    "the database passed storage.max_bytes: deleted each device's oldest quarter of telemetry and logs"
+                );
+            }
+            Err(e) => tracing::error!(error = %e, "retention (storage quota) failed"),
+        }
+    }
+
+    fn retention_by_age(&mut self) {
         let cutoff_us = now_us().saturating_sub(self.settings.telemetry_max_age.as_micros() as u64);
         let alert_cutoff =
             now_ms().saturating_sub(self.settings.resolved_alerts_max_age.as_millis() as u64);

@@ -29,13 +29,17 @@ impl Harness {
     }
 
     fn open(dir: tempfile::TempDir) -> Harness {
+        Harness::open_with(dir, &config())
+    }
+
+    fn open_with(dir: tempfile::TempDir, config: &Config) -> Harness {
         let store = Store::open(dir.path()).unwrap();
         let credentials = Arc::new(Credentials::default());
         let metrics = Arc::new(Metrics::new(Duration::from_secs(3600)));
         let (downlink, rx) = DownlinkTx::detached(64);
         let writer = Writer::new(
             store.clone(),
-            &config(),
+            config,
             credentials.clone(),
             Arc::new(Sessions::default()),
             downlink,
@@ -519,4 +523,36 @@ fn unique_keys_never_repeat() {
     assert_eq!(unique_key(&mut last, 100), 101);
     assert_eq!(unique_key(&mut last, 50), 102);
     assert_eq!(unique_key(&mut last, 500), 500);
+}
+
+#[test]
+fn a_database_over_its_quota_loses_each_devices_oldest_quarter_once_per_growth() {
+    let mut c = config();
+    c.storage.max_bytes = 1;
+    let mut h = Harness::open_with(tempfile::tempdir().unwrap(), &c);
+    h.enroll("d1");
+    h.enroll("d2");
+    // Received now, so that the age rule of retention keeps them.
+    h.clock_us = now_us();
+    let mut items: Vec<Item> = (1..=5).map(|i| h.telemetry("d1", 1, i, 20.0)).collect();
+    items.extend((1..=3).map(|i| h.telemetry("d2", 1, i, 20.0)));
+    h.step(items);
+    let rows = |h: &Harness, d: &str| {
+        let listed = h.store.telemetry(d, 0, u64::MAX, 100).unwrap();
+        (listed.len() as u64, h.device(d).telemetry_rows)
+    };
+    assert_eq!((rows(&h, "d1"), rows(&h, "d2")), ((5, 5), (3, 3)));
+
+    h.writer.retention();
+    // ceil(5 / 4) = 2 and ceil(3 / 4) = 1 of the oldest rows went.
+    assert_eq!((rows(&h, "d1"), rows(&h, "d2")), ((3, 3), (2, 2)));
+    let oldest = h.store.telemetry("d1", 0, u64::MAX, 100).unwrap();
+    let seqs: Vec<u32> = oldest.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [5, 4, 3], "the newest rows stay");
+    assert_eq!(h.metrics.storage_quota_trims.get(), 1);
+
+    // The file has not grown since: nothing more goes.
+    h.writer.retention();
+    assert_eq!((rows(&h, "d1"), rows(&h, "d2")), ((3, 3), (2, 2)));
+    assert_eq!(h.metrics.storage_quota_trims.get(), 1);
 }

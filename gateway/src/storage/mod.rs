@@ -710,6 +710,15 @@ impl Tables<'_> {
         Ok(removed)
     }
 
+    /// Deletes a device's `telemetry` oldest telemetry rows and `logs` oldest log lines;
+    /// returns how many of each went.
+    pub fn trim_oldest(&mut self, device: &str, telemetry: u64, logs: u64) -> Result<(u64, u64)> {
+        Ok((
+            drop_oldest(&mut self.telemetry, device, telemetry)?,
+            drop_oldest(&mut self.logs, device, logs)?,
+        ))
+    }
+
     /// Deletes alerts resolved before `cutoff_ms`; returns how many went.
     pub fn delete_resolved_alerts_before(&mut self, cutoff_ms: u64) -> Result<u64> {
         let mut removed = 0;
@@ -869,6 +878,23 @@ fn devices_of(
         .range((rollout, "")..(rollout + 1, ""))?
         .map(|e| Ok(RolloutDevice::decode(e?.1.value())?))
         .collect()
+}
+
+/// Deletes the `n` oldest rows of `device`.
+fn drop_oldest(
+    table: &mut Table<'_, (&'static str, u64), &'static [u8]>,
+    device: &str,
+    n: u64,
+) -> Result<u64> {
+    let mut removed = 0;
+    if n > 0 {
+        table.retain_in((device, 0)..=(device, u64::MAX), |_, _| {
+            let drop = removed < n;
+            removed += u64::from(drop);
+            !drop
+        })?;
+    }
+    Ok(removed)
 }
 
 /// Inserts one per-device row, then drops the device's oldest rows while it has more than `keep`.
