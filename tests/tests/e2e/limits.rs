@@ -432,14 +432,9 @@ async fn an_oversize_message_is_refused_on_every_channel_and_the_next_one_is_sto
     gw.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tls_device_publishes_with_its_credential_and_the_certificate_is_kept() {
-    let gw = start(with_tls).await;
-    let cred = gw.enroll("tls-1").await;
-    let ca = gw.tls_cert();
-    let pem = std::fs::read(&ca).unwrap();
-
-    let (client, mut events) = connect_tls(gw.mqtt_tls_port(), "tls-1", &cred.secret, &ca)
+/// Connects `tls-1` over TLS, trusting `ca`, and publishes telemetry `seq` at QoS 1 (acked).
+async fn tls_telemetry(gw: &TestGateway, secret: &str, ca: &std::path::Path, seq: u64) {
+    let (client, mut events) = connect_tls(gw.mqtt_tls_port(), "tls-1", secret, ca)
         .await
         .unwrap();
     client
@@ -447,11 +442,21 @@ async fn a_tls_device_publishes_with_its_credential_and_the_certificate_is_kept(
             "fg/tls-1/telemetry/json",
             QoS::AtLeastOnce,
             false,
-            telemetry(1),
+            telemetry(seq),
         )
         .await
         .unwrap();
     await_acks(&mut events, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_device_publishes_with_its_credential_and_the_certificate_is_kept() {
+    let gw = start(with_tls).await;
+    let cred = gw.enroll("tls-1").await;
+    let ca = gw.tls_cert();
+    let pem = std::fs::read(&ca).unwrap();
+
+    tls_telemetry(&gw, &cred.secret, &ca, 1).await;
     // An MQTT 5 device over TLS too.
     let (c5, mut rx5) = connect_v5(gw.mqtt_tls_port(), "tls-1", &cred.secret, Some(&ca)).await;
     c5.publish(
@@ -495,19 +500,7 @@ async fn a_tls_device_publishes_with_its_credential_and_the_certificate_is_kept(
     with_tls(&mut c);
     let gw = TestGateway::start_with(c, Some(dir)).await;
     assert_eq!(std::fs::read(gw.tls_cert()).unwrap(), pem);
-    let (client, mut events) = connect_tls(gw.mqtt_tls_port(), "tls-1", &cred.secret, &ca)
-        .await
-        .unwrap();
-    client
-        .publish(
-            "fg/tls-1/telemetry/json",
-            QoS::AtLeastOnce,
-            false,
-            telemetry(3),
-        )
-        .await
-        .unwrap();
-    await_acks(&mut events, 1).await;
+    tls_telemetry(&gw, &cred.secret, &ca, 3).await;
     gw.sync().await;
     assert_eq!(gw.get("/devices/tls-1").await["counters"]["telemetry"], 3);
     gw.stop().await;
