@@ -19,7 +19,7 @@ rate=${2:-0.1}
 factor=${3:-1.5}
 steps=${4:-10}
 duration=${5:-20s}
-bin=target/release
+source bench/lib.sh
 for b in "$bin/fleetgate" "$bin/fleetgate-sim" "$bin/examples/bare-rumqttd"; do
   [ -x "$b" ] || { echo "missing $b: cargo build --release -p fleetgate -p fleetgate-sim --bins --example bare-rumqttd" >&2; exit 1; }
 done
@@ -35,13 +35,6 @@ if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((devices + 200)) ];
   echo "open files limited to $(ulimit -n): not enough for $devices devices" >&2
   exit 1
 fi
-work=$(mktemp -d)
-broker=
-cleanup() {
-  [ -n "${broker:-}" ] && kill "$broker" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
 
 port=18840
 # stress <name> <target> <extra args...>: ramps against the broker on $port, writes $work/<name>.json

@@ -14,23 +14,13 @@ devices=${1:-1000}
 features=${2:-16}
 cohorts=${3:-20}
 samples=${4:-10}
-bin=target/release
-work=$(mktemp -d)
-gw=; sim=
-# Stop what is still running, by pid (an empty pid must not become `kill 0`).
-cleanup() {
-  for pid in ${sim:-} ${gw:-}; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source bench/lib.sh
 
 "$bin/fleetgate" keys generate --out "$work/release" > /dev/null
 key=$(cat "$work/release.pub")
 mqtt=127.0.0.1:18832
 http=127.0.0.1:18082
 export FLEETGATE_URL="http://$http"
-api() { curl -sf -H "Authorization: Bearer $FLEETGATE_API_TOKEN" "$@"; }
-rss() { awk '/^VmRSS/ {print $2}' "/proc/$gw/status"; }
 
 # The model the simulator runs (sim-model 1.0.0) and its baseline: standard normal features,
 # classes 70/20/10 %, confidence 0.9, like the simulated devices.

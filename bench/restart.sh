@@ -9,15 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-10000}
-bin=target/release
+source bench/lib.sh
 ulimit -n "$(ulimit -Hn)"
-work=$(mktemp -d)
-gw=; sim=
-cleanup() {
-  for pid in ${sim:-} ${gw:-}; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
 
 mqtt=127.0.0.1:18850
 http=127.0.0.1:18851
@@ -42,11 +35,6 @@ start_gateway() {
   echo "the gateway did not start" >&2
   exit 1
 }
-connected() {
-  curl -sf -H "Authorization: Bearer $FLEETGATE_API_TOKEN" "http://$http/api/v1/ingest" \
-    | python3 -c 'import json,sys; print(json.load(sys.stdin)["mqtt"]["connected_devices"])' \
-    || echo 0
-}
 now() { date +%s.%N; }
 
 start_gateway
@@ -57,8 +45,8 @@ export FLEETGATE_API_TOKEN=$(cat "$work/data/api-token")
   --alert-every 0 --connect-rate 1000 --credentials "$work/creds.csv" > "$work/sim.log" 2>&1 &
 sim=$!
 t=$(now)
-for _ in $(seq 1200); do [ "$(connected)" -ge "$n" ] && break; sleep 0.1; done
-up=$(connected)
+for _ in $(seq 1200); do [ "$(connected "$http")" -ge "$n" ] && break; sleep 0.1; done
+up=$(connected "$http")
 [ "$up" -ge "$n" ] || { echo "only $up of $n devices connected" >&2; exit 1; }
 echo "first connect: $n devices in $(python3 -c "print(round($(now) - $t, 2))") s (ramp 1000/s)"
 
@@ -68,9 +56,9 @@ wait "$gw" || true
 t_start=$(now)
 start_gateway
 t_up=$(now)
-for _ in $(seq 1200); do [ "$(connected)" -ge "$n" ] && break; sleep 0.1; done
+for _ in $(seq 1200); do [ "$(connected "$http")" -ge "$n" ] && break; sleep 0.1; done
 t_all=$(now)
-up=$(connected)
+up=$(connected "$http")
 python3 - "$n" "$up" "$t_stop" "$t_start" "$t_up" "$t_all" <<'PY'
 import sys
 n, up = int(sys.argv[1]), int(sys.argv[2])

@@ -14,14 +14,7 @@ cd "$(dirname "$0")/.."
 stage=${1:-1000}
 control=${2:-100}
 devices=$((stage + control))
-bin=target/release
-work=$(mktemp -d)
-gw=; sim=
-cleanup() {
-  for pid in ${sim:-} ${gw:-}; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source bench/lib.sh
 
 "$bin/fleetgate" keys generate --out "$work/release" > /dev/null
 key=$(cat "$work/release.pub")
@@ -54,7 +47,6 @@ unset FLEETGATE_API_TOKEN
 gw=$!
 for _ in $(seq 100); do [ -s "$work/data/api-token" ] && break; sleep 0.1; done
 export FLEETGATE_API_TOKEN=$(cat "$work/data/api-token") FLEETGATE_URL="http://$http"
-api() { curl -sf -H "Authorization: Bearer $FLEETGATE_API_TOKEN" "$@"; }
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
 head -c 4096 /dev/urandom > "$work/model.tflite"

@@ -10,15 +10,7 @@ cd "$(dirname "$0")/.."
 devices=${1:-1000}
 mib=${2:-1}
 concurrent=${3:-1000}
-bin=target/release
-work=$(mktemp -d)
-gw=; sim=
-# Stop what is still running, by pid (an empty pid must not become `kill 0`).
-cleanup() {
-  for pid in ${sim:-} ${gw:-}; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source bench/lib.sh
 
 "$bin/fleetgate" keys generate --out "$work/release" > /dev/null
 key=$(cat "$work/release.pub")
@@ -41,7 +33,6 @@ TOML
 gw=$!
 for _ in $(seq 100); do [ -s "$work/data/api-token" ] && break; sleep 0.1; done
 export FLEETGATE_API_TOKEN=$(cat "$work/data/api-token")
-api() { curl -sf -H "Authorization: Bearer $FLEETGATE_API_TOKEN" "$@"; }
 
 head -c $((mib << 20)) /dev/urandom > "$work/model.tflite"
 "$bin/fleetgate" bundle sign "$work/model.tflite" --kind model --name sim-model --version 2.0.0 \

@@ -9,14 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 counts=("${@:-0 100 1000}")
 [ $# -eq 0 ] && counts=(0 100 1000)
-bin=target/release
-work=$(mktemp -d)
-# Stop what is still running, by pid (an empty pid must not become `kill 0`).
-cleanup() {
-  for pid in ${sim:-} ${gw:-}; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source bench/lib.sh
 
 mqtt=127.0.0.1:18830
 http=127.0.0.1:18080
@@ -33,7 +26,6 @@ TOML
 gw=$!
 for _ in $(seq 50); do [ -s "$work/data/api-token" ] && break; sleep 0.1; done
 export FLEETGATE_API_TOKEN=$(cat "$work/data/api-token")
-rss() { awk '/^VmRSS/ {print $2}' "/proc/$gw/status"; }
 max=${counts[-1]}
 # Enroll the largest fleet once; smaller runs use the first n credentials.
 "$bin/fleetgate-sim" enroll --api "http://$http" --devices "$max" --prefix mem --save-credentials "$work/creds.csv"
@@ -50,8 +42,7 @@ for n in "${counts[@]}"; do
     sim=$!
     # Every device connected (bounded), then 10 s of steady state before the sample.
     for _ in $(seq 1200); do
-      up=$(curl -sf -H "Authorization: Bearer $FLEETGATE_API_TOKEN" "http://$http/api/v1/ingest" \
-        | python3 -c 'import json,sys; print(json.load(sys.stdin)["mqtt"]["connected_devices"])')
+      up=$(connected "$http")
       [ "$up" -ge "$n" ] && break
       sleep 0.1
     done
@@ -65,8 +56,7 @@ for n in "${counts[@]}"; do
     echo "| $n | $tps | $((now / 1024)) | $(( (now - base) / n )) |"
     # Let the sessions close before the next run.
     for _ in $(seq 600); do
-      up=$(curl -sf -H "Authorization: Bearer $FLEETGATE_API_TOKEN" "http://$http/api/v1/ingest" \
-        | python3 -c 'import json,sys; print(json.load(sys.stdin)["mqtt"]["connected_devices"])')
+      up=$(connected "$http")
       [ "$up" -eq 0 ] && break
       sleep 0.1
     done
