@@ -116,26 +116,33 @@ async fn the_release_and_drift_flow_of_the_readme_works_from_the_command_line() 
 
     // 2. A signed bundle, 3. registered.
     std::fs::write(d("kws.tflite"), vec![7u8; 10_000]).unwrap();
-    ok(&[
-        "bundle",
-        "sign",
-        &d("kws.tflite"),
-        "--kind",
-        "model",
-        "--name",
-        "kws",
-        "--version",
-        "2.0.0",
-        "--release",
-        "1",
-        "--class",
-        "sim-mcu",
-        "--key",
-        &d("release.key"),
-        "--out",
-        &d("kws.fgb"),
-    ])
-    .await;
+    // `fleetgate bundle sign` of kws.tflite as kws VERSION (release RELEASE) with KEY into OUT.
+    let sign = |version: &'static str, release: &'static str, key: &str, out: &str| {
+        let (artifact, key, out) = (d("kws.tflite"), d(key), d(out));
+        async move {
+            ok(&[
+                "bundle",
+                "sign",
+                &artifact,
+                "--kind",
+                "model",
+                "--name",
+                "kws",
+                "--version",
+                version,
+                "--release",
+                release,
+                "--class",
+                "sim-mcu",
+                "--key",
+                &key,
+                "--out",
+                &out,
+            ])
+            .await
+        }
+    };
+    sign("2.0.0", "1", "release.key", "kws.fgb").await;
     let mut args = with_api(&["registry", "upload"]);
     args.push(d("kws.fgb"));
     let o = run(args).await;
@@ -143,26 +150,7 @@ async fn the_release_and_drift_flow_of_the_readme_works_from_the_command_line() 
 
     // A bundle signed by a key the gateway does not trust is refused, and says why.
     ok(&["keys", "generate", "--out", &d("stranger")]).await;
-    ok(&[
-        "bundle",
-        "sign",
-        &d("kws.tflite"),
-        "--kind",
-        "model",
-        "--name",
-        "kws",
-        "--version",
-        "2.0.1",
-        "--release",
-        "2",
-        "--class",
-        "sim-mcu",
-        "--key",
-        &d("stranger.key"),
-        "--out",
-        &d("stranger.fgb"),
-    ])
-    .await;
+    sign("2.0.1", "2", "stranger.key", "stranger.fgb").await;
     let mut args = with_api(&["registry", "upload"]);
     args.push(d("stranger.fgb"));
     let o = run(args).await;

@@ -50,13 +50,9 @@ impl Writer {
         now: u64,
         fx: &mut Effects,
     ) -> storage::Result<Result<RolloutCreated, ControlError>> {
-        let Some(release) = self.store.release(req.kind, &req.name, &req.version)? else {
-            return Ok(Err(ControlError::NotFound(format!(
-                "{} {} {}",
-                req.kind.name(),
-                req.name,
-                req.version
-            ))));
+        let release = match self.release_of(req.kind, &req.name, &req.version)? {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
         };
         if let Target::Devices(ids) = &req.target
             && let Some(unknown) = ids.iter().find(|d| !self.devices.contains_key(*d))

@@ -88,6 +88,19 @@ pub(super) fn running(
 pub(super) type PreparedCache = HashMap<[u8; 32], Arc<Prepared>>;
 
 impl Writer {
+    /// A registered release by version or alias, or the operator's NotFound.
+    pub(super) fn release_of(
+        &self,
+        kind: ArtifactKind,
+        name: &str,
+        version: &str,
+    ) -> storage::Result<Result<ReleaseRecord, ControlError>> {
+        Ok(self
+            .store
+            .release(kind, name, version)?
+            .ok_or_else(|| ControlError::NotFound(format!("{} {name} {version}", kind.name()))))
+    }
+
     pub(super) fn start_updates(
         &mut self,
         t: &mut Tables<'_>,
@@ -96,13 +109,9 @@ impl Writer {
         now: u64,
         fx: &mut Effects,
     ) -> storage::Result<Result<UpdatePlan, ControlError>> {
-        let Some(release) = self.store.release(req.kind, &req.name, &req.version)? else {
-            return Ok(Err(ControlError::NotFound(format!(
-                "{} {} {}",
-                req.kind.name(),
-                req.name,
-                req.version
-            ))));
+        let release = match self.release_of(req.kind, &req.name, &req.version)? {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
         };
         let mut devices = match req.devices {
             Some(list) => list,

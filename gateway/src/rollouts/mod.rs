@@ -925,16 +925,7 @@ impl Engine {
                 e.control_devices
             );
             let detail = serde_json::to_value(&e).unwrap_or_default();
-            self.stop(
-                id,
-                true,
-                GATEWAY,
-                "gate_failed",
-                message,
-                detail,
-                now_ms,
-                actions,
-            );
+            self.roll_back(id, "gate_failed", message, detail, now_ms, actions);
         } else if changed {
             l.record.updated_ms = now_ms;
             actions.push(Action::Save(Box::new(l.record.clone())));
@@ -954,16 +945,7 @@ impl Engine {
         if state.is_active() {
             for k in 0..=l.record.stage.min(l.sizes.len() - 1) {
                 if let Some((message, detail)) = abort_reached(l, k) {
-                    self.stop(
-                        id,
-                        true,
-                        GATEWAY,
-                        "abort_threshold",
-                        message,
-                        detail,
-                        now_ms,
-                        actions,
-                    );
+                    self.roll_back(id, "abort_threshold", message, detail, now_ms, actions);
                     return;
                 }
             }
@@ -1011,16 +993,7 @@ impl Engine {
                         k + 1,
                         stage.success_pct
                     );
-                    self.stop(
-                        id,
-                        true,
-                        GATEWAY,
-                        "stage_failed",
-                        message,
-                        detail,
-                        now_ms,
-                        actions,
-                    );
+                    self.roll_back(id, "stage_failed", message, detail, now_ms, actions);
                     return;
                 }
                 let Some(l) = self.live.get_mut(&id) else {
@@ -1135,6 +1108,20 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// The gateway stops rollout `id` and rolls its updated devices back (`event` names why
+    /// in the audit log).
+    fn roll_back(
+        &mut self,
+        id: u64,
+        event: &str,
+        message: String,
+        detail: serde_json::Value,
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        self.stop(id, true, GATEWAY, event, message, detail, now_ms, actions);
     }
 
     /// Ends a rollout: cancels downloads in flight and, with `rollback`, sends every device that

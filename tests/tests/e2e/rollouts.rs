@@ -94,6 +94,26 @@ async fn create(gw: &TestGateway, body: Value) -> Value {
     gw.post("/rollouts", body).await.expect("create rollout")
 }
 
+/// Rolls sim-model 2.0.0 out to every device; the answer to the request.
+async fn create_all(gw: &TestGateway) -> Value {
+    create(
+        gw,
+        json!({ "kind": "model", "name": "sim-model", "version": "2.0.0", "all": true }),
+    )
+    .await
+}
+
+/// Polls the rollout until it no longer runs (at most `limit`).
+async fn wait_settled(gw: &TestGateway, id: u64, limit: Duration) -> Value {
+    wait_state(
+        gw,
+        id,
+        &["completed", "rolled_back", "aborted", "paused"],
+        limit,
+    )
+    .await
+}
+
 /// Polls the rollout until its state is one of `states` (at most `limit`).
 async fn wait_state(gw: &TestGateway, id: u64, states: &[&str], limit: Duration) -> Value {
     let deadline = tokio::time::Instant::now() + limit;
@@ -179,11 +199,7 @@ async fn two_hundred_devices_go_through_every_default_stage() {
     };
     let (fleet, stop) = fleet(&gw, creds, vec![profile], DataShape::default()).await;
 
-    let created = create(
-        &gw,
-        json!({ "kind": "model", "name": "sim-model", "version": "2.0.0", "all": true }),
-    )
-    .await;
+    let created = create_all(&gw).await;
     assert_eq!(created["skipped"], json!([]));
     let id = created["rollout"]["id"].as_u64().unwrap();
     assert_eq!(created["rollout"]["planned"], 200);
@@ -198,13 +214,7 @@ async fn two_hundred_devices_go_through_every_default_stage() {
         [&json!(5), &json!(20), &json!(100), &json!(200)]
     );
 
-    let r = wait_state(
-        &gw,
-        id,
-        &["completed", "rolled_back", "aborted", "paused"],
-        Duration::from_secs(180),
-    )
-    .await;
+    let r = wait_settled(&gw, id, Duration::from_secs(180)).await;
     assert_eq!(r["state"], "completed", "{r}");
     assert_eq!(r["counts"], json!({ "healthy": 200 }));
     let per_stage: Vec<&Value> = r["stages"]
@@ -255,20 +265,8 @@ async fn a_release_failing_on_30_percent_stops_early_and_is_rolled_back() {
         })
         .collect();
     let (fleet, stop) = fleet(&gw, creds, profiles, DataShape::default()).await;
-    let id = create(
-        &gw,
-        json!({ "kind": "model", "name": "sim-model", "version": "2.0.0", "all": true }),
-    )
-    .await["rollout"]["id"]
-        .as_u64()
-        .unwrap();
-    let r = wait_state(
-        &gw,
-        id,
-        &["completed", "rolled_back", "aborted", "paused"],
-        Duration::from_secs(120),
-    )
-    .await;
+    let id = create_all(&gw).await["rollout"]["id"].as_u64().unwrap();
+    let r = wait_settled(&gw, id, Duration::from_secs(120)).await;
     assert_eq!(r["state"], "rolled_back", "{r}");
     assert_eq!(r["by"], "gateway");
     assert!(r["reason"].as_str().unwrap().contains("failed"), "{r}");
@@ -316,20 +314,8 @@ async fn gate_case(regression: Option<Regression>, shape: DataShape) -> (Value, 
         ..DeviceProfile::default()
     };
     let (fleet, stop) = fleet(&gw, creds, vec![profile], shape).await;
-    let id = create(
-        &gw,
-        json!({ "kind": "model", "name": "sim-model", "version": "2.0.0", "all": true }),
-    )
-    .await["rollout"]["id"]
-        .as_u64()
-        .unwrap();
-    let r = wait_state(
-        &gw,
-        id,
-        &["completed", "rolled_back", "aborted", "paused"],
-        Duration::from_secs(120),
-    )
-    .await;
+    let id = create_all(&gw).await["rollout"]["id"].as_u64().unwrap();
+    let r = wait_settled(&gw, id, Duration::from_secs(120)).await;
     if r["state"] == "rolled_back" {
         wait_rolled_back(&gw, id).await;
         wait_versions(&gw, &[("1.0.0", 40)]).await;
@@ -424,11 +410,7 @@ async fn offline_devices_never_fail_and_late_joiners_are_updated() {
     gw.sync().await;
     let (fleet_on, stop_on) = fleet(&gw, online, vec![profile.clone()], DataShape::default()).await;
 
-    let created = create(
-        &gw,
-        json!({ "kind": "model", "name": "sim-model", "version": "2.0.0", "all": true }),
-    )
-    .await;
+    let created = create_all(&gw).await;
     let id = created["rollout"]["id"].as_u64().unwrap();
     assert_eq!(created["rollout"]["planned"], 35);
     let skipped: Vec<&str> = created["skipped"]
@@ -446,13 +428,7 @@ async fn offline_devices_never_fail_and_late_joiners_are_updated() {
     // The late devices arrive during the rollout.
     let (fleet_late, stop_late) =
         fleet(&gw, late, vec![profile.clone()], DataShape::default()).await;
-    let r = wait_state(
-        &gw,
-        id,
-        &["completed", "rolled_back", "aborted", "paused"],
-        Duration::from_secs(120),
-    )
-    .await;
+    let r = wait_settled(&gw, id, Duration::from_secs(120)).await;
     assert_eq!(r["state"], "completed", "{r}");
     // The away devices are still pending, never failed; the late ones joined and took it.
     assert_eq!(r["counts"]["pending"], 5, "{r}");
