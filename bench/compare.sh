@@ -104,13 +104,12 @@ listen = "$http"
 [storage]
 data_dir = "$work/data"
 TOML
-taskset -c 0 "$bin/fleetgate" serve --config "$work/gw.toml" > "$work/gw.log" 2>&1 &
-broker=$!
-for _ in $(seq 100); do [ -s "$work/data/api-token" ] && break; sleep 0.1; done
-export FLEETGATE_API_TOKEN=$(cat "$work/data/api-token")
+serve_gateway taskset -c 0
+broker=$gw
 wait_port
 stress gateway gateway --api "http://$http" --prefix gw
 stop_broker
+gw=
 
 python3 - "$work" <<'PY'
 import json, sys

@@ -16,8 +16,7 @@ cohorts=${3:-20}
 samples=${4:-10}
 source bench/lib.sh
 
-"$bin/fleetgate" keys generate --out "$work/release" > /dev/null
-key=$(cat "$work/release.pub")
+release_key
 mqtt=127.0.0.1:18832
 http=127.0.0.1:18082
 export FLEETGATE_URL="http://$http"
@@ -54,14 +53,7 @@ trusted_keys = ["$key"]
 [drift]
 cohort_label = "site"
 TOML
-  # Without a token in the environment the gateway makes one and writes it to its data dir.
-  unset FLEETGATE_API_TOKEN
-  "$bin/fleetgate" serve --config "$work/gw.toml" > "$work/gw.log" 2>&1 &
-  gw=$!
-  for _ in $(seq 100); do [ -s "$work/data/api-token" ] && break; sleep 0.1; done
-  [ -s "$work/data/api-token" ] || { echo "the gateway did not start:" >&2; cat "$work/gw.log" >&2; exit 1; }
-  FLEETGATE_API_TOKEN=$(cat "$work/data/api-token")
-  export FLEETGATE_API_TOKEN
+  serve_gateway
   "$bin/fleetgate" registry upload "$work/model.fgb" > /dev/null
   [ "$1" = yes ] && "$bin/fleetgate" baseline upload sim-model 1.0.0 "$work/baseline.json" > /dev/null
   "$bin/fleetgate-sim" enroll --api "http://$http" --devices "$devices" --prefix drift \

@@ -21,3 +21,24 @@ connected() {
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["mqtt"]["connected_devices"])' \
     || echo 0
 }
+
+# A release key pair in $work/release.{key,pub}; its public key in `key`.
+release_key() {
+  "$bin/fleetgate" keys generate --out "$work/release" > /dev/null
+  key=$(cat "$work/release.pub")
+}
+
+# Starts `fleetgate serve` on $work/gw.toml (the arguments, e.g. `taskset -c 0`, go before
+# it), keeps its pid in `gw`, and waits (at most 10 s) until its API at http://$http answers;
+# exports the operator token it generated into its data dir.
+serve_gateway() {
+  unset FLEETGATE_API_TOKEN
+  "$@" "$bin/fleetgate" serve --config "$work/gw.toml" >> "$work/gw.log" 2>&1 &
+  gw=$!
+  for _ in $(seq 100); do
+    [ -s "$work/data/api-token" ] && curl -sf "http://$http/healthz" > /dev/null && break
+    sleep 0.1
+  done
+  [ -s "$work/data/api-token" ] || { echo "the gateway did not start:" >&2; cat "$work/gw.log" >&2; exit 1; }
+  export FLEETGATE_API_TOKEN=$(cat "$work/data/api-token")
+}

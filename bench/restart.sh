@@ -25,20 +25,9 @@ listen = "$http"
 [storage]
 data_dir = "$work/data"
 TOML
-start_gateway() {
-  "$bin/fleetgate" serve --config "$work/gw.toml" >> "$work/gw.log" 2>&1 &
-  gw=$!
-  for _ in $(seq 100); do
-    curl -sf "http://$http/healthz" > /dev/null && return 0
-    sleep 0.05
-  done
-  echo "the gateway did not start" >&2
-  exit 1
-}
 now() { date +%s.%N; }
 
-start_gateway
-export FLEETGATE_API_TOKEN=$(cat "$work/data/api-token")
+serve_gateway
 "$bin/fleetgate-sim" enroll --api "http://$http" --devices "$n" --prefix rs \
   --save-credentials "$work/creds.csv" > /dev/null
 "$bin/fleetgate-sim" run --mqtt "$mqtt" --devices "$n" --rate 0.01 --duration 900s \
@@ -54,7 +43,7 @@ t_stop=$(now)
 kill -TERM "$gw"
 wait "$gw" || true
 t_start=$(now)
-start_gateway
+serve_gateway
 t_up=$(now)
 for _ in $(seq 1200); do [ "$(connected "$http")" -ge "$n" ] && break; sleep 0.1; done
 t_all=$(now)

@@ -16,8 +16,7 @@ control=${2:-100}
 devices=$((stage + control))
 source bench/lib.sh
 
-"$bin/fleetgate" keys generate --out "$work/release" > /dev/null
-key=$(cat "$work/release.pub")
+release_key
 mqtt=127.0.0.1:18833
 http=127.0.0.1:18083
 cat > "$work/gw.toml" <<TOML
@@ -42,11 +41,8 @@ window = "10s"
 confirm = "20s"
 min_samples = 20
 TOML
-unset FLEETGATE_API_TOKEN
-"$bin/fleetgate" serve --config "$work/gw.toml" > "$work/gw.log" 2>&1 &
-gw=$!
-for _ in $(seq 100); do [ -s "$work/data/api-token" ] && break; sleep 0.1; done
-export FLEETGATE_API_TOKEN=$(cat "$work/data/api-token") FLEETGATE_URL="http://$http"
+serve_gateway
+export FLEETGATE_URL="http://$http"
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
 head -c 4096 /dev/urandom > "$work/model.tflite"

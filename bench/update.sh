@@ -12,8 +12,7 @@ mib=${2:-1}
 concurrent=${3:-1000}
 source bench/lib.sh
 
-"$bin/fleetgate" keys generate --out "$work/release" > /dev/null
-key=$(cat "$work/release.pub")
+release_key
 mqtt=127.0.0.1:18831
 http=127.0.0.1:18081
 cat > "$work/gw.toml" <<TOML
@@ -29,10 +28,7 @@ trusted_keys = ["$key"]
 [updates]
 max_concurrent = $concurrent
 TOML
-"$bin/fleetgate" serve --config "$work/gw.toml" > "$work/gw.log" 2>&1 &
-gw=$!
-for _ in $(seq 100); do [ -s "$work/data/api-token" ] && break; sleep 0.1; done
-export FLEETGATE_API_TOKEN=$(cat "$work/data/api-token")
+serve_gateway
 
 head -c $((mib << 20)) /dev/urandom > "$work/model.tflite"
 "$bin/fleetgate" bundle sign "$work/model.tflite" --kind model --name sim-model --version 2.0.0 \

@@ -22,10 +22,7 @@ listen = "$http"
 [storage]
 data_dir = "$work/data"
 TOML
-"$bin/fleetgate" serve --config "$work/gw.toml" > "$work/gw.log" 2>&1 &
-gw=$!
-for _ in $(seq 50); do [ -s "$work/data/api-token" ] && break; sleep 0.1; done
-export FLEETGATE_API_TOKEN=$(cat "$work/data/api-token")
+serve_gateway
 max=${counts[-1]}
 # Enroll the largest fleet once; smaller runs use the first n credentials.
 "$bin/fleetgate-sim" enroll --api "http://$http" --devices "$max" --prefix mem --save-credentials "$work/creds.csv"
