@@ -54,6 +54,9 @@ pub struct Mqtt {
     pub per_source_connects_per_second: f64,
     /// ...holding at most this many.
     pub per_source_burst: u32,
+    /// QoS 1/2 publishes one device may have waiting for their acknowledgement (the MQTT 5
+    /// Receive Maximum the gateway announces); a session reads no further while this many wait.
+    pub max_inflight: u16,
     pub router: Router,
 }
 
@@ -107,11 +110,10 @@ impl MaxMessageBytes {
     }
 }
 
-/// Sizes of the embedded broker's in-memory logs (see ARCHITECTURE.md, "Memory budget").
+/// Sizes of the embedded broker's in-memory log of commands to devices (see ARCHITECTURE.md,
+/// "Memory budget").
 #[derive(Debug, Clone, PartialEq)]
 pub struct Router {
-    pub ingest_segment_bytes: usize,
-    pub ingest_segment_count: usize,
     pub downlink_segment_bytes: usize,
     pub downlink_segment_count: usize,
     pub max_outgoing_packet_count: u64,
@@ -144,8 +146,24 @@ pub struct Retention {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ingest {
     pub queue: usize,
+    /// The queue's bound in bytes of device messages.
+    pub queue_bytes: usize,
     pub batch: usize,
+    /// After the first message of a batch, how long the writer may wait for more before it
+    /// commits (a batch also closes when `batch` messages are in it).
+    pub commit_delay: Duration,
+    pub ack: IngestAck,
     pub reject_log_interval: Duration,
+}
+
+/// When a device's QoS 1/2 publish is acknowledged (`ingest.ack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestAck {
+    /// Once the transaction holding it has committed: an acknowledged message survives a crash.
+    Commit,
+    /// Once it is in the writer's queue: lower latency, but what is acknowledged and not yet
+    /// committed is lost if the gateway dies.
+    Receipt,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -305,8 +323,6 @@ impl Config {
         let mut mqtt = root.section(p, "mqtt");
         let mut router = mqtt.section(p, "router");
         let router = Router {
-            ingest_segment_bytes: router.usize(p, "ingest_segment_bytes", 1024..=1 << 30),
-            ingest_segment_count: router.usize(p, "ingest_segment_count", 1..=64),
             downlink_segment_bytes: router.usize(p, "downlink_segment_bytes", 1024..=1 << 30),
             downlink_segment_count: router.usize(p, "downlink_segment_count", 1..=64),
             max_outgoing_packet_count: router.usize(p, "max_outgoing_packet_count", 1..=10_000)
@@ -340,6 +356,7 @@ impl Config {
                 RATE_RANGE,
             ),
             per_source_burst: mqtt.usize(p, "per_source_burst", 1..=1_000_000) as u32,
+            max_inflight: mqtt.usize(p, "max_inflight", 1..=65_535) as u16,
             router,
         }
         .finish_with(mqtt, p);
@@ -386,7 +403,21 @@ impl Config {
         let mut ing = root.section(p, "ingest");
         let ingest = Ingest {
             queue: ing.usize(p, "queue", 16..=10_000_000),
+            queue_bytes: ing.usize(p, "queue_bytes", 64 << 10..=1 << 40),
             batch: ing.usize(p, "batch", 1..=1_000_000),
+            commit_delay: ing.duration(p, "commit_delay", ms(0)..=secs(1)),
+            ack: match ing.string(p, "ack").as_str() {
+                "commit" => IngestAck::Commit,
+                "receipt" => IngestAck::Receipt,
+                other => {
+                    ing.error(
+                        p,
+                        "ack",
+                        &format!("{other:?} is not one of \"commit\", \"receipt\""),
+                    );
+                    IngestAck::Commit
+                }
+            },
             reject_log_interval: ing.duration(p, "reject_log_interval", ms(0)..=days(1)),
         }
         .finish_with(ing, p);

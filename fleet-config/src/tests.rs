@@ -81,7 +81,10 @@ connect_timeout = 5
 lisen = "typo"
 
 [mqtt.router]
-ingest_segment_bytes = 10
+downlink_segment_bytes = 10
+
+[ingest]
+ack = "eventually"
 
 [http]
 token = "short"
@@ -105,7 +108,7 @@ x = 1
     assert_eq!(
         errors(text),
         vec![
-            "mqtt.router.ingest_segment_bytes: 10 is out of range 1024..=1073741824",
+            "mqtt.router.downlink_segment_bytes: 10 is out of range 1024..=1073741824",
             "mqtt.listen: \"localhost\" is not an IP address and port such as \"127.0.0.1:1883\"",
             "mqtt.max_connections: 0 is out of range 1..=1000000",
             "mqtt.connect_timeout: expected a duration like \"5s\", found integer",
@@ -114,6 +117,7 @@ x = 1
             "storage.data_dir: expected a string, found integer",
             "storage.data_dir: must not be empty",
             "retention.telemetry_max_age: \"7 fortnights\" is not a duration (unknown time unit \"fortnights\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few variations))",
+            "ingest.ack: \"eventually\" is not one of \"commit\", \"receipt\"",
             "alerts.rules[0].metric: unknown metric \"temperature\"; one of [\"cpu_pct\", \"free_mem_bytes\", \"temp_c\", \"battery_mv\", \"power_mw\", \"inference_latency_us\"]",
             "alerts.rules[0].above: give either `above` or `below`, not both",
             "alerts.rules[0].severity: must be one of info, warning, critical",

@@ -13,12 +13,11 @@ struct Expected {
     file: &'static str,
     host_mib: u64,
     max_connections: usize,
-    ingest_segment_bytes: usize,
-    ingest_segment_count: usize,
     downlink_segment_bytes: usize,
     downlink_segment_count: usize,
     cache_bytes: usize,
     queue: usize,
+    queue_bytes: usize,
     max_concurrent: usize,
     window: u32,
     max_chunk_bytes: usize,
@@ -30,12 +29,11 @@ const PRESETS: &[Expected] = &[
         file: "512mb.toml",
         host_mib: 512,
         max_connections: 500,
-        ingest_segment_bytes: 1 << 20,
-        ingest_segment_count: 4,
         downlink_segment_bytes: 512 << 10,
         downlink_segment_count: 2,
         cache_bytes: 16 << 20,
         queue: 4096,
+        queue_bytes: 8 << 20,
         max_concurrent: 25,
         window: 8,
         max_chunk_bytes: 16 << 10,
@@ -45,12 +43,11 @@ const PRESETS: &[Expected] = &[
         file: "1gb.toml",
         host_mib: 1024,
         max_connections: 2000,
-        ingest_segment_bytes: 2 << 20,
-        ingest_segment_count: 4,
         downlink_segment_bytes: 1 << 20,
         downlink_segment_count: 2,
         cache_bytes: 64 << 20,
         queue: 8192,
+        queue_bytes: 16 << 20,
         max_concurrent: 100,
         window: 8,
         max_chunk_bytes: 16 << 10,
@@ -69,17 +66,13 @@ fn preset_path(file: &str) -> PathBuf {
 fn worst_case_bytes(c: &Config) -> u64 {
     let empty_gateway = 25 * MIB;
     let per_busy_device = 25 * KIB;
-    let uplink_queue = 2 * MIB;
-    let per_queued_message = 320;
     let drift = 4 * MIB;
     let r = &c.mqtt.router;
     let n = |v: usize| v as u64;
     empty_gateway
         + n(c.mqtt.max_connections) * per_busy_device
-        + 3 * n(r.ingest_segment_bytes) * n(r.ingest_segment_count)
         + 3 * n(r.downlink_segment_bytes) * n(r.downlink_segment_count)
-        + uplink_queue
-        + n(c.ingest.queue) * per_queued_message
+        + n(c.ingest.queue_bytes)
         + n(c.storage.cache_bytes)
         + n(c.updates.max_concurrent)
             * 2
@@ -109,12 +102,11 @@ fn presets_are_valid_and_hold_their_stated_numbers() {
         let f = want.file;
         assert_eq!(c.mqtt.max_connections, want.max_connections, "{f}");
         let r = &c.mqtt.router;
-        assert_eq!(r.ingest_segment_bytes, want.ingest_segment_bytes, "{f}");
-        assert_eq!(r.ingest_segment_count, want.ingest_segment_count, "{f}");
         assert_eq!(r.downlink_segment_bytes, want.downlink_segment_bytes, "{f}");
         assert_eq!(r.downlink_segment_count, want.downlink_segment_count, "{f}");
         assert_eq!(c.storage.cache_bytes, want.cache_bytes, "{f}");
         assert_eq!(c.ingest.queue, want.queue, "{f}");
+        assert_eq!(c.ingest.queue_bytes, want.queue_bytes, "{f}");
         assert!(c.ingest.batch <= c.ingest.queue, "{f}: batch over queue");
         assert_eq!(c.updates.max_concurrent, want.max_concurrent, "{f}");
         assert_eq!(c.updates.window, want.window, "{f}");

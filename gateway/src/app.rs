@@ -1,10 +1,14 @@
 //! Assembles a running gateway and takes it down again.
 //!
-//! Startup: storage, then the writer, then the broker (whose ingest subscription is active
-//! before any device can connect), then the listeners. Shutdown is one tree under a
-//! `CancellationToken`: stop accepting, end device sessions (each releases its router link),
-//! let in-flight HTTP requests finish, publish a flush marker through the broker, and stop the
-//! writer once the marker arrives: everything a device got a PUBACK for is committed by then.
+//! Startup: storage, then the writer, then the broker (whose dispatch subscription is active
+//! before any command can be sent), then the listeners. Shutdown is one tree under a
+//! `CancellationToken`: stop accepting, end device sessions (each acknowledges what gets
+//! committed meanwhile, then closes), let in-flight HTTP requests finish, queue a flush marker
+//! for the writer, and stop the writer once the marker is committed.
+//!
+//! The writer is the gateway: if its thread ends (a panic, storage it cannot reload) or stops
+//! making progress while the gateway runs, [`Gateway::failed`] resolves and the binary exits
+//! non-zero (systemd restarts it); `/healthz` fails meanwhile.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,11 +23,26 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{self, ApiState};
 use crate::auth::{self, Credentials, TokenSource};
+use crate::broker::Broker;
 use crate::broker::front::{Front, Kick, Sessions};
-use crate::broker::{Broker, UplinkTx};
+use crate::bus::{Uplinks, WriterMsg, WriterTx};
 use crate::ingest::{self, ControlTx, Writer};
 use crate::metrics::Metrics;
 use crate::storage::Store;
+
+/// Tells the gateway (and `/healthz`) when the writer's thread ends, however it ends.
+struct WriterGone(CancellationToken, Arc<Metrics>);
+
+impl Drop for WriterGone {
+    fn drop(&mut self) {
+        self.1.writer_stopped();
+        self.0.cancel();
+    }
+}
+
+/// A writer that has not gone round its loop for this long is stuck (its loop wakes at least
+/// once a second; a commit on a slow SD card can take seconds, not a minute).
+pub const WRITER_STUCK: Duration = Duration::from_secs(60);
 
 /// A running gateway. Dropping it without [`Gateway::shutdown`] leaves its tasks running.
 #[derive(Debug)]
@@ -42,9 +61,11 @@ pub struct Gateway {
     tracker: TaskTracker,
     sessions: Arc<Sessions>,
     control: ControlTx,
-    /// Flush markers go behind every device message queued for the broker.
-    uplink: UplinkTx,
+    /// Flush markers go behind every device message queued for the writer.
+    writer_tx: WriterTx,
     writer: std::thread::JoinHandle<()>,
+    /// Resolves when the writer has stopped on its own (see [`Gateway::failed`]).
+    writer_gone: CancellationToken,
     http: tokio::task::JoinHandle<()>,
     markers: std::sync::atomic::AtomicU64,
 }
@@ -71,13 +92,10 @@ impl Gateway {
         let (writer_tx, writer_rx, control, control_rx) = ingest::channels(&config);
 
         let mqtt_cfg = config.mqtt.clone();
-        let broker_writer = writer_tx.clone();
         let broker_sessions = sessions.clone();
-        let broker = tokio::task::spawn_blocking(move || {
-            Broker::start(&mqtt_cfg, broker_writer, broker_sessions)
-        })
-        .await?
-        .context("starting the embedded broker")?;
+        let broker = tokio::task::spawn_blocking(move || Broker::start(&mqtt_cfg, broker_sessions))
+            .await?
+            .context("starting the embedded broker")?;
 
         // The gateway's own key for rollback directives: configured, or made on first start.
         let rollback_key = {
@@ -107,10 +125,21 @@ impl Gateway {
             writer.set_rollback_key(rollback_key);
             writer
         };
-        let writer = std::thread::Builder::new()
-            .name("fg-writer".into())
-            .spawn(move || writer.run(writer_rx, control_rx))
-            .context("starting the storage writer")?;
+        let writer_gone = CancellationToken::new();
+        let writer = {
+            let gone = WriterGone(writer_gone.clone(), metrics.clone());
+            std::thread::Builder::new()
+                .name("fg-writer".into())
+                .spawn(move || {
+                    // Whatever ends the writer (a panic unwinds through this guard too), the
+                    // gateway learns of it.
+                    let _gone = gone;
+                    if let Err(e) = writer.run(writer_rx, control_rx) {
+                        tracing::error!(error = %e, "the storage writer cannot go on; the gateway stops");
+                    }
+                })
+                .context("starting the storage writer")?
+        };
 
         let mqtt = match config.mqtt.plain {
             true => Some(
@@ -150,13 +179,11 @@ impl Gateway {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let front = Arc::new(Front::new(
-            &config.mqtt,
-            &config.limits,
-            broker.clone(),
+            &config,
             credentials,
             metrics.clone(),
             sessions.clone(),
-            writer_tx,
+            Uplinks::new(writer_tx.clone(), config.ingest.queue_bytes),
             shutdown.clone(),
         ));
         if let Some(mqtt) = mqtt {
@@ -201,8 +228,9 @@ impl Gateway {
             tracker,
             sessions,
             control,
-            uplink: broker.uplink(),
+            writer_tx,
             writer,
+            writer_gone,
             http,
             markers: std::sync::atomic::AtomicU64::new(0),
         })
@@ -214,13 +242,33 @@ impl Gateway {
             + 1
     }
 
-    /// Returns once every device message the broker acknowledged before this call, and every
-    /// connect and disconnect before it, is committed to storage.
+    /// Returns once every device message queued for the writer before this call (every one
+    /// a device got an acknowledgement for, and more), and every connect and disconnect before
+    /// it, is committed to storage.
     pub async fn sync(&self) -> anyhow::Result<()> {
         let n = self.next_marker();
         let done = self.control.sync(n).await?;
-        self.uplink.flush_marker(n).await?;
+        self.writer_tx
+            .send_async(WriterMsg::FlushMarker(n))
+            .await
+            .context("the storage writer stopped")?;
         done.await.context("the storage writer stopped")
+    }
+
+    /// Resolves when the storage writer has stopped on its own, or has made no progress for
+    /// [`WRITER_STUCK`]. Nothing is acknowledged without the writer: the gateway must stop.
+    pub async fn failed(&self) -> &'static str {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = self.writer_gone.cancelled() => return "the storage writer stopped",
+                _ = every.tick() => {
+                    if self.metrics.writer_stalled_for() > WRITER_STUCK {
+                        return "the storage writer is stuck";
+                    }
+                }
+            }
+        }
     }
 
     /// Stops the gateway: every device message acknowledged before this call is committed when
@@ -243,8 +291,13 @@ impl Gateway {
             tracing::warn!("HTTP requests still running after the grace period");
         }
         let stopped = self.control.stop(n, grace).await;
-        if self.uplink.flush_marker(n).await.is_err() {
-            tracing::warn!("broker gone before the flush marker");
+        if self
+            .writer_tx
+            .send_async(WriterMsg::FlushMarker(n))
+            .await
+            .is_err()
+        {
+            tracing::warn!("the storage writer was gone before the flush marker");
         }
         if let Some(stopped) = stopped {
             let _ = stopped.await;

@@ -1,14 +1,16 @@
 //! fleetgate: an edge gateway for fleets of TinyML devices.
 //!
-//! Devices speak MQTT to an embedded broker (rumqttd's router behind the gateway's own front,
-//! see `broker`); what they publish is decoded, checked and stored in redb (`ingest`,
-//! `storage`); operators use the HTTP API (`api`) and the CLI. ARCHITECTURE.md has the map.
+//! Devices speak MQTT to the gateway's own front (`broker`, with rumqttd's codecs and router);
+//! what they publish goes to the storage writer (`bus`, `ingest`), which decodes, checks and
+//! stores it in redb (`storage`) before the device's acknowledgement is sent; operators use the
+//! HTTP API (`api`) and the CLI. ARCHITECTURE.md has the map.
 
 pub mod api;
 pub mod app;
 pub mod auth;
 pub mod backup;
 pub mod broker;
+pub mod bus;
 pub mod cli;
 pub mod clock;
 pub mod drift;
@@ -17,6 +19,7 @@ pub mod metrics;
 pub mod model;
 pub mod registry;
 pub mod rollouts;
+pub mod seq;
 pub mod storage;
 pub mod updates;
 

@@ -1178,9 +1178,15 @@ async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
         TokenSource::Env => println!("  operator token:  from ${}", fleetgate::auth::TOKEN_ENV),
         TokenSource::Config => println!("  operator token:  from the config file (http.token)"),
     }
-    wait_for_signal()
-        .await
-        .context("waiting for a shutdown signal")?;
+    tokio::select! {
+        signal = wait_for_signal() => signal.context("waiting for a shutdown signal")?,
+        why = gateway.failed() => {
+            // Nothing is acknowledged without the writer: stop, and let the service manager
+            // start a fresh gateway.
+            tracing::error!(reason = why, "the gateway cannot go on");
+            anyhow::bail!("{why}");
+        }
+    }
     println!("fleetgate: shutting down");
     gateway.shutdown(grace).await?;
     println!("fleetgate: stopped, all data flushed");

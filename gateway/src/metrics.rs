@@ -41,10 +41,13 @@ pub enum Reject {
     RateLimited,
     /// A payload over its channel's `limits.max_message_bytes`.
     TooLarge,
+    /// A packet a client may not send (a second CONNECT, a CONNACK, a SUBACK...): the
+    /// connection is closed.
+    ProtocolViolation,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 11] = [
+    pub const ALL: [Reject; 12] = [
         Reject::BadTopic,
         Reject::NotPermitted,
         Reject::Oversized,
@@ -56,6 +59,7 @@ impl Reject {
         Reject::UnknownTransfer,
         Reject::RateLimited,
         Reject::TooLarge,
+        Reject::ProtocolViolation,
     ];
 
     pub fn name(self) -> &'static str {
@@ -71,6 +75,7 @@ impl Reject {
             Reject::UnknownTransfer => "unknown_transfer",
             Reject::RateLimited => "rate_limited",
             Reject::TooLarge => "too_large",
+            Reject::ProtocolViolation => "protocol_violation",
         }
     }
 
@@ -103,10 +108,12 @@ pub enum Refusal {
     /// The TLS handshake failed (not TLS, no shared protocol version or cipher, a client
     /// certificate missing or not signed by `mqtt.tls.client_ca`).
     Tls,
+    /// The device's previous session did not end in time to make room for this one.
+    Takeover,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 9] = [
+    pub const ALL: [Refusal; 10] = [
         Refusal::ConnectTimeout,
         Refusal::Protocol,
         Refusal::BadCredentials,
@@ -116,6 +123,7 @@ impl Refusal {
         Refusal::ShuttingDown,
         Refusal::RateLimited,
         Refusal::Tls,
+        Refusal::Takeover,
     ];
 
     pub fn name(self) -> &'static str {
@@ -129,6 +137,7 @@ impl Refusal {
             Refusal::ShuttingDown => "shutting_down",
             Refusal::RateLimited => "rate_limited",
             Refusal::Tls => "tls_handshake",
+            Refusal::Takeover => "takeover_timeout",
         }
     }
 
@@ -188,8 +197,20 @@ pub struct Metrics {
     pub rollback_directives: Counter,
     /// Times retention deleted the oldest rows because the database passed `storage.max_bytes`.
     pub storage_quota_trims: Counter,
+    /// Telemetry rows and log lines deleted to keep the database under `storage.max_bytes`.
+    pub storage_quota_rows: Counter,
+    /// Publishes a session held back because the device was over its message rate.
+    pub publishes_delayed: Counter,
+    /// Times a session found the writer's queue full and stopped reading until it had room.
+    pub writer_queue_full: Counter,
+    /// Sessions whose messages were in a batch that failed to commit (disconnected unacknowledged).
+    pub sessions_failed: Counter,
     storage_bytes: Gauge,
     resident_bytes: Gauge,
+    /// When the storage writer last went round its loop, in ms after `started`.
+    writer_beat_ms: AtomicU64,
+    writer_stopped: std::sync::atomic::AtomicBool,
+    started: std::time::Instant,
     log_limit: LogLimit,
     /// Telemetry from its device timestamp to its commit, in microseconds.
     ingest_latency: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
@@ -302,6 +323,26 @@ impl Metrics {
                 "storage_quota_trims",
                 "Times the oldest telemetry and logs were deleted to keep the database under storage.max_bytes",
             ),
+            storage_quota_rows: metric(
+                r,
+                "storage_quota_rows",
+                "Telemetry rows and log lines deleted, oldest first, to keep the database under storage.max_bytes",
+            ),
+            publishes_delayed: metric(
+                r,
+                "mqtt_publishes_delayed",
+                "Publishes held back until the device's message bucket refilled",
+            ),
+            writer_queue_full: metric(
+                r,
+                "ingest_queue_full",
+                "Times a device session found the storage writer's queue full and stopped reading",
+            ),
+            sessions_failed: metric(
+                r,
+                "ingest_sessions_failed",
+                "Device sessions disconnected because a batch with their messages failed to commit",
+            ),
             storage_bytes: metric(r, "storage_bytes", "Size of the database file"),
             resident_bytes: metric(
                 r,
@@ -309,12 +350,48 @@ impl Metrics {
                 "Resident memory of the gateway process",
             ),
             log_limit: LogLimit::new(reject_log_interval),
+            writer_beat_ms: AtomicU64::new(0),
+            writer_stopped: std::sync::atomic::AtomicBool::new(false),
+            started: std::time::Instant::now(),
             ingest_latency: std::sync::Mutex::new(
                 hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
                     .expect("valid histogram bounds"),
             ),
             registry,
         }
+    }
+
+    /// The storage writer is going round its loop.
+    pub fn writer_alive(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.writer_beat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The storage writer's thread has ended.
+    pub fn writer_stopped(&self) {
+        self.writer_stopped.store(true, Ordering::Relaxed);
+    }
+
+    /// Why the storage writer is not running, if it is not: stopped, or no progress for
+    /// longer than `stuck`.
+    pub fn writer_trouble(&self, stuck: Duration) -> Option<String> {
+        if self.writer_stopped.load(Ordering::Relaxed) {
+            return Some("the storage writer has stopped".to_owned());
+        }
+        let stalled = self.writer_stalled_for();
+        (stalled > stuck).then(|| {
+            format!(
+                "the storage writer has made no progress for {} s",
+                stalled.as_secs()
+            )
+        })
+    }
+
+    /// How long since the storage writer last went round its loop.
+    pub fn writer_stalled_for(&self) -> Duration {
+        let beat = self.writer_beat_ms.load(Ordering::Relaxed);
+        let now = self.started.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(beat))
     }
 
     /// Counts a rejected message and logs it if its reason has not been logged lately.

@@ -10,7 +10,7 @@ use fleetgate_protocol::{
 use semver::Version;
 use serde::{Deserialize, Serialize};
 
-use crate::ingest::seq::SeqTracker;
+use crate::seq::SeqTracker;
 
 /// Everything the gateway keeps about one enrolled device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

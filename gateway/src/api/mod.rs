@@ -123,10 +123,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         ))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY));
     Router::new()
-        .route(
-            "/healthz",
-            get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
-        )
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .nest("/api/v1", v1)
         .fallback(|| async { ApiError::NotFound("no such endpoint".to_owned()) })
@@ -134,6 +131,23 @@ pub fn router(state: Arc<ApiState>) -> Router {
             ApiError::MethodNotAllowed("method not allowed on this endpoint".to_owned())
         })
         .with_state(state)
+}
+
+/// A storage writer without progress for this long makes `/healthz` fail (its loop runs at
+/// least once a second; a slow commit takes seconds).
+const WRITER_UNHEALTHY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `200 {"status": "ok"}`, or `503` with the reason while the storage writer is not running
+/// (nothing a device sends can be stored, and the gateway is about to stop).
+async fn healthz(State(s): State<Arc<ApiState>>) -> Response {
+    match s.metrics.writer_trouble(WRITER_UNHEALTHY) {
+        None => Json(serde_json::json!({ "status": "ok" })).into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "failing", "reason": reason })),
+        )
+            .into_response(),
+    }
 }
 
 /// `Json` whose rejections are JSON [`ApiError`]s.

@@ -21,12 +21,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use fleetgate_config::{Limits, MaxMessageBytes, Mqtt};
-use fleetgate_protocol::{Downlink, Encoding, Uplink};
+use fleetgate_config::{Config, IngestAck, MaxMessageBytes};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
-    ConnAck, ConnAckProperties, ConnectReturnCode, LastWill, Packet, Protocol, Publish,
+    ConnAck, ConnAckProperties, ConnectReturnCode, LastWill, Packet, Protocol,
 };
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -37,22 +36,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::limit::{self, Rate};
+use super::policy;
 use super::session::{self, DeviceStream, Session, send};
-use super::{Broker, policy};
 use crate::auth::Credentials;
+pub use crate::bus::{Direct, DirectError, Kick};
+use crate::bus::{Links, PresenceEvent, Uplinks, WriterMsg};
 use crate::clock::now_ms;
-use crate::ingest::{PresenceEvent, WriterMsg, WriterTx};
 use crate::metrics::{Metrics, Refusal};
-
-/// Why the gateway ended a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kick {
-    /// The same device connected again.
-    TakenOver,
-    /// The device's enrollment was revoked.
-    Revoked,
-    ShuttingDown,
-}
 
 /// The established device sessions, one per device id.
 #[derive(Debug)]
@@ -75,27 +65,6 @@ struct Entry {
     reason: Arc<OnceLock<Kick>>,
     released: CancellationToken,
     direct: mpsc::Sender<Direct>,
-}
-
-/// A message for a device's session to write: commands the dispatcher took from the router
-/// (QoS 1), and bulk update chunks the writer sends straight here (QoS 0: the update
-/// protocol's acknowledgements make their delivery reliable, and they would otherwise sit in
-/// the router's log).
-#[derive(Debug)]
-pub struct Direct {
-    pub channel: Downlink,
-    pub encoding: Encoding,
-    pub payload: bytes::Bytes,
-    /// The highest QoS to deliver it with (the device's subscription may lower it).
-    pub qos: u8,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum DirectError {
-    #[error("device is not connected")]
-    NotConnected,
-    #[error("device's session queue is full")]
-    Full,
 }
 
 /// A device's claim on its session slot; dropping it frees the slot.
@@ -130,31 +99,8 @@ impl Sessions {
     pub fn new(direct_capacity: usize) -> Sessions {
         Sessions {
             by_device: Mutex::default(),
-            next_id: AtomicU64::new(0),
+            next_id: AtomicU64::new(1),
             direct_capacity: direct_capacity.max(1),
-        }
-    }
-
-    /// Queues a message for `device`'s session without blocking.
-    pub fn send_direct(&self, device: &str, msg: Direct) -> Result<(), DirectError> {
-        let map = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = map.get(device).ok_or(DirectError::NotConnected)?;
-        entry.direct.try_send(msg).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => DirectError::Full,
-            mpsc::error::TrySendError::Closed(_) => DirectError::NotConnected,
-        })
-    }
-
-    /// Ends `device`'s session, if it has one.
-    pub fn kick(&self, device: &str, why: Kick) -> bool {
-        let map = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(device) {
-            Some(e) => {
-                let _ = e.reason.set(why);
-                e.kick.cancel();
-                true
-            }
-            None => false,
         }
     }
 
@@ -179,8 +125,11 @@ impl Sessions {
     }
 
     /// Takes `device`'s slot: kicks the session holding it and waits until that session has
-    /// ended (its will, if any, sent), so one device never has two sessions.
-    pub(crate) async fn claim(self: &Arc<Self>, device: &str) -> Claim {
+    /// ended (its will, if any, sent), so one device never has two sessions. `None` when the
+    /// previous session did not end within [`TAKEOVER_WAIT`]: a session ends within a few
+    /// seconds of its kick (every write and the close are bounded), so that is a bug, and the
+    /// new connection is refused rather than run beside the old one.
+    pub(crate) async fn claim(self: &Arc<Self>, device: &str) -> Option<Claim> {
         loop {
             let previous = {
                 let mut map = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
@@ -211,7 +160,7 @@ impl Sessions {
                                 direct,
                             },
                         );
-                        return claim;
+                        return Some(claim);
                     }
                 }
             };
@@ -219,11 +168,35 @@ impl Sessions {
                 .await
                 .is_err()
             {
-                // The old session is stuck (e.g. in a blocked write); take the slot anyway.
-                tracing::warn!(device, "previous session did not end in time; replacing it");
-                let mut map = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
-                map.remove(device);
+                tracing::error!(
+                    device,
+                    "previous session did not end in time; new connection refused"
+                );
+                return None;
             }
+        }
+    }
+}
+
+impl Links for Sessions {
+    fn send_direct(&self, device: &str, msg: Direct) -> Result<(), DirectError> {
+        let map = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = map.get(device).ok_or(DirectError::NotConnected)?;
+        entry.direct.try_send(msg).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => DirectError::Full,
+            mpsc::error::TrySendError::Closed(_) => DirectError::NotConnected,
+        })
+    }
+
+    fn kick(&self, device: &str, why: Kick) -> bool {
+        let map = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(device) {
+            Some(e) => {
+                let _ = e.reason.set(why);
+                e.kick.cancel();
+                true
+            }
+            None => false,
         }
     }
 }
@@ -241,16 +214,19 @@ pub struct Front {
     pub(crate) max_connections: usize,
     pub(crate) max_message: MaxMessageBytes,
     pub(crate) device_rate: Rate,
+    /// QoS 1/2 publishes of one device waiting for their acknowledgement (`mqtt.max_inflight`).
+    pub(crate) max_inflight: u16,
+    /// Acknowledge a publish once it is committed (`ingest.ack = "commit"`), or once queued.
+    pub(crate) ack_after_commit: bool,
     /// New connections per source IP address, both listeners together.
     sources: Mutex<limit::Table<IpAddr>>,
     /// Message buckets of devices whose session ended before their bucket refilled, so that
     /// reconnecting does not buy a device a new burst. Bounded like `sources`.
     parked: Mutex<limit::Table<String>>,
-    pub(crate) broker: Broker,
     pub(crate) credentials: Arc<Credentials>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) sessions: Arc<Sessions>,
-    pub(crate) writer: WriterTx,
+    pub(crate) uplinks: Uplinks,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -261,17 +237,15 @@ enum Cut {
 }
 
 impl Front {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        cfg: &Mqtt,
-        limits: &Limits,
-        broker: Broker,
+        config: &Config,
         credentials: Arc<Credentials>,
         metrics: Arc<Metrics>,
         sessions: Arc<Sessions>,
-        writer: WriterTx,
+        uplinks: Uplinks,
         shutdown: CancellationToken,
     ) -> Front {
+        let (cfg, limits) = (&config.mqtt, &config.limits);
         Front {
             max_packet: cfg.max_packet_bytes,
             connect_timeout: cfg.connect_timeout,
@@ -279,6 +253,8 @@ impl Front {
             max_connections: cfg.max_connections,
             max_message: limits.max_message_bytes.clone(),
             device_rate: Rate::new(limits.device_messages_per_second, limits.device_burst),
+            max_inflight: cfg.max_inflight,
+            ack_after_commit: config.ingest.ack == IngestAck::Commit,
             sources: Mutex::new(limit::Table::new(
                 Rate::new(cfg.per_source_connects_per_second, cfg.per_source_burst),
                 MAX_SOURCES,
@@ -287,11 +263,10 @@ impl Front {
                 Rate::new(limits.device_messages_per_second, limits.device_burst),
                 cfg.max_connections.max(MAX_SOURCES),
             )),
-            broker,
             credentials,
             metrics,
             sessions,
-            writer,
+            uplinks,
             shutdown,
         }
     }
@@ -355,12 +330,11 @@ impl Front {
         }
     }
 
-    /// Takes a token from the bucket of `ip` (IPv4 clients of an IPv6 listener count as their
-    /// IPv4 address).
+    /// Takes a token from the bucket of `ip`'s source (see [`source_of`]).
     fn source_may_connect(&self, ip: IpAddr) -> bool {
         let now = Instant::now().into_std();
         let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        sources.try_take(ip.to_canonical(), now)
+        sources.try_take(source_of(ip), now)
     }
 
     /// Runs one step before the CONNACK, within the connection's deadline.
@@ -539,7 +513,15 @@ impl Front {
             return;
         }
 
-        let mut claim = self.sessions.claim(&device).await;
+        let Some(mut claim) = self.sessions.claim(&device).await else {
+            self.metrics.refuse(
+                Refusal::Takeover,
+                &peer,
+                "the device's previous session did not end in time",
+            );
+            let _ = send(&mut stream, &refuse(unavailable)).await;
+            return;
+        };
 
         let requested = Duration::from_secs(u64::from(connect.keep_alive));
         let keep_alive = if requested.is_zero() || requested > self.max_keep_alive {
@@ -549,6 +531,10 @@ impl Front {
         };
         let props = v5.then(|| ConnAckProperties {
             max_packet_size: u32::try_from(self.max_packet).ok(),
+            // The device may have this many QoS 1/2 publishes unacknowledged; a session reads
+            // no further while that many wait for their commit (3.1.1 devices have no such
+            // setting and simply find the session not reading).
+            receive_max: Some(self.max_inflight),
             server_keep_alive: (keep_alive != requested).then_some(keep_alive.as_secs() as u16),
             retain_available: Some(0),
             wildcard_subscription_available: Some(0),
@@ -596,6 +582,7 @@ impl Front {
             proto,
             v5,
             device.clone(),
+            claim.id,
             stream,
             buf,
             will,
@@ -636,17 +623,37 @@ impl Front {
             peer: peer.to_string(),
             reason,
         };
-        let _ = self.writer.send_async(WriterMsg::Presence(event)).await;
+        let _ = self
+            .uplinks
+            .writer()
+            .send_async(WriterMsg::Presence(event))
+            .await;
+    }
+}
+
+/// The source a connection's address counts against: an IPv4 address (IPv4 clients of an IPv6
+/// listener included), or an IPv6 address's /64 network. One host is routinely given a whole
+/// /64, so counting single IPv6 addresses would give it 2^64 sources.
+pub(crate) fn source_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+        v4 => v4,
     }
 }
 
 /// Checks a will at CONNECT time and turns it into the publish to send if the session ends
 /// without a clean DISCONNECT. The will may only go to one of the device's uplink topics.
-fn will_publish(device: &str, will: LastWill) -> Result<(Uplink, Publish), ()> {
+fn will_publish(device: &str, will: LastWill) -> Result<session::Will, ()> {
     let topic = std::str::from_utf8(&will.topic).map_err(|_| ())?;
-    let (channel, internal) = policy::uplink(device, topic).map_err(|_| ())?;
-    let publish = Publish::new(bytes::Bytes::from(internal), will.message, false);
-    Ok((channel, publish))
+    let (channel, encoding) = policy::uplink(device, topic).map_err(|_| ())?;
+    Ok(session::Will {
+        channel,
+        encoding,
+        payload: will.message,
+    })
 }
 
 /// Reads until the CONNECT's protocol level is in `buf` (without consuming anything) and

@@ -58,6 +58,19 @@ impl TokenBucket {
         }
     }
 
+    /// How long from `now` until the bucket holds a whole token (zero if it does). A bucket
+    /// that never refills is looked at again every second.
+    pub fn until_token(&self, rate: Rate, now: Instant) -> std::time::Duration {
+        let missing = 1.0 - self.tokens_at(rate, now);
+        if missing <= 0.0 {
+            return std::time::Duration::ZERO;
+        }
+        if rate.per_second <= 0.0 {
+            return std::time::Duration::from_secs(1);
+        }
+        std::time::Duration::from_secs_f64(missing / rate.per_second)
+    }
+
     /// Tokens the bucket holds at `now`.
     pub fn tokens_at(&self, rate: Rate, now: Instant) -> f64 {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();

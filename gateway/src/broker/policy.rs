@@ -1,31 +1,24 @@
-//! What a device may publish and subscribe to, and how its topics map onto the embedded
-//! broker's internal topics. Pure string functions; no broker types.
+//! What a device may publish and subscribe to, and how its downlink topics map onto the
+//! embedded broker's internal topics. Pure string functions; no broker types.
 //!
-//! Devices see `fg/<id>/<channel>[/json]`. Inside the broker every device topic lives under the
-//! device's tenant prefix `/tenants/<id>/`, with uplink and downlink channels on separate levels:
+//! Devices see `fg/<id>/<channel>[/json]`. An uplink a device may publish goes to the storage
+//! writer with its channel and encoding (it never enters the broker). Inside the broker every
+//! downlink topic lives under the device's tenant prefix `/tenants/<id>/`:
 //!
 //! | device topic | internal topic |
 //! |---|---|
-//! | `fg/<id>/telemetry` (uplink) | `/tenants/<id>/up/telemetry` |
 //! | `fg/<id>/cmd/json` (downlink) | `/tenants/<id>/down/cmd/json` |
 //!
-//! The front checks every topic against the *authenticated* device id before it rewrites it;
-//! nothing reaches the broker without passing here. The gateway's ingest connection subscribes
-//! to [`INGEST_FILTER`], its dispatch connection to [`DOWNLINK_FILTER`], and the dispatcher
-//! hands a downlink message only to the session of the device its topic names.
+//! The front checks every topic against the *authenticated* device id; nothing reaches the
+//! writer or the broker without passing here. The gateway's dispatch connection subscribes to
+//! [`DOWNLINK_FILTER`], and the dispatcher hands a downlink message only to the session of the
+//! device its topic names.
 
 use fleetgate_protocol::topic::{self, JSON_SUFFIX};
 use fleetgate_protocol::{Channel, Downlink, Encoding, Topic, TopicError, Uplink};
 
-/// The one subscription through which the gateway receives everything devices publish.
-pub const INGEST_FILTER: &str = "/tenants/+/up/#";
-
 /// The subscription through which the gateway's dispatcher receives every message for devices.
 pub const DOWNLINK_FILTER: &str = "/tenants/+/down/#";
-
-/// Tenant name of the shutdown flush marker; not a valid device id (must start with a letter
-/// or digit), so no device can publish it.
-pub const FLUSH_TENANT: &str = "_flush";
 
 const PREFIX: &str = "/tenants/";
 
@@ -38,13 +31,11 @@ pub enum Denied {
     NotPermitted,
 }
 
-/// Checks a topic `device` publishes to and returns its internal topic.
-pub fn uplink(device: &str, topic: &str) -> Result<(Uplink, String), Denied> {
+/// Checks a topic `device` publishes to and returns its channel and encoding.
+pub fn uplink(device: &str, topic: &str) -> Result<(Uplink, Encoding), Denied> {
     let t = Topic::parse(topic).map_err(Denied::BadTopic)?;
     match t.channel {
-        Channel::Up(channel) if t.device == device => {
-            Ok((channel, internal(device, "up", t.channel, t.encoding)))
-        }
+        Channel::Up(channel) if t.device == device => Ok((channel, t.encoding)),
         _ => Err(Denied::NotPermitted),
     }
 }
@@ -115,46 +106,6 @@ pub fn downlink_of(internal_topic: &str) -> Option<(&str, Downlink, Encoding)> {
     let channel = Downlink::ALL.into_iter().find(|c| c.name() == channel)?;
     fleetgate_protocol::id::validate(device).ok()?;
     Some((device, channel, encoding))
-}
-
-/// What arrived on the ingest subscription.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ingested<'a> {
-    Uplink {
-        device: &'a str,
-        channel: Uplink,
-        encoding: Encoding,
-    },
-    /// The gateway's own shutdown marker: everything published before it has been delivered.
-    FlushMarker,
-}
-
-/// Parses an internal uplink topic. Only the front writes these, so a failure is a bug, not
-/// bad device input.
-pub fn ingested(internal_topic: &str) -> Option<Ingested<'_>> {
-    let rest = internal_topic.strip_prefix(PREFIX)?;
-    let (tenant, rest) = rest.split_once('/')?;
-    if tenant == FLUSH_TENANT {
-        return Some(Ingested::FlushMarker);
-    }
-    let rest = rest.strip_prefix("up/")?;
-    let (channel, encoding) = match rest.split_once('/') {
-        None => (rest, Encoding::Postcard),
-        Some((c, JSON_SUFFIX)) => (c, Encoding::Json),
-        Some(_) => return None,
-    };
-    let channel = Uplink::ALL.into_iter().find(|c| c.name() == channel)?;
-    fleetgate_protocol::id::validate(tenant).ok()?;
-    Some(Ingested::Uplink {
-        device: tenant,
-        channel,
-        encoding,
-    })
-}
-
-/// The topic of the shutdown flush marker.
-pub fn flush_marker_topic() -> String {
-    format!("{PREFIX}{FLUSH_TENANT}/up/marker")
 }
 
 #[cfg(test)]

@@ -1,25 +1,36 @@
 //! One established device session: reads the device's packets, checks every topic against the
-//! policy, queues what the device may publish for the router, answers the device's
+//! policy, hands what the device may publish to the storage writer, answers the device's
 //! subscriptions itself, and writes what the gateway sends the device.
 //!
 //! Invariants:
 //! - Every topic a device publishes or subscribes to passes `policy` before anything else sees
 //!   it; refusals are answered (v5 reason codes, v3.1.1 acknowledgements) and counted, and the
 //!   connection stays up.
-//! - A publish passes, in this order, the topic policy, its channel's size limit
-//!   (`limits.max_message_bytes`) and the device's token bucket (`limits.device_*`) before it is
-//!   queued; a refused one is dropped, answered (v5 PUBACK 0x87, 0x83, 0x97) and counted by
-//!   reason and per device. The bucket outlives the session (see `Front::parked`).
+//! - Every publish first takes a token from the device's bucket (`limits.device_*`), refused
+//!   ones included. A device over its rate is slowed, never refused: the session holds the
+//!   publish, reads nothing more until the bucket has a token, then goes on. The bucket
+//!   outlives the session (see `Front::parked`).
+//! - A publish then passes the topic policy and its channel's size limit
+//!   (`limits.max_message_bytes`); a refused one is answered (v5 PUBACK 0x87, 0x83) and counted
+//!   by reason and per device.
+//! - An accepted publish goes to the writer's bounded queue. A QoS 1 PUBACK (QoS 2 PUBREC) is
+//!   written only once the writer has committed the message (`bus::Receipts`), with the
+//!   writer's verdict as its v5 reason code, and in the order the publishes arrived. With
+//!   `ingest.ack = "receipt"` it is written once the message is in the writer's queue.
+//! - The session never buffers without bound: it stops reading its socket while
+//!   `mqtt.max_inflight` publishes wait for their acknowledgement, while the writer's queue is
+//!   full, or while a publish waits for a token. TCP flow control then slows the device.
+//! - A kick ends the session within seconds whatever the device does: every write is raced
+//!   against the kick and bounded by [`WRITE_TIMEOUT`], and the close by [`CLOSE_TIMEOUT`].
 //! - The session reads and writes any byte stream: plain TCP and TLS share all of this.
-//! - A QoS 1 publish is acknowledged once it is in the broker's uplink queue, behind every
-//!   earlier message of every device; a flush marker queued later is seen by the storage
-//!   writer after it. QoS 2 is delivered once per packet id until the device releases it.
 //! - The device's subscriptions live in its session only: a reconnect starts without any.
 //! - MQTT 3.1.1 devices never receive v5-only packets or properties (rumqttd's v4 encoder
 //!   panics on them).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -32,15 +43,29 @@ use rumqttd::protocol::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use super::front::{Claim, Direct, Front, Kick};
+use super::front::{Claim, Front};
 use super::limit::{Rate, TokenBucket};
-use super::{UplinkTx, policy};
-use crate::ingest::{WriterMsg, WriterTx};
+use super::policy;
+use crate::bus::{
+    Direct, Kick, QueueError, Receipts, Refusal, UplinkMsg, Uplinks, WriterMsg, WriterTx,
+};
+use crate::clock::now_us;
 use crate::metrics::{Metrics, Reject};
 
 /// A device that does not read what it is sent for this long is disconnected.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// What an ending session still writes (its last acknowledgements, a DISCONNECT) and the close
+/// itself (a TLS close_notify) get this long each.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// At shutdown, how long a session keeps waiting for the commit of what the device sent, so
+/// that it can still acknowledge it.
+const SHUTDOWN_ACKS: Duration = Duration::from_secs(2);
+/// Per-device refusal counts ride on the device's next message; without one they reach the
+/// writer on their own after this long (they are in the metrics at once).
+const REJECTS_EVERY: Duration = Duration::from_secs(1);
 /// QoS 1 messages to a device not yet acknowledged by it; beyond this, new ones are dropped
 /// (and counted): the device is not reading.
 const MAX_INFLIGHT: usize = 256;
@@ -54,6 +79,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> DeviceStream for T {}
 pub(crate) async fn send<S: DeviceStream>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
     stream.write_all(bytes).await?;
     stream.flush().await
+}
+
+/// A device's will, checked at CONNECT: sent to the writer if the session ends without a clean
+/// DISCONNECT.
+#[derive(Debug)]
+pub(crate) struct Will {
+    pub channel: Uplink,
+    pub encoding: Encoding,
+    pub payload: Bytes,
 }
 
 /// Why a session ended.
@@ -71,8 +105,11 @@ pub enum End {
     Malformed,
     ProtocolViolation,
     Kicked(Kick),
-    /// The broker's uplink queue closed: the gateway is stopping.
-    BrokerGone,
+    /// A batch holding some of the device's messages failed to commit: they were never
+    /// acknowledged, and the device sends them again after it reconnects.
+    StorageFailed,
+    /// The storage writer's queue closed: the gateway is stopping (or its writer died).
+    WriterGone,
 }
 
 impl End {
@@ -88,13 +125,15 @@ impl End {
             End::Kicked(Kick::TakenOver) => "replaced by a new connection",
             End::Kicked(Kick::Revoked) => "enrollment revoked",
             End::Kicked(Kick::ShuttingDown) => "gateway shutting down",
-            End::BrokerGone => "broker stopped",
+            End::StorageFailed => "storage failed",
+            End::WriterGone => "storage writer stopped",
         }
     }
 
     fn sends_will(self) -> bool {
         match self {
             End::Disconnected { send_will } => send_will,
+            End::WriterGone => false,
             _ => true,
         }
     }
@@ -205,22 +244,51 @@ pub(crate) fn peek_publish(buf: &[u8]) -> Option<(u8, u16)> {
     Some((qos, u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?])))
 }
 
+/// A QoS 1/2 publish waiting for its acknowledgement.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    /// Acknowledged once the writer has committed (or, on receipt, queued) every message up
+    /// to this number.
+    n: u64,
+    qos: u8,
+    pkid: u16,
+    /// Refused by the session itself.
+    refused: Option<PubAckReason>,
+}
+
+/// A publish waiting for a token from the device's bucket.
+#[derive(Debug)]
+struct Held {
+    publish: Publish,
+    qos: u8,
+    pkid: u16,
+    until: Instant,
+}
+
+/// A message waiting for room in the writer's queue, and its number.
+type Stalled = (
+    Pin<Box<dyn Future<Output = Result<(), QueueError>> + Send>>,
+    u64,
+);
+
 pub(crate) struct Session<P, S> {
     proto: P,
     v5: bool,
     device: String,
+    /// This connection's epoch (see `bus::PresenceEvent::session`).
+    epoch: u64,
     stream: S,
     rbuf: BytesMut,
     wbuf: BytesMut,
-    will: Option<(Uplink, Publish)>,
+    will: Option<Will>,
     keep_alive: Duration,
     max_packet: usize,
     max_message: MaxMessageBytes,
     /// The device's publishes: taken over from its last session, handed back at the end.
     rate: Rate,
     bucket: TokenBucket,
-    uplink: UplinkTx,
-    metrics: std::sync::Arc<Metrics>,
+    metrics: Arc<Metrics>,
+    uplinks: Uplinks,
     writer: WriterTx,
     /// QoS 2 packet ids received and not yet released by the device's PUBREL: a repeat of one
     /// is acknowledged again but not delivered again.
@@ -232,6 +300,38 @@ pub(crate) struct Session<P, S> {
     /// Packet ids of QoS 1 messages sent to the device and not yet acknowledged.
     inflight: HashSet<u16>,
     next_pkid: u16,
+
+    // Uplink flow: see the module's invariants.
+    receipts: Arc<Receipts>,
+    ack_after_commit: bool,
+    /// Number of the last message handed to the writer, and of the last one in its queue.
+    sent: u64,
+    queued: u64,
+    pending: VecDeque<Pending>,
+    max_pending: usize,
+    /// Refusals the writer reported, not yet matched with their pending publish.
+    refused: VecDeque<(u64, Refusal)>,
+    held: Option<Held>,
+    stalled: Option<Stalled>,
+    /// Refusals not yet reported to the writer (the next message carries them), and since when
+    /// (after [`REJECTS_EVERY`] without a message they are sent on their own).
+    unreported: u64,
+    reported_at: Instant,
+    /// Kicked for shutdown: acknowledging what gets committed until then, reading nothing.
+    closing: Option<Instant>,
+}
+
+/// What woke the session up.
+enum Wake {
+    Kicked,
+    Closed,
+    KeepAlive,
+    Read(std::io::Result<usize>),
+    Receipts,
+    Queued(Result<(), QueueError>),
+    Token,
+    ReportRejects,
+    Direct(Direct),
 }
 
 enum Step {
@@ -245,9 +345,10 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
         proto: P,
         v5: bool,
         device: String,
+        epoch: u64,
         stream: S,
         rbuf: BytesMut,
-        will: Option<(Uplink, Publish)>,
+        will: Option<Will>,
         keep_alive: Duration,
         direct: mpsc::Receiver<Direct>,
         bucket: TokenBucket,
@@ -257,6 +358,7 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
             proto,
             v5,
             device,
+            epoch,
             stream,
             rbuf,
             wbuf: BytesMut::new(),
@@ -266,14 +368,26 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
             max_message: front.max_message.clone(),
             rate: front.device_rate,
             bucket,
-            uplink: front.broker.uplink(),
             metrics: front.metrics.clone(),
-            writer: front.writer.clone(),
+            uplinks: front.uplinks.clone(),
+            writer: front.uplinks.writer().clone(),
             qos2: HashSet::new(),
             direct,
             subs: Vec::new(),
             inflight: HashSet::new(),
             next_pkid: 1,
+            receipts: Arc::new(Receipts::default()),
+            ack_after_commit: front.ack_after_commit,
+            sent: 0,
+            queued: 0,
+            pending: VecDeque::new(),
+            max_pending: usize::from(front.max_inflight.max(1)),
+            refused: VecDeque::new(),
+            held: None,
+            stalled: None,
+            unreported: 0,
+            reported_at: Instant::now(),
+            closing: None,
         }
     }
 
@@ -285,42 +399,112 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
         (end, bucket)
     }
 
+    /// Whether the next packet may be taken from the read buffer (and so more read).
+    fn taking(&self) -> bool {
+        self.held.is_none()
+            && self.stalled.is_none()
+            && self.pending.len() < self.max_pending
+            && self.closing.is_none()
+    }
+
     async fn pump(&mut self, claim: &Claim) -> End {
-        // Packets that arrived together with the CONNECT.
-        if let Step::End(end) = self.parse_packets().await {
-            return end;
-        }
-        if let Err(end) = self.flush().await {
-            return end;
-        }
+        let kick = &claim.kick;
         let idle = self.keep_alive + self.keep_alive / 2;
         let deadline = tokio::time::sleep(idle);
         tokio::pin!(deadline);
+        // Packets that arrived together with the CONNECT.
+        if let Step::End(end) = self.parse_packets() {
+            return end;
+        }
+        let mut was_reading = true;
         loop {
-            let step = tokio::select! {
-                biased;
-                _ = claim.kick.cancelled() => {
-                    let why = claim.reason.get().copied().unwrap_or(Kick::ShuttingDown);
-                    let code = match why {
-                        Kick::TakenOver => DisconnectReasonCode::SessionTakenOver,
-                        Kick::Revoked => DisconnectReasonCode::NotAuthorized,
-                        Kick::ShuttingDown => DisconnectReasonCode::ServerShuttingDown,
-                    };
-                    self.disconnect_device(code);
-                    Step::End(End::Kicked(why))
+            if let Err(end) = self.flush(kick).await {
+                return end;
+            }
+            if self.closing.is_some() && self.pending.is_empty() && self.stalled.is_none() {
+                return End::Kicked(Kick::ShuttingDown);
+            }
+            let reading = self.taking();
+            if reading && !was_reading {
+                // Time spent not reading (the gateway's choice) does not count against the
+                // device's keep alive.
+                deadline.as_mut().reset(Instant::now() + idle);
+            }
+            was_reading = reading;
+            if self.rbuf.capacity() - self.rbuf.len() < 512 {
+                self.rbuf.reserve(4096.min(self.max_packet + 8));
+            }
+            let wake = {
+                let Session {
+                    stream,
+                    rbuf,
+                    receipts,
+                    stalled,
+                    held,
+                    direct,
+                    pending,
+                    unreported,
+                    reported_at,
+                    closing,
+                    ..
+                } = &mut *self;
+                let waiting = !pending.is_empty();
+                let token_at = held.as_ref().map(|h| h.until);
+                let report_at = (*unreported > 0).then(|| *reported_at + REJECTS_EVERY);
+                let closing_at = *closing;
+                tokio::select! {
+                    biased;
+                    _ = kick.cancelled(), if closing_at.is_none() => Wake::Kicked,
+                    _ = sleep_until(closing_at), if closing_at.is_some() => Wake::Closed,
+                    _ = receipts.changed(), if waiting => Wake::Receipts,
+                    q = queued(stalled), if stalled.is_some() => Wake::Queued(q),
+                    _ = sleep_until(token_at), if token_at.is_some() => Wake::Token,
+                    Some(msg) = direct.recv() => Wake::Direct(msg),
+                    _ = &mut deadline, if reading => Wake::KeepAlive,
+                    read = stream.read_buf(rbuf), if reading => Wake::Read(read),
+                    _ = sleep_until(report_at), if report_at.is_some() => Wake::ReportRejects,
                 }
-                _ = &mut deadline => {
+            };
+            let step = match wake {
+                Wake::Kicked => {
+                    let why = claim.reason.get().copied().unwrap_or(Kick::ShuttingDown);
+                    if why == Kick::ShuttingDown && self.ack_after_commit {
+                        // Acknowledge what is committed before the gateway stops, then close.
+                        self.closing = Some(Instant::now() + SHUTDOWN_ACKS);
+                        self.held = None;
+                        Step::Continue
+                    } else {
+                        self.disconnect_device(kick_code(why));
+                        Step::End(End::Kicked(why))
+                    }
+                }
+                Wake::Closed => {
+                    self.disconnect_device(kick_code(Kick::ShuttingDown));
+                    Step::End(End::Kicked(Kick::ShuttingDown))
+                }
+                Wake::KeepAlive => {
                     self.disconnect_device(DisconnectReasonCode::KeepAliveTimeout);
                     Step::End(End::KeepAlive)
                 }
-                read = self.stream.read_buf(&mut self.rbuf) => match read {
-                    Ok(0) | Err(_) => Step::End(End::Closed),
-                    Ok(_) => {
-                        deadline.as_mut().reset(tokio::time::Instant::now() + idle);
-                        self.parse_packets().await
+                Wake::Read(Ok(0) | Err(_)) => Step::End(End::Closed),
+                Wake::Read(Ok(_)) => {
+                    deadline.as_mut().reset(Instant::now() + idle);
+                    Step::Continue
+                }
+                Wake::Receipts => Step::Continue,
+                Wake::Queued(Ok(())) => {
+                    if let Some((_, n)) = self.stalled.take() {
+                        self.queued = n;
                     }
-                },
-                Some(msg) = self.direct.recv() => {
+                    Step::Continue
+                }
+                Wake::Queued(Err(_)) => Step::End(End::WriterGone),
+                Wake::Token => self.resume_held(),
+                Wake::ReportRejects => {
+                    self.report_rejects();
+                    Step::Continue
+                }
+                Wake::Direct(msg) => {
                     self.on_direct(msg);
                     while let Ok(msg) = self.direct.try_recv() {
                         self.on_direct(msg);
@@ -331,46 +515,49 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
             if let Step::End(end) = step {
                 return end;
             }
-            if let Err(end) = self.flush().await {
+            if let Err(end) = self.release() {
+                self.disconnect_device(DisconnectReasonCode::UnspecifiedError);
                 return end;
             }
-            if self.rbuf.capacity() - self.rbuf.len() < 512 {
-                self.rbuf.reserve(4096.min(self.max_packet + 8));
+            if let Step::End(end) = self.parse_packets() {
+                return end;
+            }
+            if let Err(end) = self.release() {
+                self.disconnect_device(DisconnectReasonCode::UnspecifiedError);
+                return end;
             }
         }
     }
 
-    async fn parse_packets(&mut self) -> Step {
-        loop {
+    fn parse_packets(&mut self) -> Step {
+        while self.taking() {
             match next_packet(&mut self.proto, &mut self.rbuf, self.max_packet) {
                 Parsed::NeedMore => return Step::Continue,
                 Parsed::Packet(packet, peek) => {
-                    if let Step::End(end) = self.on_device_packet(packet, peek).await {
+                    if let Step::End(end) = self.on_device_packet(packet, peek) {
                         return Step::End(end);
                     }
                 }
                 Parsed::Oversized(n) => {
-                    self.metrics
-                        .reject(Reject::Oversized, &self.device, &format!("{n} bytes"));
-                    self.count_device_reject().await;
+                    self.reject(Reject::Oversized, &format!("{n} bytes"));
                     self.disconnect_device(DisconnectReasonCode::PacketTooLarge);
                     return Step::End(End::Oversized);
                 }
                 Parsed::Malformed(e) => {
-                    self.metrics.reject(Reject::Malformed, &self.device, &e);
-                    self.count_device_reject().await;
+                    self.reject(Reject::Malformed, &e);
                     self.disconnect_device(DisconnectReasonCode::MalformedPacket);
                     return Step::End(End::Malformed);
                 }
             }
         }
+        Step::Continue
     }
 
-    async fn on_device_packet(&mut self, packet: Packet, peek: Option<(u8, u16)>) -> Step {
+    fn on_device_packet(&mut self, packet: Packet, peek: Option<(u8, u16)>) -> Step {
         match packet {
             Packet::Publish(publish, _props) => {
                 let (qos, pkid) = peek.unwrap_or((0, 0));
-                self.publish(publish, qos, pkid).await
+                self.publish(publish, qos, pkid)
             }
             Packet::Subscribe(sub, _props) => {
                 let mut codes = Vec::with_capacity(sub.filters.len());
@@ -390,7 +577,7 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
                             }));
                         }
                         Err(denied) => {
-                            self.refused(denied, &filter.path).await;
+                            self.refused_topic(denied, &filter.path);
                             codes.push(self.refused_suback_code());
                         }
                     }
@@ -461,124 +648,229 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
                 let send_will = d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage;
                 Step::End(End::Disconnected { send_will })
             }
-            _ => {
+            other => {
                 // A second CONNECT, or a packet only a server may send.
+                let what = format!("{:?} from a client", packet_kind(&other));
+                self.reject(Reject::ProtocolViolation, &what);
                 self.disconnect_device(DisconnectReasonCode::ProtocolError);
                 Step::End(End::ProtocolViolation)
             }
         }
     }
 
-    async fn publish(&mut self, publish: Publish, qos: u8, pkid: u16) -> Step {
+    fn publish(&mut self, publish: Publish, qos: u8, pkid: u16) -> Step {
+        // A QoS 2 repeat (the device did not see our PUBREC) is not delivered again and was
+        // counted against the rate the first time; it is answered once the first one is.
+        if qos == 2 && self.qos2.contains(&pkid) {
+            self.pending.push_back(Pending {
+                n: self.sent,
+                qos,
+                pkid,
+                refused: None,
+            });
+            return Step::Continue;
+        }
+        let now = Instant::now();
+        if !self.bucket.try_take(self.rate, now.into_std()) {
+            let wait = self.bucket.until_token(self.rate, now.into_std());
+            self.metrics.publishes_delayed.inc();
+            self.held = Some(Held {
+                publish,
+                qos,
+                pkid,
+                until: now + wait,
+            });
+            return Step::Continue;
+        }
+        self.admit(publish, qos, pkid)
+    }
+
+    /// The held publish's token is due.
+    fn resume_held(&mut self) -> Step {
+        let Some(held) = self.held.take() else {
+            return Step::Continue;
+        };
+        let now = Instant::now();
+        if !self.bucket.try_take(self.rate, now.into_std()) {
+            // Woken a hair early (rounding): wait for the rest.
+            let wait = self.bucket.until_token(self.rate, now.into_std());
+            self.held = Some(Held {
+                until: now + wait,
+                ..held
+            });
+            return Step::Continue;
+        }
+        self.admit(held.publish, held.qos, held.pkid)
+    }
+
+    /// A publish with its token: checked, then queued for the writer (or refused).
+    fn admit(&mut self, publish: Publish, qos: u8, pkid: u16) -> Step {
         let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-        let (channel, internal) = match policy::uplink(&self.device, &topic) {
+        let (channel, encoding) = match policy::uplink(&self.device, &topic) {
             Ok(allowed) => allowed,
             Err(denied) => {
-                self.refused(denied, &topic).await;
+                self.refused_topic(denied, &topic);
                 self.refuse_publish(qos, pkid, PubAckReason::NotAuthorized);
                 return Step::Continue;
             }
         };
-        // A QoS 2 repeat (the device did not see our PUBREC) is not delivered twice, and was
-        // measured against the limits the first time.
-        let repeat = qos == 2 && self.qos2.contains(&pkid);
-        if !repeat {
-            let limit = self.max_message.of(channel);
-            let size = publish.payload.len();
-            if size > limit {
-                let detail = format!("{topic}: {size} bytes, over {limit}");
-                self.metrics.reject(Reject::TooLarge, &self.device, &detail);
-                self.count_device_reject().await;
-                // No v5 PUBACK code says "too large" (0x95 exists for DISCONNECT only).
-                self.refuse_publish(qos, pkid, PubAckReason::ImplementationSpecificError);
-                return Step::Continue;
-            }
-            let now = tokio::time::Instant::now().into_std();
-            if !self.bucket.try_take(self.rate, now) {
-                self.metrics
-                    .reject(Reject::RateLimited, &self.device, &topic);
-                self.count_device_reject().await;
-                self.refuse_publish(qos, pkid, PubAckReason::QuotaExceeded);
-                return Step::Continue;
-            }
-            if qos == 2 {
-                self.qos2.insert(pkid);
-            }
+        let limit = self.max_message.of(channel);
+        let size = publish.payload.len();
+        if size > limit {
+            let detail = format!("{topic}: {size} bytes, over {limit}");
+            self.reject(Reject::TooLarge, &detail);
+            // No v5 PUBACK code says "too large" (0x95 exists for DISCONNECT only).
+            self.refuse_publish(qos, pkid, PubAckReason::ImplementationSpecificError);
+            return Step::Continue;
         }
-        if !repeat
-            && self
-                .uplink
-                .send(Bytes::from(internal), publish.payload)
-                .await
-                .is_err()
-        {
-            return Step::End(End::BrokerGone);
+        if qos == 2 {
+            self.qos2.insert(pkid);
         }
-        match qos {
-            1 => self.write(Packet::PubAck(
-                PubAck {
-                    pkid,
-                    reason: PubAckReason::Success,
-                },
-                None,
-            )),
-            2 => self.write(Packet::PubRec(
-                PubRec {
-                    pkid,
-                    reason: PubRecReason::Success,
-                },
-                None,
-            )),
-            _ => {}
+        let n = self.sent + 1;
+        self.sent = n;
+        let msg = UplinkMsg {
+            device: self.device.clone(),
+            session: self.epoch,
+            channel,
+            encoding,
+            payload: publish.payload,
+            received_us: now_us(),
+            receipt: Some((self.receipts.clone(), n)),
+            room: None,
+            rejected: std::mem::take(&mut self.unreported),
+        };
+        match self.uplinks.try_send(msg) {
+            Ok(()) => self.queued = n,
+            Err(QueueError::Full(msg)) => {
+                self.metrics.writer_queue_full.inc();
+                let uplinks = self.uplinks.clone();
+                self.stalled = Some((Box::pin(async move { uplinks.send(msg).await }), n));
+            }
+            Err(QueueError::Closed) => return Step::End(End::WriterGone),
+        }
+        if qos > 0 {
+            self.pending.push_back(Pending {
+                n,
+                qos,
+                pkid,
+                refused: None,
+            });
         }
         Step::Continue
     }
 
-    /// Answers a publish that was dropped. v5 can say no; v3.1.1 cannot, and must acknowledge
-    /// or disconnect. Acknowledging keeps a misconfigured stock client from reconnecting in a
-    /// loop (and a rate-limited one from reconnecting to get around its limit).
-    fn refuse_publish(&mut self, qos: u8, pkid: u16, v5_reason: PubAckReason) {
-        match qos {
-            1 => {
-                let reason = if self.v5 {
-                    v5_reason
-                } else {
-                    PubAckReason::Success
-                };
-                self.write(Packet::PubAck(PubAck { pkid, reason }, None));
+    /// Answers a refused publish, in its turn. v5 can say no; v3.1.1 cannot, and must
+    /// acknowledge or disconnect. Acknowledging keeps a misconfigured stock client from
+    /// reconnecting in a loop.
+    fn refuse_publish(&mut self, qos: u8, pkid: u16, reason: PubAckReason) {
+        if qos == 0 {
+            return;
+        }
+        if qos == 2 && !self.v5 {
+            // Its PUBREL must find the id, like an accepted one's.
+            self.qos2.insert(pkid);
+        }
+        self.pending.push_back(Pending {
+            n: self.sent,
+            qos,
+            pkid,
+            refused: Some(reason),
+        });
+    }
+
+    /// Writes the acknowledgements that are due, in order. Fails when the writer lost a batch
+    /// of this session's messages.
+    fn release(&mut self) -> Result<(), End> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let upto = if self.ack_after_commit {
+            if self.receipts.is_failed() {
+                return Err(End::StorageFailed);
             }
-            2 => {
-                let reason = if self.v5 {
-                    match v5_reason {
-                        PubAckReason::NotAuthorized => PubRecReason::NotAuthorized,
-                        PubAckReason::QuotaExceeded => PubRecReason::QuotaExceeded,
-                        _ => PubRecReason::ImplementationSpecificError,
-                    }
-                } else {
-                    // Its PUBREL must find the id, like an accepted one's.
-                    self.qos2.insert(pkid);
-                    PubRecReason::Success
+            let upto = self.receipts.upto();
+            self.receipts.take_refused(upto, &mut self.refused);
+            upto
+        } else {
+            self.queued
+        };
+        while let Some(p) = self.pending.front().copied() {
+            if p.n > upto {
+                break;
+            }
+            self.pending.pop_front();
+            let mut reason = p.refused.unwrap_or(PubAckReason::Success);
+            while self.refused.front().is_some_and(|(n, _)| *n < p.n) {
+                self.refused.pop_front();
+            }
+            if p.refused.is_none()
+                && let Some(&(n, why)) = self.refused.front()
+                && n == p.n
+            {
+                self.refused.pop_front();
+                reason = match why {
+                    Refusal::Invalid => PubAckReason::PayloadFormatInvalid,
+                    Refusal::Unknown => PubAckReason::UnspecifiedError,
+                    Refusal::NotAuthorized => PubAckReason::NotAuthorized,
                 };
+            }
+            self.acknowledge(p.qos, p.pkid, reason);
+        }
+        Ok(())
+    }
+
+    fn acknowledge(&mut self, qos: u8, pkid: u16, reason: PubAckReason) {
+        match qos {
+            1 => self.write(Packet::PubAck(PubAck { pkid, reason }, None)),
+            2 => {
+                let reason = match reason {
+                    PubAckReason::Success => PubRecReason::Success,
+                    PubAckReason::NotAuthorized => PubRecReason::NotAuthorized,
+                    PubAckReason::QuotaExceeded => PubRecReason::QuotaExceeded,
+                    PubAckReason::PayloadFormatInvalid => PubRecReason::PayloadFormatInvalid,
+                    _ => PubRecReason::ImplementationSpecificError,
+                };
+                if reason != PubRecReason::Success && self.v5 {
+                    // A refused QoS 2 publish is over: no PUBREL follows a failure code.
+                    self.qos2.remove(&pkid);
+                }
                 self.write(Packet::PubRec(PubRec { pkid, reason }, None));
             }
             _ => {}
         }
     }
 
-    async fn refused(&mut self, denied: policy::Denied, topic: &str) {
+    /// Counts a refusal of this device's (globally at once, per device through the writer).
+    fn reject(&mut self, reason: Reject, detail: &dyn std::fmt::Display) {
+        self.metrics.reject(reason, &self.device, detail);
+        if self.unreported == 0 {
+            self.reported_at = Instant::now();
+        }
+        self.unreported += 1;
+    }
+
+    fn refused_topic(&mut self, denied: policy::Denied, topic: &str) {
         let reason = match denied {
             policy::Denied::BadTopic(_) => Reject::BadTopic,
             policy::Denied::NotPermitted => Reject::NotPermitted,
         };
-        self.metrics.reject(reason, &self.device, &topic);
-        self.count_device_reject().await;
+        self.reject(reason, &topic);
     }
 
-    async fn count_device_reject(&self) {
+    /// Tells the writer how many packets of this device were refused, without waiting.
+    fn report_rejects(&mut self) {
+        if self.unreported == 0 {
+            return;
+        }
         let msg = WriterMsg::Rejected {
             device: self.device.clone(),
+            count: self.unreported,
         };
-        let _ = self.writer.send_async(msg).await;
+        // A full queue keeps the count for the next try: refusals never wait for the writer.
+        if self.writer.try_send(msg).is_ok() {
+            self.unreported = 0;
+        }
+        self.reported_at = Instant::now();
     }
 
     fn refused_suback_code(&self) -> SubscribeReasonCode {
@@ -653,11 +945,21 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
         }
     }
 
-    async fn flush(&mut self) -> Result<(), End> {
+    /// Writes what is buffered. A device that stops reading is cut off after
+    /// [`WRITE_TIMEOUT`]; a kick (but the shutdown kick, which lets the last acknowledgements
+    /// out) interrupts the wait at once.
+    async fn flush(&mut self, kick: &CancellationToken) -> Result<(), End> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        match tokio::time::timeout(WRITE_TIMEOUT, send(&mut self.stream, &self.wbuf)).await {
+        let closing = self.closing.is_some();
+        let write = tokio::time::timeout(WRITE_TIMEOUT, send(&mut self.stream, &self.wbuf));
+        let written = tokio::select! {
+            biased;
+            _ = kick.cancelled(), if !closing => return Err(End::Kicked(Kick::TakenOver)),
+            w = write => w,
+        };
+        match written {
             Ok(Ok(())) => {
                 self.wbuf.clear();
                 if self.wbuf.capacity() > 64 * 1024 {
@@ -671,22 +973,84 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
     }
 
     async fn finish(mut self, end: End) {
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
-        let _ = self.stream.shutdown().await;
+        if !self.wbuf.is_empty() {
+            let _ = tokio::time::timeout(
+                CLOSE_TIMEOUT,
+                send(&mut self.stream, &std::mem::take(&mut self.wbuf)),
+            )
+            .await;
+        }
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.stream.shutdown()).await;
+        // A message waiting for room in the queue goes in before the will.
+        if let Some((send, _)) = self.stalled.take() {
+            let _ = send.await;
+        }
         if end.sends_will()
-            && end != End::BrokerGone
-            && let Some((channel, will)) = self.will.take()
+            && let Some(will) = self.will.take()
         {
             // The will passed the policy at CONNECT; its size is checked now, like any
             // publish's. It does not count against the rate: there is one per session.
-            if will.payload.len() > self.max_message.of(channel) {
+            if will.payload.len() > self.max_message.of(will.channel) {
                 let detail = format!("will: {} bytes", will.payload.len());
-                self.metrics.reject(Reject::TooLarge, &self.device, &detail);
-                self.count_device_reject().await;
+                self.reject(Reject::TooLarge, &detail);
             } else {
-                let _ = self.uplink.send(will.topic, will.payload).await;
+                let msg = UplinkMsg {
+                    device: self.device.clone(),
+                    session: self.epoch,
+                    channel: will.channel,
+                    encoding: will.encoding,
+                    payload: will.payload,
+                    received_us: now_us(),
+                    receipt: None,
+                    room: None,
+                    rejected: std::mem::take(&mut self.unreported),
+                };
+                let _ = self.uplinks.send(msg).await;
             }
         }
+        if self.unreported > 0 {
+            let msg = WriterMsg::Rejected {
+                device: self.device.clone(),
+                count: self.unreported,
+            };
+            let _ = self.writer.send_async(msg).await;
+        }
+    }
+}
+
+fn kick_code(why: Kick) -> DisconnectReasonCode {
+    match why {
+        Kick::TakenOver => DisconnectReasonCode::SessionTakenOver,
+        Kick::Revoked => DisconnectReasonCode::NotAuthorized,
+        Kick::ShuttingDown => DisconnectReasonCode::ServerShuttingDown,
+    }
+}
+
+/// Sleeps until `at`; never wakes without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits until the stalled message is in the writer's queue.
+async fn queued(stalled: &mut Option<Stalled>) -> Result<(), QueueError> {
+    match stalled {
+        Some((send, _)) => send.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The name of a packet a client may not send, for the refusal's log line.
+fn packet_kind(packet: &Packet) -> &'static str {
+    match packet {
+        Packet::Connect(..) => "second CONNECT",
+        Packet::ConnAck(..) => "CONNACK",
+        Packet::SubAck(..) => "SUBACK",
+        Packet::UnsubAck(..) => "UNSUBACK",
+        Packet::PingResp(..) => "PINGRESP",
+        _ => "packet",
     }
 }
 

@@ -1,353 +1,63 @@
-//! The storage writer: the one owner of device state, alerts and commands.
+//! The storage writer: the one owner of device state, presence, alerts and commands.
 //!
-//! Everything that changes stored state passes through one thread: device messages from the
-//! broker, presence from the front, and operator requests from the API. It takes whatever is
-//! queued (up to `ingest.batch` messages), applies it to its in-memory state and writes it in
-//! one transaction. Effects that leave the gateway (command publishes, session kicks, API
-//! replies, metric counts) happen only after the commit, so nothing is announced that a crash
-//! could undo.
+//! Everything that changes stored state passes through one thread: device messages and
+//! presence from the sessions, and operator requests from the API. It takes what is queued (up
+//! to `ingest.batch` messages, waiting at most `ingest.commit_delay` for more), applies it to
+//! its in-memory state and writes it in one transaction. Effects that leave the writer
+//! (acknowledgements to devices, command publishes, session kicks, API replies, metric counts)
+//! happen only after the commit, so nothing is announced that a crash could undo.
 //!
-//! Bad input never stops the writer: an undecodable or invalid message is counted, logged
-//! (rate-limited) and skipped.
+//! Invariants:
+//! - A device message's receipt says "committed" only after the commit; a batch that fails to
+//!   commit marks the receipts of every session in it failed (those sessions disconnect
+//!   unacknowledged), and the writer reloads its state from storage. Connections are not
+//!   stored state: a failed commit does not disconnect anyone else (see `presence`).
+//! - A transaction that changes nothing is not committed (an idle gateway does not write).
+//! - Bad input never stops the writer: an undecodable or invalid message is counted, logged
+//!   (rate-limited), refused with a reason and skipped.
+//! - The writer is the gateway: if it cannot go on (its state cannot be reloaded), it stops,
+//!   and the gateway stops with it (see `app`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use fleetgate_config::{AlertRule, Config};
-use fleetgate_protocol::{
-    Action, Alert, AlertKind, Command, CommandAck, DecodeError, DeviceId, Downlink, Encoding,
-    Hello, LogLine, Severity, Telemetry, Uplink, decode, encode,
-};
+use fleetgate_protocol::{Downlink, Encoding, Uplink};
 use tokio::sync::oneshot;
 
 use crate::auth::{self, Credentials};
-use crate::broker::DownlinkTx;
-use crate::broker::front::{Kick, Sessions};
-use crate::clock::{now_ms, now_us};
-use crate::metrics::{Metrics, Reject};
-use crate::model::{
-    AlertRecord, AlertSource, AlertState, CommandRecord, CommandState, Device, LogRow, Stamp,
-    TelemetryRow,
-};
+use crate::bus::{DownlinkTx, Kick, Links, Receipts};
+use crate::clock::now_ms;
+use crate::metrics::Metrics;
+use crate::model::{AlertRecord, Device};
 use crate::registry::ArtifactStore;
 use crate::storage::{self, Store, Tables, schema};
 use crate::updates;
-use seq::SeqOutcome;
 
+mod alerts;
+mod control;
 mod drift;
+mod presence;
+mod retention;
 mod rollouts;
-pub mod seq;
 mod transfers;
+mod uplink;
 
+pub use control::{AlertAction, Control, ControlError, ControlTx};
 pub use drift::{DriftAnswer, DriftQuery, DriftStream};
-
 pub use rollouts::{RolloutCreated, RolloutRequest};
 pub use transfers::{UpdatePlan, UpdateRequest};
 
-pub type WriterTx = flume::Sender<WriterMsg>;
+pub use crate::bus::{PresenceEvent, UplinkMsg, WriterMsg, WriterTx};
 
-/// What the broker and the front send the writer.
-#[derive(Debug)]
-pub enum WriterMsg {
-    Uplink(UplinkMsg),
-    Presence(PresenceEvent),
-    /// The front refused something from this device (counted per device).
-    Rejected {
-        device: String,
-    },
-    /// Flush marker `n` came through the broker: everything devices published before it was
-    /// published has been delivered.
-    FlushMarker(u64),
-}
-
-/// A message a device published, as the broker delivered it.
-#[derive(Debug)]
-pub struct UplinkMsg {
-    pub device: String,
-    pub channel: Uplink,
-    pub encoding: Encoding,
-    pub payload: Bytes,
-    pub received_us: u64,
-}
-
-#[derive(Debug)]
-pub struct PresenceEvent {
-    pub device: String,
-    /// Session id: a replaced session's late "offline" must not hide the new one.
-    pub session: u64,
-    pub online: bool,
-    pub at_ms: u64,
-    pub protocol: u8,
-    pub peer: String,
-    pub reason: Option<&'static str>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AlertAction {
-    Acknowledge,
-    Resolve,
-}
-
-/// A problem with an operator request, mapped to an HTTP status by the API.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ControlError {
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0} not found")]
-    NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("storage failed: {0}")]
-    Storage(String),
-    #[error("the gateway is shutting down")]
-    Stopped,
-}
-
-type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
-
-/// Operator requests; each is answered after its change is committed.
-#[derive(Debug)]
-pub enum Control {
-    Enroll {
-        id: String,
-        labels: BTreeMap<String, String>,
-        reply: Reply<String>,
-    },
-    RotateCredential {
-        id: String,
-        reply: Reply<String>,
-    },
-    Revoke {
-        id: String,
-        reply: Reply<()>,
-    },
-    Alert {
-        id: u64,
-        action: AlertAction,
-        by: String,
-        reply: Reply<AlertRecord>,
-    },
-    Command {
-        device: String,
-        action: Action,
-        by: String,
-        reply: Reply<CommandRecord>,
-    },
-    StartUpdates {
-        request: UpdateRequest,
-        by: String,
-        reply: Reply<UpdatePlan>,
-    },
-    CancelUpdate {
-        id: u64,
-        by: String,
-        reply: Reply<crate::model::TransferRecord>,
-    },
-    CreateRollout {
-        request: Box<RolloutRequest>,
-        by: String,
-        reply: Reply<RolloutCreated>,
-    },
-    Rollout {
-        id: u64,
-        action: crate::rollouts::OperatorAction,
-        by: String,
-        reason: Option<String>,
-        reply: Reply<crate::rollouts::model::RolloutRecord>,
-    },
-    /// Live views of one rollout, or of every rollout that may still act.
-    RolloutViews {
-        id: Option<u64>,
-        reply: oneshot::Sender<Vec<crate::rollouts::View>>,
-    },
-    /// A model version's baseline was set or replaced.
-    BaselineChanged {
-        model: String,
-        version: semver::Version,
-    },
-    Drift {
-        query: DriftQuery,
-        reply: oneshot::Sender<DriftAnswer>,
-    },
-    /// Answer once flush marker `upto` has arrived and what came before it is committed.
-    Sync {
-        upto: u64,
-        reply: oneshot::Sender<()>,
-    },
-    /// Finish once flush marker `upto` has arrived (or at the deadline), then exit.
-    Stop {
-        upto: u64,
-        deadline: Instant,
-        reply: oneshot::Sender<()>,
-    },
-}
-
-/// The API's handle on the writer.
-#[derive(Debug, Clone)]
-pub struct ControlTx(flume::Sender<Control>);
-
-impl ControlTx {
-    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Control) -> Result<T, ControlError> {
-        let (tx, rx) = oneshot::channel();
-        self.0
-            .send_async(make(tx))
-            .await
-            .map_err(|_| ControlError::Stopped)?;
-        rx.await.map_err(|_| ControlError::Stopped)?
-    }
-
-    pub async fn enroll(
-        &self,
-        id: String,
-        labels: BTreeMap<String, String>,
-    ) -> Result<String, ControlError> {
-        self.ask(|reply| Control::Enroll { id, labels, reply })
-            .await
-    }
-
-    pub async fn rotate_credential(&self, id: String) -> Result<String, ControlError> {
-        self.ask(|reply| Control::RotateCredential { id, reply })
-            .await
-    }
-
-    pub async fn revoke(&self, id: String) -> Result<(), ControlError> {
-        self.ask(|reply| Control::Revoke { id, reply }).await
-    }
-
-    pub async fn alert(
-        &self,
-        id: u64,
-        action: AlertAction,
-        by: String,
-    ) -> Result<AlertRecord, ControlError> {
-        self.ask(|reply| Control::Alert {
-            id,
-            action,
-            by,
-            reply,
-        })
-        .await
-    }
-
-    pub async fn command(
-        &self,
-        device: String,
-        action: Action,
-        by: String,
-    ) -> Result<CommandRecord, ControlError> {
-        self.ask(|reply| Control::Command {
-            device,
-            action,
-            by,
-            reply,
-        })
-        .await
-    }
-
-    pub async fn start_updates(
-        &self,
-        request: UpdateRequest,
-        by: String,
-    ) -> Result<UpdatePlan, ControlError> {
-        self.ask(|reply| Control::StartUpdates { request, by, reply })
-            .await
-    }
-
-    pub async fn cancel_update(
-        &self,
-        id: u64,
-        by: String,
-    ) -> Result<crate::model::TransferRecord, ControlError> {
-        self.ask(|reply| Control::CancelUpdate { id, by, reply })
-            .await
-    }
-
-    pub async fn create_rollout(
-        &self,
-        request: RolloutRequest,
-        by: String,
-    ) -> Result<RolloutCreated, ControlError> {
-        let request = Box::new(request);
-        self.ask(|reply| Control::CreateRollout { request, by, reply })
-            .await
-    }
-
-    pub async fn rollout(
-        &self,
-        id: u64,
-        action: crate::rollouts::OperatorAction,
-        by: String,
-        reason: Option<String>,
-    ) -> Result<crate::rollouts::model::RolloutRecord, ControlError> {
-        self.ask(|reply| Control::Rollout {
-            id,
-            action,
-            by,
-            reason,
-            reply,
-        })
-        .await
-    }
-
-    pub async fn rollout_views(
-        &self,
-        id: Option<u64>,
-    ) -> Result<Vec<crate::rollouts::View>, ControlError> {
-        let (reply, rx) = oneshot::channel();
-        self.0
-            .send_async(Control::RolloutViews { id, reply })
-            .await
-            .map_err(|_| ControlError::Stopped)?;
-        rx.await.map_err(|_| ControlError::Stopped)
-    }
-
-    pub async fn baseline_changed(&self, model: String, version: semver::Version) {
-        let _ = self
-            .0
-            .send_async(Control::BaselineChanged { model, version })
-            .await;
-    }
-
-    pub async fn drift(&self, query: DriftQuery) -> Result<DriftAnswer, ControlError> {
-        let (reply, rx) = oneshot::channel();
-        self.0
-            .send_async(Control::Drift { query, reply })
-            .await
-            .map_err(|_| ControlError::Stopped)?;
-        rx.await.map_err(|_| ControlError::Stopped)
-    }
-
-    /// Registers a wait for flush marker `upto`. Send the marker after this returns; the
-    /// receiver fires once everything before the marker is committed.
-    pub async fn sync(&self, upto: u64) -> Result<oneshot::Receiver<()>, ControlError> {
-        let (reply, rx) = oneshot::channel();
-        self.0
-            .send_async(Control::Sync { upto, reply })
-            .await
-            .map_err(|_| ControlError::Stopped)?;
-        Ok(rx)
-    }
-
-    /// Asks the writer to finish once flush marker `upto` has arrived: it commits everything
-    /// before the marker and exits. Send the marker after this returns.
-    pub async fn stop(&self, upto: u64, grace: Duration) -> Option<oneshot::Receiver<()>> {
-        let (reply, rx) = oneshot::channel();
-        let stop = Control::Stop {
-            upto,
-            deadline: Instant::now() + grace,
-            reply,
-        };
-        self.0.send_async(stop).await.ok().map(|()| rx)
-    }
-}
+use control::Reply;
+use presence::Connection;
 
 /// The writer's view of one device: the stored record plus what only lives in memory.
 #[derive(Debug)]
 struct DeviceState {
     device: Device,
-    session: Option<u64>,
     last_telemetry_key: u64,
     last_log_key: u64,
     dirty: bool,
@@ -359,6 +69,9 @@ type AfterCommit = Box<dyn FnOnce(Option<&str>) + Send>;
 /// Side effects of a batch, carried out after it commits.
 #[derive(Default)]
 struct Effects {
+    /// Device messages of the batch, by session: the receipts to mark committed (or failed),
+    /// with the device and the highest message number.
+    receipts: Vec<(String, Arc<Receipts>, u64)>,
     replies: Vec<AfterCommit>,
     downlinks: Vec<(String, Downlink, Encoding, Vec<u8>)>,
     chunks: Vec<transfers::ChunkSend>,
@@ -375,6 +88,17 @@ struct Effects {
 }
 
 impl Effects {
+    /// Notes that message `n` of a session is in this batch.
+    fn receipt(&mut self, device: &str, receipts: Arc<Receipts>, n: u64) {
+        if let Some(last) = self.receipts.last_mut()
+            && Arc::ptr_eq(&last.1, &receipts)
+        {
+            last.2 = last.2.max(n);
+            return;
+        }
+        self.receipts.push((device.to_owned(), receipts, n));
+    }
+
     /// Queues a reply that sends `result` after a successful commit, or the storage error.
     fn reply<T: Send + 'static>(&mut self, tx: Reply<T>, result: Result<T, ControlError>) {
         self.replies.push(Box::new(move |failed: Option<&str>| {
@@ -391,6 +115,7 @@ impl Effects {
 #[derive(Debug, Clone)]
 struct Settings {
     batch: usize,
+    commit_delay: Duration,
     telemetry_per_device: u64,
     logs_per_device: u64,
     telemetry_max_age: Duration,
@@ -405,10 +130,12 @@ pub struct Writer {
     store: Store,
     settings: Settings,
     credentials: Arc<Credentials>,
-    sessions: Arc<Sessions>,
+    sessions: Arc<dyn Links>,
     downlink: DownlinkTx,
     metrics: Arc<Metrics>,
     devices: HashMap<String, DeviceState>,
+    /// Devices connected now, by their connection (not reloaded from storage).
+    connections: HashMap<String, Connection>,
     /// Alerts not yet resolved, by id; and their dedup index (device, kind name) -> id.
     unresolved: HashMap<u64, AlertRecord>,
     open_index: HashMap<(String, String), u64>,
@@ -473,12 +200,13 @@ impl Writer {
         store: Store,
         config: &Config,
         credentials: Arc<Credentials>,
-        sessions: Arc<Sessions>,
+        sessions: Arc<dyn Links>,
         downlink: DownlinkTx,
         metrics: Arc<Metrics>,
     ) -> storage::Result<Writer> {
         let settings = Settings {
             batch: config.ingest.batch,
+            commit_delay: config.ingest.commit_delay,
             telemetry_per_device: config.retention.telemetry_per_device,
             logs_per_device: config.retention.logs_per_device,
             telemetry_max_age: config.retention.telemetry_max_age,
@@ -498,6 +226,7 @@ impl Writer {
             downlink,
             metrics,
             devices: HashMap::new(),
+            connections: HashMap::new(),
             unresolved: HashMap::new(),
             open_index: HashMap::new(),
             next_alert_id: 1,
@@ -528,12 +257,13 @@ impl Writer {
         self.rollback_key = Some(Arc::new(key));
     }
 
-    /// (Re)builds the in-memory state from storage: at start, and after a failed commit.
+    /// (Re)builds the in-memory state from storage: at start, and after a failed commit (then
+    /// [`Writer::resume_connections`] puts the live connections back).
     fn reload(&mut self) -> storage::Result<()> {
         let loaded = self.store.load()?;
         self.devices.clear();
         for mut device in loaded.devices {
-            // Nobody is connected to a gateway that is just starting.
+            // Stored presence is history; who is connected now is in `connections`.
             if device.presence.online {
                 device.presence.online = false;
                 device.presence.disconnect_reason = Some("gateway restarted".to_owned());
@@ -547,7 +277,6 @@ impl Writer {
                 device.id.clone(),
                 DeviceState {
                     device,
-                    session: None,
                     last_telemetry_key: t,
                     last_log_key: l,
                     dirty: false,
@@ -558,7 +287,7 @@ impl Writer {
         self.open_index.clear();
         for alert in loaded.unresolved_alerts {
             self.open_index.insert(
-                dedup_key(&alert.device, &alert.kind, &alert.source),
+                alerts::dedup_key(&alert.device, &alert.kind, &alert.source),
                 alert.id,
             );
             self.unresolved.insert(alert.id, alert);
@@ -590,36 +319,33 @@ impl Writer {
         Ok(())
     }
 
-    /// Runs until stopped. Call on a dedicated thread.
-    pub fn run(mut self, msgs: flume::Receiver<WriterMsg>, controls: flume::Receiver<Control>) {
+    /// Runs until stopped. Call on a dedicated thread. Returns an error when the writer cannot
+    /// go on; the gateway must stop then (nothing may be acknowledged without it).
+    pub fn run(
+        mut self,
+        msgs: flume::Receiver<WriterMsg>,
+        controls: flume::Receiver<Control>,
+    ) -> Result<(), storage::StorageError> {
         let mut next_retention = Instant::now() + self.settings.retention_interval;
         let mut next_tick = Instant::now() + TICK;
         let mut stopping: Option<(u64, Instant, oneshot::Sender<()>)> = None;
         loop {
+            self.metrics.writer_alive();
             let wake_at = match &stopping {
                 Some((_, deadline, _)) => (*deadline).min(next_retention).min(next_tick),
                 None => next_retention.min(next_tick),
             };
-            let first = flume::Selector::new()
-                .recv(&controls, |c| c.ok().map(Item::Control))
-                .recv(&msgs, |m| m.ok().map(Item::Msg))
-                .wait_deadline(wake_at);
-            let mut items: Vec<Item> = first.ok().flatten().into_iter().collect();
-            // Operator requests first, so that a sync registered before its marker was
-            // published is always applied before the marker.
-            items.extend(controls.try_iter().map(Item::Control));
-            let room = self.settings.batch.saturating_sub(items.len());
-            items.extend(msgs.try_iter().take(room).map(Item::Msg));
+            let items = self.collect(&msgs, &controls, wake_at);
             self.metrics.queue_depth.set(msgs.len() as i64);
 
             if !items.is_empty() {
-                let effects = self.apply_batch(items);
+                let effects = self.apply_batch(items)?;
                 if let Some(stop) = self.finish_batch(effects) {
                     stopping = Some(stop);
                 }
             }
             if Instant::now() >= next_tick {
-                self.tick();
+                self.tick()?;
                 next_tick = Instant::now() + TICK;
             }
             if Instant::now() >= next_retention {
@@ -638,13 +364,53 @@ impl Writer {
                     if let Some((_, _, reply)) = stopping.take() {
                         let _ = reply.send(());
                     }
-                    return;
+                    return Ok(());
                 }
             }
         }
     }
 
-    fn apply_batch(&mut self, items: Vec<Item>) -> Effects {
+    /// The next batch: waits until something arrives (or `wake_at`), then takes what is queued,
+    /// waiting up to `ingest.commit_delay` for more while the batch has room.
+    fn collect(
+        &self,
+        msgs: &flume::Receiver<WriterMsg>,
+        controls: &flume::Receiver<Control>,
+        wake_at: Instant,
+    ) -> Vec<Item> {
+        let next = |until: Instant| {
+            flume::Selector::new()
+                .recv(controls, |c| c.ok().map(Item::Control))
+                .recv(msgs, |m| m.ok().map(Item::Msg))
+                .wait_deadline(until)
+                .ok()
+                .flatten()
+        };
+        let Some(first) = next(wake_at) else {
+            return Vec::new();
+        };
+        let mut items = vec![first];
+        let close_at = Instant::now() + self.settings.commit_delay;
+        loop {
+            // Operator requests first, so that a sync registered before its marker was queued
+            // is always applied before the marker.
+            items.extend(controls.try_iter().map(Item::Control));
+            let room = self.settings.batch.saturating_sub(items.len());
+            items.extend(msgs.try_iter().take(room).map(Item::Msg));
+            if items.len() >= self.settings.batch || Instant::now() >= close_at {
+                return items;
+            }
+            match next(close_at) {
+                Some(item) => items.push(item),
+                None => return items,
+            }
+        }
+    }
+
+    /// Applies a batch in one transaction. A failed commit fails the receipts of the sessions
+    /// whose messages were in it, answers the API with the error and reloads; only a failed
+    /// reload is returned (the writer cannot go on).
+    fn apply_batch(&mut self, items: Vec<Item>) -> Result<Effects, storage::StorageError> {
         let mut fx = Effects::default();
         let result = self.store.clone().write(|t| {
             for item in items {
@@ -653,35 +419,66 @@ impl Writer {
                     Item::Control(c) => self.apply_control(t, c, &mut fx)?,
                 }
             }
-            for state in self.devices.values_mut().filter(|s| s.dirty) {
-                t.put_device(&state.device)?;
-                state.dirty = false;
-            }
-            t.set_meta(schema::META_NEXT_ALERT_ID, self.next_alert_id)?;
-            t.set_meta(schema::META_NEXT_COMMAND_ID, self.next_command_id)?;
-            Ok(())
+            self.write_dirty(t)
         });
-        if let Err(e) = result {
-            tracing::error!(error = %e, "storage write failed; batch dropped, state reloaded");
-            let message = e.to_string();
-            for reply in fx.replies.drain(..) {
-                reply(Some(&message));
-            }
-            fx = Effects {
-                stop: fx.stop.take(),
-                marker: fx.marker,
-                ..Effects::default()
-            };
-            if let Err(e) = self.reload() {
-                tracing::error!(error = %e, "reloading state failed");
+        match result {
+            Ok(()) => Ok(fx),
+            Err(e) => {
+                tracing::error!(error = %e, "storage write failed; batch dropped, state reloaded");
+                let message = e.to_string();
+                for reply in fx.replies.drain(..) {
+                    reply(Some(&message));
+                }
+                self.fail_receipts(&fx);
+                let kept = Effects {
+                    stop: fx.stop.take(),
+                    marker: fx.marker,
+                    ..Effects::default()
+                };
+                self.recover()?;
+                Ok(kept)
             }
         }
-        fx
+    }
+
+    /// Writes the device records and counters the batch changed.
+    fn write_dirty(&mut self, t: &mut Tables<'_>) -> storage::Result<()> {
+        for state in self.devices.values_mut().filter(|s| s.dirty) {
+            t.put_device(&state.device)?;
+            state.dirty = false;
+        }
+        t.set_meta(schema::META_NEXT_ALERT_ID, self.next_alert_id)?;
+        t.set_meta(schema::META_NEXT_COMMAND_ID, self.next_command_id)
+    }
+
+    /// A batch did not commit: none of its device messages may be acknowledged. Their sessions
+    /// disconnect; their devices send the messages again after reconnecting, and say hello
+    /// again (so the engines do not count them as online meanwhile).
+    fn fail_receipts(&mut self, fx: &Effects) {
+        for (device, receipts, _) in &fx.receipts {
+            receipts.failed();
+            self.metrics.sessions_failed.inc();
+            if let Some(c) = self.connections.get_mut(device) {
+                c.hello = false;
+            }
+        }
+    }
+
+    /// After a failed commit: state from storage again, then the live connections back.
+    fn recover(&mut self) -> Result<(), storage::StorageError> {
+        if let Err(e) = self.reload() {
+            tracing::error!(error = %e, "reloading state after a failed commit failed");
+            return Err(e);
+        }
+        self.resume_connections()
     }
 
     /// Carries out a committed batch's effects; returns a stop request if one came in.
     fn finish_batch(&mut self, mut fx: Effects) -> Option<(u64, Instant, oneshot::Sender<()>)> {
         self.metrics.batches.inc();
+        for (_, receipts, n) in fx.receipts.drain(..) {
+            receipts.committed(n);
+        }
         for (i, channel) in Uplink::ALL.iter().enumerate() {
             if fx.stored[i] > 0 {
                 self.metrics.stored(*channel, fx.stored[i]);
@@ -735,17 +532,25 @@ impl Writer {
         fx: &mut Effects,
     ) -> storage::Result<()> {
         match msg {
-            WriterMsg::Uplink(m) => self.apply_uplink(t, m, fx)?,
-            WriterMsg::Presence(p) => {
-                let (device, online, at) = (p.device.clone(), p.online, p.at_ms);
-                if self.apply_presence(p) && !online {
-                    self.update_event(t, updates::Event::Offline(device.clone()), at, fx)?;
-                    self.rollouts_offline(t, &device, at, fx)?;
+            WriterMsg::Uplink(m) => {
+                if m.rejected > 0
+                    && let Some(s) = self.devices.get_mut(&m.device)
+                {
+                    s.device.counters.rejected += m.rejected;
+                    s.dirty = true;
+                }
+                let refused = self.apply_uplink(t, &m, fx)?;
+                if let Some((receipts, n)) = m.receipt {
+                    if let Some(why) = refused {
+                        receipts.refuse(n, why);
+                    }
+                    fx.receipt(&m.device, receipts, n);
                 }
             }
-            WriterMsg::Rejected { device } => {
+            WriterMsg::Presence(p) => self.apply_presence(t, p, fx)?,
+            WriterMsg::Rejected { device, count } => {
                 if let Some(s) = self.devices.get_mut(&device) {
-                    s.device.counters.rejected += 1;
+                    s.device.counters.rejected += count;
                     s.dirty = true;
                 }
             }
@@ -754,617 +559,10 @@ impl Writer {
         Ok(())
     }
 
-    /// Applies presence; false when the event was stale (a replaced session's).
-    fn apply_presence(&mut self, p: PresenceEvent) -> bool {
-        let Some(state) = self.devices.get_mut(&p.device) else {
-            return false;
-        };
-        let presence = &mut state.device.presence;
-        if p.online {
-            state.session = Some(p.session);
-            presence.online = true;
-            presence.connected_at_ms = Some(p.at_ms);
-            presence.protocol = Some(p.protocol);
-            presence.peer = Some(p.peer);
-            presence.connections += 1;
-            state.device.touch(p.at_ms);
-        } else if state.session == Some(p.session) {
-            state.session = None;
-            presence.online = false;
-            presence.disconnected_at_ms = Some(p.at_ms);
-            presence.disconnect_reason = p.reason.map(str::to_owned);
-        } else {
-            return false;
-        }
-        state.dirty = true;
-        true
-    }
-
-    fn reject(&mut self, device: &str, reason: Reject, detail: &dyn std::fmt::Display) {
-        self.metrics.reject(reason, device, detail);
-        if let Some(s) = self.devices.get_mut(device) {
-            s.device.counters.rejected += 1;
-            s.dirty = true;
-        }
-    }
-
-    fn decode<T>(&mut self, m: &UplinkMsg) -> Option<T>
-    where
-        T: serde::de::DeserializeOwned + fleetgate_protocol::limits::Validate,
-    {
-        match decode::<T>(&m.payload, m.encoding) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                let reason = match e {
-                    DecodeError::Invalid(_) => Reject::Invalid,
-                    _ => Reject::Undecodable,
-                };
-                let detail = format!("{}: {e}", m.channel.name());
-                self.reject(&m.device, reason, &detail);
-                None
-            }
-        }
-    }
-
-    fn apply_uplink(
-        &mut self,
-        t: &mut Tables<'_>,
-        m: UplinkMsg,
-        fx: &mut Effects,
-    ) -> storage::Result<()> {
-        if self
-            .devices
-            .get(&m.device)
-            .is_none_or(|s| s.device.revoked())
-        {
-            self.metrics
-                .reject(Reject::UnknownDevice, &m.device, &m.channel.name());
-            return Ok(());
-        }
-        let received_ms = m.received_us / 1000;
-        let stored = match m.channel {
-            Uplink::Hello => {
-                let said = self.hello(&m);
-                if said {
-                    let hello = self
-                        .devices
-                        .get(&m.device)
-                        .and_then(|s| s.device.hello.clone());
-                    if let Some(hello) = hello {
-                        self.drift_bins(&m.device, &hello, fx);
-                    }
-                    self.update_event(
-                        t,
-                        updates::Event::Online(m.device.clone()),
-                        received_ms,
-                        fx,
-                    )?;
-                    self.rollouts_hello(t, &m.device, received_ms, fx)?;
-                }
-                said
-            }
-            Uplink::Telemetry => self.telemetry(t, &m, fx)?,
-            Uplink::Alert => {
-                let stored = self.device_alert(t, &m)?;
-                if stored {
-                    self.rollouts_alert(t, &m.device, received_ms, fx)?;
-                }
-                stored
-            }
-            Uplink::Log => self.log(t, &m)?,
-            Uplink::Ack => self.ack(t, &m, fx)?,
-            Uplink::Report => match self.decode::<fleetgate_protocol::UpdateReport>(&m) {
-                Some(report) => self.report(t, &m.device, report, received_ms, fx)?,
-                None => false,
-            },
-        };
-        if stored {
-            let i = Uplink::ALL
-                .iter()
-                .position(|c| *c == m.channel)
-                .unwrap_or(0);
-            fx.stored[i] += 1;
-            if let Some(s) = self.devices.get_mut(&m.device) {
-                s.device.touch(received_ms);
-                s.dirty = true;
-            }
-        }
-        Ok(())
-    }
-
-    fn hello(&mut self, m: &UplinkMsg) -> bool {
-        let Some(hello) = self.decode::<Hello>(m) else {
-            return false;
-        };
-        let Some(s) = self.devices.get_mut(&m.device) else {
-            return false;
-        };
-        s.device.hello = Some(hello);
-        s.device.encoding = m.encoding;
-        s.device.counters.hellos += 1;
-        true
-    }
-
-    fn telemetry(
-        &mut self,
-        t: &mut Tables<'_>,
-        m: &UplinkMsg,
-        fx: &mut Effects,
-    ) -> storage::Result<bool> {
-        let Some(tel) = self.decode::<Telemetry>(m) else {
-            return Ok(false);
-        };
-        let keep = self.settings.telemetry_per_device;
-        let Some(s) = self.devices.get_mut(&m.device) else {
-            return Ok(false);
-        };
-        match s.device.seq.observe(tel.boot, tel.seq) {
-            SeqOutcome::Duplicate => {
-                s.device.counters.duplicates += 1;
-                s.dirty = true;
-                fx.duplicates += 1;
-                return Ok(false);
-            }
-            SeqOutcome::Next { lost } if lost > 0 => {
-                s.device.counters.lost += u64::from(lost);
-                fx.lost += i64::from(lost);
-            }
-            SeqOutcome::Late => {
-                s.device.counters.lost = s.device.counters.lost.saturating_sub(1);
-                fx.lost -= 1;
-            }
-            SeqOutcome::Started | SeqOutcome::Next { .. } => {}
-        }
-        let row = TelemetryRow {
-            received_ms: m.received_us / 1000,
-            boot: tel.boot,
-            seq: tel.seq,
-            device_time_ms: tel.time_ms,
-            hw: tel.hw.clone(),
-            model: tel.model.clone(),
-            samples: tel.samples.len() as u32,
-            binned_features: tel.bins.len() as u32,
-        };
-        let key = unique_key(&mut s.last_telemetry_key, m.received_us);
-        t.insert_telemetry(&m.device, key, &row, keep, &mut s.device.telemetry_rows)?;
-        s.device.counters.telemetry += 1;
-        s.device.last_hw = Some(tel.hw.clone());
-        fx.telemetry_times.push(tel.time_ms);
-        self.apply_rules(t, &m.device, &tel, m.received_us / 1000)?;
-        self.drift_observe(t, &m.device, &tel, m.received_us / 1000)?;
-        self.rollouts_telemetry(t, &m.device, &tel, m.received_us / 1000, fx)?;
-        Ok(true)
-    }
-
-    /// Opens, bumps or clears rule alerts for one telemetry message.
-    fn apply_rules(
-        &mut self,
-        t: &mut Tables<'_>,
-        device: &str,
-        tel: &Telemetry,
-        now: u64,
-    ) -> storage::Result<()> {
-        for i in 0..self.settings.rules.len() {
-            let rule = &self.settings.rules[i];
-            let Some(value) = tel.hw.get(rule.metric) else {
-                continue;
-            };
-            if rule.fires(value) {
-                let message = format!(
-                    "{} {value} {} {}",
-                    rule.metric.name(),
-                    match rule.trigger {
-                        fleetgate_config::Trigger::Above(_) => "above",
-                        fleetgate_config::Trigger::Below(_) => "below",
-                    },
-                    match rule.trigger {
-                        fleetgate_config::Trigger::Above(x)
-                        | fleetgate_config::Trigger::Below(x) => x,
-                    }
-                );
-                let (kind, severity, metric) = (rule.kind.clone(), rule.severity, rule.metric);
-                let source = AlertSource::Rule { metric };
-                self.raise(t, device, kind, severity, Some(value), message, source, now)?;
-            } else if rule.clears(value) {
-                let key = (device.to_owned(), rule.kind.name().to_owned());
-                let metric = rule.metric;
-                if let Some(&id) = self.open_index.get(&key)
-                    && self
-                        .unresolved
-                        .get(&id)
-                        .is_some_and(|a| a.source == AlertSource::Rule { metric })
-                {
-                    self.resolve(t, id, now, "rule")?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn device_alert(&mut self, t: &mut Tables<'_>, m: &UplinkMsg) -> storage::Result<bool> {
-        let Some(alert) = self.decode::<Alert>(m) else {
-            return Ok(false);
-        };
-        let Alert {
-            kind,
-            severity,
-            value,
-            message,
-            ..
-        } = alert;
-        let now = m.received_us / 1000;
-        let value = value.map(f64::from);
-        self.raise(
-            t,
-            &m.device,
-            kind,
-            severity,
-            value,
-            message,
-            AlertSource::Device,
-            now,
-        )?;
-        if let Some(s) = self.devices.get_mut(&m.device) {
-            s.device.counters.alerts += 1;
-        }
-        Ok(true)
-    }
-
-    /// Opens an alert, or folds it into the unresolved alert of the same device and kind.
-    #[allow(clippy::too_many_arguments)]
-    fn raise(
-        &mut self,
-        t: &mut Tables<'_>,
-        device: &str,
-        kind: AlertKind,
-        severity: Severity,
-        value: Option<f64>,
-        message: String,
-        source: AlertSource,
-        now: u64,
-    ) -> storage::Result<()> {
-        let key = dedup_key(device, &kind, &source);
-        if let Some(alert) = self
-            .open_index
-            .get(&key)
-            .and_then(|id| self.unresolved.get_mut(id))
-        {
-            alert.count += 1;
-            alert.last_ms = now;
-            alert.value = value;
-            alert.severity = alert.severity.max(severity);
-            if !message.is_empty() {
-                alert.message = message;
-            }
-            return t.put_alert(alert);
-        }
-        let id = self.next_alert_id;
-        self.next_alert_id += 1;
-        let alert = AlertRecord {
-            id,
-            device: device.to_owned(),
-            kind,
-            severity,
-            state: AlertState::Open,
-            source,
-            opened_ms: now,
-            last_ms: now,
-            count: 1,
-            value,
-            message,
-            acknowledged: None,
-            resolved: None,
-        };
-        t.put_alert(&alert)?;
-        tracing::info!(
-            alert = id,
-            device,
-            kind = alert.kind.name(),
-            severity = alert.severity.name(),
-            "alert opened"
-        );
-        self.open_index.insert(key, id);
-        self.unresolved.insert(id, alert);
-        Ok(())
-    }
-
-    fn resolve(
-        &mut self,
-        t: &mut Tables<'_>,
-        id: u64,
-        now: u64,
-        by: &str,
-    ) -> storage::Result<Option<AlertRecord>> {
-        let Some(mut alert) = self.unresolved.remove(&id) else {
-            return Ok(None);
-        };
-        self.open_index
-            .remove(&dedup_key(&alert.device, &alert.kind, &alert.source));
-        alert.state = AlertState::Resolved;
-        alert.resolved = Some(Stamp {
-            at_ms: now,
-            by: by.to_owned(),
-        });
-        t.put_alert(&alert)?;
-        Ok(Some(alert))
-    }
-
-    fn log(&mut self, t: &mut Tables<'_>, m: &UplinkMsg) -> storage::Result<bool> {
-        let Some(line) = self.decode::<LogLine>(m) else {
-            return Ok(false);
-        };
-        let keep = self.settings.logs_per_device;
-        let Some(s) = self.devices.get_mut(&m.device) else {
-            return Ok(false);
-        };
-        let row = LogRow {
-            received_ms: m.received_us / 1000,
-            level: line.level,
-            text: line.text,
-            device_time_ms: line.time_ms,
-        };
-        let key = unique_key(&mut s.last_log_key, m.received_us);
-        t.insert_log(&m.device, key, &row, keep, &mut s.device.log_rows)?;
-        s.device.counters.logs += 1;
-        Ok(true)
-    }
-
-    fn ack(
-        &mut self,
-        t: &mut Tables<'_>,
-        m: &UplinkMsg,
-        fx: &mut Effects,
-    ) -> storage::Result<bool> {
-        let Some(ack) = self.decode::<CommandAck>(m) else {
-            return Ok(false);
-        };
-        let CommandAck { id, status } = ack;
-        let Some(mut cmd) = t.command(id)?.filter(|c| c.device == m.device) else {
-            self.reject(
-                &m.device,
-                Reject::UnknownCommand,
-                &format!("ack for command {id}"),
-            );
-            return Ok(false);
-        };
-        self.rollouts_ack(t, &cmd, &status, m.received_us / 1000, fx)?;
-        cmd.state = match status {
-            fleetgate_protocol::AckStatus::Done => CommandState::Done,
-            fleetgate_protocol::AckStatus::Rejected { reason } => CommandState::Rejected { reason },
-            fleetgate_protocol::AckStatus::Unsupported => CommandState::Unsupported,
-        };
-        cmd.answered_ms = Some(m.received_us / 1000);
-        t.put_command(&cmd)?;
-        if let Some(s) = self.devices.get_mut(&m.device) {
-            s.device.counters.acks += 1;
-        }
-        Ok(true)
-    }
-
-    fn apply_control(
-        &mut self,
-        t: &mut Tables<'_>,
-        c: Control,
-        fx: &mut Effects,
-    ) -> storage::Result<()> {
-        let now = now_ms();
-        match c {
-            Control::Enroll { id, labels, reply } => {
-                let result = self.enroll(&id, labels, now, fx);
-                fx.reply(reply, result);
-            }
-            Control::RotateCredential { id, reply } => {
-                let result = match self.devices.get_mut(&id) {
-                    None => Err(ControlError::NotFound(format!("device {id}"))),
-                    Some(s) => new_credential().map(|(secret, digest)| {
-                        s.device.credential_hash = Some(digest);
-                        s.dirty = true;
-                        fx.credentials.push((id.clone(), Some(digest)));
-                        fx.kicks.push((id.clone(), Kick::Revoked));
-                        secret
-                    }),
-                };
-                fx.reply(reply, result);
-            }
-            Control::Revoke { id, reply } => {
-                let result = match self.devices.get_mut(&id) {
-                    None => Err(ControlError::NotFound(format!("device {id}"))),
-                    Some(s) => {
-                        s.device.credential_hash = None;
-                        s.dirty = true;
-                        fx.credentials.push((id.clone(), None));
-                        fx.kicks.push((id.clone(), Kick::Revoked));
-                        Ok(())
-                    }
-                };
-                fx.reply(reply, result);
-            }
-            Control::Alert {
-                id,
-                action,
-                by,
-                reply,
-            } => {
-                let result = self.alert_action(t, id, action, &by, now)?;
-                fx.reply(reply, result);
-            }
-            Control::Command {
-                device,
-                action,
-                by,
-                reply,
-            } => {
-                let result = self.command(t, device, action, by, now, fx)?;
-                fx.reply(reply, result);
-            }
-            Control::StartUpdates { request, by, reply } => {
-                let result = self.start_updates(t, request, &by, now, fx)?;
-                fx.reply(reply, result);
-            }
-            Control::CancelUpdate { id, by, reply } => {
-                let result = self.cancel_update(t, id, &by, now, fx)?;
-                fx.reply(reply, result);
-            }
-            Control::CreateRollout { request, by, reply } => {
-                let result = self.create_rollout(t, *request, &by, now, fx)?;
-                fx.reply(reply, result);
-            }
-            Control::Rollout {
-                id,
-                action,
-                by,
-                reason,
-                reply,
-            } => {
-                let result = self.rollout_operator(t, id, action, &by, reason, now, fx)?;
-                fx.reply(reply, result);
-            }
-            Control::RolloutViews { id, reply } => {
-                let _ = reply.send(self.rollout_views(id));
-            }
-            Control::BaselineChanged { model, version } => {
-                self.baseline_changed(&model, &version, fx)
-            }
-            Control::Drift { query, reply } => {
-                let _ = reply.send(self.drift_query(query));
-            }
-            Control::Sync { upto, reply } => self.sync_waiters.push((upto, reply)),
-            Control::Stop {
-                upto,
-                deadline,
-                reply,
-            } => fx.stop = Some((upto, deadline, reply)),
-        }
-        Ok(())
-    }
-
-    fn enroll(
-        &mut self,
-        id: &str,
-        labels: BTreeMap<String, String>,
-        now: u64,
-        fx: &mut Effects,
-    ) -> Result<String, ControlError> {
-        DeviceId::new(id)
-            .map_err(|e| ControlError::BadRequest(format!("device id {id:?}: {e}")))?;
-        if self.devices.get(id).is_some_and(|s| !s.device.revoked()) {
-            return Err(ControlError::Conflict(format!(
-                "device {id} is already enrolled; rotate its credential instead"
-            )));
-        }
-        let (secret, digest) = new_credential()?;
-        match self.devices.get_mut(id) {
-            // Re-enrolling a revoked device keeps its history.
-            Some(s) => {
-                s.device.credential_hash = Some(digest);
-                s.device.labels = labels;
-                s.dirty = true;
-            }
-            None => {
-                let device = Device::new(id.to_owned(), labels, digest, now);
-                self.devices.insert(
-                    id.to_owned(),
-                    DeviceState {
-                        device,
-                        session: None,
-                        last_telemetry_key: 0,
-                        last_log_key: 0,
-                        dirty: true,
-                    },
-                );
-            }
-        }
-        fx.credentials.push((id.to_owned(), Some(digest)));
-        Ok(secret)
-    }
-
-    fn alert_action(
-        &mut self,
-        t: &mut Tables<'_>,
-        id: u64,
-        action: AlertAction,
-        by: &str,
-        now: u64,
-    ) -> storage::Result<Result<AlertRecord, ControlError>> {
-        if !self.unresolved.contains_key(&id) {
-            return Ok(Err(if self.store.alert(id)?.is_some() {
-                ControlError::Conflict(format!("alert {id} is already resolved"))
-            } else {
-                ControlError::NotFound(format!("alert {id}"))
-            }));
-        }
-        match action {
-            AlertAction::Acknowledge => {
-                let Some(alert) = self.unresolved.get_mut(&id) else {
-                    return Ok(Err(ControlError::NotFound(format!("alert {id}"))));
-                };
-                if alert.state == AlertState::Open {
-                    alert.state = AlertState::Acknowledged;
-                    alert.acknowledged = Some(Stamp {
-                        at_ms: now,
-                        by: by.to_owned(),
-                    });
-                    t.put_alert(alert)?;
-                }
-                Ok(Ok(alert.clone()))
-            }
-            AlertAction::Resolve => Ok(self
-                .resolve(t, id, now, by)?
-                .ok_or_else(|| ControlError::NotFound(format!("alert {id}")))),
-        }
-    }
-
-    fn command(
-        &mut self,
-        t: &mut Tables<'_>,
-        device: String,
-        action: Action,
-        by: String,
-        now: u64,
-        fx: &mut Effects,
-    ) -> storage::Result<Result<CommandRecord, ControlError>> {
-        let Some(s) = self.devices.get(&device) else {
-            return Ok(Err(ControlError::NotFound(format!("device {device}"))));
-        };
-        if s.device.revoked() {
-            return Ok(Err(ControlError::Conflict(format!(
-                "device {device} is revoked"
-            ))));
-        }
-        if !s.device.presence.online {
-            return Ok(Err(ControlError::Conflict(format!(
-                "device {device} is offline"
-            ))));
-        }
-        let encoding = s.device.encoding;
-        let id = self.next_command_id;
-        let payload = match encode(
-            &Command {
-                id,
-                action: action.clone(),
-            },
-            encoding,
-        ) {
-            Ok(p) => p,
-            Err(e) => return Ok(Err(ControlError::BadRequest(e.to_string()))),
-        };
-        self.next_command_id += 1;
-        let record = CommandRecord {
-            id,
-            device: device.clone(),
-            action,
-            created: Stamp { at_ms: now, by },
-            state: CommandState::Sent,
-            answered_ms: None,
-        };
-        t.put_command(&record)?;
-        fx.downlinks
-            .push((device, Downlink::Command, encoding, payload));
-        Ok(Ok(record))
-    }
-
-    /// Update timers: stalled transfers are offered again or time out.
-    fn tick(&mut self) {
+    /// Timers: stalled transfers are offered again or time out, rollouts bake and judge their
+    /// gates, drift windows close on time. Like a batch, a failed commit reloads (so what the
+    /// engines decided in it is decided again, not lost).
+    fn tick(&mut self) -> Result<(), storage::StorageError> {
         if self.updates.live().next().is_none() {
             self.prepared.clear();
         }
@@ -1376,119 +574,21 @@ impl Writer {
                 self.update_event(t, updates::Event::Tick, now, &mut fx)?;
             }
             self.rollouts_tick(t, now, &mut fx)?;
-            self.drift_tick(t, now)
+            self.drift_tick(t, now)?;
+            self.write_dirty(t)
         });
         match result {
             Ok(()) => {
                 self.trim_prepared();
                 self.finish_batch(fx);
+                Ok(())
             }
-            Err(e) => tracing::error!(error = %e, "update timers failed"),
+            Err(e) => {
+                tracing::error!(error = %e, "storage write of the timers failed; state reloaded");
+                self.recover()
+            }
         }
     }
-
-    /// Deletes telemetry older than the retention age and long-resolved alerts; then, if the
-    /// database file has passed `storage.max_bytes` and grown since the last time it did,
-    /// each device's oldest quarter of telemetry and logs.
-    fn retention(&mut self) {
-        self.retention_by_age();
-        let size = self.store.file_size();
-        let quota = self.settings.max_db_bytes;
-        if quota == 0 || size <= quota || size <= self.quota_trimmed_at {
-            return;
-        }
-        // The file never shrinks: what is freed is reused. It grows again only once that space
-        // is full, which is when the next trim is due.
-        self.quota_trimmed_at = size;
-        let devices = &mut self.devices;
-        let result = self.store.write(|t| {
-            let (mut telemetry, mut logs) = (0, 0);
-            for s in devices.values_mut() {
-                let d = &mut s.device;
-                let (tel, log) =
-                    t.trim_oldest(&d.id, d.telemetry_rows.div_ceil(4), d.log_rows.div_ceil(4))?;
-                if tel + log > 0 {
-                    d.telemetry_rows -= tel.min(d.telemetry_rows);
-                    d.log_rows -= log.min(d.log_rows);
-                    t.put_device(d)?;
-                }
-                telemetry += tel;
-                logs += log;
-            }
-            Ok((telemetry, logs))
-        });
-        match result {
-            Ok((telemetry, logs)) => {
-                self.metrics.storage_quota_trims.inc();
-                tracing::warn!(
-                    size,
-                    quota,
-                    telemetry,
-                    logs,
-                    "the database passed storage.max_bytes: deleted each device's oldest quarter of telemetry and logs"
-                );
-            }
-            Err(e) => tracing::error!(error = %e, "retention (storage quota) failed"),
-        }
-    }
-
-    fn retention_by_age(&mut self) {
-        let cutoff_us = now_us().saturating_sub(self.settings.telemetry_max_age.as_micros() as u64);
-        let alert_cutoff =
-            now_ms().saturating_sub(self.settings.resolved_alerts_max_age.as_millis() as u64);
-        let devices = &mut self.devices;
-        let result = self.store.write(|t| {
-            let mut removed = 0;
-            for s in devices.values_mut() {
-                let n = t.trim_telemetry_before(&s.device.id, cutoff_us)?;
-                if n > 0 {
-                    removed += n;
-                    s.device.telemetry_rows = s.device.telemetry_rows.saturating_sub(n);
-                    t.put_device(&s.device)?;
-                }
-            }
-            let alerts = t.delete_resolved_alerts_before(alert_cutoff)?;
-            Ok((removed, alerts))
-        });
-        match result {
-            Ok((0, 0)) => {}
-            Ok((telemetry, alerts)) => {
-                tracing::info!(telemetry, alerts, "retention removed old rows")
-            }
-            Err(e) => tracing::error!(error = %e, "retention failed"),
-        }
-    }
-}
-
-/// Alerts fold into an unresolved one with the same key: per device and kind, and per model
-/// version, cohort and feature for drift (which is about a fleet, not a device).
-fn dedup_key(device: &str, kind: &AlertKind, source: &AlertSource) -> (String, String) {
-    match source {
-        AlertSource::Drift(d) => {
-            let subject = d.feature.as_deref().unwrap_or("prediction");
-            (
-                String::new(),
-                format!("drift/{}/{}/{}/{subject}", d.model, d.version, d.cohort),
-            )
-        }
-        AlertSource::Device | AlertSource::Rule { .. } => {
-            (device.to_owned(), kind.name().to_owned())
-        }
-    }
-}
-
-fn new_credential() -> Result<(String, auth::Digest32), ControlError> {
-    let secret =
-        auth::new_secret().map_err(|e| ControlError::Storage(format!("no randomness: {e}")))?;
-    let digest = auth::digest(&secret);
-    Ok((secret, digest))
-}
-
-/// A key at least `now_us` and greater than the previous one, so that two messages in the same
-/// microsecond (or after the clock went back) never overwrite each other.
-fn unique_key(last: &mut u64, now_us: u64) -> u64 {
-    *last = now_us.max(*last + 1);
-    *last
 }
 
 #[cfg(test)]

@@ -1,8 +1,16 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use fleetgate_protocol::{AlertKind, HardwareMetrics, LogLevel, Severity};
+use bytes::Bytes;
+use fleetgate_protocol::{
+    Action, Alert, AlertKind, Command, CommandAck, Encoding, HardwareMetrics, Hello, LogLevel,
+    LogLine, Severity, Telemetry, Uplink, decode, encode,
+};
 
 use super::*;
+use crate::broker::front::Sessions;
+use crate::bus::Downlinked;
+use crate::clock::now_us;
+use crate::model::{AlertSource, AlertState, CommandState};
 use crate::storage::AlertFilter;
 
 struct Harness {
@@ -10,9 +18,11 @@ struct Harness {
     store: Store,
     writer: Writer,
     credentials: Arc<Credentials>,
-    downlink: flume::Receiver<(String, Bytes)>,
+    downlink: flume::Receiver<Downlinked>,
     metrics: Arc<Metrics>,
     clock_us: u64,
+    /// Each device's current connection, as the last presence event said.
+    sessions: HashMap<String, u64>,
 }
 
 fn config() -> Config {
@@ -54,11 +64,12 @@ impl Harness {
             downlink: rx,
             metrics,
             clock_us: 1_000_000,
+            sessions: HashMap::new(),
         }
     }
 
     fn step(&mut self, items: Vec<Item>) {
-        let fx = self.writer.apply_batch(items);
+        let fx = self.writer.apply_batch(items).unwrap();
         assert!(self.writer.finish_batch(fx).is_none());
     }
 
@@ -83,12 +94,22 @@ impl Harness {
 
     fn uplink<T: serde::Serialize>(&mut self, device: &str, channel: Uplink, msg: &T) -> Item {
         self.clock_us += 1000;
+        let payload = encode(msg, Encoding::Postcard).unwrap().into();
+        self.raw(device, channel, Encoding::Postcard, payload)
+    }
+
+    /// A message as a device's current connection sends it.
+    fn raw(&mut self, device: &str, channel: Uplink, encoding: Encoding, payload: Bytes) -> Item {
         Item::Msg(WriterMsg::Uplink(UplinkMsg {
             device: device.into(),
+            session: self.sessions.get(device).copied().unwrap_or(0),
             channel,
-            encoding: Encoding::Postcard,
-            payload: encode(msg, Encoding::Postcard).unwrap().into(),
+            encoding,
+            payload,
             received_us: self.clock_us,
+            receipt: None,
+            room: None,
+            rejected: 0,
         }))
     }
 
@@ -108,7 +129,10 @@ impl Harness {
         self.uplink(device, Uplink::Telemetry, &t)
     }
 
-    fn presence(&self, device: &str, session: u64, online: bool) -> Item {
+    fn presence(&mut self, device: &str, session: u64, online: bool) -> Item {
+        if online {
+            self.sessions.insert(device.to_owned(), session);
+        }
         Item::Msg(WriterMsg::Presence(PresenceEvent {
             device: device.into(),
             session,
@@ -201,20 +225,18 @@ fn bad_payloads_are_rejected_and_the_rest_of_the_batch_is_stored() {
     h.enroll("d1");
     let good1 = h.telemetry("d1", 0, 1, 20.0);
     let good2 = h.telemetry("d1", 0, 2, 20.0);
-    let garbage = Item::Msg(WriterMsg::Uplink(UplinkMsg {
-        device: "d1".into(),
-        channel: Uplink::Telemetry,
-        encoding: Encoding::Json,
-        payload: Bytes::from_static(b"{not json"),
-        received_us: 5,
-    }));
-    let invalid = Item::Msg(WriterMsg::Uplink(UplinkMsg {
-        device: "d1".into(),
-        channel: Uplink::Telemetry,
-        encoding: Encoding::Json,
-        payload: Bytes::from_static(br#"{"seq": 3, "hw": {"cpu_pct": 250}}"#),
-        received_us: 6,
-    }));
+    let garbage = h.raw(
+        "d1",
+        Uplink::Telemetry,
+        Encoding::Json,
+        Bytes::from_static(b"{not json"),
+    );
+    let invalid = h.raw(
+        "d1",
+        Uplink::Telemetry,
+        Encoding::Json,
+        Bytes::from_static(br#"{"seq": 3, "hw": {"cpu_pct": 250}}"#),
+    );
     let stranger = h.telemetry("ghost", 0, 1, 20.0);
     h.step(vec![good1, garbage, invalid, stranger, good2]);
     let c = h.metrics.counts();
@@ -420,12 +442,13 @@ fn commands_go_to_online_devices_and_acks_update_them() {
         })
         .unwrap();
     assert_eq!(cmd.state, CommandState::Sent);
-    let (topic, payload) = h.downlink.try_recv().unwrap();
+    let sent = h.downlink.try_recv().unwrap();
     assert_eq!(
-        topic, "/tenants/d1/down/cmd/json",
+        (sent.device.as_str(), sent.channel, sent.encoding),
+        ("d1", Downlink::Command, Encoding::Json),
         "sent in the encoding of the device's hello"
     );
-    let sent: Command = decode(&payload, Encoding::Json).unwrap();
+    let sent: Command = decode(&sent.payload, Encoding::Json).unwrap();
     assert_eq!(
         sent,
         Command {
@@ -519,6 +542,7 @@ fn state_reloads_after_a_restart() {
 #[test]
 fn unique_keys_never_repeat() {
     let mut last = 0;
+    use super::uplink::unique_key;
     assert_eq!(unique_key(&mut last, 100), 100);
     assert_eq!(unique_key(&mut last, 100), 101);
     assert_eq!(unique_key(&mut last, 50), 102);

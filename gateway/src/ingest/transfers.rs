@@ -10,8 +10,9 @@ use fleetgate_protocol::{
     Action, ArtifactKind, Command, Downlink, Encoding, UpdateOffer, UpdateReport, encode, merkle,
 };
 
+use super::uplink::Handled;
 use super::{ControlError, Effects, Writer};
-use crate::broker::front::Direct;
+use crate::bus::{Direct, Refusal};
 use crate::clock::now_ms;
 use crate::metrics::Reject;
 use crate::model::{ArtifactRecord, ReleaseRecord, Stamp, TransferRecord, TransferState};
@@ -257,7 +258,7 @@ impl Writer {
         report: UpdateReport,
         now: u64,
         fx: &mut Effects,
-    ) -> storage::Result<bool> {
+    ) -> storage::Result<Handled> {
         tracing::debug!(device, transfer = report.transfer, state = ?report.state, "update report");
         let event = Event::Report {
             device: device.to_owned(),
@@ -266,11 +267,11 @@ impl Writer {
         match self.updates.on_event(event, now) {
             Ok(actions) => {
                 self.run_update_actions(t, actions, fx)?;
-                Ok(true)
+                Ok(Handled::Stored)
             }
             Err(e) => {
                 self.reject(device, Reject::UnknownTransfer, &e);
-                Ok(false)
+                Ok(Handled::Refused(Refusal::Unknown))
             }
         }
     }

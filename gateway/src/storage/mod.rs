@@ -92,6 +92,9 @@ pub struct Tables<'txn> {
     rollout_audit: Table<'txn, (u64, u64), &'static [u8]>,
     tokens: Table<'txn, &'static str, &'static [u8]>,
     audit: Table<'txn, u64, &'static [u8]>,
+    /// Whether anything was written: a transaction that wrote nothing is not committed (a
+    /// commit costs a disk sync, and an idle gateway must not wear out its SD card).
+    changed: bool,
 }
 
 impl std::fmt::Debug for Tables<'_> {
@@ -149,6 +152,7 @@ impl Store {
 
     fn init_schema(&self) -> Result<()> {
         self.write(|t| {
+            t.changed = true;
             let found = t.meta.get(META_SCHEMA_VERSION)?.map(|v| v.value());
             match found {
                 None => {
@@ -219,10 +223,17 @@ impl Store {
                 rollout_audit: txn.open_table(ROLLOUT_AUDIT)?,
                 tokens: txn.open_table(TOKENS)?,
                 audit: txn.open_table(AUDIT)?,
+                changed: false,
             };
-            f(&mut tables)?
+            let result = f(&mut tables)?;
+            (result, tables.changed)
         };
-        txn.commit()?;
+        let (result, changed) = result;
+        if changed {
+            txn.commit()?;
+        } else {
+            txn.abort()?;
+        }
         Ok(result)
     }
 
@@ -662,6 +673,7 @@ fn decode_all<R: Record, T: ReadableTable<&'static str, &'static [u8]>>(
 
 impl Tables<'_> {
     pub fn put_device(&mut self, device: &Device) -> Result<()> {
+        self.changed = true;
         self.devices
             .insert(device.id.as_str(), device.encode().as_slice())?;
         Ok(())
@@ -677,6 +689,7 @@ impl Tables<'_> {
         keep: u64,
         rows: &mut u64,
     ) -> Result<()> {
+        self.changed = true;
         insert_trimmed(
             &mut self.telemetry,
             device,
@@ -696,6 +709,7 @@ impl Tables<'_> {
         keep: u64,
         rows: &mut u64,
     ) -> Result<()> {
+        self.changed = true;
         insert_trimmed(&mut self.logs, device, key_us, &row.encode(), keep, rows)
     }
 
@@ -707,16 +721,19 @@ impl Tables<'_> {
                 removed += 1;
                 false
             })?;
+        self.changed |= removed > 0;
         Ok(removed)
     }
 
     /// Deletes a device's `telemetry` oldest telemetry rows and `logs` oldest log lines;
     /// returns how many of each went.
     pub fn trim_oldest(&mut self, device: &str, telemetry: u64, logs: u64) -> Result<(u64, u64)> {
-        Ok((
+        let removed = (
             drop_oldest(&mut self.telemetry, device, telemetry)?,
             drop_oldest(&mut self.logs, device, logs)?,
-        ))
+        );
+        self.changed |= removed != (0, 0);
+        Ok(removed)
     }
 
     /// Deletes alerts resolved before `cutoff_ms`; returns how many went.
@@ -729,15 +746,18 @@ impl Tables<'_> {
             removed += u64::from(old);
             !old
         })?;
+        self.changed |= removed > 0;
         Ok(removed)
     }
 
     pub fn put_alert(&mut self, alert: &AlertRecord) -> Result<()> {
+        self.changed = true;
         self.alerts.insert(alert.id, alert.encode().as_slice())?;
         Ok(())
     }
 
     pub fn put_command(&mut self, command: &CommandRecord) -> Result<()> {
+        self.changed = true;
         self.commands
             .insert(command.id, command.encode().as_slice())?;
         Ok(())
@@ -761,6 +781,7 @@ impl Tables<'_> {
     }
 
     pub fn put_release(&mut self, r: &ReleaseRecord) -> Result<()> {
+        self.changed = true;
         self.releases.insert(
             (r.kind.name(), r.name.as_str(), r.release),
             r.encode().as_slice(),
@@ -775,16 +796,20 @@ impl Tables<'_> {
         alias: &str,
         release: u64,
     ) -> Result<()> {
+        self.changed = true;
         self.aliases.insert((kind.name(), name, alias), release)?;
         Ok(())
     }
 
     /// Removes an alias; returns whether it existed.
     pub fn remove_alias(&mut self, kind: ArtifactKind, name: &str, alias: &str) -> Result<bool> {
-        Ok(self.aliases.remove((kind.name(), name, alias))?.is_some())
+        let removed = self.aliases.remove((kind.name(), name, alias))?.is_some();
+        self.changed |= removed;
+        Ok(removed)
     }
 
     pub fn put_transfer(&mut self, t: &TransferRecord) -> Result<()> {
+        self.changed = true;
         self.transfers.insert(t.id, t.encode().as_slice())?;
         self.device_transfers
             .insert((t.device.as_str(), t.id), ())?;
@@ -798,6 +823,7 @@ impl Tables<'_> {
         evaluation: &Evaluation,
         keep: usize,
     ) -> Result<()> {
+        self.changed = true;
         let v = key.version.to_string();
         let (m, c) = (key.model.as_str(), key.cohort.as_str());
         // Two windows can close in the same millisecond (one batch of telemetry): the later one
@@ -826,17 +852,20 @@ impl Tables<'_> {
     }
 
     pub fn put_rollout(&mut self, r: &RolloutRecord) -> Result<()> {
+        self.changed = true;
         self.rollouts.insert(r.id, r.encode().as_slice())?;
         Ok(())
     }
 
     pub fn put_rollout_device(&mut self, rollout: u64, d: &RolloutDevice) -> Result<()> {
+        self.changed = true;
         self.rollout_devices
             .insert((rollout, d.device.as_str()), d.encode().as_slice())?;
         Ok(())
     }
 
     pub fn put_audit(&mut self, rollout: u64, n: u64, e: &AuditEntry) -> Result<()> {
+        self.changed = true;
         self.rollout_audit
             .insert((rollout, n), e.encode().as_slice())?;
         Ok(())
@@ -847,25 +876,33 @@ impl Tables<'_> {
         if self.tokens.get(t.name.as_str())?.is_some() {
             return Ok(false);
         }
+        self.changed = true;
         self.tokens.insert(t.name.as_str(), t.encode().as_slice())?;
         Ok(true)
     }
 
     /// Removes a token; false if there was none of that name.
     pub fn remove_token(&mut self, name: &str) -> Result<bool> {
-        Ok(self.tokens.remove(name)?.is_some())
+        let removed = self.tokens.remove(name)?.is_some();
+        self.changed |= removed;
+        Ok(removed)
     }
 
     /// Appends to the API audit log; returns the entry's number.
     pub fn append_audit(&mut self, e: &AuditRecord) -> Result<u64> {
+        self.changed = true;
         let n = self.meta.get(META_NEXT_AUDIT_ID)?.map_or(1, |v| v.value());
         self.audit.insert(n, e.encode().as_slice())?;
         self.meta.insert(META_NEXT_AUDIT_ID, n + 1)?;
         Ok(n)
     }
 
+    /// Sets a counter; writes (and so commits) only when it changed.
     pub fn set_meta(&mut self, key: &'static str, value: u64) -> Result<()> {
-        self.meta.insert(key, value)?;
+        if self.meta.get(key)?.map(|v| v.value()) != Some(value) {
+            self.changed = true;
+            self.meta.insert(key, value)?;
+        }
         Ok(())
     }
 }

@@ -39,16 +39,24 @@ pub trait Record: Serialize + DeserializeOwned {
 
     fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
         let (&version, body) = bytes.split_first().ok_or(RecordError::Empty)?;
-        if version != Self::VERSION {
-            return Err(RecordError::UnknownVersion {
+        let decoded = if version == Self::VERSION {
+            postcard::from_bytes(body)
+        } else {
+            Self::decode_older(version, body).ok_or(RecordError::UnknownVersion {
                 kind: Self::KIND,
                 version,
-            });
-        }
-        postcard::from_bytes(body).map_err(|source| RecordError::Decode {
+            })?
+        };
+        decoded.map_err(|source| RecordError::Decode {
             kind: Self::KIND,
             source,
         })
+    }
+
+    /// Decodes a record an older version of this code wrote; `None` for versions it never
+    /// wrote.
+    fn decode_older(_version: u8, _body: &[u8]) -> Option<Result<Self, postcard::Error>> {
+        None
     }
 }
 
@@ -61,8 +69,17 @@ macro_rules! records {
     )*};
 }
 
+impl Record for Device {
+    const KIND: &'static str = "device";
+    /// 2: the sequence tracker follows two boots with a 256-number window.
+    const VERSION: u8 = 2;
+
+    fn decode_older(version: u8, body: &[u8]) -> Option<Result<Self, postcard::Error>> {
+        (version == 1).then(|| postcard::from_bytes::<v1::Device>(body).map(Device::from))
+    }
+}
+
 records! {
-    Device => "device", version 1;
     TelemetryRow => "telemetry", version 1;
     LogRow => "log", version 1;
     AlertRecord => "alert", version 1;
@@ -75,4 +92,53 @@ records! {
     AuditEntry => "rollout audit entry", version 1;
     TokenRecord => "token", version 1;
     AuditRecord => "audit entry", version 1;
+}
+
+/// Encodings older versions of the gateway wrote.
+mod v1 {
+    use std::collections::BTreeMap;
+
+    use fleetgate_protocol::{Encoding, HardwareMetrics, Hello};
+    use serde::Deserialize;
+
+    use crate::model::{DeviceCounters, Presence};
+    use crate::seq::SeqTracker;
+
+    /// A device record before version 2: the sequence tracker of one boot, 64 numbers wide.
+    #[derive(Deserialize)]
+    pub(super) struct Device {
+        id: String,
+        enrolled_at_ms: u64,
+        credential_hash: Option<[u8; 32]>,
+        labels: BTreeMap<String, String>,
+        presence: Presence,
+        encoding: Encoding,
+        hello: Option<Hello>,
+        last_hw: Option<HardwareMetrics>,
+        counters: DeviceCounters,
+        seq_boot: Option<u32>,
+        seq_next: u32,
+        seq_seen: u64,
+        telemetry_rows: u64,
+        log_rows: u64,
+    }
+
+    impl From<Device> for crate::model::Device {
+        fn from(d: Device) -> Self {
+            crate::model::Device {
+                id: d.id,
+                enrolled_at_ms: d.enrolled_at_ms,
+                credential_hash: d.credential_hash,
+                labels: d.labels,
+                presence: d.presence,
+                encoding: d.encoding,
+                hello: d.hello,
+                last_hw: d.last_hw,
+                counters: d.counters,
+                seq: SeqTracker::from_v1(d.seq_boot, d.seq_next, d.seq_seen),
+                telemetry_rows: d.telemetry_rows,
+                log_rows: d.log_rows,
+            }
+        }
+    }
 }

@@ -239,15 +239,71 @@ fn a_newer_schema_is_refused() {
 fn records_refuse_unknown_versions() {
     let d = Device::new("d1".into(), BTreeMap::new(), [1; 32], 1);
     let mut bytes = d.encode();
-    assert_eq!(bytes[0], 1);
+    assert_eq!(bytes[0], 2);
     assert_eq!(Device::decode(&bytes).unwrap(), d);
-    bytes[0] = 2;
+    bytes[0] = 3;
     assert!(matches!(
         Device::decode(&bytes),
         Err(RecordError::UnknownVersion {
             kind: "device",
-            version: 2
+            version: 3
         })
     ));
     assert!(matches!(Device::decode(&[]), Err(RecordError::Empty)));
+}
+
+/// A device record the previous gateway wrote (version 1: a 64-wide tracker of one boot)
+/// still reads, its tracker carried over.
+#[test]
+fn a_version_1_device_record_still_reads() {
+    #[derive(serde::Serialize)]
+    struct TrackerV1 {
+        boot: Option<u32>,
+        next: u32,
+        seen: u64,
+    }
+    #[derive(serde::Serialize)]
+    struct DeviceV1<'a> {
+        id: &'a str,
+        enrolled_at_ms: u64,
+        credential_hash: Option<[u8; 32]>,
+        labels: BTreeMap<String, String>,
+        presence: &'a crate::model::Presence,
+        encoding: fleetgate_protocol::Encoding,
+        hello: Option<fleetgate_protocol::Hello>,
+        last_hw: Option<HardwareMetrics>,
+        counters: &'a crate::model::DeviceCounters,
+        seq: TrackerV1,
+        telemetry_rows: u64,
+        log_rows: u64,
+    }
+    let mut want = Device::new("d1".into(), BTreeMap::new(), [1; 32], 5);
+    want.counters.telemetry = 20;
+    want.telemetry_rows = 20;
+    let v1 = DeviceV1 {
+        id: "d1",
+        enrolled_at_ms: 5,
+        credential_hash: Some([1; 32]),
+        labels: BTreeMap::new(),
+        presence: &want.presence,
+        encoding: want.encoding,
+        hello: None,
+        last_hw: None,
+        counters: &want.counters,
+        // Boot 3 seen up to 9, 8 missing.
+        seq: TrackerV1 {
+            boot: Some(3),
+            next: 10,
+            seen: 0b101,
+        },
+        telemetry_rows: 20,
+        log_rows: 0,
+    };
+    let mut bytes = vec![1];
+    bytes.extend(postcard::to_allocvec(&v1).unwrap());
+    let mut got = Device::decode(&bytes).unwrap();
+    assert_eq!(got.seq.observe(3, 8), crate::seq::SeqOutcome::Late);
+    assert_eq!(got.seq.observe(3, 9), crate::seq::SeqOutcome::Duplicate);
+    got.seq = want.seq.clone();
+    assert_eq!(got, want);
 }

@@ -264,6 +264,15 @@ impl Engine {
         {
             return Ok(());
         }
+        // After an offer the device's first word is `accepted` with where it stands. A
+        // `downloading` before it is from the previous offer (its device sends again what was
+        // not acknowledged when its connection ended); acting on it would send chunks the
+        // device may already have.
+        if live.record.state == TransferState::Offered
+            && matches!(report.state, UpdateState::Downloading { .. })
+        {
+            return Ok(());
+        }
         live.last_activity_ms = now_ms;
         let r = &mut live.record;
         r.updated_ms = now_ms;

@@ -396,3 +396,50 @@ fn a_transfer_with_its_own_limits_times_out_by_them() {
     );
     assert_eq!(state(&e, 1), "gone");
 }
+
+/// A device that lost its connection mid-download sends again, on its new connection, the
+/// download reports that were not acknowledged. One of them arriving after the new offer is
+/// from the old offer: only the device's `accepted` says where it stands, and nothing is sent
+/// twice because of the stale one.
+#[test]
+fn a_download_report_from_before_the_offer_sends_nothing() {
+    let mut e = engine(10);
+    e.on_event(Event::Online("d1".into()), 0).unwrap();
+    e.on_event(Event::Start(record(1, "d1", 20)), 0).unwrap();
+    e.on_event(report("d1", 1, UpdateState::Accepted { next_chunk: 0 }), 1)
+        .unwrap();
+    for next in 1..=8 {
+        e.on_event(
+            report("d1", 1, UpdateState::Downloading { next_chunk: next }),
+            2,
+        )
+        .unwrap();
+    }
+    e.on_event(Event::Offline("d1".into()), 3).unwrap();
+    let a = e.on_event(Event::Online("d1".into()), 4).unwrap();
+    assert_eq!(wire(&a), [Action::Offer { id: 1 }]);
+    let stale = e
+        .on_event(
+            report("d1", 1, UpdateState::Downloading { next_chunk: 5 }),
+            5,
+        )
+        .unwrap();
+    assert_eq!(wire(&stale), [], "a report of the old offer");
+    assert_eq!(state(&e, 1), "offered");
+    let a = e
+        .on_event(report("d1", 1, UpdateState::Accepted { next_chunk: 9 }), 6)
+        .unwrap();
+    assert_eq!(
+        wire(&a),
+        [Action::Send {
+            id: 1,
+            from: 9,
+            to: 13
+        }]
+    );
+    assert_eq!(
+        e.transfer(1).unwrap().chunks_resent,
+        3,
+        "12 went out before the cut"
+    );
+}

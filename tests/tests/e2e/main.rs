@@ -5,6 +5,7 @@ mod bad_input;
 mod drift;
 mod fleet;
 mod hostile;
+mod ingest;
 mod interop;
 mod limits;
 mod load;

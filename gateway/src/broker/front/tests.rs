@@ -30,12 +30,12 @@ fn non_connect_first_bytes_are_refused() {
 #[tokio::test]
 async fn claim_replaces_the_previous_session_after_it_releases() {
     let sessions = Arc::new(Sessions::default());
-    let first = sessions.claim("d1").await;
+    let first = sessions.claim("d1").await.unwrap();
     assert_eq!(sessions.len(), 1);
     let kicked = first.kick.clone();
     let reason = first.reason.clone();
     let s = sessions.clone();
-    let second = tokio::spawn(async move { s.claim("d1").await });
+    let second = tokio::spawn(async move { s.claim("d1").await.unwrap() });
     kicked.cancelled().await;
     assert_eq!(reason.get(), Some(&Kick::TakenOver));
     // The second claim waits until the first is dropped.
@@ -50,4 +50,40 @@ async fn claim_replaces_the_previous_session_after_it_releases() {
     drop(second);
     assert!(sessions.is_empty());
     assert!(!sessions.kick("d1", Kick::Revoked));
+}
+
+/// A session that never ends is not replaced behind its back: the new connection is refused,
+/// and the old session stays the one that kicks reach.
+#[tokio::test(start_paused = true)]
+async fn a_session_that_does_not_end_is_never_run_beside_a_new_one() {
+    let sessions = Arc::new(Sessions::default());
+    let stuck = sessions.claim("d1").await.unwrap();
+    assert!(
+        sessions.claim("d1").await.is_none(),
+        "refused after the wait"
+    );
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(stuck.reason.get(), Some(&Kick::TakenOver));
+    drop(stuck);
+    assert!(sessions.is_empty());
+    assert!(sessions.claim("d1").await.is_some());
+}
+
+#[test]
+fn an_ipv6_source_is_its_64_network() {
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert_eq!(source_of(ip("192.0.2.7")), ip("192.0.2.7"));
+    assert_eq!(source_of(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+    assert_eq!(
+        source_of(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
+        ip("2001:db8:1:2::")
+    );
+    assert_eq!(
+        source_of(ip("2001:db8:1:2::1")),
+        source_of(ip("2001:db8:1:2:ffff::9"))
+    );
+    assert_ne!(
+        source_of(ip("2001:db8:1:2::1")),
+        source_of(ip("2001:db8:1:3::1"))
+    );
 }

@@ -1,14 +1,14 @@
 use super::*;
 
 #[test]
-fn own_uplinks_map_under_the_tenant_prefix() {
+fn own_uplinks_are_permitted_with_their_channel_and_encoding() {
     assert_eq!(
         uplink("d1", "fg/d1/telemetry").unwrap(),
-        (Uplink::Telemetry, "/tenants/d1/up/telemetry".to_owned())
+        (Uplink::Telemetry, Encoding::Postcard)
     );
     assert_eq!(
         uplink("d1", "fg/d1/hello/json").unwrap(),
-        (Uplink::Hello, "/tenants/d1/up/hello/json".to_owned())
+        (Uplink::Hello, Encoding::Json)
     );
 }
 
@@ -79,32 +79,6 @@ fn downlink_topics_round_trip_to_the_device_topic() {
     assert_eq!(to_device("d2", "/tenants/d1/down/cmd"), None);
     assert_eq!(to_device("d1", "/tenants/d1/up/telemetry"), None);
     assert_eq!(to_device("d1", "/tenants/d10/down/cmd"), None);
-}
-
-#[test]
-fn ingested_topics_parse_back() {
-    let (_, internal) = uplink("d1", "fg/d1/alert/json").unwrap();
-    assert_eq!(
-        ingested(&internal),
-        Some(Ingested::Uplink {
-            device: "d1",
-            channel: Uplink::Alert,
-            encoding: Encoding::Json
-        })
-    );
-    assert_eq!(ingested(&flush_marker_topic()), Some(Ingested::FlushMarker));
-    assert_eq!(ingested("/tenants/d1/down/cmd"), None);
-    assert_eq!(ingested("/tenants/d1/up/nope"), None);
-    assert_eq!(ingested("/tenants/-x/up/telemetry"), None);
-    assert!(rumqttd::protocol::matches(&internal, INGEST_FILTER));
-    assert!(rumqttd::protocol::matches(
-        &flush_marker_topic(),
-        INGEST_FILTER
-    ));
-    assert!(!rumqttd::protocol::matches(
-        &downlink("d1", Downlink::Command, Encoding::Json),
-        INGEST_FILTER
-    ));
 }
 
 #[test]
