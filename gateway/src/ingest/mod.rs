@@ -39,8 +39,8 @@ mod alerts;
 mod control;
 mod drift;
 mod presence;
-mod retention;
 mod rollouts;
+mod rows;
 mod transfers;
 mod uplink;
 
@@ -158,8 +158,10 @@ pub struct Writer {
     next_rollout_id: u64,
     /// Signs rollback directives; without it none can be sent.
     rollback_key: Option<Arc<ed25519_dalek::SigningKey>>,
-    /// Database file size at the last storage quota trim.
-    quota_trimmed_at: u64,
+    /// Rows the batch will store at its end.
+    rows: rows::Rows,
+    /// The storage quota (`storage.max_bytes`).
+    quota: storage::quota::Quota,
 }
 
 impl std::fmt::Debug for Writer {
@@ -246,7 +248,8 @@ impl Writer {
             rollout_settings,
             next_rollout_id: 1,
             rollback_key: None,
-            quota_trimmed_at: 0,
+            rows: rows::Rows::default(),
+            quota: storage::quota::Quota::new(config.storage.max_bytes, 0),
         };
         writer.reload()?;
         Ok(writer)
@@ -261,6 +264,8 @@ impl Writer {
     /// [`Writer::resume_connections`] puts the live connections back).
     fn reload(&mut self) -> storage::Result<()> {
         let loaded = self.store.load()?;
+        self.rows.clear();
+        self.quota = storage::quota::Quota::new(self.settings.max_db_bytes, loaded.quota_cap);
         self.devices.clear();
         for mut device in loaded.devices {
             // Stored presence is history; who is connected now is in `connections`.
@@ -441,8 +446,9 @@ impl Writer {
         }
     }
 
-    /// Writes the device records and counters the batch changed.
+    /// Writes the batch's rows, then the device records and counters it changed.
     fn write_dirty(&mut self, t: &mut Tables<'_>) -> storage::Result<()> {
+        self.store_rows(t)?;
         for state in self.devices.values_mut().filter(|s| s.dirty) {
             t.put_device(&state.device)?;
             state.dirty = false;

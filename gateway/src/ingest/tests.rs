@@ -9,7 +9,6 @@ use fleetgate_protocol::{
 use super::*;
 use crate::broker::front::Sessions;
 use crate::bus::Downlinked;
-use crate::clock::now_us;
 use crate::model::{AlertSource, AlertState, CommandState};
 use crate::storage::AlertFilter;
 
@@ -195,11 +194,11 @@ fn enrollment_sets_credentials_and_conflicts_are_refused() {
 fn sequence_numbers_count_loss_and_duplicates_and_rows_are_bounded() {
     let mut h = Harness::new();
     h.enroll("d1");
-    let mut items = Vec::new();
+    // One message per batch: a device is trimmed by whole batches (blocks).
     for seq in [1, 2, 2, 5, 3, 6, 7, 8] {
-        items.push(h.telemetry("d1", 0, seq, 20.0));
+        let item = h.telemetry("d1", 0, seq, 20.0);
+        h.step(vec![item]);
     }
-    h.step(items);
     let d = h.device("d1");
     // 4 was never received; 2 came twice.
     assert_eq!(
@@ -366,7 +365,20 @@ fn rule_alerts_open_above_the_threshold_and_clear_below_the_clear_value() {
 fn logs_are_bounded_per_device() {
     let mut h = Harness::new();
     h.enroll("d1");
-    let items: Vec<_> = (0..5)
+    for i in 0..5 {
+        let item = h.uplink(
+            "d1",
+            Uplink::Log,
+            &LogLine {
+                level: LogLevel::Info,
+                text: format!("l{i}"),
+                time_ms: 0,
+            },
+        );
+        h.step(vec![item]);
+    }
+    // A batch's lines are one block, kept whole: at the limit plus at most one batch.
+    let burst: Vec<_> = (5..9)
         .map(|i| {
             h.uplink(
                 "d1",
@@ -379,7 +391,8 @@ fn logs_are_bounded_per_device() {
             )
         })
         .collect();
-    h.step(items);
+    h.step(burst);
+    assert_eq!(h.device("d1").log_rows, 4);
     let texts: Vec<_> = h
         .store
         .logs("d1", 10)
@@ -387,8 +400,8 @@ fn logs_are_bounded_per_device() {
         .into_iter()
         .map(|l| l.text)
         .collect();
-    assert_eq!(texts, ["l4", "l3", "l2"]);
-    assert_eq!(h.device("d1").counters.logs, 5);
+    assert_eq!(texts, ["l8", "l7", "l6", "l5"]);
+    assert_eq!(h.device("d1").counters.logs, 9);
 }
 
 #[test]
@@ -549,34 +562,50 @@ fn unique_keys_never_repeat() {
     assert_eq!(unique_key(&mut last, 500), 500);
 }
 
+/// A flood into a database with a quota: the file stays within 1.1 x `storage.max_bytes`, the
+/// oldest rows make room (the newest are all there), and every row removed is counted.
 #[test]
-fn a_database_over_its_quota_loses_each_devices_oldest_quarter_once_per_growth() {
+fn a_flood_keeps_the_database_within_its_quota_oldest_rows_first() {
+    const QUOTA: u64 = 4 << 20;
+    const DEVICES: u32 = 10;
     let mut c = config();
-    c.storage.max_bytes = 1;
+    c.storage.max_bytes = QUOTA;
+    c.retention.telemetry_per_device = 1_000_000;
     let mut h = Harness::open_with(tempfile::tempdir().unwrap(), &c);
-    h.enroll("d1");
-    h.enroll("d2");
-    // Received now, so that the age rule of retention keeps them.
-    h.clock_us = now_us();
-    let mut items: Vec<Item> = (1..=5).map(|i| h.telemetry("d1", 1, i, 20.0)).collect();
-    items.extend((1..=3).map(|i| h.telemetry("d2", 1, i, 20.0)));
-    h.step(items);
-    let rows = |h: &Harness, d: &str| {
-        let listed = h.store.telemetry(d, 0, u64::MAX, 100).unwrap();
-        (listed.len() as u64, h.device(d).telemetry_rows)
-    };
-    assert_eq!((rows(&h, "d1"), rows(&h, "d2")), ((5, 5), (3, 3)));
-
-    h.writer.retention();
-    // ceil(5 / 4) = 2 and ceil(3 / 4) = 1 of the oldest rows went.
-    assert_eq!((rows(&h, "d1"), rows(&h, "d2")), ((3, 3), (2, 2)));
-    let oldest = h.store.telemetry("d1", 0, u64::MAX, 100).unwrap();
-    let seqs: Vec<u32> = oldest.iter().map(|r| r.seq).collect();
-    assert_eq!(seqs, [5, 4, 3], "the newest rows stay");
-    assert_eq!(h.metrics.storage_quota_trims.get(), 1);
-
-    // The file has not grown since: nothing more goes.
-    h.writer.retention();
-    assert_eq!((rows(&h, "d1"), rows(&h, "d2")), ((3, 3), (2, 2)));
-    assert_eq!(h.metrics.storage_quota_trims.get(), 1);
+    for d in 0..DEVICES {
+        h.enroll(&format!("d{d}"));
+    }
+    let mut seq = 0;
+    let mut largest = 0;
+    let mut sent = 0u64;
+    while h.metrics.storage_quota_rows.get() < 3 * sent / 4 || sent < 20_000 {
+        seq += 1;
+        let items = (0..DEVICES)
+            .flat_map(|d| (0..20).map(move |i| (d, seq * 20 + i)))
+            .map(|(d, s)| h.telemetry(&format!("d{d}"), 1, s, 20.0))
+            .collect::<Vec<_>>();
+        sent += items.len() as u64;
+        h.step(items);
+        largest = largest.max(h.store.file_size());
+        assert!(
+            largest as f64 <= QUOTA as f64 * 1.1,
+            "after {sent} rows the file is {largest} bytes"
+        );
+        assert!(sent < 2_000_000, "the quota never took hold");
+    }
+    let counts = h.store.counts().unwrap();
+    assert_eq!(counts.telemetry + h.metrics.storage_quota_rows.get(), sent);
+    for d in 0..DEVICES {
+        let id = format!("d{d}");
+        let rows = h.store.telemetry(&id, 0, u64::MAX, usize::MAX).unwrap();
+        assert_eq!(rows.len() as u64, h.device(&id).telemetry_rows, "{id}");
+        assert_eq!(rows[0].seq, seq * 20 + 19, "{id}: the newest row is there");
+        let seqs: Vec<u32> = rows.iter().map(|r| r.seq).collect();
+        let oldest = *seqs.last().unwrap();
+        assert_eq!(
+            seqs,
+            (oldest..=seq * 20 + 19).rev().collect::<Vec<_>>(),
+            "{id}: only the oldest went"
+        );
+    }
 }

@@ -15,7 +15,8 @@ use crate::bus::{Refusal, UplinkMsg};
 use crate::metrics::Reject;
 use crate::model::{AlertSource, CommandState, LogRow, TelemetryRow};
 use crate::seq::SeqOutcome;
-use crate::storage::{self, Tables};
+use crate::storage::records::Record;
+use crate::storage::{self, Stream, Tables};
 use crate::updates;
 
 /// What became of one device message.
@@ -79,7 +80,7 @@ impl Writer {
                 }
                 handled
             }
-            Uplink::Log => self.log(t, m)?,
+            Uplink::Log => self.log(m)?,
             Uplink::Ack => self.ack(t, m, fx)?,
             Uplink::Report => match self.decode::<UpdateReport>(m) {
                 Ok(report) => self.report(t, &m.device, report, received_ms, fx)?,
@@ -145,7 +146,6 @@ impl Writer {
             Ok(tel) => tel,
             Err(why) => return Ok(Handled::Refused(why)),
         };
-        let keep = self.settings.telemetry_per_device;
         let Some(s) = self.devices.get_mut(&m.device) else {
             return Ok(Handled::Ignored);
         };
@@ -177,9 +177,11 @@ impl Writer {
             binned_features: tel.bins.len() as u32,
         };
         let key = unique_key(&mut s.last_telemetry_key, m.received_us);
-        t.insert_telemetry(&m.device, key, &row, keep, &mut s.device.telemetry_rows)?;
+        s.device.telemetry_rows += 1;
         s.device.counters.telemetry += 1;
         s.device.last_hw = Some(tel.hw.clone());
+        self.rows
+            .push(Stream::Telemetry, &m.device, key, row.encode());
         fx.telemetry_times.push(tel.time_ms);
         let now = m.received_us / 1000;
         self.apply_rules(t, &m.device, &tel, now)?;
@@ -188,12 +190,11 @@ impl Writer {
         Ok(Handled::Stored)
     }
 
-    fn log(&mut self, t: &mut Tables<'_>, m: &UplinkMsg) -> storage::Result<Handled> {
+    fn log(&mut self, m: &UplinkMsg) -> storage::Result<Handled> {
         let line = match self.decode::<LogLine>(m) {
             Ok(line) => line,
             Err(why) => return Ok(Handled::Refused(why)),
         };
-        let keep = self.settings.logs_per_device;
         let Some(s) = self.devices.get_mut(&m.device) else {
             return Ok(Handled::Ignored);
         };
@@ -204,8 +205,9 @@ impl Writer {
             device_time_ms: line.time_ms,
         };
         let key = unique_key(&mut s.last_log_key, m.received_us);
-        t.insert_log(&m.device, key, &row, keep, &mut s.device.log_rows)?;
+        s.device.log_rows += 1;
         s.device.counters.logs += 1;
+        self.rows.push(Stream::Logs, &m.device, key, row.encode());
         Ok(Handled::Stored)
     }
 

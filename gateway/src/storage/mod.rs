@@ -10,9 +10,12 @@ use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table};
 
+pub mod blocks;
+pub mod quota;
 pub mod records;
 pub mod schema;
 
+pub use blocks::{Removed, Stream};
 use records::{Record, RecordError};
 use schema::*;
 
@@ -78,8 +81,11 @@ pub struct Store {
 pub struct Tables<'txn> {
     meta: Table<'txn, &'static str, u64>,
     devices: Table<'txn, &'static str, &'static [u8]>,
-    telemetry: Table<'txn, (&'static str, u64), &'static [u8]>,
-    logs: Table<'txn, (&'static str, u64), &'static [u8]>,
+    telemetry: blocks::Blocks<'txn>,
+    logs: blocks::Blocks<'txn>,
+    block_index: blocks::Index<'txn>,
+    /// Row and byte counts added and removed in this transaction, written to `meta` at the end.
+    totals: blocks::Totals,
     alerts: Table<'txn, u64, &'static [u8]>,
     commands: Table<'txn, u64, &'static [u8]>,
     releases: Table<'txn, (&'static str, &'static str, u64), &'static [u8]>,
@@ -127,6 +133,8 @@ pub struct Loaded {
     /// Newest telemetry and log keys per device, so new keys stay unique after a restart even
     /// if the clock went back.
     pub last_keys: std::collections::HashMap<String, (u64, u64)>,
+    /// The storage quota's cap on row bytes (0: not reached).
+    pub quota_cap: u64,
 }
 
 impl Store {
@@ -151,24 +159,85 @@ impl Store {
     }
 
     fn init_schema(&self) -> Result<()> {
+        let found = {
+            let txn = self.db.begin_read()?;
+            match txn.open_table(META) {
+                Ok(meta) => meta.get(META_SCHEMA_VERSION)?.map(|v| v.value()),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        match found {
+            Some(v) if v > SCHEMA_VERSION => return Err(StorageError::NewerSchema { found: v }),
+            Some(1) => self.migrate_from_1()?,
+            _ => {}
+        }
         self.write(|t| {
+            // Committed even when nothing changed: the transaction creates any table this
+            // schema has that the file does not yet.
             t.changed = true;
-            let found = t.meta.get(META_SCHEMA_VERSION)?.map(|v| v.value());
-            match found {
-                None => {
-                    t.meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION)?;
-                    t.meta.insert(META_NEXT_ALERT_ID, 1)?;
-                    t.meta.insert(META_NEXT_COMMAND_ID, 1)?;
-                    t.meta.insert(META_NEXT_TRANSFER_ID, 1)?;
-                }
-                Some(v) if v > SCHEMA_VERSION => {
-                    return Err(StorageError::NewerSchema { found: v });
-                }
-                // Older schemas are migrated here, one version at a time.
-                Some(_) => {}
+            if found.is_none() {
+                t.set_meta(META_SCHEMA_VERSION, SCHEMA_VERSION)?;
+                t.set_meta(META_NEXT_ALERT_ID, 1)?;
+                t.set_meta(META_NEXT_COMMAND_ID, 1)?;
+                t.set_meta(META_NEXT_TRANSFER_ID, 1)?;
             }
             Ok(())
         })
+    }
+
+    /// Schema 1 stored one row per telemetry message and log line: moves them into blocks, in
+    /// one transaction (a crash midway leaves schema 1, migrated again at the next start).
+    fn migrate_from_1(&self) -> Result<()> {
+        let started = std::time::Instant::now();
+        let txn = self.db.begin_write()?;
+        let mut moved = 0u64;
+        {
+            let mut index = txn.open_table(BLOCK_INDEX)?;
+            let mut totals = blocks::Totals::default();
+            for (old, new, stream) in [
+                (TELEMETRY_V1, TELEMETRY_BLOCKS, Stream::Telemetry),
+                (LOGS_V1, LOG_BLOCKS, Stream::Logs),
+            ] {
+                let rows = txn.open_table(old)?;
+                let mut to = txn.open_table(new)?;
+                let mut device = String::new();
+                let mut pending: Vec<(u64, Vec<u8>)> = Vec::new();
+                for entry in rows.iter()? {
+                    let (k, v) = entry?;
+                    let (d, key) = k.value();
+                    if d != device || pending.len() == blocks::MAX_BLOCK_ROWS {
+                        blocks::append(
+                            &mut to,
+                            &mut index,
+                            &mut totals,
+                            stream,
+                            &device,
+                            &pending,
+                        )?;
+                        pending.clear();
+                        device = d.to_owned();
+                    }
+                    pending.push((key, v.value().to_vec()));
+                    moved += 1;
+                }
+                blocks::append(&mut to, &mut index, &mut totals, stream, &device, &pending)?;
+            }
+            let mut meta = txn.open_table(META)?;
+            meta.insert(META_ROWS_TELEMETRY, totals.telemetry.max(0) as u64)?;
+            meta.insert(META_ROWS_LOGS, totals.logs.max(0) as u64)?;
+            meta.insert(META_ROW_BYTES, totals.bytes.max(0) as u64)?;
+            meta.insert(META_SCHEMA_VERSION, 2)?;
+        }
+        txn.delete_table(TELEMETRY_V1)?;
+        txn.delete_table(LOGS_V1)?;
+        txn.commit()?;
+        tracing::info!(
+            rows = moved,
+            took_ms = started.elapsed().as_millis() as u64,
+            "database migrated from schema 1 to 2 (telemetry and logs in blocks)"
+        );
+        Ok(())
     }
 
     /// Writes a consistent copy of the whole database to a new file at `dest` (which must not
@@ -179,8 +248,9 @@ impl Store {
         let dst = copy.begin_write()?;
         copy_table(&src, &dst, META)?;
         copy_table(&src, &dst, DEVICES)?;
-        copy_table(&src, &dst, TELEMETRY)?;
-        copy_table(&src, &dst, LOGS)?;
+        copy_table(&src, &dst, TELEMETRY_BLOCKS)?;
+        copy_table(&src, &dst, LOG_BLOCKS)?;
+        copy_table(&src, &dst, BLOCK_INDEX)?;
         copy_table(&src, &dst, ALERTS)?;
         copy_table(&src, &dst, COMMANDS)?;
         copy_table(&src, &dst, RELEASES)?;
@@ -209,8 +279,10 @@ impl Store {
             let mut tables = Tables {
                 meta: txn.open_table(META)?,
                 devices: txn.open_table(DEVICES)?,
-                telemetry: txn.open_table(TELEMETRY)?,
-                logs: txn.open_table(LOGS)?,
+                telemetry: txn.open_table(TELEMETRY_BLOCKS)?,
+                logs: txn.open_table(LOG_BLOCKS)?,
+                block_index: txn.open_table(BLOCK_INDEX)?,
+                totals: blocks::Totals::default(),
                 alerts: txn.open_table(ALERTS)?,
                 commands: txn.open_table(COMMANDS)?,
                 releases: txn.open_table(RELEASES)?,
@@ -226,6 +298,7 @@ impl Store {
                 changed: false,
             };
             let result = f(&mut tables)?;
+            tables.apply_totals()?;
             (result, tables.changed)
         };
         let (result, changed) = result;
@@ -251,19 +324,16 @@ impl Store {
         }
         let meta = txn.open_table(META)?;
         let get = |k| -> Result<u64> { Ok(meta.get(k)?.map_or(1, |v| v.value())) };
-        let telemetry = txn.open_table(TELEMETRY)?;
-        let logs = txn.open_table(LOGS)?;
+        let telemetry = txn.open_table(TELEMETRY_BLOCKS)?;
+        let logs = txn.open_table(LOG_BLOCKS)?;
         let mut last_keys = std::collections::HashMap::new();
         for d in &devices {
             let id = d.id.as_str();
-            let last =
-                |t: &redb::ReadOnlyTable<(&'static str, u64), &'static [u8]>| -> Result<u64> {
-                    Ok(match t.range((id, 0)..=(id, u64::MAX))?.next_back() {
-                        Some(e) => e?.0.value().1,
-                        None => 0,
-                    })
-                };
-            last_keys.insert(d.id.clone(), (last(&telemetry)?, last(&logs)?));
+            let keys = (
+                blocks::last_key(&telemetry, id)?,
+                blocks::last_key(&logs, id)?,
+            );
+            last_keys.insert(d.id.clone(), keys);
         }
         let mut open_transfers = Vec::new();
         for entry in txn.open_table(TRANSFERS)?.iter()? {
@@ -320,6 +390,7 @@ impl Store {
             open_transfers,
             next_rollout_id: get(META_NEXT_ROLLOUT_ID)?,
             rollouts,
+            quota_cap: meta.get(META_QUOTA_CAP)?.map_or(0, |v| v.value()),
         })
     }
 
@@ -347,24 +418,21 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<TelemetryRow>> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(TELEMETRY)?;
-        let rows = table
-            .range((device, from_us)..(device, to_us))?
-            .rev()
-            .take(limit);
-        rows.map(|e| Ok(TelemetryRow::decode(e?.1.value())?))
+        let table = txn.open_table(TELEMETRY_BLOCKS)?;
+        blocks::read(&table, device, from_us, to_us, limit)?
+            .iter()
+            .map(|(_, row)| Ok(TelemetryRow::decode(row)?))
             .collect()
     }
 
     /// The newest `limit` log lines of `device`, newest first.
     pub fn logs(&self, device: &str, limit: usize) -> Result<Vec<LogRow>> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(LOGS)?;
-        let rows = table
-            .range((device, 0)..=(device, u64::MAX))?
-            .rev()
-            .take(limit);
-        rows.map(|e| Ok(LogRow::decode(e?.1.value())?)).collect()
+        let table = txn.open_table(LOG_BLOCKS)?;
+        blocks::read(&table, device, 0, u64::MAX, limit)?
+            .iter()
+            .map(|(_, row)| Ok(LogRow::decode(row)?))
+            .collect()
     }
 
     pub fn alert(&self, id: u64) -> Result<Option<AlertRecord>> {
@@ -629,10 +697,13 @@ impl Store {
     /// Row counts of the big tables, for metrics and tests.
     pub fn counts(&self) -> Result<TableCounts> {
         let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let get = |k| -> Result<u64> { Ok(meta.get(k)?.map_or(0, |v| v.value())) };
         Ok(TableCounts {
             devices: txn.open_table(DEVICES)?.len()?,
-            telemetry: txn.open_table(TELEMETRY)?.len()?,
-            logs: txn.open_table(LOGS)?.len()?,
+            telemetry: get(META_ROWS_TELEMETRY)?,
+            logs: get(META_ROWS_LOGS)?,
+            row_bytes: get(META_ROW_BYTES)?,
             alerts: txn.open_table(ALERTS)?.len()?,
             commands: txn.open_table(COMMANDS)?.len()?,
         })
@@ -644,6 +715,8 @@ pub struct TableCounts {
     pub devices: u64,
     pub telemetry: u64,
     pub logs: u64,
+    /// Encoded bytes of the stored telemetry and log rows.
+    pub row_bytes: u64,
     pub alerts: u64,
     pub commands: u64,
 }
@@ -679,61 +752,103 @@ impl Tables<'_> {
         Ok(())
     }
 
-    /// Inserts a telemetry row under a key unique for the device, then drops the device's oldest
-    /// rows beyond `keep`. `rows` is the device's row count, kept up to date.
-    pub fn insert_telemetry(
+    /// Stores a device's new rows of `stream` (keys unique and increasing for the device, in
+    /// order; values their record encodings) as blocks.
+    pub fn append_rows(
         &mut self,
+        stream: Stream,
         device: &str,
-        key_us: u64,
-        row: &TelemetryRow,
-        keep: u64,
-        rows: &mut u64,
+        rows: &[(u64, Vec<u8>)],
     ) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
         self.changed = true;
-        insert_trimmed(
-            &mut self.telemetry,
+        let table = match stream {
+            Stream::Telemetry => &mut self.telemetry,
+            Stream::Logs => &mut self.logs,
+        };
+        blocks::append(
+            table,
+            &mut self.block_index,
+            &mut self.totals,
+            stream,
             device,
-            key_us,
-            &row.encode(),
-            keep,
             rows,
         )
     }
 
-    /// As [`Tables::insert_telemetry`], for log lines.
-    pub fn insert_log(
+    /// Removes `device`'s oldest blocks of `stream` while it keeps at least `keep` rows
+    /// without them; `rows` is its row count, kept up to date. Returns the rows removed.
+    pub fn trim_device(
         &mut self,
+        stream: Stream,
         device: &str,
-        key_us: u64,
-        row: &LogRow,
         keep: u64,
         rows: &mut u64,
-    ) -> Result<()> {
-        self.changed = true;
-        insert_trimmed(&mut self.logs, device, key_us, &row.encode(), keep, rows)
-    }
-
-    /// Deletes `device`'s telemetry received before `cutoff_us`; returns how many rows went.
-    pub fn trim_telemetry_before(&mut self, device: &str, cutoff_us: u64) -> Result<u64> {
-        let mut removed = 0;
-        self.telemetry
-            .retain_in((device, 0)..(device, cutoff_us), |_, _| {
-                removed += 1;
-                false
-            })?;
+    ) -> Result<u64> {
+        let table = match stream {
+            Stream::Telemetry => &mut self.telemetry,
+            Stream::Logs => &mut self.logs,
+        };
+        let removed = blocks::trim_device(
+            table,
+            &mut self.block_index,
+            &mut self.totals,
+            stream,
+            device,
+            keep,
+            rows,
+        )?;
         self.changed |= removed > 0;
         Ok(removed)
     }
 
-    /// Deletes a device's `telemetry` oldest telemetry rows and `logs` oldest log lines;
-    /// returns how many of each went.
-    pub fn trim_oldest(&mut self, device: &str, telemetry: u64, logs: u64) -> Result<(u64, u64)> {
-        let removed = (
-            drop_oldest(&mut self.telemetry, device, telemetry)?,
-            drop_oldest(&mut self.logs, device, logs)?,
-        );
-        self.changed |= removed != (0, 0);
+    /// Removes the oldest rows of every device, whole blocks at a time, until `bytes` of them
+    /// are gone; only blocks that start before `before_us`, and only of `only` if given.
+    pub fn remove_oldest(
+        &mut self,
+        bytes: u64,
+        before_us: u64,
+        only: Option<Stream>,
+    ) -> Result<Vec<Removed>> {
+        let removed = blocks::remove_oldest(
+            &mut self.telemetry,
+            &mut self.logs,
+            &mut self.block_index,
+            &mut self.totals,
+            bytes,
+            before_us,
+            only,
+        )?;
+        self.changed |= !removed.is_empty();
         Ok(removed)
+    }
+
+    /// Encoded bytes of the stored rows, as of this transaction.
+    pub fn row_bytes(&self) -> Result<u64> {
+        let stored = self.meta.get(META_ROW_BYTES)?.map_or(0, |v| v.value());
+        Ok(stored.saturating_add_signed(self.totals.bytes))
+    }
+
+    /// Writes the row and byte counts this transaction changed into `meta`.
+    fn apply_totals(&mut self) -> Result<()> {
+        let totals = std::mem::take(&mut self.totals);
+        for (key, delta) in [
+            (META_ROWS_TELEMETRY, totals.telemetry),
+            (META_ROWS_LOGS, totals.logs),
+            (META_ROW_BYTES, totals.bytes),
+        ] {
+            if delta != 0 {
+                let now = self.meta.get(key)?.map_or(0, |v| v.value());
+                self.meta.insert(key, now.saturating_add_signed(delta))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn meta(&self, key: &'static str) -> Result<u64> {
+        Ok(self.meta.get(key)?.map_or(0, |v| v.value()))
     }
 
     /// Deletes alerts resolved before `cutoff_ms`; returns how many went.
@@ -915,51 +1030,6 @@ fn devices_of(
         .range((rollout, "")..(rollout + 1, ""))?
         .map(|e| Ok(RolloutDevice::decode(e?.1.value())?))
         .collect()
-}
-
-/// Deletes the `n` oldest rows of `device`.
-fn drop_oldest(
-    table: &mut Table<'_, (&'static str, u64), &'static [u8]>,
-    device: &str,
-    n: u64,
-) -> Result<u64> {
-    let mut removed = 0;
-    if n > 0 {
-        table.retain_in((device, 0)..=(device, u64::MAX), |_, _| {
-            let drop = removed < n;
-            removed += u64::from(drop);
-            !drop
-        })?;
-    }
-    Ok(removed)
-}
-
-/// Inserts one per-device row, then drops the device's oldest rows while it has more than `keep`.
-fn insert_trimmed(
-    table: &mut Table<'_, (&'static str, u64), &'static [u8]>,
-    device: &str,
-    key_us: u64,
-    value: &[u8],
-    keep: u64,
-    rows: &mut u64,
-) -> Result<()> {
-    if table.insert((device, key_us), value)?.is_none() {
-        *rows += 1;
-    }
-    while *rows > keep {
-        let oldest = match table.range((device, 0)..=(device, u64::MAX))?.next() {
-            Some(entry) => Some(entry?.0.value().1),
-            None => None,
-        };
-        let Some(key_us) = oldest else {
-            // The count was higher than what is stored: resync instead of looping.
-            *rows = 0;
-            break;
-        };
-        table.remove((device, key_us))?;
-        *rows -= 1;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

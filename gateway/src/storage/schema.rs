@@ -5,7 +5,7 @@ use redb::TableDefinition;
 
 /// Bumped when a table's key layout changes or a table is added that older code cannot ignore.
 /// A database written by an older schema is migrated on open; a newer one is refused.
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// Small counters and markers: `schema_version`, `next_alert_id`, `next_command_id`,
 /// `next_transfer_id`, `next_rollout_id`.
@@ -14,11 +14,27 @@ pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta")
 /// Device id -> `Device`.
 pub(crate) const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 
-/// (device id, receive time in microseconds, unique per device) -> `TelemetryRow`.
-pub(crate) const TELEMETRY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("telemetry");
+/// (device id, key of the block's first row) -> a block of `TelemetryRow`s (see `blocks`). A
+/// row's key is its receive time in microseconds, unique per device.
+pub(crate) const TELEMETRY_BLOCKS: TableDefinition<(&str, u64), &[u8]> =
+    TableDefinition::new("telemetry_blocks");
 
-/// (device id, receive time in microseconds, unique per device) -> `LogRow`.
-pub(crate) const LOGS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("logs");
+/// (device id, key of the block's first row) -> a block of `LogRow`s.
+pub(crate) const LOG_BLOCKS: TableDefinition<(&str, u64), &[u8]> =
+    TableDefinition::new("log_blocks");
+
+/// (key of a block's first row, stream: 0 telemetry 1 logs, device id) -> (rows, bytes): every
+/// block in time order, for retention by age and by the storage quota.
+pub(crate) const BLOCK_INDEX: TableDefinition<(u64, u8, &str), (u32, u32)> =
+    TableDefinition::new("block_index");
+
+/// Schema 1: one row per telemetry message, (device id, key) -> `TelemetryRow`. Migrated into
+/// blocks on open.
+pub(crate) const TELEMETRY_V1: TableDefinition<(&str, u64), &[u8]> =
+    TableDefinition::new("telemetry");
+
+/// Schema 1: one row per log line. Migrated into blocks on open.
+pub(crate) const LOGS_V1: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("logs");
 
 /// Alert id (increasing) -> `AlertRecord`.
 pub(crate) const ALERTS: TableDefinition<u64, &[u8]> = TableDefinition::new("alerts");
@@ -68,3 +84,9 @@ pub(crate) const META_NEXT_COMMAND_ID: &str = "next_command_id";
 pub(crate) const META_NEXT_ROLLOUT_ID: &str = "next_rollout_id";
 pub(crate) const META_NEXT_TRANSFER_ID: &str = "next_transfer_id";
 pub(crate) const META_NEXT_AUDIT_ID: &str = "next_audit_id";
+/// Rows and encoded bytes in the telemetry and log blocks.
+pub(crate) const META_ROWS_TELEMETRY: &str = "rows_telemetry";
+pub(crate) const META_ROWS_LOGS: &str = "rows_logs";
+pub(crate) const META_ROW_BYTES: &str = "row_bytes";
+/// The storage quota's current cap on row bytes (see `storage::quota`); 0 while not reached.
+pub(crate) const META_QUOTA_CAP: &str = "quota_cap";

@@ -57,6 +57,14 @@ async fn fleet(
             .await,
         "devices did not connect"
     );
+    // Every hello acknowledged, so committed: the gateway knows every device's hardware.
+    let said_hello = fleet
+        .counters()
+        .wait_until(Duration::from_secs(30), move |c: &Counters| {
+            c.hello.load(Relaxed) >= n as u64 && c.acked.load(Relaxed) == c.published()
+        })
+        .await;
+    assert!(said_hello, "devices did not say hello");
     (fleet, stop)
 }
 
