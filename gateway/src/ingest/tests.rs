@@ -609,3 +609,23 @@ fn a_flood_keeps_the_database_within_its_quota_oldest_rows_first() {
         );
     }
 }
+
+/// An idle gateway does not write: timers and retention find nothing to change and commit
+/// nothing (a commit costs a disk sync on an SD card).
+#[test]
+fn an_idle_writer_commits_nothing() {
+    let mut h = Harness::new();
+    h.enroll("d1");
+    let item = h.presence("d1", 1, true);
+    h.step(vec![item]);
+    let before = h.store.commits();
+    for _ in 0..5 {
+        h.writer.tick().unwrap();
+    }
+    h.writer.retention();
+    h.step(vec![Item::Msg(WriterMsg::FlushMarker(1))]);
+    assert_eq!(h.store.commits(), before);
+    let item = h.telemetry("d1", 1, 1, 20.0);
+    h.step(vec![item]);
+    assert_eq!(h.store.commits(), before + 1);
+}

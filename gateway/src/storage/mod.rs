@@ -75,6 +75,8 @@ pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 pub struct Store {
     db: Arc<Database>,
     path: PathBuf,
+    /// Transactions committed through this handle and its clones.
+    commits: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Every table, open for writing within one transaction.
@@ -153,6 +155,7 @@ impl Store {
         let store = Store {
             db: Arc::new(db),
             path,
+            commits: Arc::default(),
         };
         store.init_schema()?;
         Ok(store)
@@ -267,6 +270,11 @@ impl Store {
         Ok(())
     }
 
+    /// Write transactions committed so far (a transaction that changed nothing is not).
+    pub fn commits(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Size of the database file in bytes.
     pub fn file_size(&self) -> u64 {
         std::fs::metadata(&self.path).map_or(0, |m| m.len())
@@ -304,6 +312,8 @@ impl Store {
         let (result, changed) = result;
         if changed {
             txn.commit()?;
+            self.commits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         } else {
             txn.abort()?;
         }
