@@ -161,22 +161,84 @@ enum Parsed {
     NeedMore,
     Oversized(usize),
     Malformed(String),
+    /// A packet type only a server may send (or a reserved one): a protocol violation.
+    Forbidden(&'static str),
 }
 
-/// Parses one packet from `buf`. rumqttd's decoder is third-party code fed with hostile bytes:
-/// a panic in it is treated as a malformed packet rather than taking the task down.
+/// Parses one packet from `buf`. A packet whose fixed header announces more than `max` bytes is
+/// refused as soon as the header is in, without waiting for the rest. rumqttd's decoder is
+/// third-party code fed with hostile bytes: a panic in it is treated as a malformed packet
+/// rather than taking the task down (and is not printed: see [`quiet_panics`]).
 fn next_packet<P: Protocol>(proto: &mut P, buf: &mut BytesMut, max: usize) -> Parsed {
     if buf.is_empty() {
         return Parsed::NeedMore;
     }
+    if let Some(announced) = announced_len(buf)
+        && announced > max
+    {
+        return Parsed::Oversized(announced);
+    }
+    // Server-only packets never reach rumqttd's decoder (its MQTT 5 decoder panics on some).
+    match buf[0] >> 4 {
+        0 => return Parsed::Forbidden("reserved packet type 0"),
+        2 => return Parsed::Forbidden("CONNACK"),
+        9 => return Parsed::Forbidden("SUBACK"),
+        11 => return Parsed::Forbidden("UNSUBACK"),
+        13 => return Parsed::Forbidden("PINGRESP"),
+        _ => {}
+    }
     let peek = peek_publish(buf);
-    match std::panic::catch_unwind(AssertUnwindSafe(|| proto.read_mut(buf, max))) {
+    match guarded(|| proto.read_mut(buf, max)) {
         Ok(Ok(packet)) => Parsed::Packet(packet, peek),
         Ok(Err(rumqttd::protocol::Error::InsufficientBytes(_))) => Parsed::NeedMore,
         Ok(Err(rumqttd::protocol::Error::PayloadSizeLimitExceeded(n))) => Parsed::Oversized(n),
         Ok(Err(e)) => Parsed::Malformed(e.to_string()),
-        Err(_) => Parsed::Malformed("decoder panicked".to_owned()),
+        Err(()) => Parsed::Malformed("decoder panicked".to_owned()),
     }
+}
+
+/// The size of the packet at the front of `buf` as its fixed header announces it (header
+/// included), once the header is complete.
+pub(crate) fn announced_len(buf: &[u8]) -> Option<usize> {
+    let mut len = 0usize;
+    for i in 0..4 {
+        let b = *buf.get(1 + i)?;
+        len |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some(1 + i + 1 + len);
+        }
+    }
+    // A fifth length byte is malformed; the decoder says so.
+    None
+}
+
+std::thread_local! {
+    /// Set while rumqttd's codec runs on this thread under [`guarded`].
+    static IN_CODEC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs rumqttd's codec, turning a panic into `Err`. The panic is not printed: hostile bytes
+/// can make it panic at will, and each one is already counted as a malformed packet.
+pub(crate) fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, ()> {
+    quiet_panics();
+    IN_CODEC.set(true);
+    let out = std::panic::catch_unwind(AssertUnwindSafe(f));
+    IN_CODEC.set(false);
+    out.map_err(|_| ())
+}
+
+/// Installs (once) a panic hook that stays silent for panics inside [`guarded`] and hands every
+/// other panic to the hook that was there before.
+fn quiet_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_CODEC.get() {
+                previous(info);
+            }
+        }));
+    });
 }
 
 /// Parses every packet in `bytes` as MQTT 3.1.1 and as MQTT 5, the way a session does, and
@@ -207,6 +269,9 @@ pub(crate) async fn read_packet<P: Protocol, S: AsyncRead + Unpin>(
         match next_packet(proto, buf, max) {
             Parsed::Packet(p, _) => return Ok(p),
             Parsed::Oversized(n) => return Err(ReadError::Oversized(n)),
+            Parsed::Forbidden(what) => {
+                return Err(ReadError::Malformed(format!("{what} from a client")));
+            }
             Parsed::Malformed(e) => return Err(ReadError::Malformed(e)),
             Parsed::NeedMore => {
                 if stream.read_buf(buf).await? == 0 {
@@ -547,6 +612,11 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
                     self.reject(Reject::Malformed, &e);
                     self.disconnect_device(DisconnectReasonCode::MalformedPacket);
                     return Step::End(End::Malformed);
+                }
+                Parsed::Forbidden(what) => {
+                    self.reject(Reject::ProtocolViolation, &format!("{what} from a client"));
+                    self.disconnect_device(DisconnectReasonCode::ProtocolError);
+                    return Step::End(End::ProtocolViolation);
                 }
             }
         }
@@ -932,7 +1002,7 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
         };
         let proto = &self.proto;
         let wbuf = &mut self.wbuf;
-        let written = std::panic::catch_unwind(AssertUnwindSafe(|| proto.write(packet, wbuf)));
+        let written = guarded(|| proto.write(packet, wbuf));
         if !matches!(written, Ok(Ok(_))) {
             tracing::error!(device = %self.device, "could not encode a packet for the device");
         }
