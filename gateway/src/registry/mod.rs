@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use fleetgate_protocol::manifest::chunk_leaves;
 use fleetgate_protocol::sign::SigError;
-use fleetgate_protocol::{ArtifactKind, Domain, Encoding, Manifest, decode, merkle};
+use fleetgate_protocol::{ArtifactKind, Compat, Domain, Encoding, Manifest, decode, merkle};
 use sha2::{Digest, Sha256};
 
 use crate::model::{ArtifactRecord, ReleaseRecord, Stamp};
@@ -103,6 +103,53 @@ pub enum RegisterError {
     Io(#[from] std::io::Error),
 }
 
+/// Release counters follow version order within an artifact name: a device decides "newer" by
+/// the counter, an operator by the version, and the two must never disagree. One counter
+/// belongs to one version.
+fn check_order(existing: &[ReleaseRecord], m: &Manifest) -> Result<(), RegisterError> {
+    let what = format!("{} {}", m.kind.name(), m.name);
+    for r in existing {
+        if r.version == m.version {
+            if r.release != m.release {
+                return Err(RegisterError::Conflict(format!(
+                    "version {} has release counter {}, this bundle says {}",
+                    r.version, r.release, m.release
+                )));
+            }
+            continue;
+        }
+        if r.release == m.release {
+            return Err(RegisterError::Conflict(format!(
+                "release counter {} of {what} is already used by version {}",
+                m.release, r.version
+            )));
+        }
+        if (m.version > r.version) != (m.release > r.release) {
+            return Err(RegisterError::Conflict(format!(
+                "release counter {} of {what} {} does not follow version order: {} has counter {}",
+                m.release, m.version, r.version, r.release
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether one device could match both compatibility rules. Artifacts of one version are told
+/// apart by hardware class alone: any other difference (RAM, runtime, architecture) still lets
+/// a device of a shared class match both, or neither depending on details the operator cannot
+/// see. An artifact for every class (no class list) overlaps everything.
+fn overlap(a: &Compat, b: &Compat) -> bool {
+    a.classes.is_empty() || b.classes.is_empty() || a.classes.iter().any(|c| b.classes.contains(c))
+}
+
+fn shared_class(a: &Compat, b: &Compat) -> String {
+    a.classes
+        .iter()
+        .find(|c| b.classes.contains(c))
+        .cloned()
+        .unwrap_or_else(|| "(any class)".to_owned())
+}
+
 /// Registry settings and handles; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Registry {
@@ -174,7 +221,8 @@ impl Registry {
         if merkle::root(&chunk_leaves(data, manifest.chunk_size)) != manifest.merkle_root {
             return Err(RegisterError::Merkle);
         }
-        // The artifact goes to disk first, so a release record never names a missing file.
+        // The artifact goes to disk first, so a release record never names a missing file; a
+        // refused bundle takes its file away again unless a registered release uses it.
         self.artifacts.put(&manifest.sha256, data)?;
         let stamp = Stamp {
             at_ms: now_ms,
@@ -188,28 +236,13 @@ impl Registry {
             signed: bundle.manifest.clone(),
             uploaded: stamp.clone(),
         };
-        self.store.write(|t| {
+        let result = self.store.write(|t| {
             let existing = t.releases_of(manifest.kind, &manifest.name)?;
-            if let Some(other) = existing
-                .iter()
-                .find(|r| r.release == manifest.release && r.version != manifest.version)
-            {
-                return Ok(Err(RegisterError::Conflict(format!(
-                    "release counter {} of {} {} is already used by version {}",
-                    manifest.release,
-                    manifest.kind.name(),
-                    manifest.name,
-                    other.version
-                ))));
+            if let Err(e) = check_order(&existing, &manifest) {
+                return Ok(Err(e));
             }
             let release = match existing.into_iter().find(|r| r.version == manifest.version) {
                 Some(mut r) => {
-                    if r.release != manifest.release {
-                        return Ok(Err(RegisterError::Conflict(format!(
-                            "version {} has release counter {}, this bundle says {}",
-                            r.version, r.release, manifest.release
-                        ))));
-                    }
                     if r.artifacts
                         .iter()
                         .any(|a| a.sha256 == manifest.sha256 && a.compat == manifest.compat)
@@ -219,10 +252,16 @@ impl Registry {
                             created: false,
                         }));
                     }
-                    if r.artifacts.iter().any(|a| a.compat == manifest.compat) {
+                    if let Some(other) = r
+                        .artifacts
+                        .iter()
+                        .find(|a| overlap(&a.compat, &manifest.compat))
+                    {
                         return Ok(Err(RegisterError::Conflict(format!(
-                            "version {} already has a different artifact for the same hardware",
-                            r.version
+                            "version {} already has an artifact for hardware class {}: each \
+                             device must map to exactly one artifact of a version",
+                            r.version,
+                            shared_class(&other.compat, &manifest.compat)
                         ))));
                     }
                     r.artifacts.push(artifact);
@@ -253,7 +292,25 @@ impl Registry {
                 release,
                 created: true,
             }))
-        })?
+        });
+        if !matches!(result, Ok(Ok(_))) {
+            self.forget_unused(&manifest.sha256);
+        }
+        result?
+    }
+
+    /// Removes an artifact file no registered release names (after a refused upload).
+    fn forget_unused(&self, sha256: &[u8; 32]) {
+        let used = self.store.releases(None, None).map(|all| {
+            all.iter()
+                .any(|r| r.artifacts.iter().any(|a| a.sha256 == *sha256))
+        });
+        if matches!(used, Ok(false))
+            && let Err(e) = std::fs::remove_file(self.artifacts.path(sha256))
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(error = %e, "could not remove the artifact of a refused bundle");
+        }
     }
 
     /// Points `alias` (e.g. `production`) at one version.

@@ -216,8 +216,88 @@ fn release_counters_and_hardware_slots_do_not_clash() {
         .unwrap_err();
     assert_eq!(
         same_hw.to_string(),
-        "version 1.0.0 already has a different artifact for the same hardware"
+        "version 1.0.0 already has an artifact for hardware class nrf53: each device must map to exactly one artifact of a version"
     );
+}
+
+/// Issue 12, registry: a device on 2.1.0 (release 9) took 2.0.0 (release 10) as an upgrade,
+/// and a higher version with a lower counter could never install. Counters follow versions.
+#[test]
+fn release_counters_must_follow_version_order() {
+    let r = registry(1);
+    r.reg
+        .register(&bundle("2.1.0", 9, "nrf53", 1, &[key(1)]), 5_000, "op")
+        .unwrap();
+    let older_higher = r
+        .reg
+        .register(&bundle("2.0.0", 10, "nrf53", 2, &[key(1)]), 5_000, "op")
+        .unwrap_err();
+    assert_eq!(
+        older_higher.to_string(),
+        "release counter 10 of model kws 2.0.0 does not follow version order: 2.1.0 has counter 9"
+    );
+    let newer_lower = r
+        .reg
+        .register(&bundle("2.2.0", 8, "nrf53", 3, &[key(1)]), 5_000, "op")
+        .unwrap_err();
+    assert_eq!(
+        newer_lower.to_string(),
+        "release counter 8 of model kws 2.2.0 does not follow version order: 2.1.0 has counter 9"
+    );
+    // Both in order are fine, on either side.
+    r.reg
+        .register(&bundle("2.0.0", 5, "nrf53", 2, &[key(1)]), 5_000, "op")
+        .unwrap();
+    r.reg
+        .register(&bundle("2.2.0", 12, "nrf53", 3, &[key(1)]), 5_000, "op")
+        .unwrap();
+}
+
+/// Issue 12, registry: the one-artifact-per-class rule was bypassed by a different min_ram,
+/// runtime or architecture, so two devices of one class ran different binaries of one version;
+/// and a refused upload left its artifact file behind.
+#[test]
+fn one_version_maps_each_class_to_one_artifact_and_a_refused_upload_leaves_no_file() {
+    let r = registry(1);
+    r.reg
+        .register(&bundle("1.0.0", 1, "nrf53", 1, &[key(1)]), 5_000, "op")
+        .unwrap();
+    type Change = fn(&mut ManifestSpec);
+    let variants: [(&str, Change); 4] = [
+        ("more RAM", |s| s.compat.min_ram_bytes = 1 << 20),
+        ("no runtime", |s| s.compat.runtime = None),
+        ("an architecture", |s| s.compat.arch = Some("armv8m".into())),
+        ("every class", |s| s.compat.classes.clear()),
+    ];
+    for (seed, (what, change)) in (7u8..).zip(variants) {
+        let mut sp = spec("1.0.0", 1, "nrf53");
+        change(&mut sp);
+        let bytes =
+            BundleFile::sign(artifact(seed), sp, &[key(1)], BTreeMap::new(), vec![]).encode();
+        let err = r.reg.register(&bytes, 5_000, "op").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("each device must map to exactly one artifact"),
+            "{what}: {err}"
+        );
+        let sha: [u8; 32] = Sha256::digest(artifact(seed)).into();
+        assert!(
+            !r.reg.artifacts.path(&sha).exists(),
+            "{what}: the refused artifact's file is gone"
+        );
+    }
+    // Another class is fine, and the same bytes for it share one file.
+    r.reg
+        .register(&bundle("1.0.0", 1, "rpi4", 1, &[key(1)]), 5_000, "op")
+        .unwrap();
+    let sha: [u8; 32] = Sha256::digest(artifact(1)).into();
+    assert!(r.reg.artifacts.path(&sha).exists());
+    // A refused upload of bytes a release already uses keeps the file.
+    let clash = r
+        .reg
+        .register(&bundle("1.5.0", 1, "nrf53", 1, &[key(1)]), 5_000, "op");
+    assert!(clash.is_err());
+    assert!(r.reg.artifacts.path(&sha).exists());
 }
 
 #[test]

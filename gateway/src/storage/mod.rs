@@ -49,6 +49,9 @@ pub enum StorageError {
          run a newer fleetgate or restore a backup"
     )]
     NewerSchema { found: u64 },
+    /// A commit failed on purpose (tests; see [`Store::fail_next_commits`]).
+    #[error("commit failed (injected)")]
+    Injected,
 }
 
 macro_rules! from_redb {
@@ -77,6 +80,8 @@ pub struct Store {
     path: PathBuf,
     /// Transactions committed through this handle and its clones.
     commits: Arc<std::sync::atomic::AtomicU64>,
+    /// Commits still to fail on purpose (see [`Store::fail_next_commits`]).
+    fail_commits: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Every table, open for writing within one transaction.
@@ -156,6 +161,7 @@ impl Store {
             db: Arc::new(db),
             path,
             commits: Arc::default(),
+            fail_commits: Arc::default(),
         };
         store.init_schema()?;
         Ok(store)
@@ -270,6 +276,21 @@ impl Store {
         Ok(())
     }
 
+    /// Makes the next `n` commits that would write something fail instead (aborted, nothing
+    /// written), as a full disk or an I/O error would. For tests of what depends on commits.
+    #[doc(hidden)]
+    pub fn fail_next_commits(&self, n: u64) {
+        self.fail_commits
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn take_injected_failure(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.fail_commits
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
     /// Write transactions committed so far (a transaction that changed nothing is not).
     pub fn commits(&self) -> u64 {
         self.commits.load(std::sync::atomic::Ordering::Relaxed)
@@ -310,6 +331,10 @@ impl Store {
             (result, tables.changed)
         };
         let (result, changed) = result;
+        if changed && self.take_injected_failure() {
+            txn.abort()?;
+            return Err(StorageError::Injected);
+        }
         if changed {
             txn.commit()?;
             self.commits
