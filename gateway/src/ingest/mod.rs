@@ -598,4 +598,6 @@ impl Writer {
 }
 
 #[cfg(test)]
+mod testing;
+#[cfg(test)]
 mod tests;

@@ -6,8 +6,8 @@ use fleetgate_protocol::{
     LogLine, Severity, Telemetry, Uplink, decode, encode,
 };
 
+use super::testing::{self, RecordingLinks};
 use super::*;
-use crate::broker::front::Sessions;
 use crate::bus::Downlinked;
 use crate::model::{AlertSource, AlertState, CommandState};
 use crate::storage::AlertFilter;
@@ -18,6 +18,7 @@ struct Harness {
     writer: Writer,
     credentials: Arc<Credentials>,
     downlink: flume::Receiver<Downlinked>,
+    links: Arc<RecordingLinks>,
     metrics: Arc<Metrics>,
     clock_us: u64,
     /// Each device's current connection, as the last presence event said.
@@ -42,15 +43,19 @@ impl Harness {
     }
 
     fn open_with(dir: tempfile::TempDir, config: &Config) -> Harness {
+        let mut config = config.clone();
+        config.storage.data_dir = dir.path().to_owned();
+        let config = &config;
         let store = Store::open(dir.path()).unwrap();
         let credentials = Arc::new(Credentials::default());
         let metrics = Arc::new(Metrics::new(Duration::from_secs(3600)));
-        let (downlink, rx) = DownlinkTx::detached(64);
+        let (downlink, rx) = DownlinkTx::detached(1024);
+        let links = Arc::new(RecordingLinks::default());
         let writer = Writer::new(
             store.clone(),
             config,
             credentials.clone(),
-            Arc::new(Sessions::default()),
+            links.clone(),
             downlink,
             metrics.clone(),
         )
@@ -61,6 +66,7 @@ impl Harness {
             writer,
             credentials,
             downlink: rx,
+            links,
             metrics,
             clock_us: 1_000_000,
             sessions: HashMap::new(),
@@ -628,4 +634,284 @@ fn an_idle_writer_commits_nothing() {
     let item = h.telemetry("d1", 1, 1, 20.0);
     h.step(vec![item]);
     assert_eq!(h.store.commits(), before + 1);
+}
+
+impl Harness {
+    /// Registers a bundle through the registry, as the API does.
+    fn register(&self, bundle: &[u8]) {
+        let registry = crate::registry::Registry::new(
+            self.store.clone(),
+            self._dir.path(),
+            &testing::registry_config(),
+        );
+        registry.register(bundle, now_ms(), "op").unwrap();
+    }
+
+    /// Connects `device` (session `session`) and says `hello`, in one batch.
+    fn connect(&mut self, device: &str, session: u64, hello: &Hello) {
+        let online = self.presence(device, session, true);
+        let hi = self.uplink(device, Uplink::Hello, hello);
+        self.step(vec![online, hi]);
+    }
+
+    /// The commands the writer published so far, decoded.
+    fn commands(&self) -> Vec<(String, Command)> {
+        self.downlink
+            .try_iter()
+            .map(|d| (d.device, decode(&d.payload, d.encoding).unwrap()))
+            .collect()
+    }
+}
+
+fn offer(cmd: &Command) -> Option<&fleetgate_protocol::UpdateOffer> {
+    match &cmd.action {
+        Action::Update(o) => Some(o),
+        _ => None,
+    }
+}
+
+/// Issue 12, defect 6: the same bytes registered for two hardware classes, with different
+/// chunk sizes. Each device must be offered the manifest of its own class and get chunks of
+/// that manifest; before, the artifact was found by its hash alone, the wrong manifest went
+/// out, and sending its chunks indexed past the end and panicked the writer.
+#[test]
+fn the_same_bytes_for_two_classes_go_out_with_each_class_manifest() {
+    let mut h = Harness::new();
+    let data = (0..4096u32).map(|i| (i % 251) as u8).collect::<Vec<_>>();
+    let now = now_ms();
+    h.register(&testing::model_bundle(
+        "kws",
+        "2.0.0",
+        2,
+        &["big"],
+        data.clone(),
+        1024,
+        now,
+    ));
+    h.register(&testing::model_bundle(
+        "kws",
+        "2.0.0",
+        2,
+        &["small"],
+        data,
+        256,
+        now,
+    ));
+    for (i, (device, class)) in [("d-big", "big"), ("d-small", "small")].iter().enumerate() {
+        h.enroll(device);
+        h.connect(
+            device,
+            i as u64 + 1,
+            &testing::hello(class, ("kws", "1.0.0", 1)),
+        );
+    }
+    let plan = h
+        .control(|reply| Control::StartUpdates {
+            request: UpdateRequest {
+                kind: fleetgate_protocol::ArtifactKind::Model,
+                name: "kws".into(),
+                version: "2.0.0".into(),
+                devices: None,
+                allow_downgrade: false,
+            },
+            by: "op".into(),
+            reply,
+        })
+        .unwrap();
+    assert_eq!(plan.started.len(), 2, "{plan:?}");
+    let mut transfers = HashMap::new();
+    for (device, cmd) in h.commands() {
+        let offer = offer(&cmd).expect("an offer");
+        let body = &offer.manifest.body;
+        let m: fleetgate_protocol::Manifest = decode(body, Encoding::Postcard).unwrap();
+        let class = if device == "d-big" { "big" } else { "small" };
+        assert_eq!(
+            m.compat.classes,
+            [class],
+            "{device} got another class's manifest"
+        );
+        assert_eq!(m.chunk_size, if class == "big" { 1024 } else { 256 });
+        transfers.insert(device, offer.transfer);
+    }
+    assert_eq!(transfers.len(), 2);
+    // Both accept from the start: each gets its window of its own chunks.
+    let items: Vec<Item> = transfers
+        .iter()
+        .map(|(device, t)| {
+            let report = fleetgate_protocol::UpdateReport {
+                transfer: *t,
+                state: fleetgate_protocol::UpdateState::Accepted { next_chunk: 0 },
+            };
+            h.uplink(device, Uplink::Report, &report)
+        })
+        .collect();
+    h.step(items);
+    let mut sizes: HashMap<String, Vec<usize>> = HashMap::new();
+    for (device, direct) in h.links.take() {
+        let chunk: fleetgate_protocol::Chunk = decode(&direct.payload, direct.encoding).unwrap();
+        sizes.entry(device).or_default().push(chunk.data.len());
+    }
+    assert_eq!(sizes["d-big"], vec![1024; 4], "all four chunks of 1024");
+    assert_eq!(
+        sizes["d-small"],
+        vec![256; 8],
+        "a window of 8 chunks of 256"
+    );
+}
+
+/// Issue 12, defect 4: a hello can reach the writer after its connection ended (before,
+/// disconnects went straight to the writer and hellos through the broker). It must not bring
+/// the device back: no engine counts it online, no offer goes into the void.
+#[test]
+fn a_hello_of_an_ended_connection_does_not_bring_the_device_back() {
+    let mut h = Harness::new();
+    let data = vec![7u8; 2048];
+    h.register(&testing::model_bundle(
+        "kws",
+        "2.0.0",
+        2,
+        &["c"],
+        data,
+        1024,
+        now_ms(),
+    ));
+    h.enroll("d1");
+    let hello = testing::hello("c", ("kws", "1.0.0", 1));
+    h.connect("d1", 1, &hello);
+    // Connection 1 ends; its hello (sent again on it, say) arrives after the end.
+    let late_hello = h.uplink("d1", Uplink::Hello, &hello);
+    let offline = h.presence("d1", 1, false);
+    h.step(vec![offline, late_hello]);
+    assert!(!h.device("d1").presence.online);
+    let plan = h
+        .control(|reply| Control::StartUpdates {
+            request: UpdateRequest {
+                kind: fleetgate_protocol::ArtifactKind::Model,
+                name: "kws".into(),
+                version: "2.0.0".into(),
+                devices: None,
+                allow_downgrade: false,
+            },
+            by: "op".into(),
+            reply,
+        })
+        .unwrap();
+    assert_eq!(plan.started.len(), 1);
+    assert!(h.commands().is_empty(), "no offer to an offline device");
+    let t = h.store.transfers(Some("d1"), 1).unwrap();
+    assert_eq!(t[0].state.name(), "queued");
+    // Connection 2 says hello: now it is offered.
+    h.connect("d1", 2, &hello);
+    let sent = h.commands();
+    assert_eq!(sent.len(), 1);
+    assert!(offer(&sent[0].1).is_some());
+}
+
+/// Issue 12, defect 7: after a failed commit the writer reloaded and marked every connected
+/// device offline (and emptied the engines' online sets). Now only the sessions whose messages
+/// were in the failed batch are failed (they disconnect unacknowledged); everyone else stays
+/// connected, in storage and for the engines.
+#[test]
+fn a_failed_commit_fails_its_sessions_only_and_keeps_everyone_connected() {
+    let mut h = Harness::new();
+    h.register(&testing::model_bundle(
+        "kws",
+        "2.0.0",
+        2,
+        &["c"],
+        vec![1u8; 2048],
+        1024,
+        now_ms(),
+    ));
+    let hello = testing::hello("c", ("kws", "1.0.0", 1));
+    for (i, d) in ["d1", "d2", "d3"].iter().enumerate() {
+        h.enroll(d);
+        h.connect(d, i as u64 + 1, &hello);
+    }
+    let receipts = Arc::new(Receipts::default());
+    let mut msg = h.telemetry("d2", 1, 1, 20.0);
+    if let Item::Msg(WriterMsg::Uplink(m)) = &mut msg {
+        m.receipt = Some((receipts.clone(), 1));
+    }
+    h.store.fail_next_commits(1);
+    h.step(vec![msg]);
+    assert!(receipts.is_failed(), "d2's session must not acknowledge");
+    assert_eq!(receipts.upto(), 0);
+    assert_eq!(h.store.telemetry("d2", 0, u64::MAX, 10).unwrap().len(), 0);
+    for d in ["d1", "d2", "d3"] {
+        assert!(h.device(d).presence.online, "{d} is still connected");
+    }
+    // The engines still count d1 and d3 online: an update is offered to them at once. d2's
+    // hello is owed again (its session is closing), so it waits.
+    let plan = h
+        .control(|reply| Control::StartUpdates {
+            request: UpdateRequest {
+                kind: fleetgate_protocol::ArtifactKind::Model,
+                name: "kws".into(),
+                version: "2.0.0".into(),
+                devices: None,
+                allow_downgrade: false,
+            },
+            by: "op".into(),
+            reply,
+        })
+        .unwrap();
+    assert_eq!(plan.started.len(), 3);
+    let mut offered: Vec<String> = h.commands().into_iter().map(|(d, _)| d).collect();
+    offered.sort();
+    assert_eq!(offered, ["d1", "d3"]);
+}
+
+/// Issue 12, defect 7: a failed commit of a timer batch did not reload, so what the engines
+/// decided in it (state in memory, nothing stored, nothing sent) was lost. Now it reloads
+/// and the decision is taken again by the next tick.
+#[test]
+fn a_failed_timer_commit_is_decided_again() {
+    let mut c = config();
+    c.updates.stall_timeout = Duration::from_secs(1);
+    c.updates.retries = 5;
+    let mut h = Harness::open_with(tempfile::tempdir().unwrap(), &c);
+    h.register(&testing::model_bundle(
+        "kws",
+        "2.0.0",
+        2,
+        &["c"],
+        vec![1u8; 2048],
+        1024,
+        now_ms(),
+    ));
+    h.enroll("d1");
+    h.connect("d1", 1, &testing::hello("c", ("kws", "1.0.0", 1)));
+    h.control(|reply| Control::StartUpdates {
+        request: UpdateRequest {
+            kind: fleetgate_protocol::ArtifactKind::Model,
+            name: "kws".into(),
+            version: "2.0.0".into(),
+            devices: None,
+            allow_downgrade: false,
+        },
+        by: "op".into(),
+        reply,
+    })
+    .unwrap();
+    assert_eq!(h.commands().len(), 1, "offered");
+    // The device stays silent past the stall timeout: the timer offers again, but that
+    // commit fails. The writer reloads and decides again (the device is still connected and
+    // said hello): every offer that goes out is one that was committed.
+    let now = now_ms() * 1000;
+    crate::clock::set_thread_clock(Some(now + 1_100_000));
+    h.store.fail_next_commits(1);
+    h.writer.tick().unwrap();
+    let sent = h.commands().len() as u32;
+    let stored = h.store.transfers(Some("d1"), 1).unwrap()[0].offers;
+    assert_eq!(
+        (sent, stored),
+        (1, 2),
+        "sent {sent}, stored {stored} offers"
+    );
+    crate::clock::set_thread_clock(Some(now + 2_200_000));
+    h.writer.tick().unwrap();
+    crate::clock::set_thread_clock(None);
+    assert_eq!(h.commands().len(), 1, "the next stall, the next offer");
+    assert_eq!(h.store.transfers(Some("d1"), 1).unwrap()[0].offers, 3);
 }

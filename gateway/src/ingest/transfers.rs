@@ -85,8 +85,19 @@ pub(super) fn running(
     }
 }
 
+/// Which artifact a transfer sends: the same bytes can be registered for several classes or
+/// versions, each with its own signed manifest (and chunk size).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct ArtifactKey {
+    sha256: [u8; 32],
+    kind: ArtifactKind,
+    name: String,
+    release: u64,
+    class: String,
+}
+
 /// Artifacts of transfers in progress, loaded once.
-pub(super) type PreparedCache = HashMap<[u8; 32], Arc<Prepared>>;
+pub(super) type PreparedCache = HashMap<ArtifactKey, Arc<Prepared>>;
 
 impl Writer {
     /// A registered release by version or alias, or the operator's NotFound.
@@ -367,11 +378,33 @@ impl Writer {
         Ok(())
     }
 
+    /// Which artifact `record` sends: the one of its release, with its bytes, that fits the
+    /// device's hardware (one version has one artifact per class).
+    fn artifact_key(&self, record: &TransferRecord) -> Option<ArtifactKey> {
+        let hello = self.devices.get(&record.device)?.device.hello.as_ref()?;
+        Some(ArtifactKey {
+            sha256: record.sha256,
+            kind: record.kind,
+            name: record.name.clone(),
+            release: record.release,
+            class: hello.hardware.class.clone(),
+        })
+    }
+
     /// The artifact of a transfer, loaded and checked against its hash once.
     fn prepared(&mut self, record: &TransferRecord) -> Option<Arc<Prepared>> {
-        if let Some(p) = self.prepared.get(&record.sha256) {
+        let key = self.artifact_key(record)?;
+        if let Some(p) = self.prepared.get(&key) {
             return Some(p.clone());
         }
+        let hardware = self
+            .devices
+            .get(&record.device)?
+            .device
+            .hello
+            .as_ref()?
+            .hardware
+            .clone();
         let release = self
             .store
             .release(record.kind, &record.name, &record.version.to_string())
@@ -379,7 +412,7 @@ impl Writer {
         let artifact = release
             .artifacts
             .into_iter()
-            .find(|a| a.sha256 == record.sha256)?;
+            .find(|a| a.sha256 == record.sha256 && a.compat.check(&hardware).is_ok())?;
         let data = match self.artifacts.read_verified(&record.sha256) {
             Ok(d) => d,
             Err(e) => {
@@ -394,27 +427,44 @@ impl Writer {
             data,
             proofs,
         });
-        self.prepared.insert(record.sha256, p.clone());
+        self.prepared.insert(key, p.clone());
         Some(p)
     }
 
     /// Forgets artifacts no transfer in progress needs.
     pub(super) fn trim_prepared(&mut self) {
-        let needed: Vec<[u8; 32]> = self.updates.live().map(|r| r.sha256).collect();
-        self.prepared.retain(|sha, _| needed.contains(sha));
+        let needed: Vec<ArtifactKey> = self
+            .updates
+            .live()
+            .filter_map(|r| self.artifact_key(r))
+            .collect();
+        self.prepared.retain(|key, _| needed.contains(key));
     }
 
     /// Encodes and hands chunks to the devices' sessions (after the commit).
     pub(super) fn send_chunks(&self, sends: Vec<ChunkSend>) {
         for s in sends {
             for index in s.from..s.to {
-                let start = (index * s.prepared.chunk_size) as usize;
-                let end = (start + s.prepared.chunk_size as usize).min(s.prepared.data.len());
+                let p = &s.prepared;
+                let start = (index * p.chunk_size) as usize;
+                let end = (start + p.chunk_size as usize).min(p.data.len());
+                // The engine asks for chunks of the transfer's manifest; one beyond it is a
+                // bug, and must not take the writer down.
+                let (Some(data), Some(proof)) =
+                    (p.data.get(start..end), p.proofs.get(index as usize))
+                else {
+                    tracing::error!(
+                        transfer = s.transfer,
+                        index,
+                        "chunk beyond the artifact; not sent"
+                    );
+                    continue;
+                };
                 let chunk = fleetgate_protocol::Chunk {
                     transfer: s.transfer,
                     index: index as u32,
-                    data: s.prepared.data[start..end].to_vec(),
-                    proof: s.prepared.proofs[index as usize].clone(),
+                    data: data.to_vec(),
+                    proof: proof.clone(),
                 };
                 let Ok(payload) = encode(&chunk, s.encoding) else {
                     continue;
