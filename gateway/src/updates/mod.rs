@@ -4,16 +4,22 @@
 //! chunks). No I/O, no clock: `now_ms` is an argument.
 //!
 //! Rules:
-//! - At most `max_concurrent` transfers hold a download slot: offered, downloading, verifying
-//!   or installing, with the device online. The rest wait, oldest first.
+//! - At most `max_concurrent` transfers hold a download slot: offered or downloading, with the
+//!   device online. The rest wait, oldest first. A transfer gets a slot only by being offered
+//!   from the queue; download progress reported for one without a slot is from an earlier offer
+//!   and is ignored.
 //! - Chunks go out a window at a time: never more than `window` beyond what the device last
 //!   said it has. The device's word is the truth: after a reconnect or reboot it says where it
 //!   is (`accepted` with its next chunk) and the engine continues from there.
 //! - A device that goes offline mid-download gives up its slot and is offered the transfer
 //!   again when it returns. One that stays silent for `stall_timeout` is offered it again, up to
 //!   `retries` times, then the transfer times out.
+//! - An event costs what it concerns, not every transfer: the slots in use and the queue of
+//!   transfers waiting for one (queued, device online) are kept as indexes, updated with every
+//!   change of a transfer's state or its device's presence. A reconnect storm of N devices is
+//!   O(N log N) in all. Only the timer looks at every transfer, once a tick.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use fleetgate_protocol::{UpdateReport, UpdateState};
 
@@ -100,16 +106,21 @@ pub struct Engine {
     live: HashMap<u64, Live>,
     by_device: HashMap<String, u64>,
     online: HashSet<String>,
+    /// Transfers holding a slot (see [`holds_slot`]) with their device online.
+    slots: usize,
+    /// Transfers queued with their device online: the next to be offered, oldest first.
+    waiting: BTreeSet<u64>,
 }
 
+/// Offered or downloading: what `max_concurrent` bounds (chunks go out to it). A device that
+/// verifies or installs needs no more chunks and leaves its slot to the next download.
 fn holds_slot(state: &TransferState) -> bool {
-    matches!(
-        state,
-        TransferState::Offered
-            | TransferState::Downloading
-            | TransferState::Verifying
-            | TransferState::Installing
-    )
+    matches!(state, TransferState::Offered | TransferState::Downloading)
+}
+
+/// Waiting for the device to say something: a silent one is offered again, then times out.
+fn in_progress(state: &TransferState) -> bool {
+    holds_slot(state) || matches!(state, TransferState::Verifying | TransferState::Installing)
 }
 
 impl Engine {
@@ -148,10 +159,77 @@ impl Engine {
 
     /// Transfers holding a download slot now.
     pub fn active(&self) -> usize {
-        self.live
+        self.slots
+    }
+
+    /// Panics unless the indexes match a count from scratch (tests).
+    #[cfg(test)]
+    pub(crate) fn check_indexes(&self) {
+        let online = |l: &&Live| self.online.contains(&l.record.device);
+        let slots = self
+            .live
             .values()
-            .filter(|l| holds_slot(&l.record.state) && self.online.contains(&l.record.device))
-            .count()
+            .filter(online)
+            .filter(|l| holds_slot(&l.record.state))
+            .count();
+        let waiting: BTreeSet<u64> = self
+            .live
+            .values()
+            .filter(online)
+            .filter(|l| l.record.state == TransferState::Queued)
+            .map(|l| l.record.id)
+            .collect();
+        assert_eq!(
+            (self.slots, &self.waiting),
+            (slots, &waiting),
+            "update engine indexes"
+        );
+    }
+
+    /// Takes transfer `id` out of the indexes (before it changes).
+    fn unindex(&mut self, id: u64) {
+        let Some(l) = self.live.get(&id) else {
+            return;
+        };
+        if self.online.contains(&l.record.device) {
+            if holds_slot(&l.record.state) {
+                self.slots -= 1;
+            }
+            if l.record.state == TransferState::Queued {
+                self.waiting.remove(&id);
+            }
+        }
+    }
+
+    /// Puts transfer `id` back into the indexes (after it changed).
+    fn index(&mut self, id: u64) {
+        let Some(l) = self.live.get(&id) else {
+            return;
+        };
+        if self.online.contains(&l.record.device) {
+            if holds_slot(&l.record.state) {
+                self.slots += 1;
+            }
+            if l.record.state == TransferState::Queued {
+                self.waiting.insert(id);
+            }
+        }
+    }
+
+    /// Changes the device's presence, keeping the indexes of its transfer in step.
+    fn set_online(&mut self, device: &str, online: bool) {
+        let transfer = self.by_device.get(device).copied();
+        if let Some(id) = transfer {
+            self.unindex(id);
+        }
+        if online {
+            self.online.insert(device.to_owned());
+        } else {
+            self.online.remove(device);
+        }
+        if let Some(id) = transfer {
+            self.index(id);
+        }
     }
 
     pub fn on_event(&mut self, event: Event, now_ms: u64) -> Result<Vec<Action>, Refused> {
@@ -164,28 +242,30 @@ impl Engine {
             Event::Report { device, report } => {
                 self.report(device, report, now_ms, &mut actions)?
             }
-            Event::Online(device) => {
-                self.online.insert(device);
-            }
+            Event::Online(device) => self.set_online(&device, true),
             Event::Offline(device) => {
-                if let Some(live) = self
-                    .by_device
-                    .get(&device)
-                    .and_then(|id| self.live.get_mut(id))
+                self.set_online(&device, false);
+                if let Some(&id) = self.by_device.get(&device)
+                    && let Some(live) = self.live.get_mut(&id)
                     && matches!(
                         live.record.state,
                         TransferState::Offered | TransferState::Downloading
                     )
                 {
+                    // Offline: out of the indexes whatever its state.
                     live.record.state = TransferState::Queued;
                     live.record.updated_ms = now_ms;
                     actions.push(Action::Save(Box::new(live.record.clone())));
                 }
-                self.online.remove(&device);
             }
             Event::Cancel { id, by } => {
-                let live = self.live.get_mut(&id).ok_or(Refused::NotLive(id))?;
-                live.record.state = TransferState::Cancelled { by };
+                if !self.live.contains_key(&id) {
+                    return Err(Refused::NotLive(id));
+                }
+                self.unindex(id);
+                if let Some(live) = self.live.get_mut(&id) {
+                    live.record.state = TransferState::Cancelled { by };
+                }
                 self.finish(id, now_ms, &mut actions);
             }
             Event::Tick => self.stalls(now_ms, &mut actions),
@@ -216,8 +296,9 @@ impl Engine {
         actions.push(Action::Save(Box::new(record.clone())));
         self.by_device.insert(record.device.clone(), record.id);
         let sent_upto = record.next_chunk;
+        let id = record.id;
         self.live.insert(
-            record.id,
+            id,
             Live {
                 record,
                 sent_upto,
@@ -225,6 +306,7 @@ impl Engine {
                 limits,
             },
         );
+        self.index(id);
         Ok(())
     }
 
@@ -235,7 +317,6 @@ impl Engine {
         now_ms: u64,
         actions: &mut Vec<Action>,
     ) -> Result<(), Refused> {
-        let window = u64::from(self.settings().window);
         let id = match self.by_device.get(&device) {
             Some(&id) if id == report.transfer => id,
             _ => {
@@ -245,12 +326,12 @@ impl Engine {
                 });
             }
         };
-        let Some(live) = self.live.get_mut(&id) else {
+        if !self.live.contains_key(&id) {
             return Err(Refused::UnknownTransfer {
                 device,
                 transfer: report.transfer,
             });
-        };
+        }
         // The device's offline event can overtake the last reports of the connection that
         // ended (presence goes straight to the writer, reports through the broker). A download
         // report from a device that is offline is such a straggler: acting on it would send
@@ -264,6 +345,27 @@ impl Engine {
         {
             return Ok(());
         }
+        self.unindex(id);
+        let outcome = self.apply_report(id, report, now_ms, actions);
+        self.index(id);
+        if outcome {
+            self.finish(id, now_ms, actions);
+        }
+        Ok(())
+    }
+
+    /// Applies a report to a live transfer; true when the transfer reached a final state.
+    fn apply_report(
+        &mut self,
+        id: u64,
+        report: UpdateReport,
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) -> bool {
+        let window = u64::from(self.settings().window);
+        let Some(live) = self.live.get_mut(&id) else {
+            return false;
+        };
         // After an offer the device's first word is `accepted` with where it stands. A
         // `downloading` before it is from the previous offer (its device sends again what was
         // not acknowledged when its connection ended); acting on it would send chunks the
@@ -271,7 +373,24 @@ impl Engine {
         if live.record.state == TransferState::Offered
             && matches!(report.state, UpdateState::Downloading { .. })
         {
-            return Ok(());
+            return false;
+        }
+        // Download progress counts only for a transfer holding a slot: for a queued one (not
+        // offered since it was queued), or one verifying or installing, it is from an earlier
+        // offer, and taking it would hold a slot past `max_concurrent`. Such a transfer is
+        // offered when a slot is free and the device says then where it is. Progress past the
+        // download never needs a slot, and a final outcome counts whatever the state.
+        let progress = match report.state {
+            UpdateState::Accepted { .. } | UpdateState::Downloading { .. } => {
+                holds_slot(&live.record.state)
+            }
+            UpdateState::Verifying | UpdateState::Installing => {
+                live.record.state != TransferState::Queued
+            }
+            _ => true,
+        };
+        if !progress {
+            return false;
         }
         live.last_activity_ms = now_ms;
         let r = &mut live.record;
@@ -298,7 +417,7 @@ impl Engine {
                     live.sent_upto = to;
                     actions.push(Action::Save(Box::new(r.clone())));
                     actions.push(Action::Send { id, from, to });
-                    return Ok(());
+                    return false;
                 }
             }
             UpdateState::Verifying => r.state = TransferState::Verifying,
@@ -317,16 +436,15 @@ impl Engine {
                 finished = true;
             }
         }
-        if finished {
-            self.finish(id, now_ms, actions);
-        } else {
-            actions.push(Action::Save(Box::new(self.live[&id].record.clone())));
+        if !finished {
+            actions.push(Action::Save(Box::new(live.record.clone())));
         }
-        Ok(())
+        finished
     }
 
     /// Records a final state and frees the device and its slot.
     fn finish(&mut self, id: u64, now_ms: u64, actions: &mut Vec<Action>) {
+        self.unindex(id);
         if let Some(mut live) = self.live.remove(&id) {
             self.by_device.remove(&live.record.device);
             live.record.finished_ms = Some(now_ms);
@@ -337,25 +455,21 @@ impl Engine {
 
     /// Offers queued transfers of online devices, oldest first, while slots are free.
     fn admit(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
-        let free = self.settings().max_concurrent.saturating_sub(self.active());
-        if free == 0 {
-            return;
-        }
-        let mut waiting: Vec<u64> = self
-            .live
-            .values()
-            .filter(|l| {
-                l.record.state == TransferState::Queued && self.online.contains(&l.record.device)
-            })
-            .map(|l| l.record.id)
-            .collect();
-        waiting.sort_unstable();
-        for id in waiting.into_iter().take(free) {
+        while self.slots < self.settings().max_concurrent {
+            let Some(&id) = self.waiting.first() else {
+                return;
+            };
             self.offer(id, now_ms, actions);
         }
     }
 
     fn offer(&mut self, id: u64, now_ms: u64, actions: &mut Vec<Action>) {
+        self.unindex(id);
+        self.offer_unindexed(id, now_ms, actions);
+        self.index(id);
+    }
+
+    fn offer_unindexed(&mut self, id: u64, now_ms: u64, actions: &mut Vec<Action>) {
         let Some(live) = self.live.get_mut(&id) else {
             return;
         };
@@ -379,7 +493,7 @@ impl Engine {
         let mut stalled: Vec<u64> = self
             .live
             .values()
-            .filter(|l| holds_slot(&l.record.state) && self.online.contains(&l.record.device))
+            .filter(|l| in_progress(&l.record.state) && self.online.contains(&l.record.device))
             .filter(|l| now_ms.saturating_sub(l.last_activity_ms) >= limits(l).stall_ms)
             .map(|l| l.record.id)
             .collect();
@@ -387,12 +501,23 @@ impl Engine {
         for id in stalled {
             let offers = self.live[&id].record.offers;
             if offers > limits(&self.live[&id]).retries {
+                self.unindex(id);
                 if let Some(live) = self.live.get_mut(&id) {
                     live.record.state = TransferState::TimedOut;
                 }
                 self.finish(id, now_ms, actions);
-            } else {
+            } else if holds_slot(&self.live[&id].record.state) {
                 self.offer(id, now_ms, actions);
+            } else {
+                // Silent while verifying or installing: offered again when a slot is free.
+                self.unindex(id);
+                if let Some(live) = self.live.get_mut(&id) {
+                    live.record.state = TransferState::Queued;
+                    live.record.updated_ms = now_ms;
+                    live.last_activity_ms = now_ms;
+                    actions.push(Action::Save(Box::new(live.record.clone())));
+                }
+                self.index(id);
             }
         }
     }

@@ -443,3 +443,35 @@ fn a_download_report_from_before_the_offer_sends_nothing() {
         "12 went out before the cut"
     );
 }
+
+proptest::proptest! {
+    /// Whatever happens, the engine's indexes (slots in use, transfers waiting) match a count
+    /// from scratch, and no more transfers hold a slot than allowed.
+    #[test]
+    fn the_indexes_follow_every_event(events in proptest::collection::vec((0u8..9, 0u8..4, 0u32..12), 1..120)) {
+        let mut e = engine(2);
+        let mut next = 1u64;
+        for (i, (what, device, n)) in events.into_iter().enumerate() {
+            let d = format!("d{device}");
+            let id = e.transfer_of(&d).map(|r| r.id).unwrap_or(0);
+            let now = i as u64 * 400;
+            let event = match what {
+                0 => {
+                    next += 1;
+                    Event::Start(record(next, &d, 10))
+                }
+                1 => Event::Online(d.clone()),
+                2 => Event::Offline(d.clone()),
+                3 => report(&d, id, UpdateState::Accepted { next_chunk: n }),
+                4 => report(&d, id, UpdateState::Downloading { next_chunk: n }),
+                5 => report(&d, id, UpdateState::Installing),
+                6 => report(&d, id, UpdateState::Installed { version: Version::new(2, 0, 0), release: 2 }),
+                7 => Event::Cancel { id, by: "op".into() },
+                _ => Event::Tick,
+            };
+            let _ = e.on_event(event, now);
+            e.check_indexes();
+            proptest::prop_assert!(e.active() <= 2);
+        }
+    }
+}
