@@ -109,6 +109,10 @@ impl Writer {
         };
         let (actions, busy) = match self.rollouts.create(record, candidates, now) {
             Ok(done) => done,
+            Err(rollouts::Refused::NoDevices(more)) => {
+                skipped.extend(more);
+                return Ok(Err(ControlError::BadRequest(no_devices(&skipped))));
+            }
             Err(e) => return Ok(Err(ControlError::Conflict(e.to_string()))),
         };
         skipped.extend(busy);
@@ -540,6 +544,29 @@ impl Writer {
         }
         limits
     }
+}
+
+/// Why a rollout would have no device: the target's devices and why each was left out (the
+/// first few), or that the target matches no enrolled device at all.
+fn no_devices(skipped: &[(String, String)]) -> String {
+    if skipped.is_empty() {
+        return "the target matches no enrolled device (check the labels or ids)".to_owned();
+    }
+    let shown: Vec<String> = skipped
+        .iter()
+        .take(5)
+        .map(|(d, why)| format!("{d}: {why}"))
+        .collect();
+    let more = skipped.len().saturating_sub(shown.len());
+    let tail = if more > 0 {
+        format!("; and {more} more")
+    } else {
+        String::new()
+    };
+    format!(
+        "no device of the target can take this release ({}{tail})",
+        shown.join("; ")
+    )
 }
 
 /// A device's stratum for a rollout: its hardware class and the values of the stratifying labels.

@@ -915,3 +915,52 @@ fn a_failed_timer_commit_is_decided_again() {
     assert_eq!(h.commands().len(), 1, "the next stall, the next offer");
     assert_eq!(h.store.transfers(Some("d1"), 1).unwrap()[0].offers, 3);
 }
+
+/// Issue 12, defect 3: a rollout whose target matches no device (a label typo) was accepted
+/// with nothing to do, stayed running and blocked every other rollout of its model. It is
+/// refused with why, and the next rollout of the model goes ahead.
+#[test]
+fn a_rollout_matching_no_device_is_refused_and_blocks_nothing() {
+    let mut h = Harness::new();
+    h.register(&testing::model_bundle(
+        "kws",
+        "2.0.0",
+        2,
+        &["c"],
+        vec![1u8; 2048],
+        1024,
+        now_ms(),
+    ));
+    h.enroll("d1");
+    h.connect("d1", 1, &testing::hello("c", ("kws", "1.0.0", 1)));
+    let request = |target| RolloutRequest {
+        kind: fleetgate_protocol::ArtifactKind::Model,
+        name: "kws".into(),
+        version: "2.0.0".into(),
+        target,
+        policy: Config::default().rollouts.policy,
+    };
+    let typo = crate::rollouts::model::Target::Labels(BTreeMap::from([(
+        "site".to_owned(),
+        "nrth".to_owned(),
+    )]));
+    let refused = h.control(|reply| Control::CreateRollout {
+        request: Box::new(request(typo)),
+        by: "op".into(),
+        reply,
+    });
+    assert_eq!(
+        refused.unwrap_err(),
+        ControlError::BadRequest(
+            "the target matches no enrolled device (check the labels or ids)".into()
+        )
+    );
+    let created = h
+        .control(|reply| Control::CreateRollout {
+            request: Box::new(request(crate::rollouts::model::Target::All)),
+            by: "op".into(),
+            reply,
+        })
+        .unwrap();
+    assert_eq!(created.record.planned, 1);
+}

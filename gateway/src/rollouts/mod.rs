@@ -18,10 +18,22 @@
 //!   when it says hello again gets it again (at most `MAX_DIRECTIVES` times).
 //! - Every state change is returned as a `Save` before the actions it implies, and the writer
 //!   commits them before anything leaves the gateway.
+//! - No stage passes on data it does not have: a gate is `no_control` only when no device is
+//!   left to compare with (none pending in a later stage, online or not), and verdicts are
+//!   judged afresh at the end of a bake, never taken from before a restart (its window is gone,
+//!   so after a restart a gate waits for `min_samples` of both cohorts again).
+//! - A device is claimed by at most one rollout that may still act on it: to update it (pending
+//!   or updating), or to see its rollback through. A completed rollout lets go of the devices it
+//!   updated, so the next rollout, of any artifact, can take them.
+//! - An event costs what it concerns: each rollout's members keep their counts and queues as
+//!   indexes (`members`), so a reconnect storm of N devices is O(N log N) in all.
 
 pub mod health;
+mod members;
 pub mod model;
 pub mod plan;
+mod progress;
+mod stop;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -30,9 +42,8 @@ use semver::Version;
 use serde_json::json;
 
 use self::health::{Cohort, DriftInput, Health, Sample};
-use self::model::{
-    AuditEntry, DeviceState, Gate, GateEval, RolloutDevice, RolloutRecord, RolloutState, Verdict,
-};
+use self::members::Members;
+use self::model::{AuditEntry, DeviceState, Gate, RolloutDevice, RolloutRecord, RolloutState};
 use self::plan::Candidate;
 
 /// Directives sent to one device before it counts as `rollback_failed`.
@@ -41,6 +52,9 @@ pub const MAX_DIRECTIVES: u32 = 3;
 const EVAL_EVERY_MS: u64 = 200;
 /// A device whose transfer could not start (another update in progress) is tried again after.
 const RETRY_START_MS: u64 = 10_000;
+/// After a restart, devices of a stage are not replaced by later ones for being offline until
+/// this long has passed: they are reconnecting, not gone.
+const RECONNECT_GRACE_MS: u64 = 30_000;
 /// Who the engine's own decisions are by.
 pub const GATEWAY: &str = "gateway";
 
@@ -92,6 +106,9 @@ pub enum Refused {
     },
     #[error("rollout {0} for {1} {2} is still {3}: finish, abort or roll it back first")]
     Busy(u64, &'static str, String, &'static str),
+    /// No device of the target can take the release (every one skipped, with why).
+    #[error("no device of the target can take this release")]
+    NoDevices(Skipped),
 }
 
 /// What an operator asks of a rollout.
@@ -116,7 +133,7 @@ pub enum Outcome {
 #[derive(Debug)]
 struct Live {
     record: RolloutRecord,
-    devices: HashMap<String, RolloutDevice>,
+    members: Members,
     sizes: Vec<u64>,
     health: Health,
     failing_since: BTreeMap<Gate, u64>,
@@ -128,6 +145,12 @@ struct Live {
     /// directive may not have reached them, so their next hello on the new version gets it
     /// again. Others are sent nothing more: their hello may simply predate the directive.
     resend: HashSet<String>,
+    /// Taken back after a restart: when this engine first drove it (see `RECONNECT_GRACE_MS`).
+    restored: Option<Option<u64>>,
+    /// Updating devices that are offline, since when. One rebooting into the new version is
+    /// waited for; one gone for longer than its stage's `device_timeout` no longer holds the
+    /// stage (it is updated if it returns).
+    gone: HashMap<String, u64>,
 }
 
 #[derive(Debug)]
@@ -149,6 +172,24 @@ pub struct View {
     pub stage_counts: Vec<BTreeMap<&'static str, u64>>,
 }
 
+/// Whether a rollout keeps a device (to update it, or to see its rollback through).
+fn claims(state: &RolloutState, d: &RolloutDevice) -> bool {
+    match state {
+        RolloutState::Running | RolloutState::Paused { .. } => {
+            !matches!(d.state, DeviceState::RolledBack)
+        }
+        // It still updates the devices that were away; the others are done with it.
+        RolloutState::Completed => {
+            matches!(d.state, DeviceState::Pending | DeviceState::Updating)
+        }
+        RolloutState::RolledBack { .. } => matches!(
+            d.state,
+            DeviceState::RollbackSent { .. } | DeviceState::Cancelled
+        ),
+        RolloutState::Aborted { .. } => false,
+    }
+}
+
 impl Engine {
     pub fn new(settings: Settings) -> Engine {
         Engine {
@@ -160,30 +201,34 @@ impl Engine {
         }
     }
 
-    /// Takes back a stored rollout after a restart (its devices as stored).
-    pub fn restore(&mut self, record: RolloutRecord, devices: Vec<RolloutDevice>) {
+    /// Takes back a stored rollout after a restart (its devices as stored). Its gate verdicts
+    /// are not: the window they were judged on is gone.
+    pub fn restore(&mut self, mut record: RolloutRecord, devices: Vec<RolloutDevice>) {
         let id = record.id;
+        record.gates.clear();
         let sizes = plan::sizes(&record.policy.stages, record.planned);
-        let mut map = HashMap::new();
+        let mut members = Members::new(sizes.len());
         let mut resend = HashSet::new();
         for d in devices {
             if matches!(d.state, DeviceState::RollbackSent { .. }) {
                 resend.insert(d.device.clone());
             }
-            if self.claims(&record, &d) {
+            if claims(&record.state, &d) {
                 self.by_device.insert(d.device.clone(), id);
             }
             if let (Some(t), DeviceState::Updating) = (d.transfer, &d.state) {
                 self.by_transfer.insert(t, (id, d.device.clone()));
             }
-            map.insert(d.device.clone(), d);
+            let online = self.online.contains(&d.device);
+            members.insert(d, online);
         }
+        members.set_current(record.stage);
         let health = Health::new(record.policy.gates.window);
         self.live.insert(
             id,
             Live {
                 record,
-                devices: map,
+                members,
                 sizes,
                 health,
                 failing_since: BTreeMap::new(),
@@ -191,22 +236,10 @@ impl Engine {
                 drift: DriftInput::Off,
                 blocked: HashMap::new(),
                 resend,
+                restored: Some(None),
+                gone: HashMap::new(),
             },
         );
-    }
-
-    /// Whether a rollout keeps a device (to update it, or to see its rollback through).
-    fn claims(&self, r: &RolloutRecord, d: &RolloutDevice) -> bool {
-        match &r.state {
-            RolloutState::Running | RolloutState::Paused { .. } | RolloutState::Completed => {
-                !matches!(d.state, DeviceState::RolledBack)
-            }
-            RolloutState::RolledBack { .. } => matches!(
-                d.state,
-                DeviceState::RollbackSent { .. } | DeviceState::Cancelled
-            ),
-            RolloutState::Aborted { .. } => false,
-        }
     }
 
     pub fn record(&self, id: u64) -> Option<&RolloutRecord> {
@@ -231,14 +264,14 @@ impl Engine {
     }
 
     pub fn device(&self, rollout: u64, device: &str) -> Option<&RolloutDevice> {
-        self.live.get(&rollout)?.devices.get(device)
+        self.live.get(&rollout)?.members.get(device)
     }
 
     pub fn view(&self, id: u64) -> Option<View> {
         let l = self.live.get(&id)?;
         let mut counts = BTreeMap::new();
         let mut stage_counts = vec![BTreeMap::new(); l.sizes.len()];
-        for d in l.devices.values() {
+        for d in l.members.values() {
             *counts.entry(d.state.name()).or_insert(0) += 1;
             if let Some(s) = stage_counts.get_mut(d.stage) {
                 *s.entry(d.state.name()).or_insert(0) += 1;
@@ -261,7 +294,7 @@ impl Engine {
             .filter(|l| l.record.policy.gates.drift)
             .filter_map(|l| {
                 let mut olds: HashMap<&Version, usize> = HashMap::new();
-                for d in l.devices.values() {
+                for d in l.members.values() {
                     if let Some(f) = &d.from {
                         *olds.entry(&f.version).or_default() += 1;
                     }
@@ -284,7 +317,8 @@ impl Engine {
     }
 
     /// Starts a rollout of `record` (state running, stage 0) over `candidates`. Candidates in
-    /// another rollout that may still update them are skipped with the reason.
+    /// another rollout that may still update them are skipped with the reason; a rollout left
+    /// with no device is refused.
     pub fn create(
         &mut self,
         mut record: RolloutRecord,
@@ -303,69 +337,66 @@ impl Engine {
                 other.record.state.name(),
             ));
         }
+        let mut skipped = Vec::new();
+        let candidates: Vec<Candidate> = candidates
+            .into_iter()
+            .filter(|c| match self.by_device.get(&c.device) {
+                Some(&other) if !self.supersedes(other, &record) => {
+                    skipped.push((c.device.clone(), format!("in rollout {other}")));
+                    false
+                }
+                _ => true,
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Err(Refused::NoDevices(skipped));
+        }
         // A completed rollout of the same artifact stops serving its stragglers.
         let superseded: Vec<u64> = self
             .live
             .values()
-            .filter(|l| {
-                l.record.kind == record.kind
-                    && l.record.name == record.name
-                    && l.record.state == RolloutState::Completed
-            })
+            .filter(|l| self.supersedes(l.record.id, &record))
             .map(|l| l.record.id)
             .collect();
         for id in superseded {
             self.by_device.retain(|_, r| *r != id);
             self.live.remove(&id);
         }
-        let mut skipped = Vec::new();
-        let candidates: Vec<Candidate> = candidates
-            .into_iter()
-            .filter(|c| match self.by_device.get(&c.device) {
-                Some(other) => {
-                    skipped.push((c.device.clone(), format!("in rollout {other}")));
-                    false
-                }
-                None => true,
-            })
-            .collect();
         let id = record.id;
         record.planned = candidates.len() as u64;
         let sizes = plan::sizes(&record.policy.stages, record.planned);
-        let mut devices = HashMap::new();
+        let mut members = Members::new(sizes.len());
         for (position, i) in plan::order(id, &candidates).into_iter().enumerate() {
             let c = &candidates[i];
-            devices.insert(
-                c.device.clone(),
-                RolloutDevice {
-                    device: c.device.clone(),
-                    stage: plan::stage_of(position as u64, &sizes),
-                    order: position as u64,
-                    state: DeviceState::Pending,
-                    transfer: None,
-                    from: c.running.clone(),
-                    updated_ms: now_ms,
-                },
-            );
+            let d = RolloutDevice {
+                device: c.device.clone(),
+                stage: plan::stage_of(position as u64, &sizes),
+                order: position as u64,
+                state: DeviceState::Pending,
+                transfer: None,
+                from: c.running.clone(),
+                updated_ms: now_ms,
+            };
+            members.insert(d, self.online.contains(&c.device));
             self.by_device.insert(c.device.clone(), id);
         }
         let mut actions = Vec::new();
+        for d in members.in_order() {
+            actions.push(Action::SaveDevice(id, Box::new(d.clone())));
+        }
         let mut live = Live {
             health: Health::new(record.policy.gates.window),
             record,
-            devices,
+            members,
             sizes,
             failing_since: BTreeMap::new(),
             last_eval_ms: 0,
             drift: DriftInput::Off,
             blocked: HashMap::new(),
             resend: HashSet::new(),
+            restored: None,
+            gone: HashMap::new(),
         };
-        let mut order: Vec<&RolloutDevice> = live.devices.values().collect();
-        order.sort_by_key(|d| d.order);
-        for d in order {
-            actions.push(Action::SaveDevice(id, Box::new(d.clone())));
-        }
         let stages: Vec<String> = live
             .record
             .policy
@@ -395,26 +426,49 @@ impl Engine {
             message,
             detail,
         );
-        stage_started(&mut live, &mut actions, now_ms);
+        progress::stage_started(&mut live, &mut actions, now_ms);
         self.live.insert(id, live);
         self.drive(id, now_ms, &mut actions);
         Ok((actions, skipped))
     }
 
+    /// Whether a new rollout of `record`'s artifact replaces rollout `other`: a completed
+    /// rollout of the same artifact, which only still served its stragglers.
+    fn supersedes(&self, other: u64, record: &RolloutRecord) -> bool {
+        self.live.get(&other).is_some_and(|l| {
+            l.record.kind == record.kind
+                && l.record.name == record.name
+                && l.record.state == RolloutState::Completed
+        })
+    }
+
+    /// A device's hello: it is online now (the writer says so only for its current
+    /// connection).
     pub fn online(&mut self, device: &str) {
         self.online.insert(device.to_owned());
+        if let Some(l) = self
+            .rollout_of(device)
+            .and_then(|id| self.live.get_mut(&id))
+        {
+            l.members.set_online(device, true);
+        }
     }
 
     pub fn offline(&mut self, device: &str, now_ms: u64) -> Vec<Action> {
         self.online.remove(device);
         let mut actions = Vec::new();
         if let Some(id) = self.rollout_of(device) {
-            if let Some(l) = self.live.get_mut(&id)
-                && l.devices
-                    .get(device)
-                    .is_some_and(|d| matches!(d.state, DeviceState::RollbackSent { .. }))
-            {
-                l.resend.insert(device.to_owned());
+            if let Some(l) = self.live.get_mut(&id) {
+                l.members.set_online(device, false);
+                match l.members.get(device).map(|d| &d.state) {
+                    Some(DeviceState::RollbackSent { .. }) => {
+                        l.resend.insert(device.to_owned());
+                    }
+                    Some(DeviceState::Updating) => {
+                        l.gone.insert(device.to_owned(), now_ms);
+                    }
+                    _ => {}
+                }
             }
             self.drive(id, now_ms, &mut actions);
         }
@@ -431,18 +485,18 @@ impl Engine {
         join: Vec<(u64, Candidate)>,
         now_ms: u64,
     ) -> Vec<Action> {
-        self.online.insert(device.to_owned());
+        self.online(device);
         let mut actions = Vec::new();
         if self.rollout_of(device).is_none() {
             for (id, c) in join {
                 let Some(l) = self.live.get_mut(&id) else {
                     continue;
                 };
-                if l.devices.contains_key(&c.device) || self.by_device.contains_key(&c.device) {
+                if l.members.contains(&c.device) || self.by_device.contains_key(&c.device) {
                     continue;
                 }
                 let stage = plan::late_stage(id, &c.device, &l.sizes);
-                let order = l.devices.len() as u64;
+                let order = l.members.len() as u64;
                 let d = RolloutDevice {
                     device: c.device.clone(),
                     stage,
@@ -463,7 +517,7 @@ impl Engine {
                     json!({ "device": c.device, "stage": stage }),
                 );
                 actions.push(Action::Save(Box::new(l.record.clone())));
-                l.devices.insert(c.device.clone(), d);
+                l.members.insert(d, true);
                 self.by_device.insert(c.device.clone(), id);
                 break;
             }
@@ -476,70 +530,46 @@ impl Engine {
             return actions;
         };
         let now_running = running(l.record.kind, &l.record.name);
-        let new = Installed {
-            name: l.record.name.clone(),
-            version: l.record.version.clone(),
-            release: l.record.release,
-        };
-        let Some(d) = l.devices.get_mut(device) else {
+        let new = l.record.installed();
+        let Some(d) = l.members.get(device).cloned() else {
             return actions;
         };
         let runs_new = now_running.as_ref() == Some(&new);
-        match d.state.clone() {
+        let mut release = false;
+        let changed = match d.state.clone() {
             DeviceState::RollbackSent { sent, .. } => {
                 if runs_new && sent >= MAX_DIRECTIVES {
-                    d.state = DeviceState::RollbackFailed {
+                    release = true;
+                    Some(DeviceState::RollbackFailed {
                         reason: format!("still runs {} after {sent} directives", new.version),
-                    };
-                    self.by_device.remove(device);
+                    })
                 } else if runs_new && l.resend.remove(device) {
-                    directive(
-                        l.record.id,
-                        l.record.kind,
-                        d,
-                        &new,
-                        sent,
-                        ttl,
-                        now_ms,
-                        &mut actions,
-                    );
+                    stop::directive(&l.record, &d, &new, sent, ttl, now_ms, &mut actions)
                 } else if runs_new {
                     // The directive is on its way (this hello may predate it).
-                    return actions;
+                    None
                 } else if now_running.is_some() && now_running == d.from {
-                    d.state = DeviceState::RolledBack;
-                    self.by_device.remove(device);
+                    release = true;
+                    Some(DeviceState::RolledBack)
                 } else {
-                    return actions;
+                    None
                 }
-                d.updated_ms = now_ms;
-                actions.push(Action::SaveDevice(id, Box::new(d.clone())));
             }
             // The rollout was rolled back while this device downloaded: if the install went
             // through anyway it goes back too; if not, the rollout lets go of it.
             DeviceState::Cancelled if matches!(l.record.state, RolloutState::RolledBack { .. }) => {
                 if runs_new {
-                    directive(
-                        l.record.id,
-                        l.record.kind,
-                        d,
-                        &new,
-                        0,
-                        ttl,
-                        now_ms,
-                        &mut actions,
-                    );
-                    d.updated_ms = now_ms;
-                    actions.push(Action::SaveDevice(id, Box::new(d.clone())));
+                    stop::directive(&l.record, &d, &new, 0, ttl, now_ms, &mut actions)
                 } else {
-                    self.by_device.remove(device);
+                    release = true;
+                    None
                 }
             }
             DeviceState::Installed | DeviceState::Healthy
                 if now_running.is_some() && now_running == d.from =>
             {
                 // The device went back on its own (its boot check failed): a failed install.
-                d.state = DeviceState::Failed {
+                Some(DeviceState::Failed {
                     reason: format!(
                         "runs {} again after installing {}",
                         d.from
@@ -547,19 +577,33 @@ impl Engine {
                             .map_or(String::new(), |f| f.version.to_string()),
                         new.version
                     ),
-                };
-                d.updated_ms = now_ms;
-                actions.push(Action::SaveDevice(id, Box::new(d.clone())));
+                })
             }
             // Keep what it runs now: a rollback sends it back there.
             DeviceState::Pending if now_running.is_some() && d.from != now_running => {
-                d.from = now_running;
-                d.updated_ms = now_ms;
-                actions.push(Action::SaveDevice(id, Box::new(d.clone())));
+                if let Some(saved) = l.members.update(device, |m| {
+                    m.from = now_running.clone();
+                    m.updated_ms = now_ms;
+                }) {
+                    actions.push(Action::SaveDevice(id, Box::new(saved)));
+                }
+                None
             }
-            _ => {}
+            _ => None,
+        };
+        if let Some(state) = changed
+            && let Some(saved) = l.members.update(device, |m| {
+                m.state = state;
+                m.updated_ms = now_ms;
+            })
+        {
+            actions.push(Action::SaveDevice(id, Box::new(saved)));
+        }
+        if release {
+            self.by_device.remove(device);
         }
         self.drive(id, now_ms, &mut actions);
+        self.forget_finished(id);
         actions
     }
 
@@ -572,15 +616,14 @@ impl Engine {
         now_ms: u64,
     ) -> Vec<Action> {
         let mut actions = Vec::new();
-        if let Some(d) = self
-            .live
-            .get_mut(&rollout)
-            .and_then(|l| l.devices.get_mut(device))
+        if let Some(l) = self.live.get_mut(&rollout)
+            && let Some(saved) = l.members.update(device, |d| {
+                d.transfer = Some(transfer);
+                d.state = DeviceState::Updating;
+                d.updated_ms = now_ms;
+            })
         {
-            d.transfer = Some(transfer);
-            d.state = DeviceState::Updating;
-            d.updated_ms = now_ms;
-            actions.push(Action::SaveDevice(rollout, Box::new(d.clone())));
+            actions.push(Action::SaveDevice(rollout, Box::new(saved)));
             self.by_transfer
                 .insert(transfer, (rollout, device.to_owned()));
         }
@@ -601,20 +644,21 @@ impl Engine {
         let Some(l) = self.live.get_mut(&rollout) else {
             return actions;
         };
-        let Some(d) = l.devices.get_mut(device) else {
-            return actions;
-        };
-        match refusal {
+        let state = match refusal {
             StartRefusal::Busy => {
-                d.state = DeviceState::Pending;
+                l.members.update(device, |d| d.state = DeviceState::Pending);
                 l.blocked.insert(device.to_owned(), now_ms + RETRY_START_MS);
                 return actions;
             }
-            StartRefusal::AlreadyRuns => d.state = DeviceState::Installed,
-            StartRefusal::Refused(reason) => d.state = DeviceState::Rejected { reason },
+            StartRefusal::AlreadyRuns => DeviceState::Installed,
+            StartRefusal::Refused(reason) => DeviceState::Rejected { reason },
+        };
+        if let Some(saved) = l.members.update(device, |d| {
+            d.state = state;
+            d.updated_ms = now_ms;
+        }) {
+            actions.push(Action::SaveDevice(rollout, Box::new(saved)));
         }
-        d.updated_ms = now_ms;
-        actions.push(Action::SaveDevice(rollout, Box::new(d.clone())));
         self.drive(rollout, now_ms, &mut actions);
         actions
     }
@@ -633,23 +677,38 @@ impl Engine {
         let Some(l) = self.live.get_mut(&id) else {
             return actions;
         };
-        let Some(d) = l.devices.get_mut(&device) else {
-            return actions;
-        };
-        if d.state != DeviceState::Updating || d.transfer != Some(transfer) {
+        if !l
+            .members
+            .get(&device)
+            .is_some_and(|d| d.state == DeviceState::Updating && d.transfer == Some(transfer))
+        {
             return actions;
         }
-        d.state = match outcome {
+        let state = match outcome {
             Outcome::Installed => DeviceState::Installed,
             Outcome::Failed(reason) => DeviceState::Failed { reason },
             Outcome::Rejected(reason) => DeviceState::Rejected { reason },
             Outcome::TimedOut => DeviceState::TimedOut,
             Outcome::Cancelled => DeviceState::Cancelled,
         };
-        d.updated_ms = now_ms;
-        actions.push(Action::SaveDevice(id, Box::new(d.clone())));
+        if let Some(saved) = l.members.update(&device, |d| {
+            d.state = state;
+            d.updated_ms = now_ms;
+        }) {
+            actions.push(Action::SaveDevice(id, Box::new(saved)));
+        }
         l.health.forget(&device);
+        l.gone.remove(&device);
+        // A completed rollout is done with a straggler once it has its outcome.
+        if l.record.state == RolloutState::Completed
+            && l.members
+                .get(&device)
+                .is_some_and(|d| !claims(&l.record.state, d))
+        {
+            self.by_device.remove(&device);
+        }
         self.drive(id, now_ms, &mut actions);
+        self.forget_finished(id);
         actions
     }
 
@@ -692,7 +751,7 @@ impl Engine {
         if !l.record.state.is_active() {
             return None;
         }
-        let d = l.devices.get(device)?;
+        let d = l.members.get(device)?;
         let cohort = match &d.state {
             DeviceState::Installed | DeviceState::Healthy => Cohort::Updated,
             DeviceState::Pending => Cohort::Control,
@@ -724,23 +783,26 @@ impl Engine {
         let Some(id) = self.rollout_of(device) else {
             return actions;
         };
-        let Some(d) = self
-            .live
-            .get_mut(&id)
-            .and_then(|l| l.devices.get_mut(device))
-        else {
+        let Some(l) = self.live.get_mut(&id) else {
             return actions;
         };
-        if !matches!(d.state, DeviceState::RollbackSent { command: c, .. } if c == command) {
+        if !l.members.get(device).is_some_and(
+            |d| matches!(d.state, DeviceState::RollbackSent { command: c, .. } if c == command),
+        ) {
             return actions;
         }
-        d.state = match result {
+        let state = match result {
             Ok(()) => DeviceState::RolledBack,
             Err(reason) => DeviceState::RollbackFailed { reason },
         };
-        d.updated_ms = now_ms;
-        actions.push(Action::SaveDevice(id, Box::new(d.clone())));
+        if let Some(saved) = l.members.update(device, |d| {
+            d.state = state;
+            d.updated_ms = now_ms;
+        }) {
+            actions.push(Action::SaveDevice(id, Box::new(saved)));
+        }
         self.by_device.remove(device);
+        self.forget_finished(id);
         actions
     }
 
@@ -753,111 +815,17 @@ impl Engine {
         now_ms: u64,
     ) -> Vec<Action> {
         let mut actions = Vec::new();
-        if let Some(d) = self
-            .live
-            .get_mut(&rollout)
-            .and_then(|l| l.devices.get_mut(device))
-            && let DeviceState::RollbackSent { sent, .. } = d.state
+        if let Some(l) = self.live.get_mut(&rollout)
+            && let Some(DeviceState::RollbackSent { sent, .. }) =
+                l.members.get(device).map(|d| d.state.clone())
+            && let Some(saved) = l.members.update(device, |d| {
+                d.state = DeviceState::RollbackSent { command, sent };
+                d.updated_ms = now_ms;
+            })
         {
-            d.state = DeviceState::RollbackSent { command, sent };
-            d.updated_ms = now_ms;
-            actions.push(Action::SaveDevice(rollout, Box::new(d.clone())));
+            actions.push(Action::SaveDevice(rollout, Box::new(saved)));
         }
         actions
-    }
-
-    pub fn operator(
-        &mut self,
-        id: u64,
-        action: OperatorAction,
-        by: &str,
-        reason: Option<String>,
-        now_ms: u64,
-    ) -> Result<Vec<Action>, Refused> {
-        let l = self.live.get_mut(&id).ok_or(Refused::NotFound(id))?;
-        let state = l.record.state.name();
-        let refuse = |what: &str| Refused::State {
-            id,
-            state,
-            what: what.to_owned(),
-        };
-        let mut actions = Vec::new();
-        let reason = reason.unwrap_or_else(|| "by an operator".to_owned());
-        match action {
-            OperatorAction::Pause => {
-                if l.record.state != RolloutState::Running {
-                    return Err(refuse("only a running rollout can be paused"));
-                }
-                l.record.state = RolloutState::Paused {
-                    reason: reason.clone(),
-                    by: by.to_owned(),
-                };
-                audit(
-                    &mut l.record,
-                    &mut actions,
-                    now_ms,
-                    by,
-                    "paused",
-                    reason,
-                    json!({}),
-                );
-            }
-            OperatorAction::Resume => {
-                if !matches!(l.record.state, RolloutState::Paused { .. }) {
-                    return Err(refuse("only a paused rollout can be resumed"));
-                }
-                l.record.state = RolloutState::Running;
-                // A bake that ended while paused is judged again from now.
-                if l.record.baking_since_ms.is_some() {
-                    l.record.baking_since_ms = Some(now_ms);
-                }
-                audit(
-                    &mut l.record,
-                    &mut actions,
-                    now_ms,
-                    by,
-                    "resumed",
-                    reason,
-                    json!({}),
-                );
-            }
-            OperatorAction::Abort => {
-                if !l.record.state.is_active() {
-                    return Err(refuse("only a running or paused rollout can be aborted"));
-                }
-                self.stop(
-                    id,
-                    false,
-                    by,
-                    "aborted",
-                    reason,
-                    json!({}),
-                    now_ms,
-                    &mut actions,
-                );
-                return Ok(actions);
-            }
-            OperatorAction::Rollback => {
-                if !(l.record.state.is_active() || l.record.state == RolloutState::Completed) {
-                    return Err(refuse("it is already stopped"));
-                }
-                self.stop(
-                    id,
-                    true,
-                    by,
-                    "rolled_back",
-                    reason,
-                    json!({}),
-                    now_ms,
-                    &mut actions,
-                );
-                return Ok(actions);
-            }
-        }
-        l.record.updated_ms = now_ms;
-        actions.push(Action::Save(Box::new(l.record.clone())));
-        self.drive(id, now_ms, &mut actions);
-        Ok(actions)
     }
 
     /// Time passed: bakes end, gates are judged, blocked devices are tried again.
@@ -867,374 +835,35 @@ impl Engine {
         for id in ids {
             self.evaluate(id, now_ms, &mut actions);
             self.drive(id, now_ms, &mut actions);
+            self.forget_finished(id);
         }
         actions
     }
 
-    fn maybe_evaluate(&mut self, id: u64, now_ms: u64, actions: &mut Vec<Action>) {
-        let due = self
-            .live
-            .get(&id)
-            .is_some_and(|l| now_ms.saturating_sub(l.last_eval_ms) >= EVAL_EVERY_MS);
-        if due {
-            self.evaluate(id, now_ms, actions);
+    /// Drops a rollout that can no longer act from memory (it stays in storage): aborted, or
+    /// completed or rolled back with no device left to see through.
+    fn forget_finished(&mut self, id: u64) {
+        let Some(l) = self.live.get(&id) else {
+            return;
+        };
+        let done = match &l.record.state {
+            RolloutState::Running | RolloutState::Paused { .. } => false,
+            RolloutState::Aborted { .. } => true,
+            state => !l.members.values().any(|d| claims(state, d)),
+        };
+        if done {
+            self.live.remove(&id);
+            self.by_device.retain(|_, r| *r != id);
+            self.by_transfer.retain(|_, (r, _)| *r != id);
         }
     }
 
-    /// Judges the gates; one that failed for `confirm` rolls the rollout back.
-    fn evaluate(&mut self, id: u64, now_ms: u64, actions: &mut Vec<Action>) {
-        let Some(l) = self.live.get_mut(&id) else {
-            return;
-        };
-        if !l.record.state.is_active() {
-            return;
+    /// Panics unless every rollout's indexes match a count from scratch (tests).
+    #[cfg(test)]
+    fn check(&self) {
+        for l in self.live.values() {
+            l.members.check();
         }
-        l.last_eval_ms = now_ms;
-        // Only devices that can send data make a control: pending and online.
-        let control_exists = l
-            .devices
-            .values()
-            .any(|d| d.state == DeviceState::Pending && self.online.contains(&d.device));
-        let gates = l.record.policy.gates.clone();
-        let mut evals = l.health.evaluate(&gates, now_ms, control_exists, &l.drift);
-        let confirm = gates.confirm.as_millis() as u64;
-        let mut failed = None;
-        for e in &mut evals {
-            if e.verdict == Verdict::Failing {
-                let since = *l.failing_since.entry(e.gate).or_insert(now_ms);
-                if now_ms.saturating_sub(since) >= confirm {
-                    e.verdict = Verdict::Fail;
-                    failed.get_or_insert_with(|| e.clone());
-                }
-            } else {
-                l.failing_since.remove(&e.gate);
-            }
-        }
-        let changed = verdicts(&l.record.gates) != verdicts(&evals);
-        l.record.gates = evals;
-        if let Some(e) = failed {
-            let message = format!(
-                "gate {} failed: updated {} against control {} (threshold {:.4}) over {} and {} samples from {} and {} devices",
-                e.gate.name(),
-                show(e.updated),
-                show(e.control),
-                e.threshold,
-                e.updated_n,
-                e.control_n,
-                e.updated_devices,
-                e.control_devices
-            );
-            let detail = serde_json::to_value(&e).unwrap_or_default();
-            self.roll_back(id, "gate_failed", message, detail, now_ms, actions);
-        } else if changed {
-            l.record.updated_ms = now_ms;
-            actions.push(Action::Save(Box::new(l.record.clone())));
-        }
-    }
-
-    /// Moves a running rollout forward as far as it can go now.
-    fn drive(&mut self, id: u64, now_ms: u64, actions: &mut Vec<Action>) {
-        let Some(l) = self.live.get_mut(&id) else {
-            return;
-        };
-        let state = l.record.state.clone();
-        if !(state.is_active() || state == RolloutState::Completed) {
-            return;
-        }
-        // Abort thresholds, per stage, on every outcome so far.
-        if state.is_active() {
-            for k in 0..=l.record.stage.min(l.sizes.len() - 1) {
-                if let Some((message, detail)) = abort_reached(l, k) {
-                    self.roll_back(id, "abort_threshold", message, detail, now_ms, actions);
-                    return;
-                }
-            }
-        }
-        let Some(l) = self.live.get_mut(&id) else {
-            return;
-        };
-        // Start the updates the current stage allows (a completed rollout still updates its
-        // devices that were offline, and late joiners).
-        if matches!(state, RolloutState::Running | RolloutState::Completed) {
-            start_updates(l, &self.online, now_ms, actions);
-        }
-        if state != RolloutState::Running {
-            return;
-        }
-        let k = l.record.stage;
-        let stage = l.record.policy.stages[k].clone();
-        match l.record.baking_since_ms {
-            None => {
-                // Install phase: every online device of stages 0..=k done, enough reporting.
-                let waiting = l.devices.values().any(|d| {
-                    d.stage <= k
-                        && (d.state == DeviceState::Updating
-                            || (d.state == DeviceState::Pending && self.online.contains(&d.device)))
-                });
-                let (mut devices, mut finished, mut installed) = (0u64, 0u64, 0u64);
-                for d in l.devices.values().filter(|d| d.stage == k) {
-                    devices += 1;
-                    finished += u64::from(d.state.finished());
-                    installed += u64::from(d.state.took_it());
-                }
-                let need = stage.min_reporting.min(devices);
-                if waiting || finished < need {
-                    return;
-                }
-                let pct = if finished == 0 {
-                    100.0
-                } else {
-                    installed as f64 * 100.0 / finished as f64
-                };
-                let detail = json!({ "stage": k, "devices": devices, "finished": finished, "installed": installed, "success_pct": pct, "needed_pct": stage.success_pct });
-                if pct < stage.success_pct {
-                    let message = format!(
-                        "stage {}: {installed} of {finished} finished devices installed ({pct:.1} %), {:.1} % needed",
-                        k + 1,
-                        stage.success_pct
-                    );
-                    self.roll_back(id, "stage_failed", message, detail, now_ms, actions);
-                    return;
-                }
-                let Some(l) = self.live.get_mut(&id) else {
-                    return;
-                };
-                l.record.baking_since_ms = Some(now_ms);
-                let message = format!(
-                    "stage {}: {installed} of {devices} devices installed; baking for {}",
-                    k + 1,
-                    humantime::format_duration(stage.bake)
-                );
-                audit(
-                    &mut l.record,
-                    actions,
-                    now_ms,
-                    GATEWAY,
-                    "stage_installed",
-                    message,
-                    detail,
-                );
-                l.record.updated_ms = now_ms;
-                actions.push(Action::Save(Box::new(l.record.clone())));
-            }
-            Some(since) => {
-                let bake = stage.bake.as_millis() as u64;
-                if now_ms < since + bake {
-                    return;
-                }
-                let blocking: Vec<&GateEval> = l
-                    .record
-                    .gates
-                    .iter()
-                    .filter(|e| matches!(e.verdict, Verdict::Insufficient | Verdict::Failing))
-                    .collect();
-                // Nothing updated in this stage (all already ran it, or the stage was empty):
-                // there is nothing to bake.
-                let updated_here = l
-                    .devices
-                    .values()
-                    .any(|d| d.stage == k && d.state.took_it());
-                if updated_here && !blocking.is_empty() {
-                    let wait = l.record.policy.gates.wait.as_millis() as u64;
-                    if now_ms >= since + bake + wait {
-                        let names: Vec<&str> = blocking.iter().map(|e| e.gate.name()).collect();
-                        let reason = format!(
-                            "stage {}: gates {} could not judge by the end of the bake",
-                            k + 1,
-                            names.join(", ")
-                        );
-                        l.record.state = RolloutState::Paused {
-                            reason: reason.clone(),
-                            by: GATEWAY.to_owned(),
-                        };
-                        let detail = serde_json::to_value(&l.record.gates).unwrap_or_default();
-                        audit(
-                            &mut l.record,
-                            actions,
-                            now_ms,
-                            GATEWAY,
-                            "paused",
-                            reason,
-                            detail,
-                        );
-                        l.record.updated_ms = now_ms;
-                        actions.push(Action::Save(Box::new(l.record.clone())));
-                    }
-                    return;
-                }
-                // The stage passed.
-                for d in l.devices.values_mut() {
-                    if d.stage <= k && d.state == DeviceState::Installed {
-                        d.state = DeviceState::Healthy;
-                        d.updated_ms = now_ms;
-                        actions.push(Action::SaveDevice(id, Box::new(d.clone())));
-                    }
-                }
-                let detail = serde_json::to_value(&l.record.gates).unwrap_or_default();
-                audit(
-                    &mut l.record,
-                    actions,
-                    now_ms,
-                    GATEWAY,
-                    "stage_passed",
-                    format!("stage {} passed its bake and every health gate", k + 1),
-                    detail,
-                );
-                if k + 1 == l.sizes.len() {
-                    l.record.state = RolloutState::Completed;
-                    l.record.finished_ms = Some(now_ms);
-                    let total = l.devices.len();
-                    let healthy = l
-                        .devices
-                        .values()
-                        .filter(|d| d.state == DeviceState::Healthy)
-                        .count();
-                    audit(
-                        &mut l.record,
-                        actions,
-                        now_ms,
-                        GATEWAY,
-                        "completed",
-                        format!("{healthy} of {total} devices run the new version"),
-                        json!({ "healthy": healthy, "devices": total }),
-                    );
-                    l.record.updated_ms = now_ms;
-                    actions.push(Action::Save(Box::new(l.record.clone())));
-                } else {
-                    l.record.stage = k + 1;
-                    l.record.baking_since_ms = None;
-                    stage_started(l, actions, now_ms);
-                    self.drive(id, now_ms, actions);
-                }
-            }
-        }
-    }
-
-    /// The gateway stops rollout `id` and rolls its updated devices back (`event` names why
-    /// in the audit log).
-    fn roll_back(
-        &mut self,
-        id: u64,
-        event: &str,
-        message: String,
-        detail: serde_json::Value,
-        now_ms: u64,
-        actions: &mut Vec<Action>,
-    ) {
-        self.stop(id, true, GATEWAY, event, message, detail, now_ms, actions);
-    }
-
-    /// Ends a rollout: cancels downloads in flight and, with `rollback`, sends every device that
-    /// took the new version back.
-    #[allow(clippy::too_many_arguments)]
-    fn stop(
-        &mut self,
-        id: u64,
-        rollback: bool,
-        by: &str,
-        event: &str,
-        reason: String,
-        detail: serde_json::Value,
-        now_ms: u64,
-        actions: &mut Vec<Action>,
-    ) {
-        let ttl = self.settings.directive_ttl_ms;
-        let Some(l) = self.live.get_mut(&id) else {
-            return;
-        };
-        l.record.state = if rollback {
-            RolloutState::RolledBack {
-                reason: reason.clone(),
-                by: by.to_owned(),
-            }
-        } else {
-            RolloutState::Aborted {
-                reason: reason.clone(),
-                by: by.to_owned(),
-            }
-        };
-        l.record.finished_ms = Some(now_ms);
-        l.record.updated_ms = now_ms;
-        audit(&mut l.record, actions, now_ms, by, event, reason, detail);
-        let new = Installed {
-            name: l.record.name.clone(),
-            version: l.record.version.clone(),
-            release: l.record.release,
-        };
-        let mut order: Vec<&mut RolloutDevice> = l.devices.values_mut().collect();
-        order.sort_by_key(|d| d.order);
-        let (mut sent, mut cancelled, mut stuck) = (0u64, 0u64, 0u64);
-        let mut device_actions = Vec::new();
-        for d in order {
-            match d.state {
-                DeviceState::Updating => {
-                    if let Some(t) = d.transfer {
-                        device_actions.push(Action::CancelTransfer {
-                            transfer: t,
-                            by: format!("rollout {id} stopped"),
-                        });
-                        self.by_transfer.remove(&t);
-                    }
-                    d.state = DeviceState::Cancelled;
-                    cancelled += 1;
-                }
-                DeviceState::Installed | DeviceState::Healthy if rollback => {
-                    if d.from.is_some() && d.transfer.is_some() {
-                        directive(
-                            id,
-                            l.record.kind,
-                            d,
-                            &new,
-                            0,
-                            ttl,
-                            now_ms,
-                            &mut device_actions,
-                        );
-                        sent += 1;
-                    } else {
-                        d.state = DeviceState::RollbackFailed {
-                            reason:
-                                "nothing to go back to: the device had no earlier version of it"
-                                    .to_owned(),
-                        };
-                        stuck += 1;
-                    }
-                }
-                _ => continue,
-            }
-            d.updated_ms = now_ms;
-            actions.push(Action::SaveDevice(id, Box::new(d.clone())));
-        }
-        if rollback {
-            let message = format!(
-                "rollback: {sent} directives sent, {cancelled} downloads cancelled, {stuck} devices without an earlier version"
-            );
-            audit(
-                &mut l.record,
-                actions,
-                now_ms,
-                GATEWAY,
-                "rollback_sent",
-                message,
-                json!({ "directives": sent, "cancelled": cancelled, "no_previous": stuck }),
-            );
-        }
-        actions.push(Action::Save(Box::new(l.record.clone())));
-        actions.extend(device_actions);
-        let keep: Vec<String> = l
-            .devices
-            .values()
-            .filter(|d| {
-                rollback
-                    && matches!(
-                        d.state,
-                        DeviceState::RollbackSent { .. } | DeviceState::Cancelled
-                    )
-            })
-            .map(|d| d.device.clone())
-            .collect();
-        self.by_device
-            .retain(|dev, r| *r != id || keep.contains(dev));
     }
 }
 
@@ -1250,14 +879,6 @@ pub enum StartRefusal {
     AlreadyRuns,
     /// Anything else (no artifact for its hardware any more, the manifest expired...).
     Refused(String),
-}
-
-fn verdicts(evals: &[GateEval]) -> Vec<(Gate, Verdict)> {
-    evals.iter().map(|e| (e.gate, e.verdict)).collect()
-}
-
-fn show(v: Option<f64>) -> String {
-    v.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}"))
 }
 
 fn audit(
@@ -1282,200 +903,6 @@ fn audit(
             detail: detail.to_string(),
         },
     ));
-}
-
-fn stage_started(l: &mut Live, actions: &mut Vec<Action>, now_ms: u64) {
-    let k = l.record.stage;
-    l.record.stage_started_ms = now_ms;
-    let size = l.sizes[k];
-    let new = l.devices.values().filter(|d| d.stage == k).count();
-    audit(
-        &mut l.record,
-        actions,
-        now_ms,
-        GATEWAY,
-        "stage_started",
-        format!(
-            "stage {} of {}: {new} more devices, {size} in all",
-            k + 1,
-            l.sizes.len()
-        ),
-        json!({ "stage": k, "new_devices": new, "cumulative": size }),
-    );
-    l.record.updated_ms = now_ms;
-    actions.push(Action::Save(Box::new(l.record.clone())));
-}
-
-/// Starts transfers for pending online devices of the stages reached, in rollout order, while
-/// the stage's concurrency allows. When devices of the stages reached are offline, the next
-/// online devices in order take their places, so that a stage is judged on as many devices as
-/// planned; the offline ones are updated when they return.
-fn start_updates(l: &mut Live, online: &HashSet<String>, now_ms: u64, actions: &mut Vec<Action>) {
-    let completed = l.record.state == RolloutState::Completed;
-    let k = if completed {
-        l.sizes.len() - 1
-    } else {
-        l.record.stage
-    };
-    if !completed {
-        let away =
-            |d: &RolloutDevice| d.state == DeviceState::Pending && !online.contains(&d.device);
-        let present = l
-            .devices
-            .values()
-            .filter(|d| d.stage <= k && !away(d))
-            .count() as u64;
-        let missing = l.sizes[k].saturating_sub(present) as usize;
-        if missing > 0 {
-            let mut later: Vec<&mut RolloutDevice> = l
-                .devices
-                .values_mut()
-                .filter(|d| {
-                    d.stage > k && d.state == DeviceState::Pending && online.contains(&d.device)
-                })
-                .collect();
-            later.sort_by_key(|d| d.order);
-            let mut pulled = Vec::new();
-            for d in later.into_iter().take(missing) {
-                d.stage = k;
-                d.updated_ms = now_ms;
-                actions.push(Action::SaveDevice(l.record.id, Box::new(d.clone())));
-                pulled.push(d.device.clone());
-            }
-            if !pulled.is_empty() {
-                let message = format!(
-                    "stage {}: {} devices offline, {} taken from later stages in their place",
-                    k + 1,
-                    missing,
-                    pulled.len()
-                );
-                audit(
-                    &mut l.record,
-                    actions,
-                    now_ms,
-                    GATEWAY,
-                    "pulled_forward",
-                    message,
-                    json!({ "stage": k, "devices": pulled }),
-                );
-                actions.push(Action::Save(Box::new(l.record.clone())));
-            }
-        }
-    }
-    let stage = &l.record.policy.stages[k];
-    let in_flight = l
-        .devices
-        .values()
-        .filter(|d| d.state == DeviceState::Updating)
-        .count();
-    let room = stage.max_concurrent.saturating_sub(in_flight);
-    if room == 0 {
-        return;
-    }
-    l.blocked.retain(|_, until| *until > now_ms);
-    let mut ready: Vec<&mut RolloutDevice> = l
-        .devices
-        .values_mut()
-        .filter(|d| {
-            d.stage <= k
-                && d.state == DeviceState::Pending
-                && online.contains(&d.device)
-                && !l.blocked.contains_key(&d.device)
-        })
-        .collect();
-    ready.sort_by_key(|d| d.order);
-    for d in ready.into_iter().take(room) {
-        // Marked before the writer answers, so that the next device counts it in flight.
-        d.state = DeviceState::Updating;
-        d.updated_ms = now_ms;
-        actions.push(Action::StartTransfer {
-            rollout: l.record.id,
-            device: d.device.clone(),
-            timeout_ms: stage.device_timeout.as_millis() as u64,
-            retries: stage.retries,
-        });
-        l.health.forget(&d.device);
-    }
-}
-
-/// The first abort threshold stage `k` has reached, with the numbers.
-fn abort_reached(l: &Live, k: usize) -> Option<(String, serde_json::Value)> {
-    let stage = &l.record.policy.stages[k];
-    let of_stage: Vec<&RolloutDevice> = l.devices.values().filter(|d| d.stage == k).collect();
-    let finished = of_stage.iter().filter(|d| d.state.finished()).count() as u64;
-    let need = stage.min_reporting.min(of_stage.len() as u64).max(1);
-    let count =
-        |f: fn(&DeviceState) -> bool| of_stage.iter().filter(|d| f(&d.state)).count() as u64;
-    for (name, n, t) in [
-        (
-            "failed",
-            count(|s| matches!(s, DeviceState::Failed { .. })),
-            stage.abort.failed,
-        ),
-        (
-            "rejected",
-            count(|s| matches!(s, DeviceState::Rejected { .. })),
-            stage.abort.rejected,
-        ),
-        (
-            "timed out",
-            count(|s| *s == DeviceState::TimedOut),
-            stage.abort.timed_out,
-        ),
-    ] {
-        let pct = if finished == 0 {
-            0.0
-        } else {
-            n as f64 * 100.0 / finished as f64
-        };
-        let by_count = n >= t.count;
-        let by_share = n > 0 && finished >= need && pct >= t.pct;
-        if by_count || by_share {
-            let message = format!(
-                "stage {}: {n} devices {name} of {finished} finished ({pct:.1} %); the limit is {} devices or {:.1} %",
-                k + 1,
-                if t.count == u64::MAX {
-                    "no".to_owned()
-                } else {
-                    t.count.to_string()
-                },
-                t.pct
-            );
-            let detail = json!({ "stage": k, "outcome": name, "count": n, "finished": finished, "pct": pct, "limit_count": t.count, "limit_pct": t.pct });
-            return Some((message, detail));
-        }
-    }
-    None
-}
-
-/// Puts a device in `rollback_sent` and asks for its directive.
-#[allow(clippy::too_many_arguments)]
-fn directive(
-    rollout: u64,
-    kind: ArtifactKind,
-    d: &mut RolloutDevice,
-    new: &Installed,
-    sent_before: u32,
-    ttl_ms: u64,
-    now_ms: u64,
-    actions: &mut Vec<Action>,
-) {
-    let (Some(from), Some(transfer)) = (d.from.clone(), d.transfer) else {
-        return;
-    };
-    d.state = DeviceState::RollbackSent {
-        command: 0,
-        sent: sent_before + 1,
-    };
-    actions.push(Action::SendRollback {
-        rollout,
-        device: d.device.clone(),
-        transfer,
-        kind,
-        from: new.clone(),
-        to: from,
-        expires_ms: now_ms + ttl_ms,
-    });
 }
 
 #[cfg(test)]

@@ -165,6 +165,17 @@ pub struct RolloutRecord {
     pub audit_len: u64,
 }
 
+impl RolloutRecord {
+    /// The release it rolls out, as a device reports what it runs.
+    pub fn installed(&self) -> Installed {
+        Installed {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            release: self.release,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceState {
@@ -193,6 +204,8 @@ pub enum DeviceState {
     RollbackFailed {
         reason: String,
     },
+    /// The rollout stopped (aborted or rolled back) before it updated this device.
+    NotUpdated,
 }
 
 impl DeviceState {
@@ -209,6 +222,7 @@ impl DeviceState {
             DeviceState::RollbackSent { .. } => "rollback_sent",
             DeviceState::RolledBack => "rolled_back",
             DeviceState::RollbackFailed { .. } => "rollback_failed",
+            DeviceState::NotUpdated => "not_updated",
         }
     }
 

@@ -96,6 +96,8 @@ struct World {
     records: BTreeMap<u64, RolloutRecord>,
     devices: BTreeMap<(u64, String), RolloutDevice>,
     audit: Vec<AuditEntry>,
+    /// The next audit entry number of each rollout.
+    audit_n: BTreeMap<u64, u64>,
     started: Vec<String>,
     /// Every class distribution is shifted (a change that hits the whole fleet).
     fleet_shift: bool,
@@ -119,6 +121,7 @@ impl World {
             records: BTreeMap::new(),
             devices: BTreeMap::new(),
             audit: Vec::new(),
+            audit_n: BTreeMap::new(),
             started: Vec::new(),
             fleet_shift: false,
         };
@@ -186,8 +189,10 @@ impl World {
                 Action::SaveDevice(id, d) => {
                     self.devices.insert((id, d.device.clone()), *d);
                 }
-                Action::Audit(_, n, e) => {
-                    assert_eq!(n as usize, self.audit.len(), "audit entries in order");
+                Action::Audit(id, n, e) => {
+                    let next = self.audit_n.entry(id).or_default();
+                    assert_eq!(n, *next, "audit entries of rollout {id} in order");
+                    *next += 1;
                     self.audit.push(e);
                 }
                 Action::StartTransfer {
@@ -311,25 +316,25 @@ impl World {
             self.finish_transfers();
             self.apply_directives();
             self.step();
-            let state = &self.engine.record(id).unwrap().state;
+            self.engine.check();
+            let state = &self.records[&id].state;
             if !state.is_active() && self.transfers.is_empty() && self.directives.is_empty() {
                 break;
             }
         }
     }
 
+    /// The rollout's state as saved (the engine forgets a rollout that can no longer act).
     fn state(&self, id: u64) -> RolloutState {
-        self.engine.record(id).unwrap().state.clone()
+        self.records[&id].state.clone()
     }
 
+    /// Its devices in `state`, as saved.
     fn count(&self, id: u64, state: &str) -> u64 {
-        self.engine
-            .view(id)
-            .unwrap()
-            .counts
-            .get(state)
-            .copied()
-            .unwrap_or(0)
+        self.devices
+            .iter()
+            .filter(|((r, _), d)| *r == id && d.state.name() == state)
+            .count() as u64
     }
 
     fn events(&self) -> Vec<&str> {
@@ -365,17 +370,24 @@ fn two_hundred_devices_go_through_every_stage() {
             "completed"
         ]
     );
-    let view = w.engine.view(1).unwrap();
-    assert_eq!(view.sizes, [5, 20, 100, 200]);
-    let per_stage: Vec<u64> = view.stage_counts.iter().map(|c| c.values().sum()).collect();
+    let record = &w.records[&1];
+    assert_eq!(
+        plan::sizes(&record.policy.stages, record.planned),
+        [5, 20, 100, 200]
+    );
+    let mut per_stage = [0u64; 4];
+    for d in w.devices.values() {
+        per_stage[d.stage] += 1;
+    }
     assert_eq!(per_stage, [5, 15, 80, 100]);
     // The canary was made of the first five in the plan's order.
     let canary: Vec<&String> = w.started.iter().take(5).collect();
     for d in canary {
         assert_eq!(w.devices[&(1, d.clone())].stage, 0);
     }
-    // What was saved is what the engine holds.
-    assert_eq!(w.records[&1], *w.engine.record(1).unwrap());
+    // Done with every device: the engine lets the rollout go (it stays in storage).
+    assert!(w.engine.record(1).is_none());
+    assert_eq!(w.engine.rollout_of("d000"), None, "its devices are free");
 }
 
 #[test]
@@ -391,7 +403,7 @@ fn a_version_failing_on_30_percent_is_stopped_early_and_rolled_back() {
     };
     assert_eq!(by, GATEWAY);
     assert!(reason.contains("failed"), "{reason}");
-    let record = w.engine.record(1).unwrap();
+    let record = &w.records[&1];
     assert!(record.stage <= 1, "stopped in stage {}", record.stage + 1);
     // No device of a later stage was ever offered the update.
     for d in &w.started {
@@ -402,8 +414,7 @@ fn a_version_failing_on_30_percent_is_stopped_early_and_rolled_back() {
     assert_eq!(
         w.count(1, "rolled_back"),
         w.directives_sent,
-        "{:?} {:?}",
-        w.engine.view(1).unwrap().counts,
+        "{:?}",
         w.directives
     );
     assert_eq!(
@@ -432,7 +443,7 @@ fn slow_inference_on_the_updated_devices_rolls_back_by_the_latency_gate() {
     assert_eq!(detail["gate"], "latency_p95");
     assert!(detail["updated"].as_f64().unwrap() > 1.5 * detail["control"].as_f64().unwrap());
     assert!(w.running.values().all(|r| *r == old()));
-    assert_eq!(w.engine.record(1).unwrap().stage, 0, "caught in the canary");
+    assert_eq!(w.records[&1].stage, 0, "caught in the canary");
 }
 
 #[test]
@@ -676,4 +687,251 @@ fn a_second_rollout_of_the_same_model_waits_for_the_first() {
         err.to_string(),
         "rollout 1 for model kws is still running: finish, abort or roll it back first"
     );
+}
+
+impl World {
+    /// A new engine from what was saved, as after a gateway restart: every device is
+    /// offline until it says hello again.
+    fn restart(&mut self) {
+        let mut engine = Engine::new(Settings {
+            directive_ttl_ms: 3_600_000,
+        });
+        for r in self.records.values() {
+            let devices = self
+                .devices
+                .iter()
+                .filter(|((id, _), _)| *id == r.id)
+                .map(|(_, d)| d.clone())
+                .collect();
+            engine.restore(r.clone(), devices);
+        }
+        self.engine = engine;
+        for on in self.online.values_mut() {
+            *on = false;
+        }
+    }
+
+    /// `id` comes back: online, and says hello.
+    fn back(&mut self, id: &str) {
+        self.online.insert(id.to_owned(), true);
+        self.hello(id);
+    }
+
+    fn saved(&self, id: u64, device: &str) -> &RolloutDevice {
+        &self.devices[&(id, device.to_owned())]
+    }
+}
+
+/// Issue 12, defect 1: a gateway killed just before the canary's bake ended came back with no
+/// device online; every gate read `no_control` (which does not block) or kept its verdict from
+/// before the kill, and the stage passed on no data, pushing a regressing release to the fleet.
+/// After a restart the gates wait for `min_samples` of both cohorts, and the regression is
+/// caught in the canary once the devices are back.
+#[test]
+fn a_restart_just_before_the_bake_ends_does_not_pass_the_stage_on_no_data() {
+    let mut w = World::new(50);
+    for b in w.behaviour.values_mut() {
+        *b = New::SlowInference;
+    }
+    let mut p = policy();
+    // A slow confirm: the gate is failing but has not failed when the gateway dies.
+    p.gates.confirm = Duration::from_secs(10);
+    p.gates.wait = Duration::from_secs(30);
+    let bake = p.stages[0].bake.as_millis() as u64;
+    w.create(1, p);
+    loop {
+        w.finish_transfers();
+        w.step();
+        let r = &w.records[&1];
+        if r.baking_since_ms
+            .is_some_and(|since| w.now + 300 >= since + bake)
+        {
+            break;
+        }
+    }
+    let passed_before = w.events().iter().filter(|e| **e == "stage_passed").count();
+    assert_eq!(passed_before, 0);
+    w.restart();
+    // Only the canary comes back at first: no control to compare with, no samples.
+    let canary: Vec<String> = w.started.clone();
+    for d in &canary {
+        w.back(d);
+    }
+    for _ in 0..30 {
+        w.step();
+    }
+    assert_eq!(
+        w.events().iter().filter(|e| **e == "stage_passed").count(),
+        0,
+        "a stage passed on no data: {:?}",
+        w.events()
+    );
+    assert_eq!(w.records[&1].stage, 0);
+    // The rest come back: the gates judge, and the regression is caught in the canary.
+    let ids: Vec<String> = w.online.keys().cloned().collect();
+    for d in ids {
+        if !w.online[&d] {
+            w.back(&d);
+        }
+    }
+    w.run(1, Duration::from_secs(60));
+    assert!(
+        matches!(w.state(1), RolloutState::RolledBack { .. }),
+        "{:?}",
+        w.state(1)
+    );
+    assert_eq!(w.records[&1].stage, 0, "caught in the canary");
+}
+
+/// Issue 12, defect 2: a completed rollout kept holding its devices, so a later rollout of
+/// another artifact (firmware after a model) skipped them all and completed on nothing.
+#[test]
+fn a_completed_rollout_lets_go_of_its_devices() {
+    let mut w = World::new(20);
+    w.create(1, policy());
+    w.run(1, Duration::from_secs(120));
+    assert_eq!(w.state(1), RolloutState::Completed);
+    let mut firmware = record(2, policy());
+    firmware.kind = ArtifactKind::Firmware;
+    firmware.name = "fw".into();
+    let (actions, skipped) = w.engine.create(firmware, w.candidates(), w.now).unwrap();
+    w.apply(actions);
+    assert_eq!(skipped, Vec::<(String, String)>::new());
+    assert_eq!(w.records[&2].planned, 20);
+}
+
+/// Issue 12, defect 3: a rollout with no device (a label typo) was accepted, stayed running
+/// and blocked every other rollout of its model. It is refused, with why.
+#[test]
+fn a_rollout_with_no_device_is_refused_and_blocks_nothing() {
+    let mut w = World::new(5);
+    let err = w
+        .engine
+        .create(record(1, policy()), Vec::new(), w.now)
+        .unwrap_err();
+    assert_eq!(err, Refused::NoDevices(Vec::new()));
+    // Every candidate already in a running rollout of another artifact: refused too, naming it.
+    let mut firmware = record(2, policy());
+    firmware.kind = ArtifactKind::Firmware;
+    firmware.name = "fw".into();
+    let (actions, _) = w.engine.create(firmware, w.candidates(), w.now).unwrap();
+    w.apply(actions);
+    let err = w
+        .engine
+        .create(record(3, policy()), w.candidates(), w.now)
+        .unwrap_err();
+    let Refused::NoDevices(skipped) = err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(skipped.len(), 5);
+    assert_eq!(skipped[0].1, "in rollout 2");
+    assert!(w.engine.record(1).is_none() && w.engine.record(3).is_none());
+}
+
+/// Issue 12, defect 5: a device that went offline mid-download kept its concurrency slot and
+/// held its stage until it came back, which might be never. Its slot goes to the next device
+/// at once, and the stage waits for it only for its `device_timeout` (a device rebooting into
+/// the new version is back well within it), then goes on without it.
+#[test]
+fn a_device_offline_mid_download_frees_its_slot_and_does_not_hold_the_stage() {
+    let mut w = World::new(40);
+    let mut p = policy();
+    p.stages[0].max_concurrent = 1;
+    p.stages[0].device_timeout = Duration::from_secs(10);
+    w.create(1, p);
+    let first = w.started[0].clone();
+    assert_eq!(w.started.len(), 1, "one at a time");
+    w.online.insert(first.clone(), false);
+    let actions = w.engine.offline(&first, w.now);
+    w.apply(actions);
+    assert_eq!(w.started.len(), 2, "its slot went to the next device");
+    // Stage 1 completes without it once its timeout has passed; the rollout moves on.
+    let gone_at = w.now;
+    let deadline = w.now + 60_000;
+    while w.records[&1].stage == 0 && w.now < deadline {
+        w.finish_transfers();
+        w.step();
+    }
+    assert!(w.records[&1].stage >= 1, "{:?}", w.events());
+    assert!(w.now >= gone_at + 10_000, "waited for it for its timeout");
+    assert_eq!(w.saved(1, &first).state, DeviceState::Updating);
+    // When it returns, its transfer ends and it counts like the others.
+    w.back(&first);
+    w.run(1, Duration::from_secs(120));
+    assert_eq!(w.state(1), RolloutState::Completed);
+    assert_eq!(w.saved(1, &first).state, DeviceState::Healthy);
+}
+
+/// Issue 12, defect 10: the devices a rolled-back rollout never reached stayed `pending`
+/// forever, and finished rollouts never left the engine's memory.
+#[test]
+fn a_stopped_rollout_leaves_no_device_pending_and_leaves_memory() {
+    let mut w = World::new(50);
+    w.create(1, policy());
+    w.finish_transfers();
+    w.step();
+    let actions = w
+        .engine
+        .operator(1, OperatorAction::Rollback, "op", None, w.now)
+        .unwrap();
+    w.apply(actions);
+    assert_eq!(w.count(1, "pending"), 0);
+    assert_eq!(w.count(1, "not_updated"), 50 - w.started.len() as u64);
+    assert!(
+        w.engine.record(1).is_some(),
+        "directives still to see through"
+    );
+    w.apply_directives();
+    assert!(w.engine.record(1).is_none(), "nothing left to act on");
+    // Aborted ones leave at once.
+    let (actions, _) = w
+        .engine
+        .create(record(2, policy()), w.candidates(), w.now)
+        .unwrap();
+    w.apply(actions);
+    let actions = w
+        .engine
+        .operator(2, OperatorAction::Abort, "op", None, w.now)
+        .unwrap();
+    w.apply(actions);
+    assert!(w.engine.record(2).is_none());
+    assert_eq!(w.count(2, "pending"), 0);
+}
+
+/// Issue 12, defect 10: a restart just before a stage started counted the devices still
+/// reconnecting as offline and pulled later devices forward in their place. For a while after
+/// a restart, nobody is pulled forward.
+#[test]
+fn devices_reconnecting_after_a_restart_are_not_replaced() {
+    let mut w = World::new(100);
+    let mut p = policy();
+    // The canary's half may be the half that is late: the gates wait for it.
+    p.gates.wait = Duration::from_secs(60);
+    w.create(1, p);
+    while w.records[&1].baking_since_ms.is_none() {
+        w.finish_transfers();
+        w.step();
+    }
+    w.restart();
+    // Half the fleet is back quickly, the rest later but within the grace.
+    let ids: Vec<String> = w.online.keys().cloned().collect();
+    for d in ids.iter().step_by(2) {
+        w.back(d);
+    }
+    let restarted = w.now;
+    while w.now < restarted + 10_000 {
+        w.finish_transfers();
+        w.step();
+    }
+    for d in ids.iter().skip(1).step_by(2) {
+        w.back(d);
+    }
+    w.run(1, Duration::from_secs(120));
+    assert_eq!(w.state(1), RolloutState::Completed);
+    let pulled = w
+        .audit
+        .iter()
+        .filter(|e| e.event == "pulled_forward" && e.at_ms >= restarted)
+        .count();
+    assert_eq!(pulled, 0, "{:?}", w.events());
 }
