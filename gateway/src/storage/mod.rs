@@ -87,6 +87,7 @@ pub struct Tables<'txn> {
     transfers: Table<'txn, u64, &'static [u8]>,
     device_transfers: Table<'txn, (&'static str, u64), ()>,
     drift: Table<'txn, (&'static str, &'static str, &'static str, u64), &'static [u8]>,
+    drift_state: Table<'txn, (&'static str, &'static str, &'static str), &'static [u8]>,
     rollouts: Table<'txn, u64, &'static [u8]>,
     rollout_devices: Table<'txn, (u64, &'static str), &'static [u8]>,
     rollout_audit: Table<'txn, (u64, u64), &'static [u8]>,
@@ -184,6 +185,7 @@ impl Store {
         copy_table(&src, &dst, TRANSFERS)?;
         copy_table(&src, &dst, DEVICE_TRANSFERS)?;
         copy_table(&src, &dst, DRIFT_WINDOWS)?;
+        copy_table(&src, &dst, DRIFT_STATE)?;
         copy_table(&src, &dst, ROLLOUTS)?;
         copy_table(&src, &dst, ROLLOUT_DEVICES)?;
         copy_table(&src, &dst, ROLLOUT_AUDIT)?;
@@ -214,6 +216,7 @@ impl Store {
                 transfers: txn.open_table(TRANSFERS)?,
                 device_transfers: txn.open_table(DEVICE_TRANSFERS)?,
                 drift: txn.open_table(DRIFT_WINDOWS)?,
+                drift_state: txn.open_table(DRIFT_STATE)?,
                 rollouts: txn.open_table(ROLLOUTS)?,
                 rollout_devices: txn.open_table(ROLLOUT_DEVICES)?,
                 rollout_audit: txn.open_table(ROLLOUT_AUDIT)?,
@@ -895,6 +898,56 @@ fn drop_oldest(
         })?;
     }
     Ok(removed)
+}
+
+// Drift stream states (the open windows survive a restart).
+
+impl Tables<'_> {
+    /// Stores a drift stream's saved state, replacing the one before.
+    pub fn put_drift_state(&mut self, key: &StreamKey, state: &[u8]) -> Result<()> {
+        let v = key.version.to_string();
+        self.drift_state
+            .insert((key.model.as_str(), v.as_str(), key.cohort.as_str()), state)?;
+        Ok(())
+    }
+
+    /// Forgets the saved states of every cohort of a model version (its baseline changed).
+    pub fn delete_drift_states(&mut self, model: &str, version: &Version) -> Result<()> {
+        let v = version.to_string();
+        self.drift_state.retain_in(
+            (model, v.as_str(), "")..=(model, v.as_str(), "\u{10ffff}"),
+            |_, _| false,
+        )?;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Every saved drift stream state.
+    pub fn drift_states(&self) -> Result<Vec<(StreamKey, Vec<u8>)>> {
+        let txn = self.db.begin_read()?;
+        let table = match txn.open_table(DRIFT_STATE) {
+            Ok(t) => t,
+            // A database from before drift states: nothing saved yet.
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            let (m, v, c) = key.value();
+            let Ok(version) = Version::parse(v) else {
+                continue;
+            };
+            let key = StreamKey {
+                model: m.to_owned(),
+                version,
+                cohort: c.to_owned(),
+            };
+            out.push((key, value.value().to_vec()));
+        }
+        Ok(out)
+    }
 }
 
 /// Inserts one per-device row, then drops the device's oldest rows while it has more than `keep`.

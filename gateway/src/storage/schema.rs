@@ -68,3 +68,10 @@ pub(crate) const META_NEXT_COMMAND_ID: &str = "next_command_id";
 pub(crate) const META_NEXT_ROLLOUT_ID: &str = "next_rollout_id";
 pub(crate) const META_NEXT_TRANSFER_ID: &str = "next_transfer_id";
 pub(crate) const META_NEXT_AUDIT_ID: &str = "next_audit_id";
+
+/// (model, version, cohort) -> the drift engine's saved state of that stream: open windows,
+/// alert episodes and CUSUMs, so that a restart continues where it stopped. The value is the
+/// drift engine's own versioned encoding (`drift::engine::Engine::save_dirty`); one it cannot
+/// read is dropped and the stream starts over.
+pub(crate) const DRIFT_STATE: TableDefinition<(&str, &str, &str), &[u8]> =
+    TableDefinition::new("drift_state");
