@@ -418,3 +418,6 @@ fn describe(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
