@@ -216,17 +216,17 @@ pub fn water_level(counts: impl Iterator<Item = u64>, share: f64) -> Option<f64>
     }
     n.sort_unstable_by(|a, b| b.cmp(a));
     let mut rest: f64 = n.iter().map(|&c| c as f64).sum();
-    for j in 0..n.len() {
+    for (j, &nj) in n.iter().enumerate() {
         // The j largest devices are capped at C, the others keep their counts.
         let denominator = 1.0 - share * j as f64;
         if denominator <= 0.0 {
             break;
         }
         let c = share * rest / denominator;
-        if (n[j] as f64) <= c {
+        if (nj as f64) <= c {
             return (j > 0).then_some(c);
         }
-        rest -= n[j] as f64;
+        rest -= nj as f64;
     }
     // Every device is at the cap: equal weights.
     n.last().map(|&c| c as f64)

@@ -608,7 +608,8 @@ fn open_windows_and_alert_episodes_survive_a_restart() {
 /// changes, and no alert rises.
 #[test]
 fn one_hostile_device_of_fifty_moves_no_drift_verdict() {
-    let run_fleet = |hostile: bool| -> (Vec<(Vec<Verdict>, Option<Verdict>)>, Vec<Subject>) {
+    type Closings = Vec<(Vec<Verdict>, Option<Verdict>)>;
+    let run_fleet = |hostile: bool| -> (Closings, Vec<Subject>) {
         let mut e = engine();
         let mut g = Normal(61);
         let mut verdicts = Vec::new();
