@@ -521,9 +521,10 @@ impl Engine {
         version: &Version,
         baseline: Option<Arc<Baseline>>,
     ) {
-        let matches = |k: &StreamKey| k.model == model && k.version == *version;
-        self.streams.retain(|k, _| !matches(k));
-        self.saved.retain(|k, _| !matches(k));
+        // A saved state waiting for its stream stays: the baseline is looked up again after a
+        // restart, and a state counted on another baseline is refused by its fingerprint.
+        self.streams
+            .retain(|k, _| !(k.model == model && k.version == *version));
         self.baselines
             .insert((model.to_owned(), version.clone()), baseline);
     }
