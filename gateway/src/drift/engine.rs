@@ -529,8 +529,8 @@ impl Engine {
             .insert((model.to_owned(), version.clone()), baseline);
     }
 
-    /// Forgets model versions without a baseline and without streams, oldest lookups first
-    /// are not tracked: all of them go (they are looked up again when seen).
+    /// Forgets every model version looked up without a baseline (they are looked up again
+    /// when seen); returns how many. Versions with a baseline stay: the registry bounds them.
     pub fn forget_unknown_versions(&mut self) -> usize {
         let before = self.baselines.len();
         self.baselines.retain(|_, b| b.is_some());
