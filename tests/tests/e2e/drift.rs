@@ -365,3 +365,82 @@ async fn a_baseline_set_while_devices_are_online_reaches_the_devices_running_tha
     assert_eq!(first["action"], "ping", "{first}");
     gw.stop().await;
 }
+
+/// Issue 14: a feature no device sends samples of shows `insufficient` (API and /metrics) and
+/// `null` metrics, never `ok` and 0.0, while the predictions are judged on their own windows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn features_without_samples_are_insufficient_and_null_while_predictions_are_judged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = config(tmp.path());
+    c.registry.trusted_keys = vec![public(1)];
+    c.drift.window_samples = 1000;
+    c.drift.min_samples = 500;
+    c.drift.window = Duration::from_secs(3600);
+    // Exact window counts: without the per-device cap, which makes them depend on how the
+    // simulated devices interleave.
+    c.drift.device_share = 1.0;
+    let gw = TestGateway::start_with(c, Some(tmp)).await;
+    gw.upload(model("1.0.0", 1, "sim-mcu", 4096, &[1]))
+        .await
+        .unwrap();
+    post_baseline(&gw).await;
+    let fleet = gw.enroll_fleet("counts", 10).await;
+    // 10 devices x 60 messages x 20 predictions, no raw samples: 12 prediction windows.
+    let mut spec = FleetSpec::new("127.0.0.1", gw.mqtt_port(), fleet);
+    spec.interval = Duration::from_millis(5);
+    spec.messages = Some(60);
+    spec.shape = DataShape {
+        samples: 0,
+        features: 4,
+        ..DataShape::default()
+    };
+    let report = fleetgate_sim::run(spec, CancellationToken::new()).await;
+    assert_eq!((report.unacked(), report.errors), (0, 0), "{report}");
+    gw.sync().await;
+
+    let current = gw.get("/drift/sim-model/1.0.0").await;
+    for f in current["features"].as_array().unwrap() {
+        assert_eq!(f["status"], "insufficient", "{f}");
+        assert_eq!(f["last_window"], Value::Null, "{f}");
+        assert_eq!(f["open_window"]["samples"], 0, "{f}");
+    }
+    let p = &current["prediction"];
+    assert_eq!(p["last_window"]["n"], 1000, "{p}");
+    assert!(
+        ["ok", "warn"].contains(&p["status"].as_str().unwrap()),
+        "{p}"
+    );
+    let history = gw.get("/drift/sim-model/1.0.0/history?limit=100").await;
+    assert_eq!(history.as_array().unwrap().len(), 12);
+    let summary = gw.get("/drift").await;
+    assert_eq!(
+        summary[0]["features_insufficient"],
+        json!(["f0", "f1", "f2", "f3"])
+    );
+    let metrics = tokio::task::spawn_blocking({
+        let url = format!("{}/metrics", gw.http_url());
+        move || {
+            ureq::get(&url)
+                .call()
+                .unwrap()
+                .into_body()
+                .read_to_string()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let line = |subject: &str| {
+        format!(
+            "fleetgate_drift_status{{model=\"sim-model\",version=\"1.0.0\",cohort=\"all\",subject=\"{subject}\"}}"
+        )
+    };
+    assert!(metrics.contains(&format!("{} -1", line("f0"))), "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            "fleetgate_drift_window_samples{{model=\"sim-model\",version=\"1.0.0\",cohort=\"all\",subject=\"prediction\"}} 1000"
+        )),
+        "{metrics}"
+    );
+    gw.stop().await;
+}
