@@ -611,20 +611,23 @@ impl Engine {
                 }
             }
         }
-        c.confidence = match model.and_then(|m| m.mean_confidence.map(|mc| (m, mc))) {
-            Some((m, mc)) => {
-                let n = u64::from(m.inferences.max(1));
-                Some((f64::from(mc) * n as f64, n))
-            }
-            None => {
-                let conf: Vec<f64> = tel
-                    .samples
-                    .iter()
-                    .filter_map(|s| s.confidence.map(f64::from))
-                    .collect();
-                (!conf.is_empty()).then(|| (conf.iter().sum(), conf.len() as u64))
-            }
-        };
+        // Confidences outside 0..=1 are refused at decoding; one that gets here is left out.
+        let plausible = |c: &f32| (0.0..=1.0).contains(c);
+        c.confidence =
+            match model.and_then(|m| m.mean_confidence.filter(plausible).map(|mc| (m, mc))) {
+                Some((m, mc)) => {
+                    let n = u64::from(m.inferences.max(1));
+                    Some((f64::from(mc) * n as f64, n))
+                }
+                None => {
+                    let conf: Vec<f64> = tel
+                        .samples
+                        .iter()
+                        .filter_map(|s| s.confidence.filter(plausible).map(f64::from))
+                        .collect();
+                    (!conf.is_empty()).then(|| (conf.iter().sum(), conf.len() as u64))
+                }
+            };
         c
     }
 
