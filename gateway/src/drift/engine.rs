@@ -396,9 +396,10 @@ struct Stream {
     last_prediction: Option<PredictionEval>,
     /// The last closing (any subjects).
     last: Option<Evaluation>,
-    /// Devices in the last closed window: the share cap relaxes to 1/k for k devices, and k is
-    /// taken from the last window so that the first device of a new window cannot fill it.
-    devices: usize,
+    /// When each device last sent to this stream, kept for `window` time: the share cap relaxes
+    /// to 1/k for k devices, and k counts the devices of the recent past, not only those of the
+    /// open window, so a device that sends first cannot fill (or close) a window alone.
+    seen: HashMap<Dev, u64>,
     reservoir: Reservoir,
     /// Changed since the last [`Engine::save`].
     dirty: bool,
@@ -708,7 +709,7 @@ impl Engine {
             last_features: vec![None; baseline.features.len()],
             last_prediction: None,
             last: None,
-            devices: 0,
+            seen: HashMap::new(),
             reservoir: Reservoir::default(),
             dirty: false,
             baseline,
@@ -775,12 +776,11 @@ impl Engine {
             prediction: None,
         };
         let mut changes = Vec::new();
-        let mut devices = 0;
         for &subject in due {
             match subject {
                 Subject::Feature(i) => {
                     let idx = usize::from(i);
-                    let (eval, excess, opened, n_dev) =
+                    let (eval, excess, opened) =
                         stream.evaluate_feature(settings, chi2, nulls, idx);
                     let s = &mut stream.features[idx];
                     if let Some(change) = s.track.judge(eval.verdict, excess, settings) {
@@ -788,12 +788,11 @@ impl Engine {
                     }
                     s.clear(now_ms);
                     evaluation.opened_ms = evaluation.opened_ms.min(opened);
-                    devices = devices.max(n_dev);
                     stream.last_features[idx] = Some(eval.clone());
                     evaluation.features.push(eval);
                 }
                 Subject::Prediction => {
-                    let Some((eval, excess, opened, n_dev)) =
+                    let Some((eval, excess, opened)) =
                         stream.evaluate_prediction(settings, chi2, nulls)
                     else {
                         continue;
@@ -805,13 +804,13 @@ impl Engine {
                         s.clear(now_ms);
                     }
                     evaluation.opened_ms = evaluation.opened_ms.min(opened);
-                    devices = devices.max(n_dev);
                     stream.last_prediction = Some(eval.clone());
                     evaluation.prediction = Some(eval);
                 }
             }
         }
-        stream.devices = devices.max(1);
+        let oldest = now_ms.saturating_sub(settings.window_ms);
+        stream.seen.retain(|_, at| *at >= oldest);
         stream.dirty = true;
         let mut events = vec![Event::Closed {
             key: key.clone(),
@@ -967,7 +966,11 @@ impl Engine {
         stream.last_features.resize(stream.features.len(), None);
         stream.last_prediction = state.last_prediction;
         stream.last = state.last;
-        stream.devices = state.devices;
+        stream.seen = state
+            .seen
+            .into_iter()
+            .map(|(d, at)| Ok((map.get(d as usize).copied().ok_or("bad device id")?, at)))
+            .collect::<Result<_, &str>>()?;
         Ok(())
     }
 }
@@ -984,7 +987,7 @@ struct SavedStream {
     last_features: Vec<Option<FeatureEval>>,
     last_prediction: Option<PredictionEval>,
     last: Option<Evaluation>,
-    devices: usize,
+    seen: Vec<(Dev, u64)>,
 }
 
 /// FNV-1a over a baseline's encoding.
@@ -1029,6 +1032,7 @@ fn save(stream: &Stream, names: &[String]) -> Vec<u8> {
     };
     let features: Vec<Window> = stream.features.iter().map(&mut renumber).collect();
     let prediction = stream.prediction.as_ref().map(&mut renumber);
+    let seen: Vec<(Dev, u64)> = stream.seen.iter().map(|(d, at)| (id(*d), *at)).collect();
     let state = SavedStream {
         fingerprint: fingerprint(&stream.baseline),
         names: local_names,
@@ -1037,7 +1041,7 @@ fn save(stream: &Stream, names: &[String]) -> Vec<u8> {
         last_features: stream.last_features.clone(),
         last_prediction: stream.last_prediction.clone(),
         last: stream.last.clone(),
-        devices: stream.devices,
+        seen,
     };
     let mut out = vec![STATE_VERSION];
     // Serializing plain structs into a Vec cannot fail.
@@ -1047,7 +1051,7 @@ fn save(stream: &Stream, names: &[String]) -> Vec<u8> {
 
 impl Stream {
     fn quota(&self, s: &Settings, devices_now: usize) -> Quota {
-        let k = self.devices.max(devices_now).max(1);
+        let k = self.seen.len().max(devices_now).max(1);
         let mut q = Quota::new(s.device_share, k, s.min_samples, s.window_samples);
         // The pool takes what no judged window can have too much of (see `capped`).
         if s.device_share < 1.0 {
@@ -1069,6 +1073,7 @@ impl Stream {
         draws: &[u64],
     ) {
         let mut touched = false;
+        self.seen.insert(dev, now_ms);
         for (i, counts) in c.features.iter().enumerate() {
             let Some(counts) = counts else {
                 continue;
@@ -1167,7 +1172,7 @@ impl Stream {
         chi2: &metrics::Chi2Table,
         nulls: &mut NullTable,
         i: usize,
-    ) -> (FeatureEval, Option<Excess>, u64, usize) {
+    ) -> (FeatureEval, Option<Excess>, u64) {
         let devices_now = self.features[i].counts.devices.len();
         let q = self.quota(s, devices_now);
         let fb = &self.baseline.features[i];
@@ -1220,7 +1225,7 @@ impl Stream {
             alert_threshold: alert,
             verdict,
         };
-        (eval, excess, w.opened_ms, eff.devices)
+        (eval, excess, w.opened_ms)
     }
 
     fn evaluate_prediction(
@@ -1228,7 +1233,7 @@ impl Stream {
         s: &Settings,
         chi2: &metrics::Chi2Table,
         nulls: &mut NullTable,
-    ) -> Option<(PredictionEval, Option<Excess>, u64, usize)> {
+    ) -> Option<(PredictionEval, Option<Excess>, u64)> {
         let pb = self.baseline.prediction.as_ref()?;
         let w = self.prediction.as_ref()?;
         let q = self.quota(s, w.counts.devices.len());
@@ -1305,7 +1310,7 @@ impl Stream {
             js_threshold,
             verdict,
         };
-        Some((eval, excess, w.opened_ms, eff.devices))
+        Some((eval, excess, w.opened_ms))
     }
 
     fn view<'a>(&'a self, key: &'a StreamKey, s: &Settings) -> StreamView<'a> {
