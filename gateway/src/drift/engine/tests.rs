@@ -630,7 +630,7 @@ fn one_hostile_device_of_fifty_moves_no_drift_verdict() {
             }
         };
         let mut t = 0;
-        let mut hostile_message = |e: &mut Engine, g: &mut Normal, t: u64| {
+        let hostile_message = |e: &mut Engine, g: &mut Normal, t: u64| {
             let mut tel = telemetry(g, 256, None, vec![5000; 256]);
             for s in &mut tel.samples {
                 s.values = vec![1e30; FEATURES];
