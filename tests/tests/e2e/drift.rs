@@ -437,9 +437,9 @@ async fn features_without_samples_are_insufficient_and_null_while_predictions_ar
     };
     assert!(metrics.contains(&format!("{} -1", line("f0"))), "{metrics}");
     assert!(
-        metrics.contains(&format!(
-            "fleetgate_drift_window_samples{{model=\"sim-model\",version=\"1.0.0\",cohort=\"all\",subject=\"prediction\"}} 1000"
-        )),
+        metrics.contains(
+            "fleetgate_drift_window_samples{model=\"sim-model\",version=\"1.0.0\",cohort=\"all\",subject=\"prediction\"} 1000"
+        ),
         "{metrics}"
     );
     gw.stop().await;
