@@ -192,6 +192,18 @@ pub struct Drift {
     pub psi_warn_floor: f64,
     pub prediction_js_alert: f64,
     pub confidence_drop_alert: f64,
+    /// Share of windows drawn like the baseline that may be "over" by chance: the quantile of
+    /// the simulated null distribution under the alert threshold.
+    pub false_alarm: f64,
+    /// Clean windows in a row that resolve a drift alert.
+    pub resolve_after: u32,
+    /// Also raise an alert when a CUSUM of the per-window statistic reaches its limit.
+    pub sequential: bool,
+    /// CUSUM allowance and limit, as multiples of the alert floors.
+    pub cusum_k: f64,
+    pub cusum_h: f64,
+    /// Most of a window one device may hold (1: no cap).
+    pub device_share: f64,
     /// `None`: every device is in the cohort "all" only.
     pub cohort_label: Option<String>,
     pub reservoir: usize,
@@ -466,12 +478,21 @@ impl Config {
             psi_warn_floor: dr.float_in(p, "psi_warn_floor", 0.0..=100.0),
             prediction_js_alert: dr.float_in(p, "prediction_js_alert", 0.0..=1.0),
             confidence_drop_alert: dr.float_in(p, "confidence_drop_alert", 0.0..=1.0),
+            false_alarm: dr.float_in(p, "false_alarm", 0.0001..=0.1),
+            resolve_after: dr.usize(p, "resolve_after", 1..=1000) as u32,
+            sequential: dr.boolean(p, "sequential"),
+            cusum_k: dr.float_in(p, "cusum_k", 0.0..=10.0),
+            cusum_h: dr.float_in(p, "cusum_h", 0.01..=100.0),
+            device_share: dr.float_in(p, "device_share", 0.001..=1.0),
             cohort_label: (!label.is_empty()).then_some(label),
             reservoir: dr.usize(p, "reservoir", 0..=1_000_000),
             history: dr.usize(p, "history", 3..=1_000_000),
         };
         if drift.min_samples > drift.window_samples {
             dr.error(p, "min_samples", "must not be more than window_samples");
+        }
+        if drift.psi_warn_floor > drift.psi_alert {
+            dr.error(p, "psi_warn_floor", "must not be more than psi_alert");
         }
         let drift = drift.finish_with(dr, p);
 

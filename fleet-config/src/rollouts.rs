@@ -135,6 +135,19 @@ pub struct Gates {
     /// Also fail when the drift engine finds the new model version's inputs or predictions
     /// drifting where the old version's do not.
     pub drift: bool,
+    /// Share of a cohort's devices (at least one, from 3 devices on) whose values are left
+    /// out at each end before a gate averages the devices, so that one device cannot move a
+    /// verdict. Not stored with a rollout (the stored rollout layout predates it): a rollout
+    /// read back after a restart gets the built-in default.
+    #[serde(skip, default = "Gates::default_device_trim")]
+    pub device_trim: f64,
+}
+
+impl Gates {
+    /// The built-in `device_trim` (also in default.toml).
+    pub fn default_device_trim() -> f64 {
+        0.1
+    }
 }
 
 impl Rollouts {
@@ -419,6 +432,7 @@ impl RolloutPolicy {
             prediction_js: g.float_in(p, "prediction_js", 0.0..=1.0),
             confidence_drop: g.float_in(p, "confidence_drop", 0.0..=1.0),
             drift: g.boolean(p, "drift"),
+            device_trim: g.float_in(p, "device_trim", 0.0..=0.4),
         }
         .finish_with(g, p);
         ok.then_some(RolloutPolicy {
@@ -459,6 +473,7 @@ impl RolloutPolicy {
                 prediction_js: 0.1,
                 confidence_drop: 0.1,
                 drift: false,
+                device_trim: Gates::default_device_trim(),
             },
         }
     }

@@ -276,3 +276,42 @@ fn listener_tls_and_limit_problems_are_named_by_their_paths() {
         ]
     );
 }
+
+#[test]
+fn drift_and_gate_poisoning_settings_are_checked_by_path() {
+    let c = Config::default();
+    assert_eq!(
+        (
+            c.drift.psi_alert,
+            c.drift.false_alarm,
+            c.drift.resolve_after
+        ),
+        (0.1, 0.005, 3)
+    );
+    assert!(c.drift.sequential);
+    assert_eq!(c.drift.device_share, 0.02);
+    assert_eq!(c.rollouts.policy.gates.device_trim, 0.1);
+    let text = r#"
+[drift]
+false_alarm = 0.5
+resolve_after = 0
+sequential = "yes"
+device_share = 0
+psi_alert = 0.1
+psi_warn_floor = 0.2
+
+[rollouts.policy.gates]
+device_trim = 0.5
+"#;
+    assert_eq!(
+        errors(text),
+        vec![
+            "drift.false_alarm: is out of range 0.0001..=0.1",
+            "drift.resolve_after: 0 is out of range 1..=1000",
+            "drift.sequential: expected true or false, found string",
+            "drift.device_share: is out of range 0.001..=1",
+            "drift.psi_warn_floor: must not be more than psi_alert",
+            "rollouts.policy.gates.device_trim: is out of range 0..=0.4",
+        ]
+    );
+}

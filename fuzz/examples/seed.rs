@@ -283,7 +283,10 @@ fn api_bodies(corpus: &Corpus) {
             &[[0].as_slice(), body.as_bytes()].concat(),
         );
     }
-    let csv = "x, y, prediction, confidence\n0.5, 10, 0, 0.9\n1.5, 12, 1, 0.8\n-0.25, 11, 0, 0.95\n2.0, 9, 2, 0.7\n";
+    // A reference needs at least 100 rows (drift::baseline::MIN_REFERENCE): these four, 25 times.
+    let csv = "x, y, prediction, confidence\n".to_owned()
+        + &"0.5, 10, 0, 0.9\n1.5, 12, 1, 0.8\n-0.25, 11, 0, 0.95\n2.0, 9, 2, 0.7\n".repeat(25);
+    let csv = csv.as_str();
     let baseline = Baseline::from_csv(csv, Some("prediction"), Some("confidence"), 3)
         .expect("the seed CSV makes a baseline");
     let json = serde_json::to_vec(&baseline).expect("a baseline encodes");

@@ -185,10 +185,11 @@ pub struct Metrics {
     /// subscribed, or its queue full.
     pub direct_dropped: Counter,
     pub transfers_active: Gauge,
-    /// Latest closed window per model version, cohort and feature: PSI (JS for predictions)
-    /// and status (0 ok, 1 warn, 2 alert).
+    /// Latest closed window per model version, cohort and feature: PSI (JS for predictions),
+    /// status (-1 insufficient, 0 ok, 1 warn, 2 alert) and samples (after the per-device cap).
     pub drift_value: Family<DriftLabels, Gauge<f64, AtomicU64>>,
     pub drift_status: Family<DriftLabels, Gauge>,
+    pub drift_window_samples: Family<DriftLabels, Gauge>,
     /// Samples or bin counts that did not match their model's baseline.
     pub drift_mismatched: Counter,
     /// Rollouts running or paused.
@@ -306,7 +307,16 @@ impl Metrics {
                 "drift_value",
                 "Latest drift window: PSI of a feature, JS distance of the predictions",
             ),
-            drift_status: metric(r, "drift_status", "Drift status: 0 ok, 1 warn, 2 alert"),
+            drift_status: metric(
+                r,
+                "drift_status",
+                "Drift status: -1 insufficient (no judged window), 0 ok, 1 warn, 2 alert",
+            ),
+            drift_window_samples: metric(
+                r,
+                "drift_window_samples",
+                "Samples in the latest closed drift window (after the per-device cap)",
+            ),
             drift_mismatched: metric(
                 r,
                 "drift_mismatched",

@@ -409,7 +409,8 @@ pub struct CommandAck {
 
 impl Validate for Installed {
     fn validate(&self) -> Result<(), Invalid> {
-        limits::name("name", &self.name)
+        limits::name("name", &self.name)?;
+        limits::version("version", &self.version)
     }
 }
 
@@ -422,6 +423,15 @@ impl Validate for HardwareProfile {
         }
         if let Some(rt) = &self.runtime {
             rt.validate()?;
+        }
+        if self.ram_bytes > limits::hw::MAX_MEMORY_BYTES {
+            return Err(Invalid::new("hardware.ram_bytes", "must be at most 1 TiB"));
+        }
+        if self.flash_bytes > limits::hw::MAX_MEMORY_BYTES {
+            return Err(Invalid::new(
+                "hardware.flash_bytes",
+                "must be at most 1 TiB",
+            ));
         }
         Ok(())
     }
@@ -438,13 +448,43 @@ impl Validate for Hello {
 
 impl Validate for HardwareMetrics {
     fn validate(&self) -> Result<(), Invalid> {
-        limits::opt_finite("hw.cpu_pct", self.cpu_pct)?;
-        limits::opt_finite("hw.temp_c", self.temp_c)?;
-        limits::opt_finite("hw.power_mw", self.power_mw)?;
-        if let Some(cpu) = self.cpu_pct
-            && !(0.0..=100.0).contains(&cpu)
+        use limits::hw;
+        limits::opt_range(
+            "hw.cpu_pct",
+            self.cpu_pct,
+            hw::CPU_PCT,
+            "must be within 0..=100",
+        )?;
+        if self
+            .free_mem_bytes
+            .is_some_and(|v| v > hw::MAX_FREE_MEM_BYTES)
         {
-            return Err(Invalid::new("hw.cpu_pct", "must be within 0..=100"));
+            return Err(Invalid::new("hw.free_mem_bytes", "must be at most 1 TiB"));
+        }
+        limits::opt_range(
+            "hw.temp_c",
+            self.temp_c,
+            hw::TEMP_C,
+            "must be within -100..=200",
+        )?;
+        if self.battery_mv.is_some_and(|v| v > hw::MAX_BATTERY_MV) {
+            return Err(Invalid::new("hw.battery_mv", "must be at most 100000"));
+        }
+        limits::opt_range(
+            "hw.power_mw",
+            self.power_mw,
+            hw::POWER_MW,
+            "must be within 0..=1000000",
+        )?;
+        let (lo, hi) = hw::LATENCY_US;
+        if self
+            .inference_latency_us
+            .is_some_and(|v| !(lo..=hi).contains(&v))
+        {
+            return Err(Invalid::new(
+                "hw.inference_latency_us",
+                "must be within 1..=600000000 (leave it out when not measured)",
+            ));
         }
         Ok(())
     }
@@ -455,12 +495,21 @@ impl Validate for Telemetry {
         self.hw.validate()?;
         if let Some(m) = &self.model {
             limits::name("model.name", &m.name)?;
-            limits::count(
-                "model.class_counts",
-                m.class_counts.len(),
-                limits::MAX_CLASSES,
+            limits::version("model.version", &m.version)?;
+            limits::counts("model.class_counts", &m.class_counts, limits::MAX_CLASSES)?;
+            let total: u64 = m.class_counts.iter().map(|&c| u64::from(c)).sum();
+            if m.inferences > 0 && total > u64::from(m.inferences) {
+                return Err(Invalid::new(
+                    "model.class_counts",
+                    "add up to more than model.inferences",
+                ));
+            }
+            limits::opt_range(
+                "model.mean_confidence",
+                m.mean_confidence,
+                (0.0, 1.0),
+                "must be within 0..=1",
             )?;
-            limits::opt_finite("model.mean_confidence", m.mean_confidence)?;
         }
         limits::count("samples", self.samples.len(), limits::MAX_SAMPLES)?;
         for s in &self.samples {
@@ -468,11 +517,40 @@ impl Validate for Telemetry {
             if s.values.iter().any(|v| !v.is_finite()) {
                 return Err(Invalid::new("samples.values", "must be finite numbers"));
             }
-            limits::opt_finite("samples.confidence", s.confidence)?;
+            if s.values.iter().any(|v| v.abs() > limits::MAX_VALUE) {
+                return Err(Invalid::new(
+                    "samples.values",
+                    "must be within -1e12..=1e12",
+                ));
+            }
+            if s.prediction
+                .is_some_and(|p| usize::from(p) >= limits::MAX_CLASSES)
+            {
+                return Err(Invalid::new(
+                    "samples.prediction",
+                    "must be a class id 0..=255",
+                ));
+            }
+            limits::opt_range(
+                "samples.confidence",
+                s.confidence,
+                (0.0, 1.0),
+                "must be within 0..=1",
+            )?;
         }
         limits::count("bins", self.bins.len(), limits::MAX_FEATURES)?;
+        // One bit per feature: a feature's counts may appear once per message.
+        let mut seen: u64 = 0;
         for b in &self.bins {
-            limits::count("bins.counts", b.counts.len(), limits::MAX_BINS)?;
+            if usize::from(b.feature) >= limits::MAX_FEATURES {
+                return Err(Invalid::new("bins.feature", "must be below 64"));
+            }
+            let bit = 1u64 << b.feature;
+            if seen & bit != 0 {
+                return Err(Invalid::new("bins.feature", "appears twice"));
+            }
+            seen |= bit;
+            limits::counts("bins.counts", &b.counts, limits::MAX_BINS)?;
         }
         Ok(())
     }
@@ -483,7 +561,12 @@ impl Validate for Alert {
         if let AlertKind::Custom(name) = &self.kind {
             limits::name("kind.custom", name)?;
         }
-        limits::opt_finite("value", self.value)?;
+        limits::opt_range(
+            "value",
+            self.value,
+            (-limits::MAX_VALUE, limits::MAX_VALUE),
+            "must be within -1e12..=1e12",
+        )?;
         limits::text("message", &self.message, limits::MAX_MESSAGE_LEN)
     }
 }
@@ -504,6 +587,7 @@ impl Validate for Command {
             ),
             Action::DriftBins(bins) => {
                 limits::name("action.drift_bins.model", &bins.model)?;
+                limits::version("action.drift_bins.version", &bins.version)?;
                 limits::count(
                     "action.drift_bins.edges",
                     bins.edges.len(),
@@ -549,6 +633,9 @@ impl Validate for UpdateReport {
         match &self.state {
             UpdateState::Rejected { detail, .. } | UpdateState::Failed { detail, .. } => {
                 limits::text("state.detail", detail, limits::MAX_MESSAGE_LEN)
+            }
+            UpdateState::Installed { version, .. } => {
+                limits::version("state.installed.version", version)
             }
             _ => Ok(()),
         }

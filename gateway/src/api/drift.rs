@@ -15,7 +15,9 @@ use serde_json::{Value, json};
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState, limit, read};
 use crate::clock::rfc3339;
 use crate::drift::baseline::Baseline;
-use crate::drift::engine::{ALL, Evaluation, Status, StreamKey};
+use crate::drift::engine::{
+    ALL, Evaluation, FeatureEval, PredictionEval, Status, StreamKey, SubjectView,
+};
 use crate::ingest::{DriftAnswer, DriftQuery, DriftStream};
 
 type AppState = State<Arc<ApiState>>;
@@ -104,30 +106,35 @@ async fn streams(state: &Arc<ApiState>) -> Result<Vec<DriftStream>, ApiError> {
     }
 }
 
-fn status_name(s: Status) -> &'static str {
-    match s {
-        Status::Ok => "ok",
-        Status::Warn => "warn",
-        Status::Alert => "alert",
-    }
+fn feature_eval(f: &FeatureEval, b: &Baseline) -> Value {
+    // NaN (a metric without meaning, e.g. W1 against a constant reference) is null in JSON.
+    json!({
+        "feature": b.features.get(usize::from(f.feature)).map(|x| x.name.as_str()),
+        "n": f.n, "psi": f.psi, "js": f.js, "ks": f.ks, "ks_error_bound": f.ks_bound,
+        "wasserstein": f.wasserstein, "warn_threshold": f.warn_threshold,
+        "alert_threshold": f.alert_threshold, "verdict": f.verdict.name(),
+    })
+}
+
+fn prediction_eval(p: &PredictionEval) -> Value {
+    json!({
+        "n": p.n, "js": p.js, "l_inf": p.l_inf, "mean_confidence": p.mean_confidence,
+        "confidence_change": p.confidence_change, "js_threshold": p.js_threshold,
+        "verdict": p.verdict.name(),
+    })
 }
 
 fn evaluation(e: &Evaluation, b: &Baseline) -> Value {
     json!({
         "opened_at": rfc3339(e.opened_ms),
         "closed_at": rfc3339(e.closed_ms),
-        "features": e.features.iter().map(|f| json!({
-            "feature": b.features.get(usize::from(f.feature)).map(|x| x.name.as_str()),
-            "n": f.n, "psi": f.psi, "js": f.js, "ks": f.ks, "ks_error_bound": f.ks_bound,
-            "wasserstein": f.wasserstein, "warn_threshold": f.warn_threshold,
-            "alert_threshold": f.alert_threshold, "verdict": format!("{:?}", f.verdict).to_lowercase(),
-        })).collect::<Vec<_>>(),
-        "prediction": e.prediction.as_ref().map(|p| json!({
-            "n": p.n, "js": p.js, "l_inf": p.l_inf, "mean_confidence": p.mean_confidence,
-            "confidence_change": p.confidence_change, "js_threshold": p.js_threshold,
-            "verdict": format!("{:?}", p.verdict).to_lowercase(),
-        })),
+        "features": e.features.iter().map(|f| feature_eval(f, b)).collect::<Vec<_>>(),
+        "prediction": e.prediction.as_ref().map(prediction_eval),
     })
+}
+
+fn open_window(v: &SubjectView) -> Value {
+    json!({ "samples": v.open_samples, "opened_at": rfc3339(v.opened_ms) })
 }
 
 /// `GET /drift`: every model version and cohort with its status.
@@ -137,26 +144,28 @@ pub async fn summary(State(state): AppState) -> Result<Json<Vec<Value>>, ApiErro
         .iter()
         .map(|s| {
             let names = |want: Status| -> Vec<&str> {
-                s.feature_status
+                s.features
                     .iter()
                     .zip(&s.baseline.features)
-                    .filter(|(st, _)| **st == want)
+                    .filter(|(v, _)| v.status == want)
                     .map(|(_, f)| f.name.as_str())
                     .collect()
             };
+            let prediction = s.prediction.as_ref().map(|p| p.status);
             let worst = s
-                .feature_status
+                .features
                 .iter()
-                .copied()
-                .chain([s.prediction_status])
-                .max_by_key(|st| *st as u8)
-                .unwrap_or(Status::Ok);
+                .map(|v| v.status)
+                .chain(prediction)
+                .max_by_key(|st| st.rank())
+                .unwrap_or(Status::Insufficient);
             json!({
                 "model": s.key.model, "version": s.key.version.to_string(), "cohort": s.key.cohort,
-                "status": status_name(worst),
+                "status": worst.name(),
                 "features_alerting": names(Status::Alert), "features_warning": names(Status::Warn),
-                "prediction_status": status_name(s.prediction_status),
-                "open_window_samples": s.window_samples,
+                "features_insufficient": names(Status::Insufficient),
+                "prediction_status": prediction.map(Status::name),
+                "open_window_samples": s.features.iter().chain(&s.prediction).map(|v| v.open_samples).max(),
                 "last_window_closed_at": s.last.as_ref().map(|e| rfc3339(e.closed_ms)),
             })
         })
@@ -196,31 +205,26 @@ pub async fn current(
         .baseline
         .features
         .iter()
-        .zip(&s.feature_status)
-        .enumerate()
-        .map(|(i, (f, st))| {
-            let last = s.last.as_ref().and_then(|e| e.features.iter().find(|x| usize::from(x.feature) == i));
+        .zip(&s.features)
+        .zip(&s.last_features)
+        .map(|((f, v), last)| {
             json!({
-                "feature": f.name, "status": status_name(*st), "bins": f.edges.len() + 1,
-                "last_window": last.map(|l| json!({
-                    "n": l.n, "psi": l.psi, "js": l.js, "ks": l.ks, "ks_error_bound": l.ks_bound,
-                    "wasserstein": l.wasserstein, "warn_threshold": l.warn_threshold, "alert_threshold": l.alert_threshold,
-                    "verdict": format!("{:?}", l.verdict).to_lowercase(),
-                })),
+                "feature": f.name, "status": v.status.name(), "bins": f.edges.len() + 1,
+                "open_window": open_window(v),
+                "cusum": v.cusum, "clean_windows": v.clean_windows,
+                "last_window": last.as_ref().map(|l| feature_eval(l, &s.baseline)),
             })
         })
         .collect();
     Ok(Json(json!({
         "model": s.key.model, "version": s.key.version.to_string(), "cohort": s.key.cohort,
-        "open_window": { "samples": s.window_samples, "opened_at": rfc3339(s.opened_ms) },
         "features": features,
-        "prediction": {
-            "status": status_name(s.prediction_status),
-            "last_window": s.last.as_ref().and_then(|e| e.prediction.as_ref()).map(|p| json!({
-                "n": p.n, "js": p.js, "l_inf": p.l_inf, "mean_confidence": p.mean_confidence,
-                "confidence_change": p.confidence_change, "js_threshold": p.js_threshold,
-            })),
-        },
+        "prediction": s.prediction.as_ref().map(|v| json!({
+            "status": v.status.name(),
+            "open_window": open_window(v),
+            "cusum": v.cusum, "clean_windows": v.clean_windows,
+            "last_window": s.last_prediction.as_ref().map(prediction_eval),
+        })),
         "samples": format!("/api/v1/drift/{}/{}/samples.csv?cohort={}", s.key.model, s.key.version, s.key.cohort),
     })))
 }

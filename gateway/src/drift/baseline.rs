@@ -2,8 +2,10 @@
 //!
 //! Each feature is cut into K bins at the reference quantiles j/K (numpy's default "linear"
 //! definition), with open outer bins: bin i holds x with `edges[i-1] <= x < edges[i]`. Ties can
-//! merge edges, so a feature may end up with fewer than K bins. Devices that know the edges send
-//! counts per bin instead of raw samples.
+//! merge edges, so a feature may end up with fewer than K bins. A value the reference holds many
+//! times (a tie: a constant, an integer feature, a sensor's dropout value) gets a bin of its own,
+//! `[v, next float above v)`, so a move off it in either direction changes the bins. Devices that
+//! know the edges send counts per bin instead of raw samples.
 
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +54,9 @@ pub enum BaselineError {
 /// Most features and bins a baseline may have (bounded memory per window).
 pub const MAX_FEATURES: usize = fleetgate_protocol::limits::MAX_FEATURES;
 pub const MAX_BINS: usize = 100;
+/// Fewest reference samples of a feature or of the predictions: below it the reference's own
+/// sampling noise swamps any drift.
+pub const MIN_REFERENCE: u64 = 100;
 
 /// The bin of `x` for these edges.
 pub fn bin_of(edges: &[f64], x: f64) -> usize {
@@ -66,7 +71,47 @@ fn quantile(sorted: &[f64], p: f64) -> f64 {
     sorted[lo] + (h - lo as f64) * (sorted[hi] - sorted[lo])
 }
 
+/// The smallest value above `v` that is a 32-bit float (edges travel to devices as f32), so
+/// `[v, above_f32(v))` holds v as a device sends it.
+pub fn above_f32(v: f64) -> f64 {
+    let f = v as f32;
+    let f = if f64::from(f) < v { f.next_up() } else { f };
+    f64::from(f.next_up())
+}
+
 impl FeatureBaseline {
+    /// A robust standard deviation: the interquartile range / 1.349 (equal to the standard
+    /// deviation for normal data, untouched by a few outliers), read off the reference's CDF at
+    /// the edges; the standard deviation when ties make the IQR 0; `None` for a constant.
+    pub fn scale(&self) -> Option<f64> {
+        if self.std <= 0.0 {
+            return None;
+        }
+        let q = |p: f64| -> f64 {
+            let mut cum = 0.0;
+            let mut x0 = self.min;
+            for (i, r) in self.reference.iter().enumerate() {
+                let x1 = self.edges.get(i).copied().unwrap_or(self.max);
+                if cum + r >= p && *r > 0.0 {
+                    // A tied value's own bin is a point, not an interval.
+                    if x1 <= above_f32(x0) {
+                        return x0;
+                    }
+                    return x0 + (x1 - x0) * ((p - cum) / r).clamp(0.0, 1.0);
+                }
+                cum += r;
+                x0 = x1;
+            }
+            self.max
+        };
+        let iqr = (q(0.75) - q(0.25)) / 1.349;
+        if iqr.is_finite() && iqr > 0.0 {
+            Some(iqr)
+        } else {
+            Some(self.std)
+        }
+    }
+
     /// Builds a feature's baseline from its reference values.
     pub fn build(
         name: &str,
@@ -79,9 +124,10 @@ impl FeatureBaseline {
                 "feature {name}: values must be finite"
             )));
         }
-        if sorted.len() < 2 {
+        if (sorted.len() as u64) < MIN_REFERENCE {
             return Err(BaselineError::Invalid(format!(
-                "feature {name}: at least 2 reference values needed"
+                "feature {name}: at least {MIN_REFERENCE} reference values needed, found {}",
+                sorted.len()
             )));
         }
         sorted.sort_by(f64::total_cmp);
@@ -89,6 +135,21 @@ impl FeatureBaseline {
             .map(|j| quantile(&sorted, j as f64 / bins as f64))
             .collect();
         edges.dedup();
+        // Ties: an edge on a value holding at least half a bin's share gets the value's own bin.
+        let atom = (sorted.len() / (2 * bins)).max(2);
+        let mut room = (MAX_BINS - 1).saturating_sub(edges.len());
+        let mut with_atoms = Vec::with_capacity(edges.len() * 2);
+        for (i, &e) in edges.iter().enumerate() {
+            with_atoms.push(e);
+            let ties = sorted.partition_point(|v| *v <= e) - sorted.partition_point(|v| *v < e);
+            let above = above_f32(e);
+            let next = edges.get(i + 1).copied().unwrap_or(f64::INFINITY);
+            if ties >= atom && above < next && room > 0 {
+                with_atoms.push(above);
+                room -= 1;
+            }
+        }
+        let edges = with_atoms;
         let mut counts = vec![0u64; edges.len() + 1];
         for &v in &sorted {
             counts[bin_of(&edges, v)] += 1;
@@ -241,8 +302,13 @@ impl Baseline {
                     "feature {name}: reference shares must be within 0..=1 and sum to 1"
                 ));
             }
-            if f.n == 0
-                || !f.std.is_finite()
+            if f.n < MIN_REFERENCE {
+                return bad(format!(
+                    "feature {name}: at least {MIN_REFERENCE} reference samples needed (n is {})",
+                    f.n
+                ));
+            }
+            if !f.std.is_finite()
                 || f.std < 0.0
                 || !f.mean.is_finite()
                 || !f.min.is_finite()
@@ -258,10 +324,19 @@ impl Baseline {
             let total: f64 = p.classes.iter().sum();
             if p.classes.is_empty()
                 || p.classes.len() > 256
+                || p.classes.iter().any(|c| !(0.0..=1.0).contains(c))
                 || (total - 1.0).abs() > 1e-6
-                || p.n == 0
             {
-                return bad("prediction: class shares must sum to 1, at most 256 classes".into());
+                return bad("prediction: class shares must be within 0..=1 and sum to 1, at most 256 classes".into());
+            }
+            if p.n < MIN_REFERENCE {
+                return bad(format!(
+                    "prediction: at least {MIN_REFERENCE} reference predictions needed (n is {})",
+                    p.n
+                ));
+            }
+            if p.mean_confidence.is_some_and(|c| !(0.0..=1.0).contains(&c)) {
+                return bad("prediction: mean_confidence must be within 0..=1".into());
             }
         }
         Ok(())

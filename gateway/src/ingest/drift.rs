@@ -1,5 +1,12 @@
-//! The writer's side of drift: feeding telemetry to the drift engine, storing closed windows,
-//! raising and resolving drift alerts, sending devices their bin edges, and answering queries.
+//! The writer's side of drift: feeding telemetry to the drift engine, storing closed windows
+//! and the streams' state, raising and resolving drift alerts, sending devices their bin
+//! edges, and answering queries.
+//!
+//! Baselines are looked up in the registry the first time a (model, version) is seen, and the
+//! answer is kept. A version without a baseline is kept as "none" too, so a device naming
+//! versions nobody registered costs one registry lookup per version, and at most
+//! [`MAX_UNKNOWN_VERSIONS`] of those answers are kept (names and versions are at most 64 bytes
+//! each, `protocol::limits`); past that they are forgotten and looked up again when seen.
 
 use std::sync::Arc;
 
@@ -11,20 +18,26 @@ use semver::Version;
 
 use super::{Effects, Writer};
 use crate::drift::baseline::Baseline;
-use crate::drift::engine::{ALL, Evaluation, Event, Row, Status, StreamKey, Subject};
+use crate::drift::engine::{
+    ALL, Evaluation, Event, FeatureEval, PredictionEval, Row, StreamKey, Subject, SubjectView,
+    Trigger,
+};
 use crate::metrics::DriftLabels;
 use crate::model::{AlertSource, DriftSubject};
 use crate::storage::{self, Tables};
+
+/// Answers "no baseline" kept before they are forgotten (see the module docs).
+pub const MAX_UNKNOWN_VERSIONS: usize = 256;
 
 /// A copy of one drift stream's state, for the API.
 #[derive(Debug, Clone)]
 pub struct DriftStream {
     pub key: StreamKey,
     pub baseline: Arc<Baseline>,
-    pub window_samples: u64,
-    pub opened_ms: u64,
-    pub feature_status: Vec<Status>,
-    pub prediction_status: Status,
+    pub features: Vec<SubjectView>,
+    pub prediction: Option<SubjectView>,
+    pub last_features: Vec<Option<FeatureEval>>,
+    pub last_prediction: Option<PredictionEval>,
     pub last: Option<Evaluation>,
 }
 
@@ -58,6 +71,10 @@ impl Writer {
     /// A model version's baseline, looked up in the registry the first time.
     pub(super) fn baseline(&mut self, model: &str, version: &Version) -> Option<Arc<Baseline>> {
         if !self.drift.knows(model, version) {
+            if self.drift.known_versions() >= MAX_UNKNOWN_VERSIONS {
+                let forgotten = self.drift.forget_unknown_versions();
+                tracing::debug!(forgotten, "drift: forgot model versions without a baseline");
+            }
             self.load_baseline(model, version);
         }
         self.drift.baseline(model, version)
@@ -121,13 +138,35 @@ impl Writer {
         }
         let cohort = self.cohort(device);
         let (events, observed) = self.drift.observe(&cohort, device, tel, now);
+        // Counted once per message, however many cohorts it fed.
         self.metrics.drift_mismatched.inc_by(observed.mismatched);
         self.drift_events(t, events, now)
     }
 
+    /// Closes windows open for `drift.window`, then saves the streams that changed (each tick,
+    /// so a restart loses at most a second of drift data).
     pub(super) fn drift_tick(&mut self, t: &mut Tables<'_>, now: u64) -> storage::Result<()> {
         let events = self.drift.tick(now);
-        self.drift_events(t, events, now)
+        self.drift_events(t, events, now)?;
+        for (key, state) in self.drift.save_dirty() {
+            t.put_drift_state(&key, &state)?;
+        }
+        Ok(())
+    }
+
+    /// After a restart: each stream continues from its saved state (open windows, alert
+    /// episodes); a stream without one (a database from before states were saved) continues
+    /// its verdicts from its last stored windows.
+    pub(super) fn drift_restore(&mut self) -> storage::Result<()> {
+        self.drift =
+            crate::drift::engine::Engine::new(self.drift_settings.clone(), super::DRIFT_SEED);
+        for (key, evaluations) in self.store.drift_recent(3)? {
+            self.drift.restore(key, evaluations);
+        }
+        for (key, state) in self.store.drift_states()? {
+            self.drift.restore_state(key, state);
+        }
+        Ok(())
     }
 
     fn drift_events(
@@ -145,10 +184,16 @@ impl Writer {
                 Event::Raise {
                     key,
                     subject,
+                    trigger,
                     evaluation,
                 } => {
-                    let (name, kind, value, message) =
-                        describe(&key, subject, &evaluation, self.baseline_names(&key));
+                    let (name, kind, value, message) = describe(
+                        &key,
+                        subject,
+                        trigger,
+                        &evaluation,
+                        self.baseline_names(&key),
+                    );
                     let source = AlertSource::Drift(DriftSubject {
                         model: key.model.clone(),
                         version: key.version.clone(),
@@ -193,6 +238,7 @@ impl Writer {
             .unwrap_or_default()
     }
 
+    /// Every subject's status, and the value and size of the windows that just closed.
     fn drift_gauges(&self, key: &StreamKey, e: &Evaluation) {
         let Some(stream) = self.drift.stream(key) else {
             return;
@@ -203,38 +249,34 @@ impl Writer {
             cohort: key.cohort.clone(),
             subject: subject.to_owned(),
         };
-        let status = |s: Status| match s {
-            Status::Ok => 0,
-            Status::Warn => 1,
-            Status::Alert => 2,
-        };
+        let m = &self.metrics;
+        for (fb, view) in stream.baseline.features.iter().zip(&stream.features) {
+            m.drift_status
+                .get_or_create(&labels(&fb.name))
+                .set(view.status.gauge());
+        }
+        if let Some(p) = &stream.prediction {
+            m.drift_status
+                .get_or_create(&labels("prediction"))
+                .set(p.status.gauge());
+        }
         for f in &e.features {
             let Some(fb) = stream.baseline.features.get(usize::from(f.feature)) else {
                 continue;
             };
-            self.metrics
-                .drift_value
+            m.drift_value.get_or_create(&labels(&fb.name)).set(f.psi);
+            m.drift_window_samples
                 .get_or_create(&labels(&fb.name))
-                .set(f.psi);
-            let s = stream
-                .feature_status
-                .get(usize::from(f.feature))
-                .copied()
-                .unwrap_or(Status::Ok);
-            self.metrics
-                .drift_status
-                .get_or_create(&labels(&fb.name))
-                .set(status(s));
+                .set(f.n as i64);
         }
         if let Some(p) = &e.prediction {
-            self.metrics
-                .drift_value
+            let value = if p.js.is_finite() { p.js } else { 0.0 };
+            m.drift_value
                 .get_or_create(&labels("prediction"))
-                .set(p.js);
-            self.metrics
-                .drift_status
+                .set(value);
+            m.drift_window_samples
                 .get_or_create(&labels("prediction"))
-                .set(status(stream.prediction_status));
+                .set(p.n as i64);
         }
     }
 
@@ -287,10 +329,10 @@ impl Writer {
                     .map(|s| DriftStream {
                         key: s.key.clone(),
                         baseline: s.baseline.clone(),
-                        window_samples: s.window_samples,
-                        opened_ms: s.opened_ms,
-                        feature_status: s.feature_status,
-                        prediction_status: s.prediction_status,
+                        features: s.features,
+                        prediction: s.prediction,
+                        last_features: s.last_features.to_vec(),
+                        last_prediction: s.last_prediction.cloned(),
                         last: s.last.cloned(),
                     })
                     .collect(),
@@ -308,6 +350,7 @@ impl Writer {
 fn describe(
     key: &StreamKey,
     subject: Subject,
+    trigger: Trigger,
     e: &Evaluation,
     names: Vec<String>,
 ) -> (Option<String>, AlertKind, Option<f64>, String) {
@@ -315,6 +358,10 @@ fn describe(
         "recent inputs: /api/v1/drift/{}/{}/samples.csv?cohort={}",
         key.model, key.version, key.cohort
     );
+    let why = match trigger {
+        Trigger::Windows => "in 2 of the last 3 windows",
+        Trigger::Cusum => "lasting (CUSUM over several windows)",
+    };
     match subject {
         Subject::Feature(i) => {
             let name = names
@@ -326,8 +373,18 @@ fn describe(
                 (
                     Some(f.psi),
                     format!(
-                        "PSI {:.3} (alert at {:.3}) in 2 of the last 3 windows; last window {} samples, JS {:.3}, KS {:.3} (+{:.3}), W1 {:.2} sd",
-                        f.psi, f.alert_threshold, f.n, f.js, f.ks, f.ks_bound, f.wasserstein
+                        "PSI {:.3} (alert at {:.3}) {why}; last window {} samples, JS {:.3}, KS {:.3} (+{:.3}), W1 {}",
+                        f.psi,
+                        f.alert_threshold,
+                        f.n,
+                        f.js,
+                        f.ks,
+                        f.ks_bound,
+                        if f.wasserstein.is_finite() {
+                            format!("{:.2} sd", f.wasserstein)
+                        } else {
+                            "n/a (constant reference)".to_owned()
+                        }
                     ),
                 )
             });
@@ -347,7 +404,7 @@ fn describe(
                     .confidence_change
                     .map_or(String::new(), |c| format!(", mean confidence {c:+.3}"));
                 format!(
-                    "JS {:.3} (alert at {:.3}), L-inf {:.3}{conf} over {} predictions",
+                    "JS {:.3} (alert at {:.3}) {why}, L-inf {:.3}{conf} over {} predictions",
                     p.js, p.js_threshold, p.l_inf, p.n
                 )
             });
@@ -361,3 +418,6 @@ fn describe(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -316,11 +316,8 @@ impl Writer {
             };
             let _ = self.updates.on_event(event, now);
         }
-        // Drift verdicts continue from the last stored windows.
-        self.drift = crate::drift::engine::Engine::new(self.drift_settings.clone(), DRIFT_SEED);
-        for (key, evaluations) in self.store.drift_recent(3)? {
-            self.drift.restore(key, evaluations);
-        }
+        // Drift streams continue from their saved state (or their last stored windows).
+        self.drift_restore()?;
         Ok(())
     }
 

@@ -3,22 +3,30 @@
 //! one cohort with its own past, is what keeps a change that hits the whole fleet (a heat wave,
 //! a new season's data) from rolling a good release back.
 //!
-//! The window is kept as `BUCKETS` buckets per cohort; a bucket holds counts, sums, a latency
-//! histogram and class counts, so memory is bounded per rollout whatever the traffic.
+//! Every gate judges per-device summaries, not pooled messages: each device's alerts per
+//! message, latency p95, mean free memory, temperature, power and confidence, and class
+//! shares. A side's value is the trimmed mean of its devices' values: `gates.device_trim` of
+//! the devices (at least one from 3 devices on) are left out at each end. So one device, however
+//! much it sends and whatever values it reports, cannot pass or fail a gate on its own
+//! (issue 13); values outside the protocol's plausible ranges are ignored outright.
+//!
+//! The window is kept per device as up to `BUCKETS` time buckets; a bucket holds counts, sums,
+//! a sparse log-scale latency histogram (2 % steps) and class counts, so memory is bounded per
+//! device whatever the traffic.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use fleetgate_config::Gates;
-use hdrhistogram::Histogram;
+use fleetgate_protocol::limits::{MAX_CLASSES, hw};
 
 use super::model::{Gate, GateEval, Verdict};
 use crate::drift::engine::Comparison;
 use crate::drift::metrics::{self, Chi2Table};
 
 const BUCKETS: u64 = 10;
-/// Latencies are kept to 2 significant digits (1 %) up to 10 minutes.
-const LATENCY_MAX_US: u64 = 600_000_000;
+/// Latency histogram step: bucket i holds latencies around STEP^i microseconds.
+const LATENCY_STEP: f64 = 1.02;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Cohort {
@@ -46,9 +54,9 @@ struct Mean {
 }
 
 impl Mean {
-    fn add(&mut self, v: f64) {
-        self.sum += v;
-        self.n += 1;
+    fn add(&mut self, v: f64, n: u64) {
+        self.sum += v * n as f64;
+        self.n += n;
     }
 
     fn merge(&mut self, o: &Mean) {
@@ -61,11 +69,13 @@ impl Mean {
     }
 }
 
-#[derive(Debug, Clone)]
+/// One device's health in one bucket (or, merged, over the window).
+#[derive(Debug, Clone, Default)]
 struct Agg {
     messages: u64,
     alerts: u64,
-    latency: Histogram<u64>,
+    /// (log bucket, count), sorted by bucket.
+    latency: Vec<(u16, u32)>,
     free_mem: Mean,
     temp: Mean,
     power: Mean,
@@ -74,26 +84,28 @@ struct Agg {
     confidence: Mean,
 }
 
+fn latency_bucket(us: u32) -> u16 {
+    (f64::from(us.max(1)).ln() / LATENCY_STEP.ln()).round() as u16
+}
+
+fn latency_value(bucket: u16) -> f64 {
+    LATENCY_STEP.powi(i32::from(bucket))
+}
+
 impl Agg {
-    fn new() -> Agg {
-        Agg {
-            messages: 0,
-            alerts: 0,
-            latency: Histogram::new_with_bounds(1, LATENCY_MAX_US, 2)
-                .expect("valid histogram bounds"),
-            free_mem: Mean::default(),
-            temp: Mean::default(),
-            power: Mean::default(),
-            classes: Vec::new(),
-            confidence: Mean::default(),
+    fn record_latency(&mut self, bucket: u16, count: u32) {
+        match self.latency.binary_search_by_key(&bucket, |(b, _)| *b) {
+            Ok(i) => self.latency[i].1 = self.latency[i].1.saturating_add(count),
+            Err(i) => self.latency.insert(i, (bucket, count)),
         }
     }
 
     fn merge(&mut self, o: &Agg) {
         self.messages += o.messages;
         self.alerts += o.alerts;
-        // Both histograms have the same bounds, so adding cannot fail.
-        let _ = self.latency.add(&o.latency);
+        for &(b, c) in &o.latency {
+            self.record_latency(b, c);
+        }
         self.free_mem.merge(&o.free_mem);
         self.temp.merge(&o.temp);
         self.power.merge(&o.power);
@@ -105,22 +117,33 @@ impl Agg {
         }
         self.confidence.merge(&o.confidence);
     }
-}
 
-#[derive(Debug)]
-struct Bucket {
-    start_ms: u64,
-    updated: Agg,
-    control: Agg,
-}
-
-impl Bucket {
-    fn cohort(&mut self, c: Cohort) -> &mut Agg {
-        match c {
-            Cohort::Updated => &mut self.updated,
-            Cohort::Control => &mut self.control,
-        }
+    fn latency_n(&self) -> u64 {
+        self.latency.iter().map(|(_, c)| u64::from(*c)).sum()
     }
+
+    /// The device's latency p95 (nearest rank), to the histogram's 2 %.
+    fn latency_p95(&self) -> Option<f64> {
+        let n = self.latency_n();
+        if n == 0 {
+            return None;
+        }
+        let rank = (0.95 * n as f64).ceil() as u64;
+        let mut seen = 0;
+        for &(b, c) in &self.latency {
+            seen += u64::from(c);
+            if seen >= rank {
+                return Some(latency_value(b));
+            }
+        }
+        self.latency.last().map(|(b, _)| latency_value(*b))
+    }
+}
+
+/// One device's buckets on one side.
+#[derive(Debug, Default)]
+struct DeviceWindow {
+    buckets: VecDeque<(u64, Agg)>,
 }
 
 /// One rollout's health window.
@@ -128,9 +151,7 @@ impl Bucket {
 pub struct Health {
     window_ms: u64,
     bucket_ms: u64,
-    buckets: VecDeque<Bucket>,
-    /// The last time each device was seen in a cohort.
-    seen: HashMap<String, (Cohort, u64)>,
+    devices: HashMap<(String, Cohort), DeviceWindow>,
     chi2: Chi2Table,
 }
 
@@ -144,84 +165,176 @@ pub enum DriftInput {
     Compared(Comparison),
 }
 
+/// How many devices of `k` a trimmed mean leaves out at each end.
+fn trim_count(k: usize, trim: f64) -> usize {
+    if k < 3 || trim <= 0.0 {
+        return 0;
+    }
+    ((trim * k as f64).floor() as usize).max(1).min((k - 1) / 2)
+}
+
+/// The mean of `values` without the `trim_count` smallest and largest; `None` when empty.
+fn trimmed_mean(mut values: Vec<f64>, trim: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let t = trim_count(values.len(), trim);
+    let kept = &values[t..values.len() - t];
+    Some(kept.iter().sum::<f64>() / kept.len() as f64)
+}
+
+/// A side's devices over the window, merged per device.
+struct Side {
+    devices: Vec<Agg>,
+}
+
+impl Side {
+    fn total(&self, f: impl Fn(&Agg) -> u64) -> u64 {
+        self.devices.iter().map(f).sum()
+    }
+
+    fn trimmed(&self, trim: f64, f: impl Fn(&Agg) -> Option<f64>) -> Option<f64> {
+        trimmed_mean(self.devices.iter().filter_map(f).collect(), trim)
+    }
+
+    /// Per-class trimmed means of the devices' class shares, normalised; and a robust count of
+    /// predictions behind them (devices x their median count).
+    fn classes(&self, trim: f64, width: usize) -> (Vec<f64>, u64) {
+        let with: Vec<&Agg> = self
+            .devices
+            .iter()
+            .filter(|d| d.classes.iter().any(|&c| c > 0))
+            .collect();
+        if with.is_empty() {
+            return (vec![0.0; width], 0);
+        }
+        let shares: Vec<Vec<f64>> = with
+            .iter()
+            .map(|d| {
+                let mut c = d.classes.clone();
+                c.resize(width, 0);
+                metrics::shares(&c)
+            })
+            .collect();
+        let mut robust: Vec<f64> = (0..width)
+            .map(|i| trimmed_mean(shares.iter().map(|s| s[i]).collect(), trim).unwrap_or(0.0))
+            .collect();
+        let total: f64 = robust.iter().sum();
+        if total > 0.0 {
+            robust.iter_mut().for_each(|r| *r /= total);
+        }
+        let mut counts: Vec<u64> = with.iter().map(|d| d.classes.iter().sum()).collect();
+        counts.sort_unstable();
+        let median = counts[counts.len() / 2];
+        (robust, median * with.len() as u64)
+    }
+}
+
 impl Health {
     pub fn new(window: Duration) -> Health {
         let window_ms = (window.as_millis() as u64).max(BUCKETS);
         Health {
             window_ms,
             bucket_ms: window_ms / BUCKETS,
-            buckets: VecDeque::new(),
-            seen: HashMap::new(),
+            devices: HashMap::new(),
             chi2: Chi2Table::default(),
         }
     }
 
-    fn bucket(&mut self, now_ms: u64) -> &mut Bucket {
+    /// The bucket of `device` on `cohort`'s side for a message at `now_ms`.
+    fn bucket(&mut self, device: &str, cohort: Cohort, now_ms: u64) -> &mut Agg {
         let start = now_ms - now_ms % self.bucket_ms;
-        if self.buckets.back().is_none_or(|b| b.start_ms < start) {
-            self.buckets.push_back(Bucket {
-                start_ms: start,
-                updated: Agg::new(),
-                control: Agg::new(),
-            });
+        let oldest = now_ms.saturating_sub(self.window_ms);
+        let bucket_ms = self.bucket_ms;
+        let w = self.devices.entry((device.to_owned(), cohort)).or_default();
+        while w
+            .buckets
+            .front()
+            .is_some_and(|(b, _)| b + bucket_ms <= oldest)
+        {
+            w.buckets.pop_front();
         }
-        self.expire(now_ms);
         // A message stamped before the newest bucket (the clock went back) counts in it.
-        self.buckets.back_mut().expect("a bucket was just ensured")
+        if w.buckets.back().is_none_or(|(b, _)| *b < start) {
+            w.buckets.push_back((start, Agg::default()));
+        }
+        &mut w.buckets.back_mut().expect("a bucket was just ensured").1
     }
 
     fn expire(&mut self, now_ms: u64) {
         let oldest = now_ms.saturating_sub(self.window_ms);
-        while self
-            .buckets
-            .front()
-            .is_some_and(|b| b.start_ms + self.bucket_ms <= oldest)
-        {
-            self.buckets.pop_front();
-        }
-        self.seen.retain(|_, (_, at)| *at > oldest);
+        let bucket_ms = self.bucket_ms;
+        self.devices.retain(|_, w| {
+            while w
+                .buckets
+                .front()
+                .is_some_and(|(b, _)| b + bucket_ms <= oldest)
+            {
+                w.buckets.pop_front();
+            }
+            !w.buckets.is_empty()
+        });
     }
 
+    /// Takes one message's values; a value outside the protocol's plausible range (which the
+    /// decoder refuses anyway) is left out rather than trusted.
     pub fn telemetry(&mut self, device: &str, cohort: Cohort, s: &Sample, now_ms: u64) {
-        self.seen.insert(device.to_owned(), (cohort, now_ms));
-        let a = self.bucket(now_ms).cohort(cohort);
+        let a = self.bucket(device, cohort, now_ms);
         a.messages += 1;
+        let in_range = |v: f32, (lo, hi): (f32, f32)| v.is_finite() && (lo..=hi).contains(&v);
         if let Some(l) = s.latency_us {
-            a.latency
-                .saturating_record(u64::from(l).clamp(1, LATENCY_MAX_US));
+            a.record_latency(
+                latency_bucket(l.clamp(hw::LATENCY_US.0, hw::LATENCY_US.1)),
+                1,
+            );
         }
-        if let Some(v) = s.free_mem_bytes {
-            a.free_mem.add(v as f64);
+        if let Some(v) = s.free_mem_bytes.filter(|v| *v <= hw::MAX_FREE_MEM_BYTES) {
+            a.free_mem.add(v as f64, 1);
         }
-        if let Some(v) = s.temp_c.filter(|v| v.is_finite()) {
-            a.temp.add(f64::from(v));
+        if let Some(v) = s.temp_c.filter(|v| in_range(*v, hw::TEMP_C)) {
+            a.temp.add(f64::from(v), 1);
         }
-        if let Some(v) = s.power_mw.filter(|v| v.is_finite()) {
-            a.power.add(f64::from(v));
+        if let Some(v) = s.power_mw.filter(|v| in_range(*v, hw::POWER_MW)) {
+            a.power.add(f64::from(v), 1);
         }
-        if a.classes.len() < s.class_counts.len() {
-            a.classes.resize(s.class_counts.len(), 0);
+        let classes = &s.class_counts[..s.class_counts.len().min(MAX_CLASSES)];
+        if a.classes.len() < classes.len() {
+            a.classes.resize(classes.len(), 0);
         }
-        for (c, &k) in a.classes.iter_mut().zip(&s.class_counts) {
+        for (c, &k) in a.classes.iter_mut().zip(classes) {
             *c += u64::from(k);
         }
-        if let Some(c) = s.mean_confidence.filter(|c| c.is_finite()) {
-            let n = u64::from(s.inferences.max(1));
-            a.confidence.sum += f64::from(c) * n as f64;
-            a.confidence.n += n;
+        if let Some(c) = s.mean_confidence.filter(|c| in_range(*c, (0.0, 1.0))) {
+            a.confidence
+                .add(f64::from(c), u64::from(s.inferences.max(1)));
         }
     }
 
     pub fn alert(&mut self, device: &str, cohort: Cohort, now_ms: u64) {
-        self.seen
-            .entry(device.to_owned())
-            .or_insert((cohort, now_ms));
-        self.bucket(now_ms).cohort(cohort).alerts += 1;
+        self.bucket(device, cohort, now_ms).alerts += 1;
     }
 
-    /// Forgets a device's cohort (it moved from control to updating).
+    /// Forgets a device (it moved from control to updating): what it sent as control no longer
+    /// counts for either side.
     pub fn forget(&mut self, device: &str) {
-        self.seen.remove(device);
+        self.devices.retain(|(d, _), _| d != device);
+    }
+
+    fn side(&self, want: Cohort) -> Side {
+        let devices = self
+            .devices
+            .iter()
+            .filter(|((_, c), _)| *c == want)
+            .map(|(_, w)| {
+                let mut a = Agg::default();
+                for (_, b) in &w.buckets {
+                    a.merge(b);
+                }
+                a
+            })
+            .collect();
+        Side { devices }
     }
 
     /// Judges every gate on the current window. `control_exists`: the rollout still has devices
@@ -234,19 +347,10 @@ impl Health {
         drift: &DriftInput,
     ) -> Vec<GateEval> {
         self.expire(now_ms);
-        let mut u = Agg::new();
-        let mut c = Agg::new();
-        for b in &self.buckets {
-            u.merge(&b.updated);
-            c.merge(&b.control);
-        }
-        let devices = |want: Cohort| {
-            self.seen
-                .values()
-                .filter(|(cohort, _)| *cohort == want)
-                .count() as u64
-        };
-        let (ud, cd) = (devices(Cohort::Updated), devices(Cohort::Control));
+        let (u, c) = (self.side(Cohort::Updated), self.side(Cohort::Control));
+        let trim = g.device_trim;
+        let (ud, cd) = (u.devices.len() as u64, c.devices.len() as u64);
+        let (u_msgs, c_msgs) = (u.total(|a| a.messages), c.total(|a| a.messages));
         let base = |gate: Gate, un: u64, cn: u64| GateEval {
             gate,
             verdict: Verdict::Pass,
@@ -277,90 +381,123 @@ impl Health {
         };
         let mut out = Vec::with_capacity(Gate::ALL.len());
 
-        // Alerts per telemetry message; the control's count gets +1 so that a control without
-        // alerts does not make a single alert look infinitely worse.
-        let mut e = base(Gate::AlertRate, u.messages, c.messages);
-        let rate = |alerts: u64, msgs: u64| alerts as f64 / msgs.max(1) as f64;
-        e.updated = Some(rate(u.alerts, u.messages));
-        e.control = Some(rate(c.alerts, c.messages));
-        e.threshold = g.alert_rate * rate(c.alerts + 1, c.messages);
-        let over = u.alerts >= g.min_alerts && rate(u.alerts, u.messages) > e.threshold;
+        // Alerts per telemetry message, per device; the control's rate gets one alert's worth
+        // (1 / its messages) so that a control without alerts does not make a single alert look
+        // infinitely worse, and the updated side needs `min_alerts` among its kept devices.
+        let mut e = base(Gate::AlertRate, u_msgs, c_msgs);
+        let rate = |a: &Agg| Some(a.alerts as f64 / a.messages.max(1) as f64);
+        let (ur, cr) = (u.trimmed(trim, rate), c.trimmed(trim, rate));
+        e.updated = ur;
+        e.control = cr;
+        e.threshold = g.alert_rate * (cr.unwrap_or(0.0) + 1.0 / c_msgs.max(1) as f64);
+        let kept_alerts = {
+            let mut alerts: Vec<u64> = u.devices.iter().map(|a| a.alerts).collect();
+            alerts.sort_unstable();
+            let t = trim_count(alerts.len(), trim);
+            alerts[t..alerts.len() - t].iter().sum::<u64>()
+        };
+        let over = kept_alerts >= g.min_alerts && ur.unwrap_or(0.0) > e.threshold;
         out.push(judge(e, over, true));
 
-        let (ul, cl) = (u.latency.len(), c.latency.len());
+        let (ul, cl) = (u.total(Agg::latency_n), c.total(Agg::latency_n));
         let mut e = base(Gate::LatencyP95, ul, cl);
         if ul == 0 && cl == 0 {
             e.verdict = Verdict::Off;
             out.push(e);
         } else {
             let (pu, pc) = (
-                u.latency.value_at_quantile(0.95) as f64,
-                c.latency.value_at_quantile(0.95) as f64,
+                u.trimmed(trim, Agg::latency_p95),
+                c.trimmed(trim, Agg::latency_p95),
             );
-            e.updated = (ul > 0).then_some(pu);
-            e.control = (cl > 0).then_some(pc);
-            e.threshold = g.latency_p95 * pc;
-            out.push(judge(e, pu > g.latency_p95 * pc, ul > 0 && cl > 0));
+            e.updated = pu;
+            e.control = pc;
+            e.threshold = g.latency_p95 * pc.unwrap_or(0.0);
+            let over = pu.zip(pc).is_some_and(|(pu, pc)| pu > g.latency_p95 * pc);
+            out.push(judge(e, over, pu.is_some() && pc.is_some()));
         }
 
-        // Means: (gate, updated, control, the factor, whether higher is worse).
-        for (gate, um, cm, factor, higher_is_worse) in [
-            (Gate::FreeMemory, u.free_mem, c.free_mem, g.free_mem, false),
-            (Gate::Temperature, u.temp, c.temp, g.temp, true),
-            (Gate::Power, u.power, c.power, g.power, true),
-        ] {
-            let mut e = base(gate, um.n, cm.n);
-            if um.n == 0 && cm.n == 0 {
+        // Means: (gate, the value of a device, the factor, whether higher is worse).
+        type Get = fn(&Agg) -> &Mean;
+        let means: [(Gate, Get, f64, bool); 3] = [
+            (Gate::FreeMemory, |a| &a.free_mem, g.free_mem, false),
+            (Gate::Temperature, |a| &a.temp, g.temp, true),
+            (Gate::Power, |a| &a.power, g.power, true),
+        ];
+        for (gate, get, factor, higher_is_worse) in means {
+            let (un, cn) = (u.total(|a| get(a).n), c.total(|a| get(a).n));
+            let mut e = base(gate, un, cn);
+            if un == 0 && cn == 0 {
                 e.verdict = Verdict::Off;
                 out.push(e);
                 continue;
             }
-            e.updated = um.value();
-            e.control = cm.value();
-            let cv = cm.value().unwrap_or(0.0);
+            let (uv, cv) = (
+                u.trimmed(trim, |a| get(a).value()),
+                c.trimmed(trim, |a| get(a).value()),
+            );
+            e.updated = uv;
+            e.control = cv;
+            let cv = cv.unwrap_or(0.0);
             e.threshold = factor * cv;
-            let uv = um.value().unwrap_or(0.0);
+            let uv0 = uv.unwrap_or(0.0);
             let over = if higher_is_worse {
-                uv > factor * cv
+                uv0 > factor * cv
             } else {
-                uv < factor * cv
+                uv0 < factor * cv
             };
-            out.push(judge(e, over, um.n > 0 && cm.n > 0 && cv > 0.0));
+            out.push(judge(e, over, uv.is_some() && cv > 0.0));
         }
 
-        // Predicted classes: the JS distance between the cohorts, never judged below what
-        // sampling noise alone produces between samples of these sizes.
-        let (un, cn): (u64, u64) = (u.classes.iter().sum(), c.classes.iter().sum());
+        // Predicted classes: the JS distance between the sides' robust class shares, never
+        // judged below what sampling noise alone produces between samples of these sizes.
+        let (un, cn) = (
+            u.total(|a| a.classes.iter().sum()),
+            c.total(|a| a.classes.iter().sum()),
+        );
         let mut e = base(Gate::Predictions, un, cn);
         if un == 0 && cn == 0 {
             e.verdict = Verdict::Off;
             out.push(e);
         } else {
-            let width = u.classes.len().max(c.classes.len());
-            let (mut uc, mut cc) = (u.classes.clone(), c.classes.clone());
-            uc.resize(width, 0);
-            cc.resize(width, 0);
-            let js = metrics::js_distance(&metrics::shares(&uc), &metrics::shares(&cc));
+            let width = u
+                .devices
+                .iter()
+                .chain(&c.devices)
+                .map(|a| a.classes.len())
+                .max()
+                .unwrap_or(0);
+            let ((us, u_n), (cs, c_n)) = (u.classes(trim, width), c.classes(trim, width));
+            let js = metrics::js_distance(&us, &cs);
             e.updated = Some(js);
-            e.threshold = g.prediction_js.max(self.chi2.js_noise(width, cn, un, 0.0));
+            // Classes no kept device predicts do not widen the noise threshold.
+            let seen = us
+                .iter()
+                .zip(&cs)
+                .filter(|(a, b)| **a > 0.0 || **b > 0.0)
+                .count();
+            e.threshold = g.prediction_js.max(self.chi2.js_noise(seen, c_n, u_n, 0.0));
             let over = js >= e.threshold;
-            out.push(judge(e, over, un > 0 && cn > 0));
+            out.push(judge(e, over, u_n > 0 && c_n > 0));
         }
 
-        let mut e = base(Gate::Confidence, u.confidence.n, c.confidence.n);
-        if u.confidence.n == 0 && c.confidence.n == 0 {
+        let (un, cn) = (u.total(|a| a.confidence.n), c.total(|a| a.confidence.n));
+        let mut e = base(Gate::Confidence, un, cn);
+        if un == 0 && cn == 0 {
             e.verdict = Verdict::Off;
             out.push(e);
         } else {
-            e.updated = u.confidence.value();
-            e.control = c.confidence.value();
-            let cv = c.confidence.value().unwrap_or(0.0);
-            e.threshold = cv - g.confidence_drop;
-            let over = u.confidence.value().is_some_and(|uv| uv <= e.threshold);
-            out.push(judge(e, over, u.confidence.n > 0 && c.confidence.n > 0));
+            let (uv, cv) = (
+                u.trimmed(trim, |a| a.confidence.value()),
+                c.trimmed(trim, |a| a.confidence.value()),
+            );
+            e.updated = uv;
+            e.control = cv;
+            e.threshold = cv.unwrap_or(0.0) - g.confidence_drop;
+            let over = uv.is_some_and(|uv| uv <= e.threshold);
+            out.push(judge(e, over, uv.is_some() && cv.is_some()));
         }
 
-        let mut e = base(Gate::Drift, u.messages, c.messages);
+        let mut e = base(Gate::Drift, u_msgs, c_msgs);
         match drift {
             _ if !g.drift => e.verdict = Verdict::Off,
             // Drift windows close after thousands of samples; until both versions have one,

@@ -100,6 +100,7 @@ pub struct Tables<'txn> {
     transfers: Table<'txn, u64, &'static [u8]>,
     device_transfers: Table<'txn, (&'static str, u64), ()>,
     drift: Table<'txn, (&'static str, &'static str, &'static str, u64), &'static [u8]>,
+    drift_state: Table<'txn, (&'static str, &'static str, &'static str), &'static [u8]>,
     rollouts: Table<'txn, u64, &'static [u8]>,
     rollout_devices: Table<'txn, (u64, &'static str), &'static [u8]>,
     rollout_audit: Table<'txn, (u64, u64), &'static [u8]>,
@@ -267,6 +268,7 @@ impl Store {
         copy_table(&src, &dst, TRANSFERS)?;
         copy_table(&src, &dst, DEVICE_TRANSFERS)?;
         copy_table(&src, &dst, DRIFT_WINDOWS)?;
+        copy_table(&src, &dst, DRIFT_STATE)?;
         copy_table(&src, &dst, ROLLOUTS)?;
         copy_table(&src, &dst, ROLLOUT_DEVICES)?;
         copy_table(&src, &dst, ROLLOUT_AUDIT)?;
@@ -319,6 +321,7 @@ impl Store {
                 transfers: txn.open_table(TRANSFERS)?,
                 device_transfers: txn.open_table(DEVICE_TRANSFERS)?,
                 drift: txn.open_table(DRIFT_WINDOWS)?,
+                drift_state: txn.open_table(DRIFT_STATE)?,
                 rollouts: txn.open_table(ROLLOUTS)?,
                 rollout_devices: txn.open_table(ROLLOUT_DEVICES)?,
                 rollout_audit: txn.open_table(ROLLOUT_AUDIT)?,
@@ -1065,6 +1068,60 @@ fn devices_of(
         .range((rollout, "")..(rollout + 1, ""))?
         .map(|e| Ok(RolloutDevice::decode(e?.1.value())?))
         .collect()
+}
+
+impl Tables<'_> {
+    /// Stores a drift stream's saved state, replacing the one before.
+    pub fn put_drift_state(&mut self, key: &StreamKey, state: &[u8]) -> Result<()> {
+        self.changed = true;
+        let v = key.version.to_string();
+        self.drift_state
+            .insert((key.model.as_str(), v.as_str(), key.cohort.as_str()), state)?;
+        Ok(())
+    }
+
+    /// Forgets the saved states of every cohort of a model version (its baseline changed).
+    pub fn delete_drift_states(&mut self, model: &str, version: &Version) -> Result<()> {
+        let v = version.to_string();
+        let mut removed = false;
+        self.drift_state.retain_in(
+            (model, v.as_str(), "")..=(model, v.as_str(), "\u{10ffff}"),
+            |_, _| {
+                removed = true;
+                false
+            },
+        )?;
+        self.changed |= removed;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Every saved drift stream state.
+    pub fn drift_states(&self) -> Result<Vec<(StreamKey, Vec<u8>)>> {
+        let txn = self.db.begin_read()?;
+        let table = match txn.open_table(DRIFT_STATE) {
+            Ok(t) => t,
+            // A database from before drift states: nothing saved yet.
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            let (m, v, c) = key.value();
+            let Ok(version) = Version::parse(v) else {
+                continue;
+            };
+            let key = StreamKey {
+                model: m.to_owned(),
+                version,
+                cohort: c.to_owned(),
+            };
+            out.push((key, value.value().to_vec()));
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]

@@ -90,3 +90,10 @@ pub(crate) const META_ROWS_LOGS: &str = "rows_logs";
 pub(crate) const META_ROW_BYTES: &str = "row_bytes";
 /// The storage quota's current cap on row bytes (see `storage::quota`); 0 while not reached.
 pub(crate) const META_QUOTA_CAP: &str = "quota_cap";
+
+/// (model, version, cohort) -> the drift engine's saved state of that stream: open windows,
+/// alert episodes and CUSUMs, so that a restart continues where it stopped. The value is the
+/// drift engine's own versioned encoding (`drift::engine::Engine::save_dirty`); one it cannot
+/// read is dropped and the stream starts over.
+pub(crate) const DRIFT_STATE: TableDefinition<(&str, &str, &str), &[u8]> =
+    TableDefinition::new("drift_state");

@@ -452,3 +452,127 @@ proptest! {
         }
     }
 }
+
+/// Every number and string a device sends has a bound; a value past it is refused as invalid
+/// and names its field (issue 13: a hostile device's numbers must not reach the gateway's sums).
+#[test]
+fn hostile_numbers_and_strings_are_invalid_and_name_their_field() {
+    let long_version = alloc::format!("1.0.0-{}", "a".repeat(60));
+    let many_classes = alloc::format!("[{}]", ["5000"; 256].join(","));
+    let cases: Vec<(String, &str)> = vec![
+        (r#"{"seq":1,"hw":{"temp_c":1e39}}"#.into(), "hw.temp_c"),
+        (r#"{"seq":1,"hw":{"temp_c":-1e30}}"#.into(), "hw.temp_c"),
+        (r#"{"seq":1,"hw":{"temp_c":200.5}}"#.into(), "hw.temp_c"),
+        (r#"{"seq":1,"hw":{"cpu_pct":-1}}"#.into(), "hw.cpu_pct"),
+        (r#"{"seq":1,"hw":{"power_mw":-5}}"#.into(), "hw.power_mw"),
+        (r#"{"seq":1,"hw":{"power_mw":1e39}}"#.into(), "hw.power_mw"),
+        (r#"{"seq":1,"hw":{"battery_mv":100001}}"#.into(), "hw.battery_mv"),
+        (
+            r#"{"seq":1,"hw":{"free_mem_bytes":1099511627777}}"#.into(),
+            "hw.free_mem_bytes",
+        ),
+        (
+            r#"{"seq":1,"hw":{"inference_latency_us":0}}"#.into(),
+            "hw.inference_latency_us",
+        ),
+        (
+            r#"{"seq":1,"hw":{"inference_latency_us":600000001}}"#.into(),
+            "hw.inference_latency_us",
+        ),
+        (
+            r#"{"seq":1,"model":{"name":"kws","version":"1.0.0","mean_confidence":-3}}"#.into(),
+            "model.mean_confidence",
+        ),
+        (
+            r#"{"seq":1,"model":{"name":"kws","version":"1.0.0","mean_confidence":1e39}}"#.into(),
+            "model.mean_confidence",
+        ),
+        (
+            alloc::format!(r#"{{"seq":1,"model":{{"name":"kws","version":"{long_version}"}}}}"#),
+            "model.version",
+        ),
+        (
+            alloc::format!(
+                r#"{{"seq":1,"model":{{"name":"kws","version":"1.0.0","class_counts":{many_classes}}}}}"#
+            ),
+            "model.class_counts",
+        ),
+        (
+            r#"{"seq":1,"model":{"name":"kws","version":"1.0.0","inferences":10,"class_counts":[8,3]}}"#
+                .into(),
+            "model.class_counts",
+        ),
+        (
+            r#"{"seq":1,"samples":[{"values":[1.0],"confidence":1.5}]}"#.into(),
+            "samples.confidence",
+        ),
+        (
+            r#"{"seq":1,"samples":[{"values":[1.0],"prediction":256}]}"#.into(),
+            "samples.prediction",
+        ),
+        (
+            r#"{"seq":1,"samples":[{"values":[2e12]}]}"#.into(),
+            "samples.values",
+        ),
+        (
+            r#"{"seq":1,"bins":[{"feature":0,"counts":[1000000,1]}]}"#.into(),
+            "bins.counts",
+        ),
+        (
+            r#"{"seq":1,"bins":[{"feature":1,"counts":[1]},{"feature":1,"counts":[1]}]}"#.into(),
+            "bins.feature",
+        ),
+        (
+            r#"{"seq":1,"bins":[{"feature":64,"counts":[1]}]}"#.into(),
+            "bins.feature",
+        ),
+    ];
+    for (json, field) in &cases {
+        match decode::<Telemetry>(json.as_bytes(), Encoding::Json) {
+            Err(DecodeError::Invalid(inv)) => assert_eq!(inv.field, *field, "{json}"),
+            other => panic!("{json}: {other:?}"),
+        }
+    }
+    // The same bounds hold for postcard (the encoding MCUs use).
+    let hostile = Telemetry {
+        hw: HardwareMetrics {
+            temp_c: Some(-1e30),
+            ..Default::default()
+        },
+        ..telemetry()
+    };
+    let bytes = encode(&hostile, Encoding::Postcard).unwrap();
+    assert_eq!(
+        decode::<Telemetry>(&bytes, Encoding::Postcard),
+        Err(DecodeError::Invalid(Invalid::new(
+            "hw.temp_c",
+            "must be within -100..=200"
+        )))
+    );
+    // Versions in a hello, and its memory sizes.
+    let mut h = hello();
+    h.models[0].version = v(&long_version);
+    assert_eq!(h.validate(), Err(Invalid::new("version", "is too long")));
+    let mut h = hello();
+    h.hardware.ram_bytes = u64::MAX;
+    assert_eq!(
+        h.validate(),
+        Err(Invalid::new("hardware.ram_bytes", "must be at most 1 TiB"))
+    );
+    let a = Alert {
+        value: Some(3e12),
+        ..alert()
+    };
+    assert_eq!(a.validate().unwrap_err().field, "value");
+    // The limits themselves are accepted.
+    let edge = r#"{"seq":1,"hw":{"cpu_pct":100,"temp_c":-100,"power_mw":0,"battery_mv":100000,"inference_latency_us":1},"model":{"name":"kws","version":"1.0.0","inferences":10,"class_counts":[7,3],"mean_confidence":1}}"#;
+    assert!(decode::<Telemetry>(edge.as_bytes(), Encoding::Json).is_ok());
+    // A number no integer field can hold is a JSON error that says which value and where; it
+    // is refused and counted as undecodable, never stored.
+    let Err(DecodeError::Json(msg)) =
+        decode::<Telemetry>(br#"{"seq":1,"hw":{"battery_mv":1e39}}"#, Encoding::Json)
+    else {
+        panic!("1e39 accepted as millivolts")
+    };
+    assert!(msg.contains("1e+39") && msg.contains("u32"), "{msg}");
+}

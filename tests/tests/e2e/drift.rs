@@ -118,6 +118,9 @@ async fn drift_on_one_feature_is_raised_and_resolved_and_a_quiet_run_raises_noth
     c.drift.window_samples = 1000;
     c.drift.min_samples = 500;
     c.drift.window = Duration::from_secs(3600);
+    // Two simulated fleets racing each other send unevenly; the per-device cap (unit-tested in
+    // the drift engine) would make the window count depend on that timing.
+    c.drift.device_share = 1.0;
     let gw = TestGateway::start_with(c, Some(tmp)).await;
 
     // The devices run sim-model 1.0.0: register it and give it a baseline built from a CSV.
@@ -137,7 +140,9 @@ async fn drift_on_one_feature_is_raised_and_resolved_and_a_quiet_run_raises_noth
     let raw = gw.enroll_fleet("raw", 10).await;
     let binned = gw.enroll_fleet("bin", 10).await;
 
-    // 1. 60 messages x 25 samples x 20 devices = 30,000 samples: 30 windows like the baseline.
+    // 1. 60 messages x 20 devices, each with 25 samples and 20 predictions: 30,000 samples
+    //    (30 feature windows) and 24,000 predictions (24 prediction windows), each subject
+    //    closing on its own count, all like the baseline.
     phase(&gw, &raw, &binned, 60, vec![]).await;
     let alerts = gw.get("/alerts").await;
     assert_eq!(
@@ -146,18 +151,20 @@ async fn drift_on_one_feature_is_raised_and_resolved_and_a_quiet_run_raises_noth
         "false alarm on data drawn like the baseline"
     );
     let history = gw.get("/drift/sim-model/1.0.0/history?limit=1000").await;
+    let history = history.as_array().unwrap();
     let current = gw.get("/drift/sim-model/1.0.0").await;
+    let feature_windows = history
+        .iter()
+        .filter(|h| !h["features"].as_array().unwrap().is_empty())
+        .count();
+    let prediction_windows: Vec<&str> = history
+        .iter()
+        .filter_map(|h| h["prediction"]["verdict"].as_str())
+        .collect();
     assert_eq!(
-        history.as_array().unwrap().len(),
-        30,
-        "open window: {}; history n: {:?}",
-        current["open_window"],
-        history
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h["features"][0]["n"].clone())
-            .collect::<Vec<_>>()
+        (feature_windows, prediction_windows.len()),
+        (30, 24),
+        "{current}"
     );
     for f in current["features"].as_array().unwrap() {
         assert_eq!(f["status"], "ok", "{f}");
@@ -167,20 +174,15 @@ async fn drift_on_one_feature_is_raised_and_resolved_and_a_quiet_run_raises_noth
             w["psi"].as_f64().unwrap() < w["warn_threshold"].as_f64().unwrap(),
             "{w}"
         );
+        assert_eq!(f["open_window"]["samples"], 0, "{f}");
     }
-    // Predictions have no floor under their noise threshold, so a window drawn like the
-    // baseline is "warn" by chance 1 % of the time (the 99 % quantile): none may be "over",
-    // and more than 3 warnings in 30 windows (p < 1e-4 by chance) means the threshold is wrong.
-    let verdicts: Vec<&str> = history
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["prediction"]["verdict"].as_str().unwrap())
-        .collect();
-    let count = |v: &str| verdicts.iter().filter(|x| **x == v).count();
-    assert_eq!(count("over"), 0, "{history}");
-    assert!(count("warn") <= 3, "{history}");
-    assert_eq!(count("ok") + count("warn"), 30, "{verdicts:?}");
+    // Predictions have no floor under their warning level (the noise's 99 % quantile), so a
+    // window drawn like the baseline is "warn" by chance 1 % of the time: none may be "over",
+    // and more than 3 warnings in 24 windows (p < 1e-4 by chance) means the threshold is wrong.
+    let count = |v: &str| prediction_windows.iter().filter(|x| **x == v).count();
+    assert_eq!(count("over"), 0, "{history:?}");
+    assert!(count("warn") <= 3, "{history:?}");
+    assert_eq!(count("ok") + count("warn"), 24, "{prediction_windows:?}");
     assert_ne!(current["prediction"]["status"], "alert");
     assert!(
         gw.get("/ingest").await["stored"]["telemetry"]
@@ -361,5 +363,84 @@ async fn a_baseline_set_while_devices_are_online_reaches_the_devices_running_tha
     };
     let first: Value = serde_json::from_slice(&first.payload).unwrap();
     assert_eq!(first["action"], "ping", "{first}");
+    gw.stop().await;
+}
+
+/// Issue 14: a feature no device sends samples of shows `insufficient` (API and /metrics) and
+/// `null` metrics, never `ok` and 0.0, while the predictions are judged on their own windows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn features_without_samples_are_insufficient_and_null_while_predictions_are_judged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = config(tmp.path());
+    c.registry.trusted_keys = vec![public(1)];
+    c.drift.window_samples = 1000;
+    c.drift.min_samples = 500;
+    c.drift.window = Duration::from_secs(3600);
+    // Exact window counts: without the per-device cap, which makes them depend on how the
+    // simulated devices interleave.
+    c.drift.device_share = 1.0;
+    let gw = TestGateway::start_with(c, Some(tmp)).await;
+    gw.upload(model("1.0.0", 1, "sim-mcu", 4096, &[1]))
+        .await
+        .unwrap();
+    post_baseline(&gw).await;
+    let fleet = gw.enroll_fleet("counts", 10).await;
+    // 10 devices x 60 messages x 20 predictions, no raw samples: 12 prediction windows.
+    let mut spec = FleetSpec::new("127.0.0.1", gw.mqtt_port(), fleet);
+    spec.interval = Duration::from_millis(5);
+    spec.messages = Some(60);
+    spec.shape = DataShape {
+        samples: 0,
+        features: 4,
+        ..DataShape::default()
+    };
+    let report = fleetgate_sim::run(spec, CancellationToken::new()).await;
+    assert_eq!((report.unacked(), report.errors), (0, 0), "{report}");
+    gw.sync().await;
+
+    let current = gw.get("/drift/sim-model/1.0.0").await;
+    for f in current["features"].as_array().unwrap() {
+        assert_eq!(f["status"], "insufficient", "{f}");
+        assert_eq!(f["last_window"], Value::Null, "{f}");
+        assert_eq!(f["open_window"]["samples"], 0, "{f}");
+    }
+    let p = &current["prediction"];
+    assert_eq!(p["last_window"]["n"], 1000, "{p}");
+    assert!(
+        ["ok", "warn"].contains(&p["status"].as_str().unwrap()),
+        "{p}"
+    );
+    let history = gw.get("/drift/sim-model/1.0.0/history?limit=100").await;
+    assert_eq!(history.as_array().unwrap().len(), 12);
+    let summary = gw.get("/drift").await;
+    assert_eq!(
+        summary[0]["features_insufficient"],
+        json!(["f0", "f1", "f2", "f3"])
+    );
+    let metrics = tokio::task::spawn_blocking({
+        let url = format!("{}/metrics", gw.http_url());
+        move || {
+            ureq::get(&url)
+                .call()
+                .unwrap()
+                .into_body()
+                .read_to_string()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let line = |subject: &str| {
+        format!(
+            "fleetgate_drift_status{{model=\"sim-model\",version=\"1.0.0\",cohort=\"all\",subject=\"{subject}\"}}"
+        )
+    };
+    assert!(metrics.contains(&format!("{} -1", line("f0"))), "{metrics}");
+    assert!(
+        metrics.contains(
+            "fleetgate_drift_window_samples{model=\"sim-model\",version=\"1.0.0\",cohort=\"all\",subject=\"prediction\"} 1000"
+        ),
+        "{metrics}"
+    );
     gw.stop().await;
 }

@@ -45,16 +45,30 @@ fn settings() -> Settings {
         window_samples: 1000,
         window_ms: 3_600_000,
         min_samples: 500,
-        psi_alert: 0.25,
-        psi_warn_floor: 0.1,
-        prediction_js_alert: 0.1,
+        psi_alert: 0.1,
+        psi_warn_floor: 0.05,
+        prediction_js_alert: 0.07,
         confidence_drop_alert: 0.1,
+        false_alarm: 0.005,
+        resolve_after: 3,
+        sequential: true,
+        cusum_k: 0.25,
+        cusum_h: 1.0,
+        device_share: 0.02,
         reservoir: 50,
     }
 }
 
 fn version() -> Version {
     Version::new(1, 0, 0)
+}
+
+fn key() -> StreamKey {
+    StreamKey {
+        model: "kws".into(),
+        version: version(),
+        cohort: ALL.into(),
+    }
 }
 
 fn engine() -> Engine {
@@ -125,14 +139,12 @@ fn no_false_alarms_over_a_long_quiet_run() {
     let mut g = Normal(99);
     // 100 windows of 1000 samples drawn like the baseline; classes as in the reference.
     assert_eq!(run(&mut e, &mut g, 100, None, [70, 20, 10]), vec![]);
-    let last = e
-        .stream(&StreamKey {
-            model: "kws".into(),
-            version: version(),
-            cohort: ALL.into(),
-        })
-        .unwrap();
-    assert!(last.feature_status.iter().all(|s| *s != Status::Alert));
+    let last = e.stream(&key()).unwrap();
+    assert!(
+        last.feature_status()
+            .iter()
+            .all(|s| *s == Status::Ok || *s == Status::Warn)
+    );
 }
 
 #[test]
@@ -147,8 +159,8 @@ fn a_shifted_feature_alerts_after_two_of_three_windows_and_resolves() {
         vec![(Subject::Feature(1), true)]
     );
     assert_eq!(run(&mut e, &mut g, 3, Some((1, 1.0)), [70, 20, 10]), vec![]);
-    // Back to normal: still 2 of the last 3 over after one window, resolved after the second.
-    assert_eq!(run(&mut e, &mut g, 1, None, [70, 20, 10]), vec![]);
+    // Back to normal: resolved after 3 clean windows in a row (hysteresis), not before.
+    assert_eq!(run(&mut e, &mut g, 2, None, [70, 20, 10]), vec![]);
     assert_eq!(
         run(&mut e, &mut g, 1, None, [70, 20, 10]),
         vec![(Subject::Feature(1), false)]
@@ -159,8 +171,7 @@ fn a_shifted_feature_alerts_after_two_of_three_windows_and_resolves() {
         cohort: ALL.into(),
     };
     let view = e.stream(&key).unwrap();
-    let last = view.last.unwrap();
-    let f1 = &last.features[1];
+    let f1 = view.last_features[1].as_ref().unwrap();
     assert_eq!((f1.n, f1.verdict), (1000, Verdict::Ok));
     assert!(f1.psi < f1.warn_threshold, "{f1:?}");
 }
@@ -178,18 +189,11 @@ fn a_prediction_shift_or_a_confidence_drop_alerts_on_predictions() {
         version: version(),
         cohort: ALL.into(),
     };
-    let p = e
-        .stream(&key)
-        .unwrap()
-        .last
-        .unwrap()
-        .prediction
-        .clone()
-        .unwrap();
+    let p = e.stream(&key).unwrap().last_prediction.unwrap().clone();
     assert_eq!(p.n, 1000);
     assert!(p.js > p.js_threshold && p.l_inf > 0.39, "{p:?}");
     assert_eq!(
-        run(&mut e, &mut g, 2, None, [70, 20, 10]),
+        run(&mut e, &mut g, 3, None, [70, 20, 10]),
         vec![(Subject::Prediction, false)]
     );
 }
@@ -347,7 +351,7 @@ fn verdicts_survive_a_restart() {
     // A new engine restored from the stored windows resolves without raising again.
     let mut e = engine();
     e.restore(key, history);
-    assert_eq!(run(&mut e, &mut g, 1, None, [70, 20, 10]), vec![]);
+    assert_eq!(run(&mut e, &mut g, 2, None, [70, 20, 10]), vec![]);
     assert_eq!(
         run(&mut e, &mut g, 1, None, [70, 20, 10]),
         vec![(Subject::Feature(2), false)]
@@ -391,4 +395,369 @@ fn a_cohort_is_worse_only_when_its_drift_is_its_own() {
     feed(&mut e, &mut g, "canary", Some((0, 1.0)));
     feed(&mut e, &mut g, "control", Some((0, 1.0)));
     assert!(!e.worse(&key("canary"), &key("control")).unwrap().is_worse());
+}
+
+/// Runs `windows` windows with a `shift` on feature 0 and returns the window index (1-based)
+/// of the first raise on it, if any.
+fn first_raise(e: &mut Engine, g: &mut Normal, windows: usize, shift: f64) -> Option<usize> {
+    for w in 1..=windows {
+        let raised = run(e, g, 1, Some((0, shift)), [70, 20, 10]);
+        if raised.contains(&(Subject::Feature(0), true)) {
+            return Some(w);
+        }
+    }
+    None
+}
+
+#[test]
+fn half_a_standard_deviation_is_caught_within_two_windows() {
+    // Issue 14: the fixed floors (PSI 0.25) let 11 of 24 runs miss it. 20 seeded runs.
+    for seed in 0..20 {
+        let mut e = engine();
+        let mut g = Normal(1000 + seed);
+        assert_eq!(first_raise(&mut e, &mut g, 2, 0.5), Some(2), "seed {seed}");
+    }
+}
+
+#[test]
+fn a_quarter_standard_deviation_is_caught_by_the_cusum_and_not_without_it() {
+    for seed in 0..10 {
+        let mut e = engine();
+        let mut g = Normal(2000 + seed);
+        let at = first_raise(&mut e, &mut g, 10, 0.25);
+        assert!(at.is_some_and(|w| w <= 10), "seed {seed}: {at:?}");
+        let key = key();
+        let view = e.stream(&key).unwrap();
+        assert_eq!(view.features[0].status, Status::Alert);
+    }
+    let mut s = settings();
+    s.sequential = false;
+    let mut e = Engine::new(s, 1);
+    e.set_baseline("kws", &version(), Some(baseline()));
+    let mut g = Normal(2000);
+    assert_eq!(first_raise(&mut e, &mut g, 10, 0.25), None);
+}
+
+#[test]
+fn a_steady_shift_near_the_threshold_opens_one_alert_and_it_resolves_once() {
+    // Issue 14: a steady shift opened 5 alerts in 24 windows (over, not over, over...).
+    let mut e = engine();
+    let mut g = Normal(77);
+    let events = run(&mut e, &mut g, 24, Some((0, 0.3)), [70, 20, 10]);
+    assert_eq!(events, vec![(Subject::Feature(0), true)]);
+    let events = run(&mut e, &mut g, 10, None, [70, 20, 10]);
+    assert_eq!(events, vec![(Subject::Feature(0), false)]);
+    let view = e.stream(&key()).unwrap();
+    assert_eq!(view.features[0].status, Status::Ok);
+}
+
+#[test]
+fn features_and_predictions_close_on_their_own_counts() {
+    // Issue 14: class counts for every inference and a few raw inputs: the prediction window
+    // filled first and took the features with it, always "insufficient". A 3 sd shift went
+    // unnoticed.
+    let mut e = engine();
+    let mut g = Normal(41);
+    let mut raised = Vec::new();
+    let mut closed_features = 0;
+    let mut closed_predictions = 0;
+    for i in 0..400u64 {
+        let tel = telemetry(&mut g, 10, Some((1, 3.0)), vec![700, 200, 100]);
+        let (events, _) = e.observe(ALL, "d1", &tel, i);
+        for ev in events {
+            match ev {
+                Event::Closed { evaluation, .. } => {
+                    closed_features += usize::from(!evaluation.features.is_empty());
+                    closed_predictions += usize::from(evaluation.prediction.is_some());
+                    for f in &evaluation.features {
+                        assert_eq!((f.n, f.verdict == Verdict::Insufficient), (1000, false));
+                    }
+                }
+                Event::Raise { subject, .. } => raised.push(subject),
+                Event::Resolve { .. } => {}
+            }
+        }
+    }
+    // 4000 raw samples: 4 feature windows; 400,000 predictions: 400 prediction windows.
+    assert_eq!((closed_features, closed_predictions), (4, 400));
+    assert_eq!(raised, vec![Subject::Feature(1)]);
+}
+
+#[test]
+fn insufficient_is_a_status_and_features_without_data_have_no_window() {
+    let mut e = engine();
+    let mut g = Normal(43);
+    // Class counts only: the features never open a window.
+    let tel = telemetry(&mut g, 0, None, vec![70, 20, 10]);
+    e.observe(ALL, "d1", &tel, 0);
+    let view = e.stream(&key()).unwrap();
+    assert_eq!(view.features[0].status, Status::Insufficient);
+    assert_eq!(view.features[0].open_samples, 0);
+    assert!(view.last_features.iter().all(Option::is_none));
+    // A window closed by time with too few samples: insufficient, and so is the status.
+    e.observe(
+        ALL,
+        "d1",
+        &telemetry(&mut g, 100, None, vec![70, 20, 10]),
+        1,
+    );
+    let events = e.tick(3_600_001);
+    assert_eq!(events.len(), 1);
+    let view = e.stream(&key()).unwrap();
+    let last = view.last_features[0].as_ref().unwrap();
+    assert_eq!((last.n, last.verdict), (100, Verdict::Insufficient));
+    assert_eq!(view.features[0].status, Status::Insufficient);
+    assert_eq!(Status::Insufficient.gauge(), -1);
+}
+
+#[test]
+fn a_samples_prediction_feeds_the_prediction_window_when_there_are_no_class_counts() {
+    let mut e = engine();
+    let mut g = Normal(47);
+    // Samples predicted as class 0 with confidence 0.9, no class counts: 1000 of them close
+    // the prediction window, all class 0 against a 70 % reference.
+    let mut tel = telemetry(&mut g, 250, None, vec![]);
+    if let Some(m) = &mut tel.model {
+        m.mean_confidence = None;
+    }
+    let mut prediction = None;
+    for i in 0..4 {
+        let (events, _) = e.observe(ALL, "d1", &tel, i);
+        for ev in events {
+            if let Event::Closed { evaluation, .. } = ev {
+                prediction = evaluation.prediction.or(prediction);
+            }
+        }
+    }
+    let p = prediction.unwrap();
+    assert_eq!(p.n, 1000);
+    assert!((p.l_inf - 0.3).abs() < 1e-12, "{p:?}");
+    assert!((p.mean_confidence.unwrap() - 0.9).abs() < 1e-6, "{p:?}");
+}
+
+#[test]
+fn a_mismatch_is_counted_once_however_many_cohorts_the_message_feeds() {
+    let mut e = engine();
+    let bad = Telemetry {
+        samples: vec![InputSample {
+            values: vec![1.0],
+            prediction: None,
+            confidence: None,
+        }],
+        ..telemetry(&mut Normal(1), 0, None, vec![1])
+    };
+    assert_eq!(e.observe("site-a", "d1", &bad, 0).1.mismatched, 1);
+}
+
+#[test]
+fn open_windows_and_alert_episodes_survive_a_restart() {
+    let mut g = Normal(53);
+    let messages: Vec<Telemetry> = (0..35)
+        .map(|_| telemetry(&mut g, 100, Some((0, 1.0)), vec![70, 20, 10]))
+        .collect();
+    // Uninterrupted: 35 messages of 100 samples, 3 windows closed and 500 samples open.
+    let mut a = engine();
+    let mut raised_a = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        for ev in a.observe(ALL, "d1", m, i as u64).0 {
+            if let Event::Raise { subject, .. } = ev {
+                raised_a.push(subject);
+            }
+        }
+    }
+    // Interrupted after 25 messages (an alert is open, a window half full).
+    let mut b = engine();
+    for (i, m) in messages[..25].iter().enumerate() {
+        b.observe(ALL, "d1", m, i as u64);
+    }
+    let saved = b.save_dirty();
+    assert_eq!(saved.len(), 1);
+    assert!(b.save_dirty().is_empty(), "nothing changed since");
+    let mut c = engine();
+    for (key, state) in saved {
+        c.restore_state(key, state);
+    }
+    let mut raised_c = Vec::new();
+    for (i, m) in messages[25..].iter().enumerate() {
+        for ev in c.observe(ALL, "d1", m, 25 + i as u64).0 {
+            if let Event::Raise { subject, .. } = ev {
+                raised_c.push(subject);
+            }
+        }
+    }
+    // The restarted engine raised nothing again and has the same open window.
+    assert_eq!(raised_a, vec![Subject::Feature(0)]);
+    assert_eq!(raised_c, vec![]);
+    let (va, vc) = (a.stream(&key()).unwrap(), c.stream(&key()).unwrap());
+    assert_eq!(va.features, vc.features);
+    assert_eq!(va.features[0].open_samples, 500);
+    assert_eq!(va.last_features, vc.last_features);
+    // A state saved under another baseline is not used.
+    let mut d = engine();
+    let state = a.save_dirty().remove(0).1;
+    let mut other = (*baseline()).clone();
+    other.features[0].edges[0] -= 0.01;
+    d.set_baseline("kws", &version(), Some(Arc::new(other)));
+    d.restore_state(key(), state);
+    d.observe(ALL, "d1", &messages[0], 0);
+    assert_eq!(d.stream(&key()).unwrap().features[0].open_samples, 100);
+}
+
+/// Issue 13: one device of 50 sends extreme inputs (every value 1e30, in the top bin),
+/// predictions over 256 classes and a confidence of -3 (refused at decoding; left out here),
+/// as much as it may: no window's verdict changes, and no alert rises.
+#[test]
+fn one_hostile_device_of_fifty_moves_no_drift_verdict() {
+    type Closings = Vec<(Vec<Verdict>, Option<Verdict>)>;
+    let run_fleet = |hostile: bool, share: f64, first: bool| -> (Closings, Vec<Subject>) {
+        let mut s = settings();
+        s.device_share = share;
+        let mut e = Engine::new(s, 42);
+        e.set_baseline("kws", &version(), Some(baseline()));
+        let mut g = Normal(61);
+        let mut verdicts = Vec::new();
+        let mut raised = Vec::new();
+        let mut record = |events: Vec<Event>| {
+            for ev in events {
+                match ev {
+                    Event::Closed { evaluation, .. } => verdicts.push((
+                        evaluation.features.iter().map(|f| f.verdict).collect(),
+                        evaluation.prediction.map(|p| p.verdict),
+                    )),
+                    Event::Raise { subject, .. } => raised.push(subject),
+                    Event::Resolve { .. } => {}
+                }
+            }
+        };
+        let mut t = 0;
+        let hostile_message = |e: &mut Engine, g: &mut Normal, t: u64| {
+            let mut tel = telemetry(g, 256, None, vec![5000; 256]);
+            for s in &mut tel.samples {
+                s.values = vec![1e30; FEATURES];
+                s.confidence = Some(-3.0);
+            }
+            if let Some(m) = &mut tel.model {
+                m.inferences = 5000 * 256;
+                m.mean_confidence = Some(-3.0);
+            }
+            e.observe(ALL, "mallory", &tel, t).0
+        };
+        for _ in 0..40 {
+            if hostile && first {
+                record(hostile_message(&mut e, &mut g, t));
+            }
+            for d in 0..49 {
+                t += 1;
+                let tel = telemetry(&mut g, 5, None, vec![7, 2, 1]);
+                record(e.observe(ALL, &format!("d{d}"), &tel, t).0);
+            }
+            if hostile && !first {
+                record(hostile_message(&mut e, &mut g, t));
+            }
+        }
+        (verdicts, raised)
+    };
+    let (quiet, quiet_raised) = run_fleet(false, 0.02, false);
+    let (attacked, attacked_raised) = run_fleet(true, 0.02, false);
+    // What the cap is for: without it the same device raises alerts on every feature.
+    let (_, uncapped) = run_fleet(true, 1.0, false);
+    assert!(uncapped.contains(&Subject::Feature(0)), "{uncapped:?}");
+    assert_eq!(quiet_raised, vec![]);
+    assert_eq!(attacked_raised, vec![]);
+    // Sending first in every round changes nothing either once the stream has seen the
+    // fleet; only the very first window of a new stream, which the device opened alone, can
+    // be its own (and one window raises nothing).
+    let (first, first_raised) = run_fleet(true, 0.02, true);
+    assert_eq!(first_raised, vec![]);
+    let over = |v: &[(Vec<Verdict>, Option<Verdict>)]| {
+        v.iter()
+            .flat_map(|(f, p)| f.iter().copied().chain(*p))
+            .filter(|v| *v == Verdict::Over)
+            .count()
+    };
+    assert_eq!(over(&first[1..]), 0, "{first:?}");
+    // 49 devices x 5 samples x 40 rounds = 9,800 samples: 9 windows of features.
+    let judged = |v: &[(Vec<Verdict>, Option<Verdict>)]| {
+        v.iter()
+            .flat_map(|(f, p)| f.iter().copied().chain(*p))
+            .filter(|v| matches!(v, Verdict::Over))
+            .count()
+    };
+    assert_eq!(judged(&attacked), judged(&quiet));
+    assert!(quiet.len() >= 9, "{quiet:?}");
+    let over_or_warn = |v: &[(Vec<Verdict>, Option<Verdict>)]| {
+        v.iter()
+            .flat_map(|(f, p)| f.iter().copied().chain(*p))
+            .filter(|v| *v != Verdict::Ok)
+            .count()
+    };
+    assert_eq!(over_or_warn(&quiet), 0, "{quiet:?}");
+    assert_eq!(over_or_warn(&attacked), 0, "{attacked:?}");
+}
+
+/// Issue 14: W1 in reference standard deviations blew up for a constant reference (2.5e11)
+/// and for one outlier.
+#[test]
+fn w1_is_null_for_a_constant_reference_and_bounded_with_an_outlier() {
+    let constant = FeatureBaseline::build("c", &vec![7.5; 1000], 10).unwrap();
+    let mut counts = vec![0.0; constant.edges.len() + 1];
+    *counts.last_mut().unwrap() = 1.0;
+    assert!(w1(&constant, &counts).is_nan());
+    // A normal reference with one value at 1e9: a one-sd shift still reads about 1.
+    let mut g = Normal(3);
+    let mut values: Vec<f64> = (0..20_000).map(|_| g.next()).collect();
+    values[0] = 1e9;
+    let f = FeatureBaseline::build("x", &values, 10).unwrap();
+    let mut counts = vec![0u64; f.edges.len() + 1];
+    for _ in 0..5000 {
+        counts[bin_of(&f.edges, g.next() + 1.0)] += 1;
+    }
+    let w = w1(&f, &metrics::shares(&counts));
+    assert!((0.6..1.4).contains(&w), "{w}");
+}
+
+/// Issue 14: at K = 100 and m = 500, 24 % of windows drawn like the baseline went over the
+/// chi-square threshold and false alerts rose. The simulated null keeps it under 1 %
+/// (windows of 500 to 1000 samples here).
+#[test]
+fn a_hundred_bins_and_small_windows_raise_no_false_alarms() {
+    let mut g = Normal(71);
+    let values: Vec<f64> = (0..20_000).map(|_| g.next()).collect();
+    let b = Arc::new(Baseline {
+        features: vec![FeatureBaseline::build("x", &values, 100).unwrap()],
+        prediction: None,
+    });
+    let mut s = settings();
+    s.window_samples = 500;
+    let mut e = Engine::new(s, 5);
+    e.set_baseline("kws", &version(), Some(b));
+    let (mut over, mut windows, mut raised) = (0, 0, 0);
+    for i in 0..3000u64 {
+        let samples = (0..100)
+            .map(|_| InputSample {
+                values: vec![g.next() as f32],
+                prediction: None,
+                confidence: None,
+            })
+            .collect();
+        let tel = Telemetry {
+            samples,
+            ..telemetry(&mut g, 0, None, vec![])
+        };
+        for ev in e.observe(ALL, &format!("d{}", i % 10), &tel, i).0 {
+            match ev {
+                Event::Closed { evaluation, .. } => {
+                    windows += 1;
+                    over += usize::from(evaluation.features[0].verdict == Verdict::Over);
+                }
+                Event::Raise { .. } => raised += 1,
+                Event::Resolve { .. } => {}
+            }
+        }
+    }
+    // 10 devices: none counts for more than a tenth of a window's 500 towards closing it, so
+    // each window takes one message (100 samples) of every device.
+    assert_eq!(windows, 300);
+    assert!(over <= 3, "{over} of 300 windows over");
+    assert_eq!(raised, 0);
 }

@@ -97,10 +97,12 @@ fn alerts_on_the_updated_side_fail_the_alert_gate() {
     let e = h.evaluate(&gates(), 1_000, true, &DriftInput::Off);
     let a = e.iter().find(|e| e.gate == Gate::AlertRate).unwrap();
     assert_eq!(a.verdict, Verdict::Failing, "{a:?}");
-    assert_eq!(a.updated, Some(0.1));
-    assert_eq!(a.control, Some(0.02));
-    // 2 x (1 + 1) / 50.
-    assert!((a.threshold - 0.08).abs() < 1e-12);
+    // Every updated device: 1 alert in 10 messages. The control's one alerting device is
+    // trimmed (one device of 5 at each end), so its rate is 0.
+    assert!((a.updated.unwrap() - 0.1).abs() < 1e-12, "{a:?}");
+    assert_eq!(a.control, Some(0.0));
+    // 2 x (0 + 1 / 50).
+    assert!((a.threshold - 0.04).abs() < 1e-12);
     // Two alerts against one is within the allowed ratio (and under min_alerts).
     let mut h = Health::new(Duration::from_secs(10));
     feed(&mut h, normal, normal);
@@ -196,4 +198,130 @@ fn the_drift_gate_follows_the_drift_engine() {
     assert_eq!(verdict(&e, Gate::Drift), Verdict::Pass);
     let e = h.evaluate(&gates(), 1_000, true, &DriftInput::Unknown);
     assert_eq!(verdict(&e, Gate::Drift), Verdict::Off);
+}
+
+/// 25 devices a side over 20 seconds; `updated` and `control` make each message, and
+/// `mallory` (if any) is one more device on `side` sending what `hostile` makes, 50 times as
+/// often as the others.
+fn fleet(
+    updated: impl Fn(u32) -> Sample,
+    control: impl Fn(u32) -> Sample,
+    mallory: Option<(Cohort, &dyn Fn(u32) -> Sample)>,
+) -> Vec<GateEval> {
+    let mut h = Health::new(Duration::from_secs(60));
+    let mut g = gates();
+    g.window = Duration::from_secs(60);
+    for m in 0..20u32 {
+        for d in 0..25u32 {
+            let at = u64::from(m * 1000 + d);
+            let i = m * 25 + d;
+            h.telemetry(&format!("u{d}"), Cohort::Updated, &updated(i), at);
+            h.telemetry(&format!("c{d}"), Cohort::Control, &control(i), at);
+        }
+        if let Some((side, hostile)) = mallory {
+            for k in 0..50 {
+                h.telemetry(
+                    "mallory",
+                    side,
+                    &hostile(m * 50 + k),
+                    u64::from(m * 1000 + 30),
+                );
+            }
+        }
+    }
+    h.evaluate(&g, 20_000, true, &DriftInput::Off)
+}
+
+fn verdicts(e: &[GateEval]) -> Vec<(Gate, Verdict)> {
+    e.iter().map(|e| (e.gate, e.verdict)).collect()
+}
+
+/// Issue 13: one device of 50 sending extreme values (a temperature of -1e30, a latency of 0,
+/// counts for 256 classes, a confidence of -3, or the most extreme values the protocol lets
+/// through) changes no gate's verdict, on either side, for a good release or a bad one.
+#[test]
+fn one_hostile_device_of_fifty_changes_no_gate_verdict() {
+    let hostile: [&dyn Fn(u32) -> Sample; 2] = [
+        &|_| Sample {
+            latency_us: Some(0),
+            free_mem_bytes: Some(u64::MAX),
+            temp_c: Some(-1e30),
+            power_mw: Some(f32::INFINITY),
+            class_counts: vec![5000; 256],
+            inferences: 5000 * 256,
+            mean_confidence: Some(-3.0),
+        },
+        // Within every plausible range, at the far end.
+        &|_| Sample {
+            latency_us: Some(1),
+            free_mem_bytes: Some(1 << 40),
+            temp_c: Some(-100.0),
+            power_mw: Some(0.0),
+            class_counts: (0..256)
+                .map(|c| if c == 255 { 100_000 } else { 0 })
+                .collect(),
+            inferences: 100_000,
+            mean_confidence: Some(0.0),
+        },
+    ];
+    let bad = |i: u32| {
+        let mut s = normal(i);
+        s.latency_us = s.latency_us.map(|l| l * 2);
+        s.temp_c = Some(60.0);
+        s.power_mw = Some(300.0);
+        s.free_mem_bytes = Some(60_000);
+        s.class_counts = vec![6, 8, 6];
+        s.mean_confidence = Some(0.7);
+        s
+    };
+    let good_run = fleet(normal, normal, None);
+    let bad_run = fleet(bad, normal, None);
+    let moving = [
+        Gate::LatencyP95,
+        Gate::FreeMemory,
+        Gate::Temperature,
+        Gate::Power,
+        Gate::Predictions,
+        Gate::Confidence,
+    ];
+    for gate in moving {
+        assert_eq!(verdict(&good_run, gate), Verdict::Pass, "{gate:?}");
+        assert_eq!(verdict(&bad_run, gate), Verdict::Failing, "{gate:?}");
+    }
+    for (i, h) in hostile.iter().enumerate() {
+        for side in [Cohort::Updated, Cohort::Control] {
+            let good = fleet(normal, normal, Some((side, *h)));
+            let bad = fleet(bad, normal, Some((side, *h)));
+            assert_eq!(
+                verdicts(&good),
+                verdicts(&good_run),
+                "{i} {side:?}: {good:#?}"
+            );
+            assert_eq!(verdicts(&bad), verdicts(&bad_run), "{i} {side:?}: {bad:#?}");
+        }
+    }
+}
+
+#[test]
+fn without_trimming_one_device_does_move_a_gate() {
+    // What the trim is for: with device_trim = 0, one device at -100 C among 10 at 42 C pulls
+    // the control's mean temperature down far enough to fail a good release.
+    let mut h = Health::new(Duration::from_secs(60));
+    let mut g = gates();
+    g.device_trim = 0.0;
+    for m in 0..20u32 {
+        for d in 0..10u32 {
+            let at = u64::from(m * 100 + d);
+            h.telemetry(&format!("u{d}"), Cohort::Updated, &normal(m), at);
+            h.telemetry(&format!("c{d}"), Cohort::Control, &normal(m), at);
+        }
+        let mut cold = normal(m);
+        cold.temp_c = Some(-100.0);
+        h.telemetry("mallory", Cohort::Control, &cold, u64::from(m * 100 + 30));
+    }
+    let e = h.evaluate(&g, 2_000, true, &DriftInput::Off);
+    assert_eq!(verdict(&e, Gate::Temperature), Verdict::Failing);
+    g.device_trim = 0.1;
+    let e = h.evaluate(&g, 2_000, true, &DriftInput::Off);
+    assert_eq!(verdict(&e, Gate::Temperature), Verdict::Pass);
 }
