@@ -337,8 +337,8 @@ impl Health {
         Side { devices }
     }
 
-    /// Judges every gate on the current window. `control_exists`: the rollout still has devices
-    /// that are not updated (else there is nothing to compare with).
+    /// Judges every gate on the current window. `control_exists`: the rollout still has enough
+    /// devices that are not updated to compare with (`min_devices`, online or not).
     pub fn evaluate(
         &mut self,
         g: &Gates,

@@ -75,6 +75,11 @@ impl Members {
         all
     }
 
+    /// Members per stage.
+    pub fn per_stage(&self) -> Vec<u64> {
+        self.stages.iter().map(|c| c.devices).collect()
+    }
+
     pub fn counts(&self, stage: usize) -> &Counts {
         &self.stages[stage.min(self.stages.len() - 1)]
     }

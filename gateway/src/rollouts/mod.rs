@@ -147,6 +147,9 @@ struct Live {
     resend: HashSet<String>,
     /// Taken back after a restart: when this engine first drove it (see `RECONNECT_GRACE_MS`).
     restored: Option<Option<u64>>,
+    /// Devices whose last hello said they run the new version (one can run it before its
+    /// transfer is reported finished: its last report was still on the way).
+    runs_new: HashSet<String>,
     /// Updating devices that are offline, since when. One rebooting into the new version is
     /// waited for; one gone for longer than its stage's `device_timeout` no longer holds the
     /// stage (it is updated if it returns).
@@ -237,6 +240,7 @@ impl Engine {
                 blocked: HashMap::new(),
                 resend,
                 restored: Some(None),
+                runs_new: HashSet::new(),
                 gone: HashMap::new(),
             },
         );
@@ -395,6 +399,7 @@ impl Engine {
             blocked: HashMap::new(),
             resend: HashSet::new(),
             restored: None,
+            runs_new: HashSet::new(),
             gone: HashMap::new(),
         };
         let stages: Vec<String> = live
@@ -495,7 +500,8 @@ impl Engine {
                 if l.members.contains(&c.device) || self.by_device.contains_key(&c.device) {
                     continue;
                 }
-                let stage = plan::late_stage(id, &c.device, &l.sizes);
+                let per_stage = l.members.per_stage();
+                let stage = plan::late_stage(id, &c.device, &l.record.policy.stages, &per_stage);
                 let order = l.members.len() as u64;
                 let d = RolloutDevice {
                     device: c.device.clone(),
@@ -535,6 +541,11 @@ impl Engine {
             return actions;
         };
         let runs_new = now_running.as_ref() == Some(&new);
+        if runs_new {
+            l.runs_new.insert(device.to_owned());
+        } else {
+            l.runs_new.remove(device);
+        }
         let mut release = false;
         let changed = match d.state.clone() {
             DeviceState::RollbackSent { sent, .. } => {
@@ -860,7 +871,7 @@ impl Engine {
 
     /// Panics unless every rollout's indexes match a count from scratch (tests).
     #[cfg(test)]
-    fn check(&self) {
+    pub(crate) fn check(&self) {
         for l in self.live.values() {
             l.members.check();
         }

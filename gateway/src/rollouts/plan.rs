@@ -75,15 +75,28 @@ pub fn stage_of(position: u64, sizes: &[u64]) -> usize {
         .unwrap_or(sizes.len().saturating_sub(1))
 }
 
-/// The stage of a device that joins after the plan was made: where its hash falls among the
-/// stages' shares, so late joiners spread over the stages like everyone else.
-pub fn late_stage(rollout: u64, device: &str, sizes: &[u64]) -> usize {
-    let planned = sizes.last().copied().unwrap_or(0);
+/// The stage of a device that joins after the plan was made, with `per_stage` devices in each
+/// stage now: where its hash falls among the stages' shares of the rollout as it will be, so
+/// late joiners spread over the stages like everyone else, but never into a stage already as
+/// large as the policy makes it for that many devices (then the next one that is not). A canary
+/// of 3 devices stays 3 devices when the fleet turns out larger than it was at creation.
+pub fn late_stage(rollout: u64, device: &str, stages: &[StagePolicy], per_stage: &[u64]) -> usize {
+    let last = per_stage.len().saturating_sub(1);
+    let total = per_stage.iter().sum::<u64>() + 1;
+    let sizes = sizes(stages, total);
     let u = hash(rollout, device) as f64 / 2f64.powi(64);
-    sizes
+    let by_hash = sizes
         .iter()
-        .position(|&s| planned == 0 || u < s as f64 / planned as f64)
-        .unwrap_or(sizes.len().saturating_sub(1))
+        .position(|&s| u < s as f64 / total as f64)
+        .unwrap_or(last);
+    let mut before = per_stage[..by_hash.min(last)].iter().sum::<u64>();
+    for k in by_hash.min(last)..last {
+        before += per_stage[k];
+        if before < sizes[k] {
+            return k;
+        }
+    }
+    last
 }
 
 #[cfg(test)]

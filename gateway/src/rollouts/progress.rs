@@ -27,10 +27,12 @@ impl Engine {
             return;
         }
         l.last_eval_ms = now_ms;
-        // A control exists while any device of a later stage is not updated, online or not:
-        // an offline one comes back, and until both cohorts have their samples the gates wait.
-        let control_exists = l.members.control_after(l.record.stage) > 0;
+        // A control exists while enough devices of later stages to compare with
+        // (`min_devices`) are not updated, online or not: an offline one comes back, and until
+        // both cohorts have their samples the gates wait. Fewer can never be enough: waiting for
+        // them would stall the stage for good.
         let gates = l.record.policy.gates.clone();
+        let control_exists = l.members.control_after(l.record.stage) >= gates.min_devices.max(1);
         let mut evals = l.health.evaluate(&gates, now_ms, control_exists, &l.drift);
         let confirm = gates.confirm.as_millis() as u64;
         let mut failed = None;
@@ -134,10 +136,9 @@ impl Engine {
                         gone_expired += 1;
                     }
                 }
-                let pending_offline = c.pending - c.pending_online;
-                let need = stage
-                    .min_reporting
-                    .min(c.devices - pending_offline - gone_expired);
+                // A device offline and still pending is replaced by a later one (see
+                // `start_updates`), not left out: a stage of offline devices waits.
+                let need = stage.min_reporting.min(c.devices - gone_expired);
                 if l.members.waiting_upto(k) || gone_waiting || c.finished < need {
                     return;
                 }

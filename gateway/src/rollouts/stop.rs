@@ -173,7 +173,21 @@ impl Engine {
                         self.by_transfer.remove(&t);
                     }
                     cancelled += 1;
-                    DeviceState::Cancelled
+                    // It said hello on the new version already (its "installed" report is on
+                    // the way): it goes back like the others.
+                    let installed = rollback && l.runs_new.contains(&d.device);
+                    match installed
+                        .then(|| {
+                            directive(&l.record, &d, &new, 0, ttl, now_ms, &mut device_actions)
+                        })
+                        .flatten()
+                    {
+                        Some(state) => {
+                            sent += 1;
+                            state
+                        }
+                        None => DeviceState::Cancelled,
+                    }
                 }
                 DeviceState::Installed | DeviceState::Healthy if rollback => {
                     match directive(&l.record, &d, &new, 0, ttl, now_ms, &mut device_actions) {
@@ -193,6 +207,12 @@ impl Engine {
                 }
                 _ => continue,
             };
+            // A directive to a device that is away is lost: its next hello on the new version
+            // gets it again.
+            if matches!(state, DeviceState::RollbackSent { .. }) && !self.online.contains(&d.device)
+            {
+                l.resend.insert(d.device.clone());
+            }
             if let Some(saved) = l.members.update(&d.device, |m| {
                 m.state = state;
                 m.updated_ms = now_ms;

@@ -935,3 +935,54 @@ fn devices_reconnecting_after_a_restart_are_not_replaced() {
         .count();
     assert_eq!(pulled, 0, "{:?}", w.events());
 }
+
+/// Found by the simulation (seed 1000008): a rollback decided while an updated device was
+/// offline sent its directive into the void, and when the device came back on the new version
+/// nothing was sent again (only a device that went offline *after* its directive was marked
+/// for a resend). It stayed in `rollback_sent` on the new version for good.
+#[test]
+fn a_device_away_when_the_rollback_is_decided_gets_its_directive_when_it_returns() {
+    let mut w = World::new(10);
+    let mut p = policy();
+    p.stages.truncate(1);
+    p.stages[0].size = StageSize::Percent(100.0);
+    w.create(1, p);
+    w.finish_transfers();
+    w.online.insert("d003".to_owned(), false);
+    let actions = w.engine.offline("d003", w.now);
+    w.apply(actions);
+    let actions = w
+        .engine
+        .operator(1, OperatorAction::Rollback, "op", None, w.now)
+        .unwrap();
+    w.apply(actions);
+    assert_eq!(w.directives_sent, 10);
+    // The directive to d003 is lost: it is offline.
+    w.directives.remove("d003");
+    w.apply_directives();
+    assert_eq!(w.count(1, "rolled_back"), 9);
+    w.back("d003");
+    assert_eq!(w.directives_sent, 11, "d003 gets its directive again");
+    w.apply_directives();
+    assert_eq!(w.count(1, "rolled_back"), 10);
+    assert_eq!(w.running["d003"], old());
+}
+
+/// Found by the simulation (seed 450): a fleet of 4 with a canary of 3 left one device as the
+/// control, fewer than `gates.min_devices` (2). The gates read `insufficient` for good: the
+/// rollout paused for an operator, and a resume only baked again into the same pause. A control
+/// that can never be big enough is no control: the canary's stage passes on its installs.
+#[test]
+fn a_control_smaller_than_min_devices_does_not_stall_the_stage() {
+    let mut w = World::new(4);
+    let mut p = policy();
+    p.stages.truncate(2);
+    p.stages[0].size = StageSize::Count(3);
+    p.stages[1].size = StageSize::Percent(100.0);
+    p.gates.min_devices = 2;
+    w.create(1, p);
+    w.run(1, Duration::from_secs(60));
+    assert_eq!(w.state(1), RolloutState::Completed, "{:?}", w.events());
+    assert!(!w.events().contains(&"paused"), "{:?}", w.events());
+    assert_eq!(w.count(1, "healthy"), 4);
+}

@@ -1,6 +1,6 @@
 use std::collections::HashMap;
 
-use fleetgate_config::Config;
+use fleetgate_config::{Config, StageSize};
 
 use super::*;
 
@@ -75,15 +75,40 @@ fn default_stages_of_200_devices() {
 #[test]
 fn late_joiners_spread_like_the_plan() {
     let policy = Config::default().rollouts.policy;
-    let s = sizes(&policy.stages, 200);
-    let mut per_stage = [0usize; 4];
+    // 200 planned: 5, 15, 80 and 100 per stage.
+    let mut per_stage = vec![5u64, 15, 80, 100];
+    let mut joined = [0u64; 4];
     for i in 0..10_000 {
-        per_stage[late_stage(3, &format!("late-{i}"), &s)] += 1;
+        let k = late_stage(3, &format!("late-{i}"), &policy.stages, &per_stage);
+        per_stage[k] += 1;
+        joined[k] += 1;
     }
-    // Shares 2.5 %, 7.5 %, 40 %, 50 % of 10,000 joiners, within sampling noise.
-    for (got, want) in per_stage.iter().zip([250.0f64, 750.0, 4000.0, 5000.0]) {
-        let sd = (want * (1.0 - want / 10_000.0)).sqrt();
+    // The canary is a count (5) and stays 5; the other stages take their shares of the
+    // 10,200 (10 %, 50 %, 100 % cumulative), within sampling noise.
+    assert_eq!(per_stage[0], 5);
+    let total = 10_200.0;
+    for (got, share) in per_stage[1..].iter().zip([0.1f64 - 5.0 / total, 0.4, 0.5]) {
+        let want = share * total;
+        let sd = (want * (1.0 - share)).sqrt();
         assert!((*got as f64 - want).abs() < 4.0 * sd, "{per_stage:?}");
     }
-    assert_eq!(late_stage(3, "x", &[0, 0, 0, 0]), 0);
+    assert!(joined[1..].iter().all(|j| *j > 0), "{joined:?}");
+    assert_eq!(late_stage(3, "x", &policy.stages, &[0, 0, 0, 0]), 0);
+}
+
+/// A canary set as a count stays that count: when only 3 devices were known at creation (the
+/// canary was all of them), the devices that join later go to the next stage, not into the
+/// canary (where they would have left no control to compare with).
+#[test]
+fn late_joiners_do_not_swell_a_canary_of_a_fixed_count() {
+    let mut policy = Config::default().rollouts.policy;
+    policy.stages.truncate(2);
+    policy.stages[0].size = StageSize::Count(3);
+    policy.stages[1].size = StageSize::Percent(100.0);
+    let mut per_stage = vec![3u64, 0];
+    for i in 0..20 {
+        let k = late_stage(1, &format!("j{i}"), &policy.stages, &per_stage);
+        per_stage[k] += 1;
+    }
+    assert_eq!(per_stage, [3, 20]);
 }
