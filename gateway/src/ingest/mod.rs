@@ -595,6 +595,8 @@ impl Writer {
 }
 
 #[cfg(test)]
+mod sim;
+#[cfg(test)]
 mod testing;
 #[cfg(test)]
 mod tests;

@@ -168,6 +168,21 @@ impl Store {
         Ok(store)
     }
 
+    /// A database in memory (no file, no disk syncs): for deterministic simulations, where
+    /// keeping the handle across a writer's "restart" stands for the disk.
+    #[doc(hidden)]
+    pub fn in_memory() -> Result<Store> {
+        let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
+        let store = Store {
+            db: Arc::new(db),
+            path: PathBuf::new(),
+            commits: Arc::default(),
+            fail_commits: Arc::default(),
+        };
+        store.init_schema()?;
+        Ok(store)
+    }
+
     fn init_schema(&self) -> Result<()> {
         let found = {
             let txn = self.db.begin_read()?;
