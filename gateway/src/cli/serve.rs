@@ -1,0 +1,113 @@
+//! `fleetgate serve`: runs the gateway until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use super::load_config;
+use crate::auth::TokenSource;
+use crate::{Config, Gateway};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file; missing settings keep their defaults.
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// Overrides storage.data_dir.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Overrides mqtt.listen.
+    #[arg(long)]
+    mqtt_listen: Option<std::net::SocketAddr>,
+    /// Overrides http.listen.
+    #[arg(long)]
+    http_listen: Option<std::net::SocketAddr>,
+    /// How long shutdown may take per phase.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    grace: Duration,
+}
+
+pub fn run(args: ServeArgs) -> ExitCode {
+    let mut config = match load_config(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Some(dir) = args.data_dir {
+        config.storage.data_dir = dir;
+    }
+    if let Some(a) = args.mqtt_listen {
+        config.mqtt.listen = a;
+    }
+    if let Some(a) = args.http_listen {
+        config.http.listen = a;
+    }
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(serve(config, args.grace));
+    // Everything is flushed by now; do not let a stray blocking task hold the process.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fleetgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config, grace: Duration) -> anyhow::Result<()> {
+    let gateway = Gateway::start(config).await?;
+    println!("fleetgate {} running", env!("CARGO_PKG_VERSION"));
+    println!("  MQTT (devices):  {}", gateway.mqtt_addr);
+    if let Some(tls) = gateway.mqtt_tls_addr.filter(|a| *a != gateway.mqtt_addr) {
+        println!("  MQTT over TLS:   {tls}");
+    }
+    println!("  HTTP API:        http://{}/api/v1", gateway.http_addr);
+    println!("  data dir:        {}", gateway.data_dir.display());
+    match &gateway.token_source {
+        TokenSource::File(path) => println!("  operator token:  in {}", path.display()),
+        TokenSource::Env => println!("  operator token:  from ${}", crate::auth::TOKEN_ENV),
+        TokenSource::Config => println!("  operator token:  from the config file (http.token)"),
+    }
+    wait_for_signal()
+        .await
+        .context("waiting for a shutdown signal")?;
+    println!("fleetgate: shutting down");
+    gateway.shutdown(grace).await?;
+    println!("fleetgate: stopped, all data flushed");
+    Ok(())
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEETGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
