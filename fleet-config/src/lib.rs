@@ -393,17 +393,24 @@ impl Config {
 
         let mut reg = root.section(p, "registry");
         let keys = reg.strings(p, "trusted_keys");
-        let trusted_keys = keys
-            .iter()
-            .enumerate()
-            .filter_map(|(i, k)| match parse_key(k) {
-                Ok(key) => Some(key),
-                Err(e) => {
-                    reg.error(p, &format!("trusted_keys[{i}]"), &e);
-                    None
-                }
-            })
-            .collect::<Vec<_>>();
+        // (index in the file, key); a key given twice would count twice towards the threshold.
+        let mut trusted: Vec<(usize, [u8; 32])> = Vec::with_capacity(keys.len());
+        for (i, k) in keys.iter().enumerate() {
+            match parse_key(k) {
+                Ok(key) => match trusted.iter().find(|(_, t)| *t == key) {
+                    Some((first, _)) => reg.error(
+                        p,
+                        &format!("trusted_keys[{i}]"),
+                        &format!(
+                            "is the same key as trusted_keys[{first}]; list each key once (one key counts once towards the threshold)"
+                        ),
+                    ),
+                    None => trusted.push((i, key)),
+                },
+                Err(e) => reg.error(p, &format!("trusted_keys[{i}]"), &e),
+            }
+        }
+        let trusted_keys: Vec<[u8; 32]> = trusted.into_iter().map(|(_, k)| k).collect();
         let threshold = reg.usize(p, "threshold", 1..=16);
         if !trusted_keys.is_empty() && threshold > trusted_keys.len() {
             reg.error(p, "threshold", "is more than the number of trusted keys");

@@ -186,6 +186,30 @@ fn trusted_keys_are_hex_ed25519_keys() {
 }
 
 #[test]
+fn a_trusted_key_listed_twice_is_refused() {
+    let key = "11".repeat(32);
+    let upper = key.to_uppercase();
+    assert_eq!(
+        errors(&format!(
+            "[registry]\ntrusted_keys = [\"{key}\", \"{}\", \"{upper}\"]\nthreshold = 2\n",
+            "22".repeat(32)
+        )),
+        [
+            "registry.trusted_keys[2]: is the same key as trusted_keys[0]; list each key once (one key counts once towards the threshold)",
+        ]
+    );
+    assert_eq!(
+        errors(&format!(
+            "[registry]\ntrusted_keys = [\"{key}\", \"{key}\"]\nthreshold = 2\n"
+        )),
+        [
+            "registry.trusted_keys[1]: is the same key as trusted_keys[0]; list each key once (one key counts once towards the threshold)",
+            "registry.threshold: is more than the number of trusted keys",
+        ]
+    );
+}
+
+#[test]
 fn default_listeners_and_limits() {
     let c = Config::default();
     assert!(c.mqtt.plain);
