@@ -324,3 +324,61 @@ async fn a_read_only_token_reads_but_cannot_roll_out() {
         .await
         .unwrap();
 }
+
+/// A gateway on free loopback ports with the test token, in `dir`.
+async fn gateway_in(dir: &Path) -> Gateway {
+    let mut config = Config::default();
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.token = Some(TOKEN.to_owned());
+    config.storage.data_dir = dir.join("data");
+    Gateway::start(config).await.unwrap()
+}
+
+/// `devices revoke 'arr1?oops'` once revoked `arr1`: the id was put into the URL as it was,
+/// so `?oops` became a query. Every id is one percent-encoded path segment now.
+#[tokio::test]
+async fn an_id_with_url_characters_never_reaches_another_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = gateway_in(dir.path()).await;
+    let url = format!("http://{}", gateway.http_addr);
+    let api = ["--url", url.as_str(), "--token", TOKEN];
+    let run = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(api);
+        let all: Vec<String> = all.into_iter().map(str::to_owned).collect();
+        async move {
+            let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+            fleetgate(&refs).await
+        }
+    };
+    assert!(run(&["devices", "enroll", "arr1"]).await.status.success());
+    for id in [
+        "arr1?oops",
+        "arr1#x",
+        "arr1/credential",
+        "../devices/arr1",
+        "arr1%3F",
+    ] {
+        let o = run(&["devices", "revoke", id]).await;
+        assert_eq!(o.status.code(), Some(1), "{id}: {}", stdout(&o));
+        assert_eq!(
+            stderr(&o).trim(),
+            format!("fleetgate: 404: device {id} not found"),
+            "{id}"
+        );
+    }
+    let o = run(&["devices", "show", "arr1"]).await;
+    let device: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(device["revoked"], false);
+    let o = run(&["tokens", "revoke", "x?y"]).await;
+    assert!(
+        stderr(&o).contains("404: no token named `x?y`"),
+        "{}",
+        stderr(&o)
+    );
+    gateway
+        .shutdown(std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+}

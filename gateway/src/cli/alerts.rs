@@ -1,7 +1,7 @@
 //! `fleetgate alerts`: list, acknowledge and resolve alerts.
 
 use clap::Subcommand;
-use serde_json::Value;
+use serde_json::json;
 
 use super::{ApiClient, print_json};
 
@@ -47,8 +47,8 @@ pub fn run(c: &ApiClient, command: AlertsCommand) -> anyhow::Result<()> {
             }
             c.get_query("/alerts", &query)?
         }
-        AlertsCommand::Ack { id } => c.post(&format!("/alerts/{id}/ack"), &Value::Null)?,
-        AlertsCommand::Resolve { id } => c.post(&format!("/alerts/{id}/resolve"), &Value::Null)?,
+        AlertsCommand::Ack { id } => c.post(&format!("/alerts/{id}/ack"), &json!({}))?,
+        AlertsCommand::Resolve { id } => c.post(&format!("/alerts/{id}/resolve"), &json!({}))?,
     };
     print_json(&answer)
 }

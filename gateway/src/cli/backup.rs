@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Args;
-use serde_json::Value;
 
 use super::{ApiArgs, ClientError, client, load_config, report};
 
@@ -79,7 +78,7 @@ fn backup(api: &ApiArgs, out: &Path) -> ExitCode {
         },
         None => None,
     };
-    let snapshot = match client(api).map(|c| c.post("/backup/snapshot", &Value::Null)) {
+    let snapshot = match client(api).map(|c| c.post("/backup/snapshot", &serde_json::json!({}))) {
         Ok(Ok(answer)) => match answer["path"].as_str() {
             Some(p) => PathBuf::from(p),
             None => {

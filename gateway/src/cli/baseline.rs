@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use serde_json::Value;
 
+use super::client::path;
 use super::{ApiArgs, report, with_client};
 
 #[derive(Debug, Subcommand)]
@@ -69,7 +70,10 @@ pub fn run(command: BaselineCommand) -> ExitCode {
             baseline,
         } => with_client(&api, |c| {
             let body: Value = serde_json::from_str(&std::fs::read_to_string(&baseline)?)?;
-            let answer = c.put(&format!("/registry/model/{name}/{version}/baseline"), &body)?;
+            let answer = c.put(
+                &path(&["registry", "model", &name, &version, "baseline"]),
+                &body,
+            )?;
             println!(
                 "model {name} {version}: baseline with {} features",
                 answer["features"].as_array().map_or(0, Vec::len)

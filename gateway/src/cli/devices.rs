@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use serde_json::{Value, json};
 
+use super::client::path;
 use super::{ApiArgs, ClientError, client, parse_label};
 
 #[derive(Debug, Subcommand)]
@@ -65,15 +66,15 @@ pub fn run(api: &ApiArgs, command: DevicesCommand) -> ExitCode {
                 }
             }
             DevicesCommand::Show { id } => {
-                let d = client.get(&format!("/devices/{id}"))?;
+                let d = client.get(&path(&["devices", &id]))?;
                 println!("{}", serde_json::to_string_pretty(&d).unwrap_or_default());
             }
             DevicesCommand::Rotate { id } => {
-                let answer = client.post(&format!("/devices/{id}/credential"), &json!({}))?;
+                let answer = client.post(&path(&["devices", &id, "credential"]), &json!({}))?;
                 print_credential(&answer);
             }
             DevicesCommand::Revoke { id } => {
-                client.delete(&format!("/devices/{id}"))?;
+                client.delete(&path(&["devices", &id]))?;
                 println!("revoked {id}");
             }
         }

@@ -2,6 +2,7 @@
 
 use clap::Args;
 
+use super::client::path;
 use super::{ApiArgs, ApiClient, print_json};
 
 #[derive(Debug, Args)]
@@ -17,9 +18,7 @@ pub struct DriftArgs {
 
 pub fn run(c: &ApiClient, args: &DriftArgs) -> anyhow::Result<()> {
     let answer = match (&args.model, &args.version) {
-        (Some(m), Some(v)) => {
-            c.get_query(&format!("/drift/{m}/{v}"), &[("cohort", &args.cohort)])?
-        }
+        (Some(m), Some(v)) => c.get_query(&path(&["drift", m, v]), &[("cohort", &args.cohort)])?,
         (None, None) => c.get("/drift")?,
         _ => anyhow::bail!("give both model and version, or neither"),
     };

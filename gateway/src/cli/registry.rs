@@ -7,6 +7,7 @@ use clap::Subcommand;
 use serde_json::json;
 
 use super::ApiClient;
+use super::client::path;
 
 #[derive(Debug, Subcommand)]
 pub enum RegistryCommand {
@@ -74,7 +75,7 @@ pub fn run(client: &ApiClient, command: RegistryCommand) -> anyhow::Result<()> {
             version,
         } => {
             client.put(
-                &format!("/registry/{kind}/{name}/aliases/{alias}"),
+                &path(&["registry", &kind, &name, "aliases", &alias]),
                 &json!({ "version": version }),
             )?;
             println!("{kind} {name}: {alias} -> {version}");

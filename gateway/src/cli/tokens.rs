@@ -2,6 +2,7 @@
 
 use clap::Subcommand;
 
+use super::client::path;
 use super::{ApiClient, print_json};
 
 #[derive(Debug, Subcommand)]
@@ -30,7 +31,7 @@ pub fn run(c: &ApiClient, command: TokensCommand) -> anyhow::Result<()> {
             answer
         }
         TokensCommand::List => c.get("/tokens")?,
-        TokensCommand::Revoke { name } => c.delete(&format!("/tokens/{name}"))?,
+        TokensCommand::Revoke { name } => c.delete(&path(&["tokens", &name]))?,
     };
     print_json(&answer)
 }

@@ -58,13 +58,17 @@ pub fn run(client: &ApiClient, command: UpdatesCommand) -> anyhow::Result<()> {
             }
         }
         UpdatesCommand::List { device } => {
-            let path =
-                device.map_or_else(|| "/updates".to_owned(), |d| format!("/updates?device={d}"));
+            let query: Vec<(&str, &str)> = device.iter().map(|d| ("device", d.as_str())).collect();
             println!(
                 "{:>6} {:<24} {:<12} {:<12} {:>8} REASON",
                 "ID", "DEVICE", "VERSION", "STATE", "PROGRESS"
             );
-            for t in client.get(&path)?.as_array().into_iter().flatten() {
+            for t in client
+                .get_query("/updates", &query)?
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
                 println!(
                     "{:>6} {:<24} {:<12} {:<12} {:>7}% {}",
                     t["id"],
