@@ -184,12 +184,21 @@ pub async fn revoke(
     State(state): AppState,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
+    if name == auth::BOOTSTRAP_TOKEN {
+        return Err(ApiError::BadRequest(format!(
+            "`{name}` is the configured admin token (http.token, ${}, or <data_dir>/{}): change it there and restart",
+            auth::TOKEN_ENV,
+            auth::TOKEN_FILE
+        )));
+    }
     let key = name.clone();
     let removed = read(&state, move |s| s.write(|t| t.remove_token(&key))).await?;
-    state.tokens.remove(&name);
     if !removed {
         return Err(ApiError::NotFound(format!("no token named `{name}`")));
     }
+    // Only a stored token is forgotten: the name of one that is not stored may still be
+    // the bootstrap token's, held in memory only.
+    state.tokens.remove(&name);
     Ok(Json(json!({ "revoked": name })))
 }
 

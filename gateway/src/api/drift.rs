@@ -12,7 +12,7 @@ use semver::Version;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState, limit, read};
+use super::{ApiBytes, ApiError, ApiJson, ApiPath, ApiQuery, ApiState, limit, read};
 use crate::clock::rfc3339;
 use crate::drift::baseline::Baseline;
 use crate::drift::engine::{ALL, Evaluation, Status, StreamKey};
@@ -67,8 +67,10 @@ pub async fn post_baseline_csv(
     State(state): AppState,
     ApiPath((name, v)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<CsvQuery>,
-    body: String,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Json<Value>, ApiError> {
+    let body = String::from_utf8(body.to_vec())
+        .map_err(|e| ApiError::BadRequest(format!("the CSV is not UTF-8: {e}")))?;
     let bins = q.bins.unwrap_or(10);
     let baseline = tokio::task::spawn_blocking(move || {
         Baseline::from_csv(

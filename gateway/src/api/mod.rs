@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
@@ -26,6 +27,7 @@ use crate::storage::{AlertFilter, Store};
 pub mod access;
 mod drift;
 pub mod error;
+pub mod listener;
 mod rollouts;
 mod updates;
 pub mod views;
@@ -117,6 +119,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/tokens/{name}", axum::routing::delete(access::revoke))
         .route("/audit", get(access::audit))
         .route("/backup/snapshot", post(backup_snapshot))
+        .route_layer(middleware::from_fn_with_state(state.clone(), limit_body))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             access::require_token,
@@ -136,7 +139,101 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
-/// `Json` whose rejections are JSON [`ApiError`]s.
+/// The most bytes a route's request body may hold, put in the request by [`limit_body`].
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+/// Refuses a body over the route's limit from its `Content-Length` alone, before a byte of it
+/// is read (a client announcing 10 GiB is answered at once), and tells the body extractors
+/// the limit; bodies without a length are cut off at it while they stream
+/// (`DefaultBodyLimit`), answered the same way.
+async fn limit_body(
+    State(state): AppState,
+    mut req: Request,
+    next: middleware::Next,
+) -> Result<Response, ApiError> {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let limit = if route.ends_with("/registry/bundles") || route.ends_with("/baseline.csv") {
+        state.max_body_bytes
+    } else {
+        MAX_JSON_BODY
+    };
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(n) = announced
+        && n > limit as u64
+    {
+        return Err(too_large(limit, Some(n)));
+    }
+    req.extensions_mut().insert(BodyLimit(limit));
+    Ok(next.run(req).await)
+}
+
+fn too_large(limit: usize, announced: Option<u64>) -> ApiError {
+    let what = match announced {
+        Some(n) => format!("the request body is {n} bytes"),
+        None => "the request body is too large".to_owned(),
+    };
+    ApiError::PayloadTooLarge(format!("{what}; this endpoint takes at most {limit} bytes"))
+}
+
+/// The whole body, with JSON rejections: 413 over the route's limit, 400 for a broken stream.
+async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    let limit = req
+        .extensions()
+        .get::<BodyLimit>()
+        .map_or(MAX_JSON_BODY, |l| l.0);
+    Bytes::from_request(req, state).await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large(limit, None)
+        } else {
+            ApiError::BadRequest(e.body_text())
+        }
+    })
+}
+
+/// A raw body (bundle uploads, CSV) whose rejections are JSON [`ApiError`]s.
+#[derive(Debug)]
+pub struct ApiBytes(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for ApiBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        body_bytes(req, state).await.map(ApiBytes)
+    }
+}
+
+/// Parses a body that must be one JSON object: serde's derive would also take an array for a
+/// struct (`["d1"]` as `{"id": "d1"}`), which the API refuses.
+fn json_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => {}
+        None => {
+            return Err(ApiError::BadRequest(
+                "the request body is empty; it must be a JSON object".to_owned(),
+            ));
+        }
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "the request body must be a JSON object ({...})".to_owned(),
+            ));
+        }
+    }
+    Json::<T>::from_bytes(bytes)
+        .map(|Json(v)| v)
+        .map_err(|e| ApiError::BadRequest(e.body_text()))
+}
+
+/// A JSON object body (`Content-Type: application/json`) whose rejections are JSON
+/// [`ApiError`]s.
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);
 
@@ -144,9 +241,72 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(e) => Err(ApiError::BadRequest(e.body_text())),
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<mime_type::Essence>().ok())
+            .is_some_and(|m| m.is_json());
+        if !is_json {
+            return Err(ApiError::UnsupportedMediaType(
+                "the request body must be JSON: send `Content-Type: application/json`".to_owned(),
+            ));
+        }
+        let bytes = body_bytes(req, state).await?;
+        json_object(&bytes).map(ApiJson)
+    }
+}
+
+/// An optional JSON object body (actions that take none, or a few options): empty, or one
+/// JSON object; anything else is refused.
+#[derive(Debug)]
+pub struct OptionalJson<T>(pub Option<T>);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = body_bytes(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(None));
+        }
+        json_object(&bytes).map(|v| OptionalJson(Some(v)))
+    }
+}
+
+/// The body of an action that takes no options: empty or `{}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoBody {}
+
+/// The essence of a media type (`type/subtype`), enough to tell JSON from the rest.
+mod mime_type {
+    #[derive(Debug)]
+    pub struct Essence(String);
+
+    impl std::str::FromStr for Essence {
+        type Err = ();
+
+        fn from_str(s: &str) -> Result<Essence, ()> {
+            let essence = s
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            if essence.contains('/') {
+                Ok(Essence(essence))
+            } else {
+                Err(())
+            }
+        }
+    }
+
+    impl Essence {
+        /// `application/json` or `application/<anything>+json`.
+        pub fn is_json(&self) -> bool {
+            self.0 == "application/json"
+                || (self.0.starts_with("application/") && self.0.ends_with("+json"))
         }
     }
 }
@@ -278,6 +438,7 @@ async fn revoke(
 async fn rotate_credential(
     State(state): AppState,
     ApiPath(id): ApiPath<String>,
+    _: OptionalJson<NoBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let credential = state.control.rotate_credential(id.clone()).await?;
     Ok(Json(
@@ -378,15 +539,42 @@ async fn send_command(
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<CommandRequest>,
 ) -> Result<(StatusCode, Json<CommandView>), ApiError> {
-    if let Action::SetTelemetryInterval { interval_ms } = req.action
-        && !(100..=86_400_000).contains(&interval_ms)
-    {
-        return Err(ApiError::BadRequest(
-            "interval_ms must be within 100..=86400000".to_owned(),
-        ));
+    match &req.action {
+        Action::Ping | Action::Reboot => {}
+        Action::SetTelemetryInterval { interval_ms } => {
+            if !(100..=86_400_000).contains(interval_ms) {
+                return Err(ApiError::BadRequest(
+                    "interval_ms must be within 100..=86400000".to_owned(),
+                ));
+            }
+        }
+        // Only the engine that owns one of these may send it: an update offer belongs to a
+        // transfer the update engine tracks, a rollback directive to a rollout's decision,
+        // bin edges to a baseline. Injected ones would be trusted by devices.
+        Action::Update(_) => {
+            return Err(engine_action("update", "POST /api/v1/updates or a rollout"));
+        }
+        Action::Rollback(_) => {
+            return Err(engine_action(
+                "rollback",
+                "POST /api/v1/rollouts/{id}/rollback",
+            ));
+        }
+        Action::DriftBins(_) => {
+            return Err(engine_action(
+                "drift_bins",
+                "a model version's baseline (PUT /api/v1/registry/model/{name}/{version}/baseline)",
+            ));
+        }
     }
     let record = state.control.command(id, req.action, caller.name).await?;
     Ok((StatusCode::ACCEPTED, Json(record.into())))
+}
+
+fn engine_action(action: &str, instead: &str) -> ApiError {
+    ApiError::BadRequest(format!(
+        "action `{action}` is sent by the gateway itself, not through commands; use {instead}"
+    ))
 }
 
 async fn get_command(
@@ -454,6 +642,7 @@ async fn ack_alert(
     State(state): AppState,
     caller: Caller,
     ApiPath(id): ApiPath<u64>,
+    _: OptionalJson<NoBody>,
 ) -> Result<Json<AlertView>, ApiError> {
     let alert = state
         .control
@@ -466,6 +655,7 @@ async fn resolve_alert(
     State(state): AppState,
     caller: Caller,
     ApiPath(id): ApiPath<u64>,
+    _: OptionalJson<NoBody>,
 ) -> Result<Json<AlertView>, ApiError> {
     let alert = state
         .control
@@ -476,7 +666,10 @@ async fn resolve_alert(
 
 /// `POST /backup/snapshot`: writes a consistent copy of the database into the data dir for
 /// `fleetgate backup`, which archives it with the rest of the data dir and deletes it.
-async fn backup_snapshot(State(state): AppState) -> Result<Json<serde_json::Value>, ApiError> {
+async fn backup_snapshot(
+    State(state): AppState,
+    _: OptionalJson<NoBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let name = format!("{}{}.redb", crate::backup::SNAPSHOT_PREFIX, now_ms());
     let path = state.data_dir.join(name);
     let dest = path.clone();

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use fleetgate_config::RolloutPolicy;
@@ -13,7 +12,7 @@ use fleetgate_protocol::ArtifactKind;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState, limit, read};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState, OptionalJson, limit, read};
 use crate::auth::Caller;
 use crate::clock::rfc3339;
 use crate::ingest::RolloutRequest;
@@ -312,15 +311,9 @@ async fn act(
     caller: Caller,
     id: u64,
     action: OperatorAction,
-    body: &[u8],
+    body: Option<ActionBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let reason = if body.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        serde_json::from_slice::<ActionBody>(body)
-            .map_err(|e| ApiError::BadRequest(format!("body: {e}")))?
-            .reason
-    };
+    let reason = body.and_then(|b| b.reason);
     state
         .control
         .rollout(id, action, caller.name, reason)
@@ -332,36 +325,36 @@ pub async fn pause(
     State(state): AppState,
     caller: Caller,
     ApiPath(id): ApiPath<u64>,
-    body: Bytes,
+    OptionalJson(body): OptionalJson<ActionBody>,
 ) -> Result<Json<Value>, ApiError> {
-    act(&state, caller, id, OperatorAction::Pause, &body).await
+    act(&state, caller, id, OperatorAction::Pause, body).await
 }
 
 pub async fn resume(
     State(state): AppState,
     caller: Caller,
     ApiPath(id): ApiPath<u64>,
-    body: Bytes,
+    OptionalJson(body): OptionalJson<ActionBody>,
 ) -> Result<Json<Value>, ApiError> {
-    act(&state, caller, id, OperatorAction::Resume, &body).await
+    act(&state, caller, id, OperatorAction::Resume, body).await
 }
 
 pub async fn abort(
     State(state): AppState,
     caller: Caller,
     ApiPath(id): ApiPath<u64>,
-    body: Bytes,
+    OptionalJson(body): OptionalJson<ActionBody>,
 ) -> Result<Json<Value>, ApiError> {
-    act(&state, caller, id, OperatorAction::Abort, &body).await
+    act(&state, caller, id, OperatorAction::Abort, body).await
 }
 
 pub async fn rollback(
     State(state): AppState,
     caller: Caller,
     ApiPath(id): ApiPath<u64>,
-    body: Bytes,
+    OptionalJson(body): OptionalJson<ActionBody>,
 ) -> Result<Json<Value>, ApiError> {
-    act(&state, caller, id, OperatorAction::Rollback, &body).await
+    act(&state, caller, id, OperatorAction::Rollback, body).await
 }
 
 #[derive(Debug, Deserialize)]

@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use fleetgate_protocol::ArtifactKind;
@@ -12,7 +11,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::views::{ReleaseView, TransferView};
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState, limit, read};
+use super::{
+    ApiBytes, ApiError, ApiJson, ApiPath, ApiQuery, ApiState, NoBody, OptionalJson, limit, read,
+};
 use crate::auth::Caller;
 use crate::clock::now_ms;
 use crate::ingest::UpdateRequest;
@@ -55,7 +56,7 @@ async fn view(
 pub async fn upload(
     State(state): AppState,
     caller: Caller,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let registry = state.registry.clone();
     let registered =
@@ -242,6 +243,7 @@ pub async fn cancel(
     State(state): AppState,
     caller: Caller,
     ApiPath(id): ApiPath<u64>,
+    _: OptionalJson<NoBody>,
 ) -> Result<Json<TransferView>, ApiError> {
     let t = state.control.cancel_update(id, caller.name).await?;
     Ok(Json(t.into()))
