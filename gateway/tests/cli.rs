@@ -382,3 +382,183 @@ async fn an_id_with_url_characters_never_reaches_another_device() {
         .await
         .unwrap();
 }
+
+/// `fleetgate bundle sign` of `artifact` as kws 1.0.0 with `keys` into `out`.
+async fn sign_bundle(artifact: &str, keys: &[&str], out: &str) {
+    let mut args = vec![
+        "bundle",
+        "sign",
+        artifact,
+        "--kind",
+        "model",
+        "--name",
+        "kws",
+        "--version",
+        "1.0.0",
+        "--release",
+        "1",
+        "--chunk-size",
+        "1024",
+    ];
+    for k in keys {
+        args.extend(["--key", k]);
+    }
+    args.extend(["--out", out]);
+    ok(&args).await;
+}
+
+/// Co-signing vouches for a bundle: it refused nothing before (a changed artifact, a forged
+/// signature, an expired manifest, a signer nobody can check). Inspect lists signers only
+/// with what their signatures are worth.
+#[tokio::test]
+async fn cosign_checks_the_bundle_first_and_inspect_verifies_its_signers() {
+    use fleetgate::registry::bundle::BundleFile;
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    for k in ["alice", "bob"] {
+        ok(&["keys", "generate", "--out", &d(k)]).await;
+    }
+    let key_id = |name: &str| {
+        let public = fleetgate_config::parse_key(
+            &std::fs::read_to_string(d(&format!("{name}.pub"))).unwrap(),
+        )
+        .unwrap();
+        fleetgate::registry::keys::hex(&fleetgate_protocol::sign::key_id(&public))
+    };
+    std::fs::write(d("kws.tflite"), vec![5u8; 5000]).unwrap();
+    sign_bundle(&d("kws.tflite"), &[&d("alice.key")], &d("kws.fgb")).await;
+    let signed = std::fs::read(d("kws.fgb")).unwrap();
+
+    // Nobody vouched for alice's key: refused, and the file is as it was.
+    let o = fleetgate(&["bundle", "cosign", &d("kws.fgb"), "--key", &d("bob.key")]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stderr(&o).trim(),
+        format!(
+            "fleetgate: {}: the signature by key {} cannot be checked; give its public key with --trust (or the gateway config with --config)",
+            d("kws.fgb"),
+            key_id("alice")
+        )
+    );
+    assert_eq!(std::fs::read(d("kws.fgb")).unwrap(), signed);
+
+    // A changed artifact, a forged signature, an expired manifest: refused, each saying why.
+    let mut b = BundleFile::decode(&signed).unwrap();
+    b.artifact[100] ^= 1;
+    std::fs::write(d("changed.fgb"), b.encode()).unwrap();
+    let mut b = BundleFile::decode(&signed).unwrap();
+    b.manifest.signatures[0].signature[5] ^= 1;
+    std::fs::write(d("forged.fgb"), b.encode()).unwrap();
+    let alice = fleetgate::registry::keys::read(Path::new(&d("alice.key"))).unwrap();
+    let spec = fleetgate_protocol::manifest::ManifestSpec {
+        kind: fleetgate_protocol::ArtifactKind::Model,
+        name: "kws".into(),
+        version: semver::Version::new(1, 0, 0),
+        release: 1,
+        compat: fleetgate_protocol::Compat::default(),
+        chunk_size: 1024,
+        created_ms: 1_000,
+        expires_ms: 2_000,
+    };
+    let old = BundleFile::sign(vec![5u8; 5000], spec, &[alice], Default::default(), vec![]);
+    std::fs::write(d("old.fgb"), old.encode()).unwrap();
+    for (file, error) in [
+        (
+            "changed.fgb",
+            "the artifact does not match the manifest: its SHA-256 differs".to_owned(),
+        ),
+        (
+            "forged.fgb",
+            format!(
+                "the signature by key {} does not verify: the bundle was changed after it was signed",
+                key_id("alice")
+            ),
+        ),
+        (
+            "old.fgb",
+            "the manifest expired at 1970-01-01T00:00:02.000Z; sign a new bundle instead"
+                .to_owned(),
+        ),
+    ] {
+        let before = std::fs::read(d(file)).unwrap();
+        let o = fleetgate(&[
+            "bundle",
+            "cosign",
+            &d(file),
+            "--key",
+            &d("bob.key"),
+            "--trust",
+            &d("alice.pub"),
+        ])
+        .await;
+        assert_eq!(o.status.code(), Some(1), "{file}");
+        assert_eq!(
+            stderr(&o).trim(),
+            format!("fleetgate: {}: {error}", d(file)),
+            "{file}"
+        );
+        assert_eq!(std::fs::read(d(file)).unwrap(), before, "{file}");
+    }
+
+    // With alice's public key (hex or file), bob co-signs.
+    let o = ok(&[
+        "bundle",
+        "cosign",
+        &d("kws.fgb"),
+        "--key",
+        &d("bob.key"),
+        "--trust",
+        &d("alice.pub"),
+    ])
+    .await;
+    assert_eq!(
+        o.trim(),
+        format!("{}: now 2 signature(s), each checked", d("kws.fgb"))
+    );
+
+    // Inspect: signers are shown with what their signatures are worth.
+    let inspect = |args: Vec<String>| async move {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = fleetgate(&refs).await;
+        let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        (o.status.code(), v)
+    };
+    let base = |file: &str| vec!["bundle".to_owned(), "inspect".to_owned(), d(file)];
+    let (code, v) = inspect(base("kws.fgb")).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        v["signatures"],
+        serde_json::json!([
+            { "key_id": key_id("alice"), "status": "unknown key" },
+            { "key_id": key_id("bob"), "status": "unknown key" },
+        ])
+    );
+    let mut args = base("kws.fgb");
+    args.extend(["--trust".to_owned(), d("alice.pub")]);
+    let (code, v) = inspect(args).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(v["signatures"][0]["status"], "valid");
+    assert_eq!(v["signatures"][1]["status"], "unknown key");
+    assert_eq!(
+        (v["valid_signatures"].as_u64(), v["artifact"].as_str()),
+        (Some(1), Some("matches the manifest"))
+    );
+    let mut args = base("forged.fgb");
+    args.extend(["--trust".to_owned(), d("alice.pub")]);
+    let (code, v) = inspect(args).await;
+    assert_eq!(code, Some(1));
+    assert_eq!(v["signatures"][0]["status"], "invalid");
+    assert_eq!(
+        v["problems"],
+        serde_json::json!([
+            format!("the signature by key {} does not verify", key_id("alice")),
+            "0 valid signature(s) by trusted keys, 1 needed",
+        ])
+    );
+    let (code, v) = inspect(base("changed.fgb")).await;
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        v["artifact"],
+        "the artifact does not match the manifest: its SHA-256 differs"
+    );
+}

@@ -1,6 +1,6 @@
 //! `fleetgate bundle`: sign, co-sign and inspect bundles, offline.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -9,21 +9,60 @@ use fleetgate_protocol::manifest::ManifestSpec;
 use serde_json::json;
 
 use super::parse_label;
-use crate::registry::bundle::BundleFile;
+use crate::registry::bundle::{BundleFile, SignatureStatus};
 use crate::registry::keys;
 
 #[derive(Debug, Subcommand)]
 pub enum BundleCommand {
     /// Build and sign a bundle from an artifact file.
     Sign(Box<SignArgs>),
-    /// Add a signature by another key to a bundle (for k-of-n signing).
+    /// Add a signature by another key to a bundle (for k-of-n signing). The artifact, the
+    /// expiry and every signature already on the bundle are checked first: give the public
+    /// keys of the earlier signers with --trust (or the gateway config with --config).
     Cosign {
         bundle: PathBuf,
         #[arg(long)]
         key: PathBuf,
+        #[command(flatten)]
+        trust: TrustArgs,
     },
-    /// Print a bundle's manifest and signatures.
-    Inspect { bundle: PathBuf },
+    /// Print a bundle's manifest, check its artifact and expiry, and verify its signatures
+    /// against the keys given with --trust or --config (exit 1 if anything is wrong).
+    Inspect {
+        bundle: PathBuf,
+        #[command(flatten)]
+        trust: TrustArgs,
+    },
+}
+
+/// The public keys signatures are checked against.
+#[derive(Debug, Args)]
+pub struct TrustArgs {
+    /// A public key to check signatures with: 64 hex characters or a .pub file; repeatable.
+    #[arg(long = "trust")]
+    trust: Vec<String>,
+    /// A gateway config: its registry.trusted_keys are trusted, and its threshold applies.
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+}
+
+impl TrustArgs {
+    /// The trusted keys, and the threshold when a config gave one.
+    fn keys(&self) -> anyhow::Result<(Vec<[u8; 32]>, Option<usize>)> {
+        let mut keys = Vec::new();
+        for k in &self.trust {
+            keys.push(keys::read_public(k)?);
+        }
+        let mut threshold = None;
+        if let Some(path) = &self.config {
+            let config = crate::Config::load(path)?;
+            keys.extend(config.registry.trusted_keys);
+            threshold = Some(config.registry.threshold);
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        Ok((keys, threshold))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -135,38 +174,128 @@ pub fn run(command: BundleCommand) -> anyhow::Result<()> {
                 b.manifest.signatures.len()
             );
         }
-        BundleCommand::Cosign { bundle, key } => {
-            let mut b = BundleFile::decode(&std::fs::read(&bundle)?)?;
-            b.manifest
-                .add_signature(fleetgate_protocol::Domain::Manifest, &keys::read(&key)?);
-            std::fs::write(&bundle, b.encode())?;
-            println!(
-                "{}: now {} signature(s)",
-                bundle.display(),
-                b.manifest.signatures.len()
-            );
-        }
-        BundleCommand::Inspect { bundle } => {
-            let b = BundleFile::decode(&std::fs::read(&bundle)?)?;
-            let m: fleetgate_protocol::Manifest = fleetgate_protocol::decode(
-                &b.manifest.body,
-                fleetgate_protocol::Encoding::Postcard,
-            )?;
-            let sigs: Vec<String> = b
-                .manifest
-                .signatures
-                .iter()
-                .map(|s| keys::hex(&s.key_id))
-                .collect();
-            let view = json!({
-                "kind": m.kind.name(), "name": m.name, "version": m.version.to_string(), "release": m.release,
-                "compat": m.compat, "size": m.size, "sha256": keys::hex(&m.sha256), "chunk_size": m.chunk_size,
-                "chunks": m.chunk_count(), "merkle_root": keys::hex(&m.merkle_root),
-                "created": crate::clock::rfc3339(m.created_ms), "expires": crate::clock::rfc3339(m.expires_ms),
-                "signed_by": sigs, "lineage": b.lineage, "tags": b.tags,
-            });
-            println!("{}", serde_json::to_string_pretty(&view)?);
-        }
+        BundleCommand::Cosign { bundle, key, trust } => cosign(&bundle, &key, &trust)?,
+        BundleCommand::Inspect { bundle, trust } => inspect(&bundle, &trust)?,
     }
     Ok(())
+}
+
+fn read_bundle(path: &Path) -> anyhow::Result<BundleFile> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    BundleFile::decode(&bytes).with_context(|| path.display().to_string())
+}
+
+/// Adds a signature only to a bundle that is whole, unexpired, and whose every signature
+/// verifies: co-signing vouches for the bundle as it is.
+fn cosign(bundle: &Path, key: &Path, trust: &TrustArgs) -> anyhow::Result<()> {
+    let name = bundle.display().to_string();
+    let mut b = read_bundle(bundle)?;
+    let signing = keys::read(key)?;
+    let m = b.check_artifact().context(name.clone())?;
+    let now = crate::clock::now_ms();
+    if now >= m.expires_ms {
+        anyhow::bail!(
+            "{name}: the manifest expired at {}; sign a new bundle instead",
+            crate::clock::rfc3339(m.expires_ms)
+        );
+    }
+    let (mut trusted, _) = trust.keys()?;
+    // The co-signer's own earlier signature is checked too (and then replaced).
+    trusted.push(signing.verifying_key().to_bytes());
+    for (id, status) in b.signatures(&trusted) {
+        match status {
+            SignatureStatus::Valid => {}
+            SignatureStatus::Invalid => anyhow::bail!(
+                "{name}: the signature by key {} does not verify: the bundle was changed after it was signed",
+                keys::hex(&id)
+            ),
+            SignatureStatus::Unknown => anyhow::bail!(
+                "{name}: the signature by key {} cannot be checked; give its public key with --trust (or the gateway config with --config)",
+                keys::hex(&id)
+            ),
+        }
+    }
+    b.manifest
+        .add_signature(fleetgate_protocol::Domain::Manifest, &signing);
+    if b.manifest.signatures.len() > fleetgate_protocol::sign::MAX_SIGNATURES {
+        anyhow::bail!(
+            "{name}: a manifest carries at most {} signatures",
+            fleetgate_protocol::sign::MAX_SIGNATURES
+        );
+    }
+    // Written aside and renamed, so a failure never leaves half a bundle.
+    let tmp = bundle.with_extension("fgb.tmp");
+    std::fs::write(&tmp, b.encode()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, bundle).with_context(|| format!("writing {name}"))?;
+    println!(
+        "{name}: now {} signature(s), each checked",
+        b.manifest.signatures.len()
+    );
+    Ok(())
+}
+
+fn inspect(bundle: &Path, trust: &TrustArgs) -> anyhow::Result<()> {
+    let name = bundle.display().to_string();
+    let b = read_bundle(bundle)?;
+    let m = b.manifest().context(name.clone())?;
+    let (trusted, threshold) = trust.keys()?;
+    let mut problems: Vec<String> = Vec::new();
+    let artifact = match b.check_artifact() {
+        Ok(_) => "matches the manifest".to_owned(),
+        Err(e) => {
+            problems.push(e.to_string());
+            e.to_string()
+        }
+    };
+    let now = crate::clock::now_ms();
+    let expired = now >= m.expires_ms;
+    if expired {
+        problems.push(format!(
+            "the manifest expired at {}",
+            crate::clock::rfc3339(m.expires_ms)
+        ));
+    }
+    let signatures = b.signatures(&trusted);
+    let valid = signatures
+        .iter()
+        .filter(|(_, s)| *s == SignatureStatus::Valid)
+        .count();
+    for (id, status) in &signatures {
+        if *status == SignatureStatus::Invalid {
+            problems.push(format!(
+                "the signature by key {} does not verify",
+                keys::hex(id)
+            ));
+        }
+    }
+    if !trusted.is_empty() {
+        let needed = threshold.unwrap_or(1);
+        if valid < needed {
+            problems.push(format!(
+                "{valid} valid signature(s) by trusted keys, {needed} needed"
+            ));
+        }
+    }
+    let view = json!({
+        "kind": m.kind.name(), "name": m.name, "version": m.version.to_string(), "release": m.release,
+        "compat": m.compat, "size": m.size, "sha256": keys::hex(&m.sha256), "chunk_size": m.chunk_size,
+        "chunks": m.chunk_count(), "merkle_root": keys::hex(&m.merkle_root),
+        "created": crate::clock::rfc3339(m.created_ms), "expires": crate::clock::rfc3339(m.expires_ms),
+        "expired": expired,
+        "artifact": artifact,
+        "signatures": signatures.iter().map(|(id, s)| json!({ "key_id": keys::hex(id), "status": s.name() })).collect::<Vec<_>>(),
+        "valid_signatures": valid,
+        "lineage": b.lineage, "tags": b.tags,
+        "problems": problems,
+    });
+    println!("{}", serde_json::to_string_pretty(&view)?);
+    if trusted.is_empty() && !b.manifest.signatures.is_empty() {
+        eprintln!(
+            "(signatures not checked: give the signers' public keys with --trust or --config)"
+        );
+    }
+    match problems.len() {
+        0 => Ok(()),
+        n => anyhow::bail!("{name}: {n} problem(s): {}", problems.join("; ")),
+    }
 }
