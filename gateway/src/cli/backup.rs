@@ -14,22 +14,40 @@ pub struct BackupArgs {
     api: ApiArgs,
     /// The archive to write (a tar file).
     file: PathBuf,
+    /// Sign the archive's manifest with this ed25519 key (`fleetgate keys generate`), kept
+    /// outside the data dir; `restore --trust-key` then proves the archive was not changed.
+    #[arg(long)]
+    sign_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
     /// The archive from `fleetgate backup`.
     file: PathBuf,
-    /// The data dir to fill; it must not hold a database yet.
+    /// The data dir to fill; it must be new or empty.
     #[arg(long)]
     data_dir: PathBuf,
     /// Where to write the archived config file.
     #[arg(long)]
     config_out: Option<PathBuf>,
+    /// Require the manifest to be signed by this key (hex, or the .pub file of the key given
+    /// to `backup --sign-key`).
+    #[arg(long)]
+    trust_key: Option<String>,
 }
 
 pub fn run_backup(args: &BackupArgs) -> ExitCode {
-    backup(&args.api, &args.file)
+    let key = match &args.sign_key {
+        Some(path) => match crate::registry::keys::read(path) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                eprintln!("fleetgate: {e}");
+                return ExitCode::from(super::EXIT_USAGE);
+            }
+        },
+        None => None,
+    };
+    backup(&args.api, &args.file, key.as_ref())
 }
 
 pub fn run_restore(args: RestoreArgs) -> ExitCode {
@@ -37,32 +55,47 @@ pub fn run_restore(args: RestoreArgs) -> ExitCode {
         file,
         data_dir,
         config_out,
+        trust_key,
     } = args;
-    report(
-        crate::backup::restore(&file, &data_dir, config_out.as_deref())
-            .map(|r| {
-                let bytes: u64 = r.manifest.files.iter().map(|f| f.bytes).sum();
-                println!(
-                    "restored {} files ({bytes} bytes) from a backup of {} into {}",
-                    r.manifest.files.len(),
-                    crate::clock::rfc3339(r.manifest.created_ms),
-                    data_dir.display()
-                );
-                match r.config {
-                    Some(c) => println!("config written to {}", c.display()),
-                    None => println!(
-                        "the archive's config is at {} inside it; give --config-out to write it",
-                        crate::backup::CONFIG_ENTRY
-                    ),
-                }
-            })
-            .map_err(Into::into),
-    )
+    report((|| {
+        let trusted_key = trust_key
+            .map(|k| crate::registry::keys::read_public(&k))
+            .transpose()?;
+        let options = crate::backup::RestoreOptions {
+            config_out: config_out.as_deref(),
+            trusted_key,
+        };
+        let r = crate::backup::restore(&file, &data_dir, &options)?;
+        let bytes: u64 = r.manifest.files.iter().map(|f| f.bytes).sum();
+        println!(
+            "restored {} files ({bytes} bytes) from a backup of {} into {}",
+            r.manifest.files.len(),
+            crate::clock::rfc3339(r.manifest.created_ms),
+            data_dir.display()
+        );
+        match r.verified_by {
+            Some(k) => println!(
+                "the manifest is signed by the trusted key {}",
+                crate::registry::keys::hex(&k)
+            ),
+            None => println!(
+                "checked against the manifest's digests (not authenticated: give --trust-key for a signed backup)"
+            ),
+        }
+        match r.config {
+            Some(c) => println!("config written to {}", c.display()),
+            None => println!(
+                "the archive's config is at {} inside it; give --config-out to write it",
+                crate::backup::CONFIG_ENTRY
+            ),
+        }
+        Ok(())
+    })())
 }
 
 /// `fleetgate backup`: the running gateway writes the database snapshot; a stopped one is
 /// read directly.
-fn backup(api: &ApiArgs, out: &Path) -> ExitCode {
+fn backup(api: &ApiArgs, out: &Path, key: Option<&ed25519_dalek::SigningKey>) -> ExitCode {
     let config = match load_config(api.config.as_deref()) {
         Ok(c) => c,
         Err(code) => return code,
@@ -106,15 +139,21 @@ fn backup(api: &ApiArgs, out: &Path) -> ExitCode {
         }
         Err(code) => return code,
     };
-    let written = crate::backup::write_archive(out, &snapshot, &data_dir, config_text.as_deref());
+    let written =
+        crate::backup::write_archive(out, &snapshot, &data_dir, config_text.as_deref(), key);
     let _ = std::fs::remove_file(&snapshot);
     match written {
         Ok(m) => {
             let bytes: u64 = m.files.iter().map(|f| f.bytes).sum();
             println!(
-                "wrote {}: {} files, {bytes} bytes{}",
+                "wrote {}: {} files, {bytes} bytes{}{}",
                 out.display(),
                 m.files.len(),
+                if key.is_some() {
+                    ", manifest signed"
+                } else {
+                    ""
+                },
                 if config_text.is_some() {
                     ""
                 } else {
