@@ -72,6 +72,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/devices/{id}/telemetry", get(telemetry))
         .route("/devices/{id}/logs", get(logs))
         .route("/devices/{id}/commands", post(send_command))
+        .route("/devices/{id}/refusals", get(refusals))
         .route("/commands/{id}", get(get_command))
         .route("/alerts", get(list_alerts))
         .route("/alerts/{id}", get(get_alert))
@@ -124,6 +125,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             state.clone(),
             access::require_token,
         ))
+        .route_layer(middleware::from_fn(note_route))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY));
     Router::new()
         .route(
@@ -136,6 +138,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("method not allowed on this endpoint".to_owned())
         })
+        .route_layer(middleware::from_fn(note_route))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .with_state(state)
 }
 
@@ -361,11 +368,108 @@ pub(crate) fn limit(requested: Option<usize>) -> Result<usize, ApiError> {
     }
 }
 
-async fn metrics(State(state): AppState) -> Result<Response, ApiError> {
+/// `GET /metrics`: the classic Prometheus text format, or OpenMetrics when the scraper asks
+/// for it (`Accept: application/openmetrics-text`). Figures that storage holds (unresolved
+/// alerts per severity, the model versions devices run) are read at each scrape.
+async fn metrics(
+    State(state): AppState,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let (severities, running) = read(&state, |s| {
+        let unresolved = |st| AlertFilter {
+            state: Some(st),
+            severity: None,
+            device: None,
+        };
+        let mut counts = [0u64; 3];
+        for st in [AlertState::Open, AlertState::Acknowledged] {
+            for a in s.alerts(&unresolved(st), usize::MAX)? {
+                counts[match a.severity {
+                    Severity::Info => 0,
+                    Severity::Warning => 1,
+                    Severity::Critical => 2,
+                }] += 1;
+            }
+        }
+        let mut running = std::collections::HashSet::new();
+        for d in s.devices()? {
+            if d.credential_hash.is_none() {
+                continue;
+            }
+            for m in d.hello.iter().flat_map(|h| &h.models) {
+                running.insert((m.name.clone(), m.version.to_string()));
+            }
+        }
+        Ok((counts, running))
+    })
+    .await?;
+    state
+        .metrics
+        .set_unresolved_alerts(severities[0], severities[1], severities[2]);
+    state
+        .metrics
+        .retain_drift(|model, version| running.contains(&(model.to_owned(), version.to_owned())));
     let size = state.store.file_size();
-    let body = state.metrics.render(size);
-    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let (body, content_type) = if openmetrics {
+        (
+            state.metrics.render(size),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+    } else {
+        (
+            state.metrics.render_text(size),
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+    };
     Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+/// Where the route pattern a request matched is noted, for [`count_requests`]: routing happens
+/// inside that layer, so the pattern is only known to layers on the routes themselves.
+#[derive(Debug, Clone, Default)]
+struct RouteSlot(Arc<std::sync::Mutex<Option<String>>>);
+
+/// Notes the matched route pattern (the innermost router's, which holds the whole path).
+async fn note_route(req: Request, next: middleware::Next) -> Response {
+    if let (Some(slot), Some(path)) = (
+        req.extensions().get::<RouteSlot>(),
+        req.extensions().get::<axum::extract::MatchedPath>(),
+    ) && let Ok(mut s) = slot.0.lock()
+    {
+        *s = Some(path.as_str().to_owned());
+    }
+    next.run(req).await
+}
+
+/// Counts every answer by method, route pattern and status, and times it.
+async fn count_requests(
+    State(state): AppState,
+    mut req: Request,
+    next: middleware::Next,
+) -> Response {
+    let method = req.method().as_str().to_owned();
+    let slot = RouteSlot::default();
+    req.extensions_mut().insert(slot.clone());
+    let started = std::time::Instant::now();
+    let response = next.run(req).await;
+    let route = slot
+        .0
+        .lock()
+        .ok()
+        .and_then(|s| s.clone())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    state.metrics.http_request(
+        &method,
+        &route,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
 }
 
 #[derive(Debug, Deserialize)]
@@ -425,6 +529,53 @@ async fn get_device(
         Some(d) => Ok(Json(d.into())),
         None => Err(ApiError::NotFound(format!("device {id} not found"))),
     }
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct RefusalView {
+    /// When it was refused (the first of `count` refusals in a row with the same detail)...
+    pub at: String,
+    /// ...and the last of them.
+    pub last_at: String,
+    pub count: u64,
+    /// Why: the reason code also counted in `fleetgate_ingest_rejected_total`.
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct RefusalsView {
+    pub device: String,
+    /// Messages of this device refused since the gateway started.
+    pub total: u64,
+    /// The latest refusals, newest first (at most 10; repeats folded).
+    pub refusals: Vec<RefusalView>,
+}
+
+/// `GET /devices/{id}/refusals`: why the device's latest messages were refused.
+async fn refusals(
+    State(state): AppState,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<RefusalsView>, ApiError> {
+    let lookup = id.clone();
+    if read(&state, move |s| s.device(&lookup)).await?.is_none() {
+        return Err(ApiError::NotFound(format!("device {id} not found")));
+    }
+    let (total, recent) = state.metrics.refusals(&id);
+    Ok(Json(RefusalsView {
+        device: id,
+        total,
+        refusals: recent
+            .into_iter()
+            .map(|r| RefusalView {
+                at: crate::clock::rfc3339(r.first_ms),
+                last_at: crate::clock::rfc3339(r.last_ms),
+                count: r.count,
+                reason: r.reason,
+                detail: r.detail,
+            })
+            .collect(),
+    }))
 }
 
 async fn revoke(

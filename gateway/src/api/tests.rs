@@ -15,6 +15,7 @@ const TOKEN: &str = "test-token-0123456789";
 struct Api {
     _dir: tempfile::TempDir,
     router: Router,
+    metrics: Arc<Metrics>,
 }
 
 fn api() -> Api {
@@ -46,7 +47,7 @@ fn api_seeded(seed: impl FnOnce(&Store)) -> Api {
         store,
         registry,
         control,
-        metrics,
+        metrics: metrics.clone(),
         tokens: Arc::new(access::load_tokens(&store_for_tokens, TOKEN).unwrap()),
         data_dir: dir.path().to_owned(),
         max_body_bytes: 1 << 20,
@@ -56,6 +57,7 @@ fn api_seeded(seed: impl FnOnce(&Store)) -> Api {
     Api {
         _dir: dir,
         router: router(state),
+        metrics,
     }
 }
 
@@ -321,28 +323,54 @@ async fn commands_need_an_online_device_and_a_valid_action() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
+/// GET /metrics with an optional Accept header: (content type, body).
+async fn scrape(api: &Api, accept: Option<&str>) -> (String, String) {
+    let mut req = Request::builder().uri("/metrics");
+    if let Some(a) = accept {
+        req = req.header("accept", a);
+    }
+    let response = api
+        .router
+        .clone()
+        .oneshot(req.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (content_type, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
 #[tokio::test]
 async fn metrics_and_ingest_counters() {
     let api = api();
-    let req = Request::builder()
-        .uri("/metrics")
-        .body(Body::empty())
-        .unwrap();
-    let response = api.router.clone().oneshot(req).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let text = String::from_utf8(
-        response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
+    let (content_type, text) = scrape(&api, None).await;
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+    for line in [
+        "# TYPE fleetgate_ingest_rejected_total counter",
+        "fleetgate_ingest_rejected_total{reason=\"undecodable\"} 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    assert!(!text.contains("# EOF"), "{text}");
+    let (content_type, text) = scrape(
+        &api,
+        Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"),
     )
-    .unwrap();
+    .await;
+    assert_eq!(
+        content_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
     assert!(
-        text.contains("fleetgate_ingest_rejected_total{reason=\"undecodable\"} 0"),
-        "{text}"
+        text.lines()
+            .any(|l| l == "# TYPE fleetgate_ingest_rejected counter")
     );
     assert!(text.ends_with("# EOF\n"));
     let (status, body) = api.get("/api/v1/ingest").await;
@@ -350,6 +378,104 @@ async fn metrics_and_ingest_counters() {
     assert_eq!(body["stored"]["telemetry"], 0);
     assert_eq!(body["rejected"]["bad_topic"], 0);
     assert_eq!(body["storage"]["devices"], 0);
+}
+
+/// Prometheus 2.42's `promtool check metrics` (the Debian `prometheus` package; `.ci/run`
+/// installs it) finds no problem in what /metrics serves by default.
+#[tokio::test]
+async fn the_default_metrics_pass_promtool() {
+    let api = api_seeded(seed_alert);
+    // Every kind of series present: an HTTP request, an unresolved alert.
+    api.get("/api/v1/devices").await;
+    let (_, text) = scrape(&api, None).await;
+    assert!(
+        text.lines()
+            .any(|l| l == "fleetgate_alerts_unresolved{severity=\"warning\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l
+            == "fleetgate_http_requests_total{method=\"GET\",route=\"/api/v1/devices\",status=\"200\"} 1"),
+        "{text}"
+    );
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool runs (apt-get install prometheus; .ci/run installs it)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        ),
+        (Some(0), String::new(), String::new()),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_devices_latest_refusals_are_served_with_their_reasons() {
+    let api = api();
+    api.post("/api/v1/devices", r#"{"id": "d1"}"#).await;
+    assert_eq!(
+        api.get("/api/v1/devices/d1/refusals").await,
+        (
+            StatusCode::OK,
+            json!({"device": "d1", "total": 0, "refusals": []})
+        )
+    );
+    // What the data path reports through `Metrics::reject`, the API shows.
+    api.metrics.reject(
+        crate::metrics::Reject::Invalid,
+        "d1",
+        &"telemetry: unknown field `tmp_c`",
+    );
+    api.metrics.reject(
+        crate::metrics::Reject::Invalid,
+        "d1",
+        &"telemetry: unknown field `tmp_c`",
+    );
+    let (status, body) = api.get("/api/v1/devices/d1/refusals").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (
+            body["total"].as_u64(),
+            body["refusals"].as_array().map(Vec::len)
+        ),
+        (Some(2), Some(1))
+    );
+    let r = &body["refusals"][0];
+    assert_eq!(
+        (
+            r["reason"].as_str(),
+            r["count"].as_u64(),
+            r["detail"].as_str()
+        ),
+        (
+            Some("invalid"),
+            Some(2),
+            Some("telemetry: unknown field `tmp_c`")
+        )
+    );
+    assert!(r["at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(
+        api.get("/api/v1/devices/nope/refusals").await,
+        (
+            StatusCode::NOT_FOUND,
+            json!({"error": "device nope not found"})
+        )
+    );
 }
 
 #[tokio::test]
