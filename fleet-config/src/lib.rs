@@ -35,6 +35,32 @@ pub struct Config {
     pub drift: Drift,
     pub rollouts: Rollouts,
     pub alerts: Alerts,
+    pub log: Log,
+}
+
+/// How the gateway writes its log (`[log]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Log {
+    pub format: LogFormat,
+}
+
+/// One line per event for people, or one JSON object per line for log collectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<LogFormat, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("{other:?}: one of \"text\", \"json\"")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -288,7 +314,7 @@ impl Config {
         let user: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             fail(vec![ConfigError {
                 path: String::new(),
-                message: format!("not valid TOML: {}", e.message()),
+                message: format!("not valid TOML: {}", toml_error(text, &e)),
             }])
         })?;
         let mut merged: toml::Table = DEFAULT_TOML
@@ -461,6 +487,14 @@ impl Config {
             .collect();
         let alerts = Alerts { rules }.finish_with(alerts, p);
 
+        let mut log = root.section(p, "log");
+        let format = log.string(p, "format");
+        let format = format.parse().unwrap_or_else(|e: String| {
+            log.error(p, "format", &e);
+            LogFormat::Text
+        });
+        let log = Log { format }.finish_with(log, p);
+
         Config {
             mqtt,
             limits,
@@ -473,6 +507,7 @@ impl Config {
             drift,
             rollouts,
             alerts,
+            log,
         }
         .finish_with(root, p)
     }
@@ -633,6 +668,21 @@ trait FinishWith: Sized {
 }
 
 impl<T> FinishWith for T {}
+
+/// A TOML syntax error with where it is: `line 3, column 7: <what toml says>`.
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end();
+    match e.span() {
+        Some(span) => {
+            let at = span.start.min(text.len());
+            let before = &text[..at];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message.to_owned(),
+    }
+}
 
 /// Parses an ed25519 public key written as 64 hex characters.
 pub fn parse_key(text: &str) -> Result<[u8; 32], String> {

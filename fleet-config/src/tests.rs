@@ -296,3 +296,28 @@ fn listener_tls_and_limit_problems_are_named_by_their_paths() {
         ]
     );
 }
+
+#[test]
+fn a_toml_syntax_error_says_where_it_is() {
+    assert_eq!(
+        errors("[mqtt]\nmax_connections = 10\nlisten = \"0.0.0.0:1883\n[http]\n"),
+        ["not valid TOML: line 3, column 23: invalid basic string, expected `\"`"]
+    );
+    assert_eq!(
+        errors("[storage]\ndata_dir = /var/lib/fleetgate\n"),
+        [
+            "not valid TOML: line 2, column 12: string values must be quoted, expected literal string"
+        ]
+    );
+}
+
+#[test]
+fn the_log_format_is_text_or_json() {
+    assert_eq!(Config::default().log.format, LogFormat::Text);
+    let c = Config::from_toml_str("[log]\nformat = \"json\"\n", "x").unwrap();
+    assert_eq!(c.log.format, LogFormat::Json);
+    assert_eq!(
+        errors("[log]\nformat = \"xml\"\n"),
+        ["log.format: \"xml\": one of \"text\", \"json\""]
+    );
+}

@@ -28,6 +28,9 @@ pub struct ServeArgs {
     /// How long shutdown may take per phase.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     grace: Duration,
+    /// Overrides log.format: text or json.
+    #[arg(long)]
+    log_format: Option<fleetgate_config::LogFormat>,
 }
 
 pub fn run(args: ServeArgs) -> ExitCode {
@@ -44,7 +47,10 @@ pub fn run(args: ServeArgs) -> ExitCode {
     if let Some(a) = args.http_listen {
         config.http.listen = a;
     }
-    init_tracing();
+    if let Some(f) = args.log_format {
+        config.log.format = f;
+    }
+    init_tracing(config.log.format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -69,25 +75,46 @@ pub fn run(args: ServeArgs) -> ExitCode {
 
 async fn serve(config: Config, grace: Duration) -> anyhow::Result<()> {
     let gateway = Gateway::start(config).await?;
-    println!("fleetgate {} running", env!("CARGO_PKG_VERSION"));
-    println!("  MQTT (devices):  {}", gateway.mqtt_addr);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        mqtt = %gateway.mqtt_addr,
+        http = %gateway.http_addr,
+        data_dir = %gateway.data_dir.display(),
+        "gateway started"
+    );
+    say(format!("fleetgate {} running", env!("CARGO_PKG_VERSION")));
+    say(format!("  MQTT (devices):  {}", gateway.mqtt_addr));
     if let Some(tls) = gateway.mqtt_tls_addr.filter(|a| *a != gateway.mqtt_addr) {
-        println!("  MQTT over TLS:   {tls}");
+        say(format!("  MQTT over TLS:   {tls}"));
     }
-    println!("  HTTP API:        http://{}/api/v1", gateway.http_addr);
-    println!("  data dir:        {}", gateway.data_dir.display());
-    match &gateway.token_source {
-        TokenSource::File(path) => println!("  operator token:  in {}", path.display()),
-        TokenSource::Env => println!("  operator token:  from ${}", crate::auth::TOKEN_ENV),
-        TokenSource::Config => println!("  operator token:  from the config file (http.token)"),
-    }
+    say(format!(
+        "  HTTP API:        http://{}/api/v1",
+        gateway.http_addr
+    ));
+    say(format!(
+        "  dashboard:       http://{}/ui/",
+        gateway.http_addr
+    ));
+    say(format!("  data dir:        {}", gateway.data_dir.display()));
+    say(match &gateway.token_source {
+        TokenSource::File(path) => format!("  operator token:  in {}", path.display()),
+        TokenSource::Env => format!("  operator token:  from ${}", crate::auth::TOKEN_ENV),
+        TokenSource::Config => "  operator token:  from the config file (http.token)".to_owned(),
+    });
     wait_for_signal()
         .await
         .context("waiting for a shutdown signal")?;
-    println!("fleetgate: shutting down");
+    say("fleetgate: shutting down");
     gateway.shutdown(grace).await?;
-    println!("fleetgate: stopped, all data flushed");
+    tracing::info!("gateway stopped, all data flushed");
+    say("fleetgate: stopped, all data flushed");
     Ok(())
+}
+
+/// A line for whoever started the gateway; nobody reading it (stdout closed) is no reason
+/// to stop serving.
+fn say(text: impl std::fmt::Display) {
+    let _ = super::out::line(text);
 }
 
 async fn wait_for_signal() -> std::io::Result<()> {
@@ -103,11 +130,22 @@ async fn wait_for_signal() -> std::io::Result<()> {
     tokio::signal::ctrl_c().await
 }
 
-fn init_tracing() {
+fn init_tracing(format: fleetgate_config::LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLEETGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        fleetgate_config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        // Colour codes only for a person at a terminal: not in a file or the journal.
+        fleetgate_config::LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .init(),
+    }
 }
