@@ -109,10 +109,12 @@ pub async fn get(
     }
 }
 
+/// A merge patch of a release's annotations: lineage keys given are set (null removes one),
+/// the others kept; `tags` replaces the list.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Annotations {
-    lineage: Option<BTreeMap<String, String>>,
+    lineage: Option<BTreeMap<String, Option<String>>>,
     tags: Option<Vec<String>>,
 }
 
