@@ -295,7 +295,7 @@ pub fn restore(
     };
     // A staging dir left by a restore that was killed is ours to remove.
     let _ = std::fs::remove_dir_all(&staging);
-    let staged = stage(archive, &staging, options, config_tmp.as_deref());
+    let staged = stage(archive, &staging, data_dir, options, config_tmp.as_deref());
     let (manifest, config, verified_by) = match staged {
         Ok(s) => s,
         Err(e) => {
@@ -352,6 +352,7 @@ fn sync_dir(dir: &Path) {
 fn stage(
     archive: &Path,
     staging: &Path,
+    data_dir: &Path,
     options: &RestoreOptions<'_>,
     config_tmp: Option<&Path>,
 ) -> Result<(Manifest, bool, Option<[u8; 32]>), BackupError> {
@@ -444,7 +445,10 @@ fn stage(
         let mode = entry.header().mode().unwrap_or(0o600) & 0o777;
         if name == CONFIG_ENTRY {
             if let Some(tmp) = config_tmp {
-                write_with_mode(tmp, &bytes, 0o644)?;
+                let text =
+                    String::from_utf8(bytes).map_err(|_| bad(format!("{name} is not UTF-8")))?;
+                let text = point_at(&text, data_dir).map_err(|e| bad(format!("{name}: {e}")))?;
+                write_with_mode(tmp, text.as_bytes(), 0o644)?;
                 config = true;
             }
             continue;
@@ -472,6 +476,26 @@ fn stage(
         }
     }
     Ok((manifest, config, verified_by))
+}
+
+/// The config text with `storage.data_dir` set to `data_dir` (made absolute), comments and
+/// layout kept: the restored config must run on the restored data, not on the data dir the
+/// backup was taken from.
+pub fn point_at(config: &str, data_dir: &Path) -> Result<String, String> {
+    let dir = std::path::absolute(data_dir).map_err(|e| e.to_string())?;
+    let dir = dir
+        .to_str()
+        .ok_or_else(|| format!("{}: not UTF-8", dir.display()))?;
+    let mut doc: toml_edit::DocumentMut = config
+        .parse()
+        .map_err(|e: toml_edit::TomlError| format!("not valid TOML: {}", e.message()))?;
+    match doc.get("storage") {
+        None => doc["storage"] = toml_edit::table(),
+        Some(item) if item.is_table_like() => {}
+        Some(_) => return Err("storage is not a table".to_owned()),
+    }
+    doc["storage"]["data_dir"] = toml_edit::value(dir);
+    Ok(doc.to_string())
 }
 
 /// The entry after the manifest in a signed archive.

@@ -64,7 +64,10 @@ fn a_backup_restores_onto_a_fresh_data_dir() {
     assert_eq!(restored.config.as_deref(), Some(config.as_path()));
     assert_eq!(
         std::fs::read_to_string(&config).unwrap(),
-        "[mqtt]\nmax_connections = 7\n"
+        format!(
+            "[mqtt]\nmax_connections = 7\n\n[storage]\ndata_dir = \"{}\"\n",
+            fresh.display()
+        )
     );
     assert_eq!(
         std::fs::read(fresh.join("artifacts/abc")).unwrap(),
@@ -365,4 +368,44 @@ fn a_signed_manifest_proves_the_archive_unchanged() {
     )
     .unwrap();
     assert_eq!(restored.verified_by, None);
+}
+
+#[test]
+fn the_restored_config_points_at_the_restored_data_dir() {
+    let dir = Path::new("/srv/restored");
+    let cases = [
+        (
+            "[mqtt]\nmax_connections = 7\n",
+            "[mqtt]\nmax_connections = 7\n\n[storage]\ndata_dir = \"/srv/restored\"\n",
+        ),
+        (
+            "# the site's gateway\n[storage]\n# where it lives\ndata_dir = \"/var/lib/fleetgate\" # old\ncache_bytes = 1048576\n",
+            "# the site's gateway\n[storage]\n# where it lives\ndata_dir = \"/srv/restored\"\ncache_bytes = 1048576\n",
+        ),
+        (
+            "storage.cache_bytes = 1048576\n",
+            "storage.cache_bytes = 1048576\nstorage.data_dir = \"/srv/restored\"\n",
+        ),
+        (
+            "storage = { cache_bytes = 1048576 }\n",
+            "storage = { cache_bytes = 1048576 , data_dir = \"/srv/restored\" }\n",
+        ),
+    ];
+    for (before, after) in cases {
+        let text = point_at(before, dir).unwrap();
+        assert_eq!(text, after, "{before}");
+        let config = fleetgate_config::Config::from_toml_str(&text, "restored").unwrap();
+        assert_eq!(config.storage.data_dir, dir);
+    }
+    assert_eq!(
+        point_at("storage = 5\n", dir).unwrap_err(),
+        "storage is not a table"
+    );
+    // A relative data dir is made absolute: the config may be read from anywhere.
+    let text = point_at("", Path::new("restored")).unwrap();
+    let config = fleetgate_config::Config::from_toml_str(&text, "restored").unwrap();
+    assert_eq!(
+        config.storage.data_dir,
+        std::env::current_dir().unwrap().join("restored")
+    );
 }
