@@ -10,18 +10,30 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => cli::serve::run(args),
         Command::Config(command) => cli::config::run(command),
-        Command::Devices { api, command } => cli::devices::run(&api, command),
+        Command::Devices { api, command } => {
+            with_client(&api, |c, o| cli::devices::run(c, o, command))
+        }
         Command::Keys(command) => report(cli::keys::run(command)),
         Command::Bundle(command) => report(cli::bundle::run(command)),
-        Command::Registry { api, command } => with_client(&api, |c| cli::registry::run(c, command)),
+        Command::Registry { api, command } => {
+            with_client(&api, |c, o| cli::registry::run(c, o, command))
+        }
         Command::Baseline(command) => cli::baseline::run(command),
-        Command::Drift(args) => with_client(&args.api, |c| cli::drift::run(c, &args)),
-        Command::Alerts { api, command } => with_client(&api, |c| cli::alerts::run(c, command)),
-        Command::Rollout { api, command } => with_client(&api, |c| cli::rollout::run(c, command)),
-        Command::Updates { api, command } => with_client(&api, |c| cli::updates::run(c, command)),
-        Command::Tokens { api, command } => with_client(&api, |c| cli::tokens::run(c, command)),
+        Command::Drift(args) => with_client(&args.api, |c, o| cli::drift::run(c, o, &args)),
+        Command::Alerts { api, command } => {
+            with_client(&api, |c, o| cli::alerts::run(c, o, command))
+        }
+        Command::Rollout { api, command } => {
+            with_client(&api, |c, o| cli::rollout::run(c, o, command))
+        }
+        Command::Updates { api, command } => {
+            with_client(&api, |c, o| cli::updates::run(c, o, command))
+        }
+        Command::Tokens { api, command } => {
+            with_client(&api, |c, o| cli::tokens::run(c, o, command))
+        }
         Command::Backup(args) => cli::backup::run_backup(&args),
         Command::Restore(args) => cli::backup::run_restore(args),
-        Command::Audit(args) => with_client(&args.api, |c| cli::audit::run(c, &args)),
+        Command::Audit(args) => with_client(&args.api, |c, o| cli::audit::run(c, o, &args)),
     }
 }

@@ -62,6 +62,16 @@ async fn a_bad_config_names_every_bad_field_and_exits_64() {
         }
     }
 
+    // A TOML syntax error says where it is.
+    std::fs::write(file, "[mqtt]\nmax_connections = \"lots\n").unwrap();
+    let o = fleetgate(&["config", "check", file]).await;
+    assert_eq!(o.status.code(), Some(64));
+    assert!(
+        stderr(&o).contains("not valid TOML: line 2, column 24: "),
+        "{}",
+        stderr(&o)
+    );
+
     // The embedded default config is valid and is what `config default` prints.
     let default = ok(&["config", "default"]).await;
     let file = dir.path().join("default.toml");
@@ -194,15 +204,28 @@ async fn the_release_and_drift_flow_of_the_readme_works_from_the_command_line() 
     ]))
     .await;
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = run(with_api(&["devices", "show", "pump-1"])).await;
+    let o = run(with_api(&["devices", "show", "pump-1", "--json"])).await;
     let device: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(device["labels"]["site"], "north");
 
-    let o = run(with_api(&["alerts", "list", "--state", "open"])).await;
+    let o = run(with_api(&["alerts", "list", "--state", "open", "--json"])).await;
     assert_eq!(
         serde_json::from_str::<Value>(&stdout(&o)).unwrap(),
         Value::Array(vec![])
     );
+    // An update that starts on no device says so and exits 1: pump-1 is not connected.
+    let o = run(with_api(&[
+        "updates", "start", "model", "kws", "2.0.0", "--device", "pump-1",
+    ]))
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert_eq!(
+        stderr(&o).trim(),
+        "fleetgate: model kws 2.0.0 started on no device (1 skipped)"
+    );
+    assert!(stdout(&o).starts_with("SKIPPED"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("pump-1"), "{}", stdout(&o));
+
     let o = run(with_api(&["alerts", "list", "--state", "opened"])).await;
     assert_eq!(o.status.code(), Some(1));
     assert!(
@@ -229,7 +252,7 @@ async fn the_release_and_drift_flow_of_the_readme_works_from_the_command_line() 
         "{}",
         stderr(&o)
     );
-    let o = run(with_api(&["drift"])).await;
+    let o = run(with_api(&["drift", "--json"])).await;
     assert_eq!(
         serde_json::from_str::<Value>(&stdout(&o)).unwrap(),
         Value::Array(vec![])
@@ -262,6 +285,7 @@ async fn a_read_only_token_reads_but_cannot_roll_out() {
         "dashboard",
         "--role",
         "read-only",
+        "--json",
         "--url",
         url,
         "--token",
@@ -275,7 +299,11 @@ async fn a_read_only_token_reads_but_cannot_roll_out() {
     let listed = ok(&["rollout", "list", "--url", url, "--token", &viewer]).await;
     // A table with its header and no rollouts.
     assert_eq!(listed.lines().count(), 1, "{listed}");
-    assert!(listed.trim_start().starts_with("ID KIND"), "{listed}");
+    assert_eq!(
+        listed.split_whitespace().collect::<Vec<_>>(),
+        ["ID", "KIND", "NAME", "VERSION", "STATE", "STAGE", "DEVICES"],
+        "{listed}"
+    );
     let rollout = [
         "rollout", "create", "model", "kws", "2.0.0", "--all", "--url", url,
     ];
@@ -298,7 +326,7 @@ async fn a_read_only_token_reads_but_cannot_roll_out() {
         stderr(&refused)
     );
 
-    let audit = ok(&["audit", "--url", url, "--token", TOKEN]).await;
+    let audit = ok(&["audit", "--json", "--url", url, "--token", TOKEN]).await;
     let audit: Value = serde_json::from_str(&audit).unwrap();
     let entries: Vec<(String, String, u64)> = audit["entries"]
         .as_array()
@@ -368,7 +396,7 @@ async fn an_id_with_url_characters_never_reaches_another_device() {
             "{id}"
         );
     }
-    let o = run(&["devices", "show", "arr1"]).await;
+    let o = run(&["devices", "show", "arr1", "--json"]).await;
     let device: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(device["revoked"], false);
     let o = run(&["tokens", "revoke", "x?y"]).await;
@@ -523,7 +551,14 @@ async fn cosign_checks_the_bundle_first_and_inspect_verifies_its_signers() {
         let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
         (o.status.code(), v)
     };
-    let base = |file: &str| vec!["bundle".to_owned(), "inspect".to_owned(), d(file)];
+    let base = |file: &str| {
+        vec![
+            "bundle".to_owned(),
+            "inspect".to_owned(),
+            "--json".to_owned(),
+            d(file),
+        ]
+    };
     let (code, v) = inspect(base("kws.fgb")).await;
     assert_eq!(code, Some(0));
     assert_eq!(
@@ -561,4 +596,91 @@ async fn cosign_checks_the_bundle_first_and_inspect_verifies_its_signers() {
         v["artifact"],
         "the artifact does not match the manifest: its SHA-256 differs"
     );
+}
+
+/// `fleetgate devices list | head -1` exited 101 with a panic when `head` closed the pipe.
+#[tokio::test]
+async fn a_closed_stdout_ends_the_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = gateway_in(dir.path()).await;
+    let url = format!("http://{}", gateway.http_addr);
+    for args in [
+        vec!["config", "default"],
+        vec!["devices", "list", "--url", &url, "--token", TOKEN],
+        vec!["tokens", "list", "--url", &url, "--token", TOKEN],
+    ] {
+        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+        let o = tokio::task::spawn_blocking(move || {
+            // A pipe whose reader is already gone: every write to it fails with EPIPE.
+            let (reader, writer) = std::io::pipe().unwrap();
+            drop(reader);
+            Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+                .args(&args)
+                .env_remove("FLEETGATE_API_TOKEN")
+                .stdout(writer)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!((o.status.code(), stderr(&o)), (Some(0), String::new()),);
+    }
+    gateway
+        .shutdown(std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
+/// The first line `fleetgate serve ARGS` writes to stderr, then the gateway is killed.
+async fn first_log_line(dir: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "serve".to_owned(),
+        "--data-dir".to_owned(),
+        dir.to_str().unwrap().to_owned(),
+        "--mqtt-listen".to_owned(),
+        "127.0.0.1:0".to_owned(),
+        "--http-listen".to_owned(),
+        "127.0.0.1:0".to_owned(),
+    ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+            .args(&args)
+            .env_remove("FLEETGATE_API_TOKEN")
+            .env_remove("FLEETGATE_LOG")
+            .env_remove("NO_COLOR")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stderr.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        line
+    })
+    .await
+    .unwrap()
+}
+
+/// Log lines carried ANSI colour codes into files and the journal.
+#[tokio::test]
+async fn logs_are_plain_off_a_terminal_and_json_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = first_log_line(&dir.path().join("a"), &[]).await;
+    assert!(text.contains(" INFO "), "{text:?}");
+    assert!(text.contains("gateway started"), "{text:?}");
+    assert!(!text.contains('\x1b'), "{text:?}");
+
+    let json = first_log_line(&dir.path().join("b"), &["--log-format", "json"]).await;
+    let v: Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json:?}"));
+    assert_eq!(
+        (v["level"].as_str(), v["message"].as_str()),
+        (Some("INFO"), Some("gateway started"))
+    );
+    assert!(v["http"].as_str().unwrap().starts_with("127.0.0.1:"), "{v}");
+    assert!(v["timestamp"].is_string(), "{v}");
 }

@@ -1,9 +1,10 @@
 //! `fleetgate alerts`: list, acknowledge and resolve alerts.
 
 use clap::Subcommand;
-use serde_json::json;
+use serde_json::{Value, json};
 
-use super::{ApiClient, print_json};
+use super::ApiClient;
+use super::out::{self, Out, Table, cell};
 
 #[derive(Debug, Subcommand)]
 pub enum AlertsCommand {
@@ -26,8 +27,8 @@ pub enum AlertsCommand {
     Resolve { id: u64 },
 }
 
-pub fn run(c: &ApiClient, command: AlertsCommand) -> anyhow::Result<()> {
-    let answer = match command {
+pub fn run(c: &ApiClient, out: Out, command: AlertsCommand) -> anyhow::Result<()> {
+    match command {
         AlertsCommand::List {
             state,
             severity,
@@ -45,10 +46,49 @@ pub fn run(c: &ApiClient, command: AlertsCommand) -> anyhow::Result<()> {
                     query.push((name, v.as_str()));
                 }
             }
-            c.get_query("/alerts", &query)?
+            let list = c.get_query("/alerts", &query)?;
+            if out.json {
+                return Ok(out::json(&list)?);
+            }
+            let mut t = Table::new(&[
+                "ID", "SEVERITY", "STATE", "DEVICE", "KIND", "OPENED", "COUNT", "MESSAGE",
+            ]);
+            for a in list.as_array().into_iter().flatten() {
+                t.row(vec![
+                    cell(&a["id"]),
+                    cell(&a["severity"]),
+                    cell(&a["state"]),
+                    cell(&a["device"]),
+                    cell(&a["kind"]),
+                    cell(&a["opened_at"]),
+                    cell(&a["count"]),
+                    cell(&a["message"]),
+                ]);
+            }
+            t.print()?;
         }
-        AlertsCommand::Ack { id } => c.post(&format!("/alerts/{id}/ack"), &json!({}))?,
-        AlertsCommand::Resolve { id } => c.post(&format!("/alerts/{id}/resolve"), &json!({}))?,
+        AlertsCommand::Ack { id } => {
+            action(&c.post(&format!("/alerts/{id}/ack"), &json!({}))?, out)?;
+        }
+        AlertsCommand::Resolve { id } => {
+            action(&c.post(&format!("/alerts/{id}/resolve"), &json!({}))?, out)?;
+        }
+    }
+    Ok(())
+}
+
+fn action(alert: &Value, out: Out) -> anyhow::Result<()> {
+    if out.json {
+        return Ok(out::json(alert)?);
+    }
+    let by = match alert["state"].as_str() {
+        Some("resolved") => cell(&alert["resolved"]["by"]),
+        _ => cell(&alert["acknowledged"]["by"]),
     };
-    print_json(&answer)
+    out::line(format!(
+        "alert {}: {} (by {by})",
+        cell(&alert["id"]),
+        cell(&alert["state"])
+    ))?;
+    Ok(())
 }

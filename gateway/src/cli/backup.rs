@@ -6,6 +6,9 @@ use std::process::ExitCode;
 
 use clap::Args;
 
+use anyhow::Context;
+
+use super::out;
 use super::{ApiArgs, ClientError, client, load_config, report};
 
 #[derive(Debug, Args)]
@@ -47,7 +50,21 @@ pub fn run_backup(args: &BackupArgs) -> ExitCode {
         },
         None => None,
     };
-    backup(&args.api, &args.file, key.as_ref())
+    let config = match load_config(args.api.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let client = match client(&args.api) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    report(backup(
+        &args.api,
+        &config,
+        &client,
+        &args.file,
+        key.as_ref(),
+    ))
 }
 
 pub fn run_restore(args: RestoreArgs) -> ExitCode {
@@ -67,27 +84,31 @@ pub fn run_restore(args: RestoreArgs) -> ExitCode {
         };
         let r = crate::backup::restore(&file, &data_dir, &options)?;
         let bytes: u64 = r.manifest.files.iter().map(|f| f.bytes).sum();
-        println!(
+        out::line(format!(
             "restored {} files ({bytes} bytes) from a backup of {} into {}",
             r.manifest.files.len(),
             crate::clock::rfc3339(r.manifest.created_ms),
             data_dir.display()
-        );
+        ))?;
         match r.verified_by {
-            Some(k) => println!(
+            Some(k) => out::line(format!(
                 "the manifest is signed by the trusted key {}",
                 crate::registry::keys::hex(&k)
-            ),
-            None => println!(
-                "checked against the manifest's digests (not authenticated: give --trust-key for a signed backup)"
-            ),
+            ))?,
+            None => out::line(
+                "checked against the manifest's digests (not authenticated: give --trust-key for a signed backup)",
+            )?,
         }
         match r.config {
-            Some(c) => println!("config written to {}", c.display()),
-            None => println!(
+            Some(c) => out::line(format!(
+                "config written to {} (storage.data_dir = {})",
+                c.display(),
+                data_dir.display()
+            ))?,
+            None => out::line(format!(
                 "the archive's config is at {} inside it; give --config-out to write it",
                 crate::backup::CONFIG_ENTRY
-            ),
+            ))?,
         }
         Ok(())
     })())
@@ -95,76 +116,58 @@ pub fn run_restore(args: RestoreArgs) -> ExitCode {
 
 /// `fleetgate backup`: the running gateway writes the database snapshot; a stopped one is
 /// read directly.
-fn backup(api: &ApiArgs, out: &Path, key: Option<&ed25519_dalek::SigningKey>) -> ExitCode {
-    let config = match load_config(api.config.as_deref()) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
+fn backup(
+    api: &ApiArgs,
+    config: &crate::Config,
+    client: &super::ApiClient,
+    out_file: &Path,
+    key: Option<&ed25519_dalek::SigningKey>,
+) -> anyhow::Result<()> {
     let data_dir = config.storage.data_dir.clone();
     let config_text = match &api.config {
-        Some(p) => match std::fs::read_to_string(p) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                eprintln!("{}: {e}", p.display());
-                return ExitCode::FAILURE;
-            }
-        },
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
         None => None,
     };
-    let snapshot = match client(api).map(|c| c.post("/backup/snapshot", &serde_json::json!({}))) {
-        Ok(Ok(answer)) => match answer["path"].as_str() {
+    let snapshot = match client.post("/backup/snapshot", &serde_json::json!({})) {
+        Ok(answer) => match answer["path"].as_str() {
             Some(p) => PathBuf::from(p),
-            None => {
-                eprintln!("unexpected answer from the gateway: {answer}");
-                return ExitCode::FAILURE;
-            }
+            None => anyhow::bail!("unexpected answer from the gateway: {answer}"),
         },
-        Ok(Err(ClientError::Unreachable { url, .. })) => {
+        Err(ClientError::Unreachable { url, .. }) => {
             eprintln!("no gateway answers at {url}; reading the stopped gateway's database");
             let path = data_dir.join(format!(
                 "{}{}.redb",
                 crate::backup::SNAPSHOT_PREFIX,
                 crate::clock::now_ms()
             ));
-            let taken = crate::storage::Store::open(&data_dir).and_then(|s| s.snapshot(&path));
-            if let Err(e) = taken {
-                eprintln!("reading the database in {}: {e}", data_dir.display());
-                return ExitCode::FAILURE;
-            }
+            crate::storage::Store::open(&data_dir)
+                .and_then(|s| s.snapshot(&path))
+                .with_context(|| format!("reading the database in {}", data_dir.display()))?;
             path
         }
-        Ok(Err(e)) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-        Err(code) => return code,
+        Err(e) => return Err(e.into()),
     };
     let written =
-        crate::backup::write_archive(out, &snapshot, &data_dir, config_text.as_deref(), key);
+        crate::backup::write_archive(out_file, &snapshot, &data_dir, config_text.as_deref(), key);
     let _ = std::fs::remove_file(&snapshot);
-    match written {
-        Ok(m) => {
-            let bytes: u64 = m.files.iter().map(|f| f.bytes).sum();
-            println!(
-                "wrote {}: {} files, {bytes} bytes{}{}",
-                out.display(),
-                m.files.len(),
-                if key.is_some() {
-                    ", manifest signed"
-                } else {
-                    ""
-                },
-                if config_text.is_some() {
-                    ""
-                } else {
-                    " (no --config given: the embedded default config applies)"
-                }
-            );
-            ExitCode::SUCCESS
+    let m = written?;
+    let bytes: u64 = m.files.iter().map(|f| f.bytes).sum();
+    out::line(format!(
+        "wrote {}: {} files, {bytes} bytes{}{}",
+        out_file.display(),
+        m.files.len(),
+        if key.is_some() {
+            ", manifest signed"
+        } else {
+            ""
+        },
+        if config_text.is_some() {
+            ""
+        } else {
+            " (no --config given: the embedded default config applies)"
         }
-        Err(e) => {
-            eprintln!("{e}");
-            ExitCode::FAILURE
-        }
-    }
+    ))?;
+    Ok(())
 }

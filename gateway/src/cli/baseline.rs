@@ -8,6 +8,7 @@ use clap::Subcommand;
 use serde_json::Value;
 
 use super::client::path;
+use super::out;
 use super::{ApiArgs, report, with_client};
 
 #[derive(Debug, Subcommand)]
@@ -43,7 +44,7 @@ pub fn run(command: BaselineCommand) -> ExitCode {
             prediction,
             confidence,
             bins,
-            out,
+            out: dest,
         } => report((|| {
             let text = std::fs::read_to_string(&csv)
                 .with_context(|| format!("reading {}", csv.display()))?;
@@ -53,14 +54,14 @@ pub fn run(command: BaselineCommand) -> ExitCode {
                 confidence.as_deref(),
                 bins,
             )?;
-            std::fs::write(&out, serde_json::to_string_pretty(&b)?)
-                .with_context(|| format!("writing {}", out.display()))?;
-            println!(
+            std::fs::write(&dest, serde_json::to_string_pretty(&b)?)
+                .with_context(|| format!("writing {}", dest.display()))?;
+            out::line(format!(
                 "wrote {}: {} features, {} reference rows",
-                out.display(),
+                dest.display(),
                 b.features.len(),
                 b.features[0].n
-            );
+            ))?;
             Ok(())
         })()),
         BaselineCommand::Upload {
@@ -68,16 +69,22 @@ pub fn run(command: BaselineCommand) -> ExitCode {
             name,
             version,
             baseline,
-        } => with_client(&api, |c| {
-            let body: Value = serde_json::from_str(&std::fs::read_to_string(&baseline)?)?;
+        } => with_client(&api, |c, o| {
+            let text = std::fs::read_to_string(&baseline)
+                .with_context(|| format!("reading {}", baseline.display()))?;
+            let body: Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a baseline (JSON)", baseline.display()))?;
             let answer = c.put(
                 &path(&["registry", "model", &name, &version, "baseline"]),
                 &body,
             )?;
-            println!(
+            if o.json {
+                return Ok(out::json(&answer)?);
+            }
+            out::line(format!(
                 "model {name} {version}: baseline with {} features",
                 answer["features"].as_array().map_or(0, Vec::len)
-            );
+            ))?;
             Ok(())
         }),
     }

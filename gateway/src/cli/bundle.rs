@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use fleetgate_protocol::manifest::ManifestSpec;
 use serde_json::json;
 
+use super::out::{self, cell};
 use super::parse_label;
 use crate::registry::bundle::{BundleFile, SignatureStatus};
 use crate::registry::keys;
@@ -32,6 +33,9 @@ pub enum BundleCommand {
         bundle: PathBuf,
         #[command(flatten)]
         trust: TrustArgs,
+        /// Print it as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -162,7 +166,7 @@ pub fn run(command: BundleCommand) -> anyhow::Result<()> {
             .context("the manifest is not valid")?;
             std::fs::write(&a.out, b.encode())
                 .with_context(|| format!("writing {}", a.out.display()))?;
-            println!(
+            out::line(format!(
                 "wrote {} ({} {} {}, release {}, {} bytes in {} chunks, {} signature(s))",
                 a.out.display(),
                 manifest.kind.name(),
@@ -172,10 +176,14 @@ pub fn run(command: BundleCommand) -> anyhow::Result<()> {
                 manifest.size,
                 manifest.chunk_count(),
                 b.manifest.signatures.len()
-            );
+            ))?;
         }
         BundleCommand::Cosign { bundle, key, trust } => cosign(&bundle, &key, &trust)?,
-        BundleCommand::Inspect { bundle, trust } => inspect(&bundle, &trust)?,
+        BundleCommand::Inspect {
+            bundle,
+            trust,
+            json,
+        } => inspect(&bundle, &trust, json)?,
     }
     Ok(())
 }
@@ -227,14 +235,14 @@ fn cosign(bundle: &Path, key: &Path, trust: &TrustArgs) -> anyhow::Result<()> {
     let tmp = bundle.with_extension("fgb.tmp");
     std::fs::write(&tmp, b.encode()).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, bundle).with_context(|| format!("writing {name}"))?;
-    println!(
+    out::line(format!(
         "{name}: now {} signature(s), each checked",
         b.manifest.signatures.len()
-    );
+    ))?;
     Ok(())
 }
 
-fn inspect(bundle: &Path, trust: &TrustArgs) -> anyhow::Result<()> {
+fn inspect(bundle: &Path, trust: &TrustArgs, json: bool) -> anyhow::Result<()> {
     let name = bundle.display().to_string();
     let b = read_bundle(bundle)?;
     let m = b.manifest().context(name.clone())?;
@@ -288,7 +296,50 @@ fn inspect(bundle: &Path, trust: &TrustArgs) -> anyhow::Result<()> {
         "lineage": b.lineage, "tags": b.tags,
         "problems": problems,
     });
-    println!("{}", serde_json::to_string_pretty(&view)?);
+    if json {
+        out::json(&view)?;
+    } else {
+        let sigs: Vec<String> = signatures
+            .iter()
+            .map(|(id, s)| format!("{} {}", keys::hex(id), s.name()))
+            .collect();
+        out::fields(&[
+            (
+                "release",
+                format!(
+                    "{} {} {} (release {})",
+                    m.kind.name(),
+                    m.name,
+                    m.version,
+                    m.release
+                ),
+            ),
+            ("compat", cell(&view["compat"])),
+            (
+                "artifact",
+                format!(
+                    "{} bytes, sha256 {}, {} chunks of {} bytes: {artifact}",
+                    m.size,
+                    keys::hex(&m.sha256),
+                    m.chunk_count(),
+                    m.chunk_size
+                ),
+            ),
+            ("merkle root", keys::hex(&m.merkle_root)),
+            ("created", crate::clock::rfc3339(m.created_ms)),
+            (
+                "expires",
+                format!(
+                    "{}{}",
+                    crate::clock::rfc3339(m.expires_ms),
+                    if expired { " (expired)" } else { "" }
+                ),
+            ),
+            ("signatures", sigs.join(", ")),
+            ("lineage", cell(&view["lineage"])),
+            ("tags", cell(&view["tags"])),
+        ])?;
+    }
     if trusted.is_empty() && !b.manifest.signatures.is_empty() {
         eprintln!(
             "(signatures not checked: give the signers' public keys with --trust or --config)"

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use super::EXIT_USAGE;
+use std::io::Write;
+
+use super::{EXIT_USAGE, report};
 use crate::Config;
 
 #[derive(Debug, Subcommand)]
@@ -18,14 +20,15 @@ pub enum ConfigCommand {
 
 pub fn run(command: ConfigCommand) -> ExitCode {
     match command {
-        ConfigCommand::Default => {
-            print!("{}", fleetgate_config::DEFAULT_TOML);
-            ExitCode::SUCCESS
-        }
+        ConfigCommand::Default => report(
+            std::io::stdout()
+                .lock()
+                .write_all(fleetgate_config::DEFAULT_TOML.as_bytes())
+                .map_err(Into::into),
+        ),
         ConfigCommand::Check { file } => match Config::load(&file) {
             Ok(_) => {
-                println!("{}: ok", file.display());
-                ExitCode::SUCCESS
+                report(super::out::line(format!("{}: ok", file.display())).map_err(Into::into))
             }
             Err(e) => {
                 eprintln!("{e}");

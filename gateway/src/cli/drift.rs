@@ -1,9 +1,11 @@
 //! `fleetgate drift`: drift of model versions on a running gateway.
 
 use clap::Args;
+use serde_json::Value;
 
 use super::client::path;
-use super::{ApiArgs, ApiClient, print_json};
+use super::out::{self, Out, Table, cell};
+use super::{ApiArgs, ApiClient};
 
 #[derive(Debug, Args)]
 pub struct DriftArgs {
@@ -16,11 +18,103 @@ pub struct DriftArgs {
     cohort: String,
 }
 
-pub fn run(c: &ApiClient, args: &DriftArgs) -> anyhow::Result<()> {
-    let answer = match (&args.model, &args.version) {
-        (Some(m), Some(v)) => c.get_query(&path(&["drift", m, v]), &[("cohort", &args.cohort)])?,
-        (None, None) => c.get("/drift")?,
+/// A number to four decimals, or `-`.
+fn num(v: &Value) -> String {
+    v.as_f64()
+        .map_or_else(|| "-".to_owned(), |x| format!("{x:.4}"))
+}
+
+pub fn run(c: &ApiClient, out: Out, args: &DriftArgs) -> anyhow::Result<()> {
+    match (&args.model, &args.version) {
+        (Some(m), Some(v)) => {
+            let d = c.get_query(&path(&["drift", m, v]), &[("cohort", &args.cohort)])?;
+            if out.json {
+                return Ok(out::json(&d)?);
+            }
+            out::fields(&[
+                (
+                    "model",
+                    format!(
+                        "{} {} (cohort {})",
+                        cell(&d["model"]),
+                        cell(&d["version"]),
+                        cell(&d["cohort"])
+                    ),
+                ),
+                (
+                    "open window",
+                    format!(
+                        "{} samples since {}",
+                        cell(&d["open_window"]["samples"]),
+                        cell(&d["open_window"]["opened_at"])
+                    ),
+                ),
+                ("samples", cell(&d["samples"])),
+            ])?;
+            let mut t = Table::new(&[
+                "FEATURE", "STATUS", "N", "PSI", "JS", "KS", "W1", "WARN AT", "ALERT AT",
+            ]);
+            for f in d["features"].as_array().into_iter().flatten() {
+                let w = &f["last_window"];
+                t.row(vec![
+                    cell(&f["feature"]),
+                    cell(&f["status"]),
+                    cell(&w["n"]),
+                    num(&w["psi"]),
+                    num(&w["js"]),
+                    num(&w["ks"]),
+                    num(&w["wasserstein"]),
+                    num(&w["warn_threshold"]),
+                    num(&w["alert_threshold"]),
+                ]);
+            }
+            let p = &d["prediction"];
+            let w = &p["last_window"];
+            t.row(vec![
+                "(predictions)".to_owned(),
+                cell(&p["status"]),
+                cell(&w["n"]),
+                "-".to_owned(),
+                num(&w["js"]),
+                "-".to_owned(),
+                "-".to_owned(),
+                "-".to_owned(),
+                num(&w["js_threshold"]),
+            ]);
+            t.print()?;
+        }
+        (None, None) => {
+            let list = c.get("/drift")?;
+            if out.json {
+                return Ok(out::json(&list)?);
+            }
+            let mut t = Table::new(&[
+                "MODEL",
+                "VERSION",
+                "COHORT",
+                "STATUS",
+                "PREDICTIONS",
+                "ALERTING",
+                "WARNING",
+                "OPEN WINDOW",
+                "LAST WINDOW",
+            ]);
+            for s in list.as_array().into_iter().flatten() {
+                t.row(vec![
+                    cell(&s["model"]),
+                    cell(&s["version"]),
+                    cell(&s["cohort"]),
+                    cell(&s["status"]),
+                    cell(&s["prediction_status"]),
+                    cell(&s["features_alerting"]),
+                    cell(&s["features_warning"]),
+                    cell(&s["open_window_samples"]),
+                    cell(&s["last_window_closed_at"]),
+                ]);
+            }
+            t.print()?;
+        }
         _ => anyhow::bail!("give both model and version, or neither"),
-    };
-    print_json(&answer)
+    }
+    Ok(())
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 
+use super::out;
 use crate::registry::keys;
 
 #[derive(Debug, Subcommand)]
@@ -19,29 +20,29 @@ pub enum KeysCommand {
 
 pub fn run(command: KeysCommand) -> anyhow::Result<()> {
     match command {
-        KeysCommand::Generate { out } => {
+        KeysCommand::Generate { out: stem } => {
             let key = keys::generate()?;
-            keys::write(&key, &out)?;
+            keys::write(&key, &stem)?;
             let public = key.verifying_key().to_bytes();
-            println!(
+            out::line(format!(
                 "private key: {} (keep it offline)",
-                out.with_extension("key").display()
-            );
-            println!("public key:  {}", keys::hex(&public));
-            println!(
+                stem.with_extension("key").display()
+            ))?;
+            out::line(format!("public key:  {}", keys::hex(&public)))?;
+            out::line(format!(
                 "key id:      {}",
                 keys::hex(&fleetgate_protocol::sign::key_id(&public))
-            );
-            println!("(add the public key to registry.trusted_keys and to your devices)");
+            ))?;
+            out::line("(add the public key to registry.trusted_keys and to your devices)")?;
         }
         KeysCommand::Show { key } => {
             let key = keys::read(&key)?;
             let public = key.verifying_key().to_bytes();
-            println!("public key: {}", keys::hex(&public));
-            println!(
+            out::line(format!("public key: {}", keys::hex(&public)))?;
+            out::line(format!(
                 "key id:     {}",
                 keys::hex(&fleetgate_protocol::sign::key_id(&public))
-            );
+            ))?;
         }
     }
     Ok(())

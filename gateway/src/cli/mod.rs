@@ -19,6 +19,7 @@ pub mod config;
 pub mod devices;
 pub mod drift;
 pub mod keys;
+pub mod out;
 pub mod registry;
 pub mod rollout;
 pub mod serve;
@@ -128,6 +129,15 @@ pub struct ApiArgs {
     /// The gateway's config file, to find its address and token.
     #[arg(short, long, global = true)]
     pub config: Option<PathBuf>,
+    /// Print the API's JSON answers instead of tables, for scripts.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl ApiArgs {
+    pub fn out(&self) -> out::Out {
+        out::Out { json: self.json }
+    }
 }
 
 /// Reads the config file, or the embedded default without one; a bad file exits with 64.
@@ -171,29 +181,56 @@ pub fn client(api: &ApiArgs) -> Result<ApiClient, ExitCode> {
     Ok(ApiClient::new(&url, &token))
 }
 
-/// Runs `f` with a client for `api`; a missing token or a bad config ends it first.
-pub fn with_client(api: &ApiArgs, f: impl FnOnce(&ApiClient) -> anyhow::Result<()>) -> ExitCode {
+/// Runs `f` with a client for `api` and how to print; a missing token or a bad config ends
+/// it first.
+pub fn with_client(
+    api: &ApiArgs,
+    f: impl FnOnce(&ApiClient, out::Out) -> anyhow::Result<()>,
+) -> ExitCode {
     match client(api) {
-        Ok(c) => report(f(&c)),
+        Ok(c) => report(f(&c, api.out())),
         Err(code) => code,
     }
 }
 
-/// The exit code of a command: 0, or 1 with the error (and its causes) on stderr.
+/// A command's own verdict on a run that went through but did not do what was asked (an
+/// update that started on no device): exits 1 with this message, after what was printed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unsuccessful(pub String);
+
+/// The exit code of a command: 0, or 1 with the error (and its causes) on stderr. A closed
+/// stdout (the reader of a pipe went away) is not an error of the command: it ends quietly.
 pub fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("fleetgate: {e:#}");
+            eprintln!("fleetgate: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-/// Prints a JSON answer, pretty.
-pub(crate) fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// The error and its causes, each once: a cause whose text its parent already shows (as
+/// `ClientError::Unreachable` does) is not repeated.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
 }
 
 /// `key=value`, for labels and lineage.

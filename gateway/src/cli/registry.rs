@@ -8,6 +8,7 @@ use serde_json::json;
 
 use super::ApiClient;
 use super::client::path;
+use super::out::{self, Out, Table, cell};
 
 #[derive(Debug, Subcommand)]
 pub enum RegistryCommand {
@@ -24,49 +25,63 @@ pub enum RegistryCommand {
     },
 }
 
-pub fn run(client: &ApiClient, command: RegistryCommand) -> anyhow::Result<()> {
+pub fn run(client: &ApiClient, out: Out, command: RegistryCommand) -> anyhow::Result<()> {
     match command {
         RegistryCommand::Upload { bundle } => {
             let bytes =
                 std::fs::read(&bundle).with_context(|| format!("reading {}", bundle.display()))?;
             let answer = client.post_bytes("/registry/bundles", &bytes)?;
+            if out.json {
+                return Ok(out::json(&answer)?);
+            }
             let r = &answer["release"];
             let what = if answer["created"] == true {
                 "registered"
             } else {
                 "already registered"
             };
-            println!(
+            out::line(format!(
                 "{what}: {} {} {} (release {})",
-                r["kind"].as_str().unwrap_or("?"),
-                r["name"].as_str().unwrap_or("?"),
-                r["version"].as_str().unwrap_or("?"),
-                r["release"]
-            );
+                cell(&r["kind"]),
+                cell(&r["name"]),
+                cell(&r["version"]),
+                cell(&r["release"])
+            ))?;
         }
         RegistryCommand::List => {
             let list = client.get("/registry")?;
-            println!(
-                "{:<9} {:<20} {:<12} {:>8} {:<20} ARTIFACTS",
-                "KIND", "NAME", "VERSION", "RELEASE", "ALIASES"
-            );
+            if out.json {
+                return Ok(out::json(&list)?);
+            }
+            let mut t = Table::new(&[
+                "KIND",
+                "NAME",
+                "VERSION",
+                "RELEASE",
+                "ALIASES",
+                "ARTIFACTS",
+                "CLASSES",
+                "LINEAGE",
+            ]);
             for r in list.as_array().into_iter().flatten() {
-                let aliases: Vec<&str> = r["aliases"]
+                let classes: Vec<String> = r["artifacts"]
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .filter_map(|a| a.as_str())
+                    .map(|a| cell(&a["compat"]["classes"]))
                     .collect();
-                println!(
-                    "{:<9} {:<20} {:<12} {:>8} {:<20} {}",
-                    r["kind"].as_str().unwrap_or("?"),
-                    r["name"].as_str().unwrap_or("?"),
-                    r["version"].as_str().unwrap_or("?"),
-                    r["release"].as_u64().unwrap_or(0),
-                    aliases.join(","),
-                    r["artifacts"].as_array().map_or(0, Vec::len)
-                );
+                t.row(vec![
+                    cell(&r["kind"]),
+                    cell(&r["name"]),
+                    cell(&r["version"]),
+                    cell(&r["release"]),
+                    cell(&r["aliases"]),
+                    r["artifacts"].as_array().map_or(0, Vec::len).to_string(),
+                    classes.join(" "),
+                    cell(&r["lineage"]),
+                ]);
             }
+            t.print()?;
         }
         RegistryCommand::Alias {
             kind,
@@ -74,11 +89,14 @@ pub fn run(client: &ApiClient, command: RegistryCommand) -> anyhow::Result<()> {
             alias,
             version,
         } => {
-            client.put(
+            let answer = client.put(
                 &path(&["registry", &kind, &name, "aliases", &alias]),
                 &json!({ "version": version }),
             )?;
-            println!("{kind} {name}: {alias} -> {version}");
+            if out.json {
+                return Ok(out::json(&answer)?);
+            }
+            out::line(format!("{kind} {name}: {alias} -> {version}"))?;
         }
     }
     Ok(())

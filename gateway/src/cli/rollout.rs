@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use serde_json::{Value, json};
 
+use super::out::{self, Out, Table, cell};
 use super::{ApiClient, parse_label};
 
 #[derive(Debug, Subcommand)]
@@ -78,17 +79,25 @@ pub enum RolloutCommand {
     Key,
 }
 
-pub fn run(c: &ApiClient, command: RolloutCommand) -> anyhow::Result<()> {
-    let print = |v: &Value| -> anyhow::Result<()> {
-        println!("{}", serde_json::to_string_pretty(v)?);
-        Ok(())
-    };
-    let act = |id: u64, verb: &str, reason: Option<String>| -> anyhow::Result<Value> {
+pub fn run(c: &ApiClient, out: Out, command: RolloutCommand) -> anyhow::Result<()> {
+    let act = |id: u64, verb: &str, reason: Option<String>| -> anyhow::Result<()> {
         let body = match reason {
             Some(r) => json!({ "reason": r }),
             None => json!({}),
         };
-        Ok(c.post(&format!("/rollouts/{id}/{verb}"), &body)?)
+        let r = c.post(&format!("/rollouts/{id}/{verb}"), &body)?;
+        if out.json {
+            return Ok(out::json(&r)?);
+        }
+        let why = match (r["reason"].as_str(), r["by"].as_str()) {
+            (Some(reason), Some(by)) => format!(" by {by}: {reason}"),
+            (None, Some(by)) => format!(" by {by}"),
+            _ => String::new(),
+        };
+        Ok(out::line(format!(
+            "rollout {id}: {}{why}",
+            cell(&r["state"])
+        ))?)
     };
     match command {
         RolloutCommand::Create {
@@ -106,9 +115,13 @@ pub fn run(c: &ApiClient, command: RolloutCommand) -> anyhow::Result<()> {
             if let Some(file) = policy {
                 let text = std::fs::read_to_string(&file)
                     .with_context(|| format!("reading {}", file.display()))?;
-                let table: toml::Table = text
-                    .parse()
-                    .with_context(|| format!("{} is not valid TOML", file.display()))?;
+                let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+                    anyhow::anyhow!(
+                        "{}: {}",
+                        file.display(),
+                        fleetgate_config::toml_error(&text, &e)
+                    )
+                })?;
                 if let Value::Object(m) = serde_json::to_value(table)? {
                     overrides = m;
                 }
@@ -137,54 +150,56 @@ pub fn run(c: &ApiClient, command: RolloutCommand) -> anyhow::Result<()> {
                 body["policy"] = Value::Object(overrides);
             }
             let created = c.post("/rollouts", &body)?;
-            let r = &created["rollout"];
-            println!(
-                "rollout {}: {} {} {} to {} devices in {} stages",
-                r["id"],
-                r["kind"].as_str().unwrap_or("?"),
-                r["name"].as_str().unwrap_or("?"),
-                r["version"].as_str().unwrap_or("?"),
-                r["planned"],
-                r["stages"].as_array().map_or(0, Vec::len)
-            );
-            for s in created["skipped"].as_array().into_iter().flatten() {
-                println!(
-                    "skipped  {:<24} {}",
-                    s["device"].as_str().unwrap_or("?"),
-                    s["reason"].as_str().unwrap_or("?")
-                );
+            if out.json {
+                return Ok(out::json(&created)?);
             }
+            let r = &created["rollout"];
+            out::line(format!(
+                "rollout {}: {} {} {} to {} devices in {} stages",
+                cell(&r["id"]),
+                cell(&r["kind"]),
+                cell(&r["name"]),
+                cell(&r["version"]),
+                cell(&r["planned"]),
+                r["stages"].as_array().map_or(0, Vec::len)
+            ))?;
+            skipped(&created["skipped"])?;
         }
         RolloutCommand::List { state } => {
             let query: Vec<(&str, &str)> = state.iter().map(|s| ("state", s.as_str())).collect();
-            println!(
-                "{:>4} {:<9} {:<20} {:<10} {:<12} {:>7} {:>8}",
-                "ID", "KIND", "NAME", "VERSION", "STATE", "STAGE", "DEVICES"
-            );
-            for r in c
-                .get_query("/rollouts", &query)?
-                .as_array()
-                .into_iter()
-                .flatten()
-            {
-                println!(
-                    "{:>4} {:<9} {:<20} {:<10} {:<12} {:>3}/{:<3} {:>8}",
-                    r["id"],
-                    r["kind"].as_str().unwrap_or("?"),
-                    r["name"].as_str().unwrap_or("?"),
-                    r["version"].as_str().unwrap_or("?"),
-                    r["state"].as_str().unwrap_or("?"),
-                    r["stage"]["number"],
-                    r["stage"]["of"],
-                    r["planned"]
-                );
+            let list = c.get_query("/rollouts", &query)?;
+            if out.json {
+                return Ok(out::json(&list)?);
             }
+            let mut t = Table::new(&["ID", "KIND", "NAME", "VERSION", "STATE", "STAGE", "DEVICES"]);
+            for r in list.as_array().into_iter().flatten() {
+                t.row(vec![
+                    cell(&r["id"]),
+                    cell(&r["kind"]),
+                    cell(&r["name"]),
+                    cell(&r["version"]),
+                    cell(&r["state"]),
+                    format!(
+                        "{}/{}",
+                        cell(&r["stage"]["number"]),
+                        cell(&r["stage"]["of"])
+                    ),
+                    cell(&r["planned"]),
+                ]);
+            }
+            t.print()?;
         }
-        RolloutCommand::Show { id } => print(&c.get(&format!("/rollouts/{id}"))?)?,
-        RolloutCommand::Pause { id, reason } => print(&act(id, "pause", reason)?)?,
-        RolloutCommand::Resume { id, reason } => print(&act(id, "resume", reason)?)?,
-        RolloutCommand::Abort { id, reason } => print(&act(id, "abort", reason)?)?,
-        RolloutCommand::Rollback { id, reason } => print(&act(id, "rollback", reason)?)?,
+        RolloutCommand::Show { id } => {
+            let r = c.get(&format!("/rollouts/{id}"))?;
+            if out.json {
+                return Ok(out::json(&r)?);
+            }
+            show(&r)?;
+        }
+        RolloutCommand::Pause { id, reason } => act(id, "pause", reason)?,
+        RolloutCommand::Resume { id, reason } => act(id, "resume", reason)?,
+        RolloutCommand::Abort { id, reason } => act(id, "abort", reason)?,
+        RolloutCommand::Rollback { id, reason } => act(id, "rollback", reason)?,
         RolloutCommand::Devices { id, state, stage } => {
             let stage = stage.map(|s| s.to_string());
             let mut query = vec![("limit", "10000")];
@@ -194,46 +209,157 @@ pub fn run(c: &ApiClient, command: RolloutCommand) -> anyhow::Result<()> {
             if let Some(s) = &stage {
                 query.push(("stage", s));
             }
-            println!(
-                "{:<24} {:>5} {:<16} {:<12} REASON",
-                "DEVICE", "STAGE", "STATE", "TRANSFER"
-            );
-            for d in c
-                .get_query(&format!("/rollouts/{id}/devices"), &query)?
-                .as_array()
-                .into_iter()
-                .flatten()
-            {
-                println!(
-                    "{:<24} {:>5} {:<16} {:<12} {}",
-                    d["device"].as_str().unwrap_or("?"),
-                    d["stage"],
-                    d["state"].as_str().unwrap_or("?"),
-                    d["transfer_state"].as_str().unwrap_or("-"),
-                    d["reason"].as_str().unwrap_or("")
-                );
+            let list = c.get_query(&format!("/rollouts/{id}/devices"), &query)?;
+            if out.json {
+                return Ok(out::json(&list)?);
             }
+            let mut t = Table::new(&["DEVICE", "STAGE", "STATE", "TRANSFER", "REASON"]);
+            for d in list.as_array().into_iter().flatten() {
+                t.row(vec![
+                    cell(&d["device"]),
+                    cell(&d["stage"]),
+                    cell(&d["state"]),
+                    cell(&d["transfer_state"]),
+                    cell(&d["reason"]),
+                ]);
+            }
+            t.print()?;
         }
         RolloutCommand::Audit { id } => {
-            for e in c
-                .get_query(&format!("/rollouts/{id}/audit"), &[("limit", "10000")])?
-                .as_array()
-                .into_iter()
-                .flatten()
-            {
-                println!(
-                    "{} {:<16} {:<18} {}",
-                    e["at"].as_str().unwrap_or("?"),
-                    e["by"].as_str().unwrap_or("?"),
-                    e["event"].as_str().unwrap_or("?"),
-                    e["message"].as_str().unwrap_or("")
-                );
+            let list = c.get_query(&format!("/rollouts/{id}/audit"), &[("limit", "10000")])?;
+            if out.json {
+                return Ok(out::json(&list)?);
             }
+            let mut t = Table::new(&["AT", "BY", "EVENT", "MESSAGE"]);
+            for e in list.as_array().into_iter().flatten() {
+                t.row(vec![
+                    cell(&e["at"]),
+                    cell(&e["by"]),
+                    cell(&e["event"]),
+                    cell(&e["message"]),
+                ]);
+            }
+            t.print()?;
         }
         RolloutCommand::Key => {
             let k = c.get("/rollouts/signing-key")?;
-            println!("{}", k["public_key"].as_str().unwrap_or("?"));
+            if out.json {
+                return Ok(out::json(&k)?);
+            }
+            out::line(cell(&k["public_key"]))?;
         }
+    }
+    Ok(())
+}
+
+/// Devices left out of a rollout or an update, and why.
+pub(crate) fn skipped(list: &Value) -> anyhow::Result<()> {
+    let list = list.as_array().map(Vec::as_slice).unwrap_or_default();
+    if list.is_empty() {
+        return Ok(());
+    }
+    let mut t = Table::new(&["SKIPPED", "REASON"]);
+    for s in list {
+        t.row(vec![cell(&s["device"]), cell(&s["reason"])]);
+    }
+    Ok(t.print()?)
+}
+
+/// A rollout: where it is, its stages and the latest gate verdicts.
+fn show(r: &Value) -> anyhow::Result<()> {
+    let stage = &r["stage"];
+    let mut fields = vec![
+        (
+            "rollout",
+            format!(
+                "{} {} {} {} (release {})",
+                cell(&r["id"]),
+                cell(&r["kind"]),
+                cell(&r["name"]),
+                cell(&r["version"]),
+                cell(&r["release"])
+            ),
+        ),
+        ("target", cell(&r["target"])),
+        ("state", cell(&r["state"])),
+    ];
+    if !r["reason"].is_null() {
+        fields.push((
+            "reason",
+            format!("{} (by {})", cell(&r["reason"]), cell(&r["by"])),
+        ));
+    }
+    fields.extend([
+        ("devices", cell(&r["planned"])),
+        (
+            "stage",
+            format!(
+                "{} of {} ({} devices), started {}",
+                cell(&stage["number"]),
+                cell(&stage["of"]),
+                cell(&stage["devices"]),
+                cell(&stage["started_at"])
+            ),
+        ),
+        ("baking since", cell(&stage["baking_since"])),
+        ("bake ends", cell(&stage["bake_ends_at"])),
+        ("devices by state", cell(&r["counts"])),
+        (
+            "created",
+            format!(
+                "{} by {}",
+                cell(&r["created"]["at"]),
+                cell(&r["created"]["by"])
+            ),
+        ),
+        ("finished", cell(&r["finished_at"])),
+    ]);
+    out::fields(&fields)?;
+    out::line("")?;
+    let mut t = Table::new(&["STAGE", "SIZE", "DEVICES", "STATES"]);
+    for s in r["stages"].as_array().into_iter().flatten() {
+        t.row(vec![
+            cell(&s["number"]),
+            cell(&s["size"]),
+            cell(&s["devices"]),
+            cell(&s["counts"]),
+        ]);
+    }
+    t.print()?;
+    let gates = r["gates"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if !gates.is_empty() {
+        out::line("")?;
+        let mut t = Table::new(&[
+            "GATE",
+            "VERDICT",
+            "UPDATED",
+            "CONTROL",
+            "THRESHOLD",
+            "SAMPLES",
+            "DEVICES",
+            "AT",
+        ]);
+        for g in gates {
+            t.row(vec![
+                cell(&g["gate"]),
+                cell(&g["verdict"]),
+                cell(&g["updated"]),
+                cell(&g["control"]),
+                cell(&g["threshold"]),
+                format!(
+                    "{}/{}",
+                    cell(&g["updated_samples"]),
+                    cell(&g["control_samples"])
+                ),
+                format!(
+                    "{}/{}",
+                    cell(&g["updated_devices"]),
+                    cell(&g["control_devices"])
+                ),
+                cell(&g["at"]),
+            ]);
+        }
+        t.print()?;
     }
     Ok(())
 }

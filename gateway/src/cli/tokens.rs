@@ -2,8 +2,9 @@
 
 use clap::Subcommand;
 
+use super::ApiClient;
 use super::client::path;
-use super::{ApiClient, print_json};
+use super::out::{self, Out, Table, cell};
 
 #[derive(Debug, Subcommand)]
 pub enum TokensCommand {
@@ -20,18 +21,46 @@ pub enum TokensCommand {
     Revoke { name: String },
 }
 
-pub fn run(c: &ApiClient, command: TokensCommand) -> anyhow::Result<()> {
-    let answer = match command {
+pub fn run(c: &ApiClient, out: Out, command: TokensCommand) -> anyhow::Result<()> {
+    match command {
         TokensCommand::Create { name, role } => {
             let answer = c.post(
                 "/tokens",
                 &serde_json::json!({ "name": name, "role": role }),
             )?;
             eprintln!("The token is shown once; store it now.");
-            answer
+            if out.json {
+                return Ok(out::json(&answer)?);
+            }
+            out::fields(&[
+                ("name", cell(&answer["name"])),
+                ("role", cell(&answer["role"])),
+                ("token", cell(&answer["token"])),
+            ])?;
         }
-        TokensCommand::List => c.get("/tokens")?,
-        TokensCommand::Revoke { name } => c.delete(&path(&["tokens", &name]))?,
-    };
-    print_json(&answer)
+        TokensCommand::List => {
+            let answer = c.get("/tokens")?;
+            if out.json {
+                return Ok(out::json(&answer)?);
+            }
+            let mut t = Table::new(&["NAME", "ROLE", "CREATED", "BY"]);
+            for k in answer["tokens"].as_array().into_iter().flatten() {
+                t.row(vec![
+                    cell(&k["name"]),
+                    cell(&k["role"]),
+                    cell(&k["created"]),
+                    cell(&k["created_by"]),
+                ]);
+            }
+            t.print()?;
+        }
+        TokensCommand::Revoke { name } => {
+            let answer = c.delete(&path(&["tokens", &name]))?;
+            if out.json {
+                return Ok(out::json(&answer)?);
+            }
+            out::line(format!("revoked token {name}"))?;
+        }
+    }
+    Ok(())
 }

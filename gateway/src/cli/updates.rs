@@ -3,11 +3,12 @@
 use clap::Subcommand;
 use serde_json::json;
 
-use super::ApiClient;
+use super::out::{self, Out, Table, cell};
+use super::{ApiClient, Unsuccessful};
 
 #[derive(Debug, Subcommand)]
 pub enum UpdatesCommand {
-    /// Offer a release (version or alias) to devices.
+    /// Offer a release (version or alias) to devices. Exits 1 if it started on no device.
     Start {
         kind: String,
         name: String,
@@ -27,7 +28,7 @@ pub enum UpdatesCommand {
     Cancel { id: u64 },
 }
 
-pub fn run(client: &ApiClient, command: UpdatesCommand) -> anyhow::Result<()> {
+pub fn run(client: &ApiClient, out: Out, command: UpdatesCommand) -> anyhow::Result<()> {
     match command {
         UpdatesCommand::Start {
             kind,
@@ -42,47 +43,52 @@ pub fn run(client: &ApiClient, command: UpdatesCommand) -> anyhow::Result<()> {
                 json!({ "kind": kind, "name": name, "version": version, "devices": devices })
             };
             let plan = client.post("/updates", &body)?;
-            for s in plan["started"].as_array().into_iter().flatten() {
-                println!(
-                    "started  {:<24} transfer {}",
-                    s["device"].as_str().unwrap_or("?"),
-                    s["transfer"]
-                );
+            let started = plan["started"].as_array().map_or(0, Vec::len);
+            let skipped = plan["skipped"].as_array().map_or(0, Vec::len);
+            if out.json {
+                out::json(&plan)?;
+            } else {
+                let mut t = Table::new(&["STARTED", "TRANSFER"]);
+                for s in plan["started"].as_array().into_iter().flatten() {
+                    t.row(vec![cell(&s["device"]), cell(&s["transfer"])]);
+                }
+                if started > 0 {
+                    t.print()?;
+                }
+                super::rollout::skipped(&plan["skipped"])?;
             }
-            for s in plan["skipped"].as_array().into_iter().flatten() {
-                println!(
-                    "skipped  {:<24} {}",
-                    s["device"].as_str().unwrap_or("?"),
-                    s["reason"].as_str().unwrap_or("?")
-                );
+            if started == 0 {
+                return Err(Unsuccessful(format!(
+                    "{kind} {name} {version} started on no device ({skipped} skipped)"
+                ))
+                .into());
             }
         }
         UpdatesCommand::List { device } => {
             let query: Vec<(&str, &str)> = device.iter().map(|d| ("device", d.as_str())).collect();
-            println!(
-                "{:>6} {:<24} {:<12} {:<12} {:>8} REASON",
-                "ID", "DEVICE", "VERSION", "STATE", "PROGRESS"
-            );
-            for t in client
-                .get_query("/updates", &query)?
-                .as_array()
-                .into_iter()
-                .flatten()
-            {
-                println!(
-                    "{:>6} {:<24} {:<12} {:<12} {:>7}% {}",
-                    t["id"],
-                    t["device"].as_str().unwrap_or("?"),
-                    t["version"].as_str().unwrap_or("?"),
-                    t["state"].as_str().unwrap_or("?"),
-                    t["progress"],
-                    t["reason"].as_str().unwrap_or("")
-                );
+            let list = client.get_query("/updates", &query)?;
+            if out.json {
+                return Ok(out::json(&list)?);
             }
+            let mut t = Table::new(&["ID", "DEVICE", "VERSION", "STATE", "PROGRESS", "REASON"]);
+            for tr in list.as_array().into_iter().flatten() {
+                t.row(vec![
+                    cell(&tr["id"]),
+                    cell(&tr["device"]),
+                    cell(&tr["version"]),
+                    cell(&tr["state"]),
+                    format!("{}%", cell(&tr["progress"])),
+                    cell(&tr["reason"]),
+                ]);
+            }
+            t.print()?;
         }
         UpdatesCommand::Cancel { id } => {
             let t = client.post(&format!("/updates/{id}/cancel"), &json!({}))?;
-            println!("transfer {id}: {}", t["state"].as_str().unwrap_or("?"));
+            if out.json {
+                return Ok(out::json(&t)?);
+            }
+            out::line(format!("transfer {id}: {}", cell(&t["state"])))?;
         }
     }
     Ok(())
