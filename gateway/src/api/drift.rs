@@ -9,9 +9,10 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use fleetgate_protocol::ArtifactKind;
 use semver::Version;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
+use super::schema::ErrorBody;
 use super::{ApiBytes, ApiError, ApiJson, ApiPath, ApiQuery, ApiState, limit, read};
 use crate::clock::rfc3339;
 use crate::drift::baseline::Baseline;
@@ -24,12 +25,30 @@ fn version(v: &str) -> Result<Version, ApiError> {
     Version::parse(v).map_err(|e| ApiError::BadRequest(format!("version {v:?}: {e}")))
 }
 
+/// A feature of a baseline just set.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BaselineFeature {
+    pub name: String,
+    pub bins: usize,
+    /// Reference values behind it.
+    pub n: u64,
+}
+
+/// What a model version's baseline now is.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BaselineSet {
+    pub model: String,
+    pub version: String,
+    pub features: Vec<BaselineFeature>,
+    pub prediction_classes: Option<usize>,
+}
+
 async fn set(
     state: &Arc<ApiState>,
     name: String,
     v: String,
     baseline: Baseline,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<BaselineSet>, ApiError> {
     let registry = state.registry.clone();
     let b = baseline.clone();
     let release =
@@ -38,37 +57,74 @@ async fn set(
         .control
         .baseline_changed(release.name.clone(), release.version.clone())
         .await;
-    Ok(Json(json!({
-        "model": release.name, "version": release.version.to_string(),
-        "features": baseline.features.iter().map(|f| json!({ "name": f.name, "bins": f.edges.len() + 1, "n": f.n })).collect::<Vec<_>>(),
-        "prediction_classes": baseline.prediction.as_ref().map(|p| p.classes.len()),
-    })))
+    Ok(Json(BaselineSet {
+        model: release.name,
+        version: release.version.to_string(),
+        features: baseline
+            .features
+            .iter()
+            .map(|f| BaselineFeature {
+                name: f.name.clone(),
+                bins: f.edges.len() + 1,
+                n: f.n,
+            })
+            .collect(),
+        prediction_classes: baseline.prediction.as_ref().map(|p| p.classes.len()),
+    }))
 }
 
 /// `PUT /registry/model/{name}/{version}/baseline`: a baseline as JSON (`fleetgate baseline build`).
+#[utoipa::path(
+    put,
+    path = "/registry/model/{name}/{version}/baseline",
+    tag = "registry",
+    params(("name" = String, Path, description = "Model name", example = "kws"), ("version" = String, Path, description = "Model version", example = "1.0.0")),
+    request_body(content = serde_json::Value, description = "A baseline as `fleetgate baseline build` writes it"),
+    responses(
+        (status = 200, description = "The baseline is set", body = BaselineSet),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
 pub async fn put_baseline(
     State(state): AppState,
     ApiPath((name, v)): ApiPath<(String, String)>,
     ApiJson(baseline): ApiJson<Baseline>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<BaselineSet>, ApiError> {
     set(&state, name, v, baseline).await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct CsvQuery {
+    /// Bins per feature, at reference quantiles (default 10).
     bins: Option<usize>,
+    /// The column holding the predicted class.
     prediction: Option<String>,
+    /// The column holding the prediction's confidence.
     confidence: Option<String>,
 }
 
 /// `POST /registry/model/{name}/{version}/baseline.csv`: builds the baseline from a reference CSV.
+#[utoipa::path(
+    post,
+    path = "/registry/model/{name}/{version}/baseline.csv",
+    tag = "registry",
+    params(("name" = String, Path, description = "Model name", example = "kws"), ("version" = String, Path, description = "Model version", example = "1.0.0"), CsvQuery),
+    request_body(content = String, content_type = "text/csv", description = "Reference data: a header, one column per feature in the model's input order"),
+    responses(
+        (status = 200, description = "The baseline is set", body = BaselineSet),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
 pub async fn post_baseline_csv(
     State(state): AppState,
     ApiPath((name, v)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<CsvQuery>,
     ApiBytes(body): ApiBytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<BaselineSet>, ApiError> {
     let body = String::from_utf8(body.to_vec())
         .map_err(|e| ApiError::BadRequest(format!("the CSV is not UTF-8: {e}")))?;
     let bins = q.bins.unwrap_or(10);
@@ -85,6 +141,17 @@ pub async fn post_baseline_csv(
     set(&state, name, v, baseline).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/registry/model/{name}/{version}/baseline",
+    tag = "registry",
+    params(("name" = String, Path, description = "Model name", example = "kws"), ("version" = String, Path, description = "Model version", example = "1.0.0")),
+    responses(
+        (status = 200, description = "The baseline", body = serde_json::Value),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
 pub async fn get_baseline(
     State(state): AppState,
     ApiPath((name, v)): ApiPath<(String, String)>,
@@ -114,36 +181,137 @@ fn status_name(s: Status) -> &'static str {
     }
 }
 
-fn evaluation(e: &Evaluation, b: &Baseline) -> Value {
-    json!({
-        "opened_at": rfc3339(e.opened_ms),
-        "closed_at": rfc3339(e.closed_ms),
-        "features": e.features.iter().map(|f| json!({
-            "feature": b.features.get(usize::from(f.feature)).map(|x| x.name.as_str()),
-            "n": f.n, "psi": f.psi, "js": f.js, "ks": f.ks, "ks_error_bound": f.ks_bound,
-            "wasserstein": f.wasserstein, "warn_threshold": f.warn_threshold,
-            "alert_threshold": f.alert_threshold, "verdict": format!("{:?}", f.verdict).to_lowercase(),
-        })).collect::<Vec<_>>(),
-        "prediction": e.prediction.as_ref().map(|p| json!({
-            "n": p.n, "js": p.js, "l_inf": p.l_inf, "mean_confidence": p.mean_confidence,
-            "confidence_change": p.confidence_change, "js_threshold": p.js_threshold,
-            "verdict": format!("{:?}", p.verdict).to_lowercase(),
-        })),
-    })
+fn verdict_name(v: crate::drift::engine::Verdict) -> String {
+    format!("{v:?}").to_lowercase()
+}
+
+/// A feature's numbers in one closed window.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FeatureWindow {
+    pub n: u64,
+    pub psi: f64,
+    pub js: f64,
+    pub ks: f64,
+    pub ks_error_bound: f64,
+    pub wasserstein: f64,
+    pub warn_threshold: f64,
+    pub alert_threshold: f64,
+    /// insufficient, ok, warn or over.
+    pub verdict: String,
+}
+
+fn feature_window(f: &crate::drift::engine::FeatureEval) -> FeatureWindow {
+    FeatureWindow {
+        n: f.n,
+        psi: f.psi,
+        js: f.js,
+        ks: f.ks,
+        ks_error_bound: f.ks_bound,
+        wasserstein: f.wasserstein,
+        warn_threshold: f.warn_threshold,
+        alert_threshold: f.alert_threshold,
+        verdict: verdict_name(f.verdict),
+    }
+}
+
+/// The predictions' numbers in one closed window.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PredictionWindow {
+    pub n: u64,
+    pub js: f64,
+    pub l_inf: f64,
+    pub mean_confidence: Option<f64>,
+    pub confidence_change: Option<f64>,
+    pub js_threshold: f64,
+    /// insufficient, ok, warn or over.
+    pub verdict: String,
+}
+
+fn prediction_window(p: &crate::drift::engine::PredictionEval) -> PredictionWindow {
+    PredictionWindow {
+        n: p.n,
+        js: p.js,
+        l_inf: p.l_inf,
+        mean_confidence: p.mean_confidence,
+        confidence_change: p.confidence_change,
+        js_threshold: p.js_threshold,
+        verdict: verdict_name(p.verdict),
+    }
+}
+
+/// A feature in a closed window, by name.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FeatureEvalView {
+    pub feature: Option<String>,
+    #[serde(flatten)]
+    pub window: FeatureWindow,
+}
+
+/// One closed window of a model version in a cohort.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EvaluationView {
+    pub opened_at: String,
+    pub closed_at: String,
+    pub features: Vec<FeatureEvalView>,
+    pub prediction: Option<PredictionWindow>,
+}
+
+fn evaluation(e: &Evaluation, b: &Baseline) -> EvaluationView {
+    EvaluationView {
+        opened_at: rfc3339(e.opened_ms),
+        closed_at: rfc3339(e.closed_ms),
+        features: e
+            .features
+            .iter()
+            .map(|f| FeatureEvalView {
+                feature: b
+                    .features
+                    .get(usize::from(f.feature))
+                    .map(|x| x.name.clone()),
+                window: feature_window(f),
+            })
+            .collect(),
+        prediction: e.prediction.as_ref().map(prediction_window),
+    }
+}
+
+/// A model version in a cohort, at a glance.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DriftSummary {
+    pub model: String,
+    pub version: String,
+    pub cohort: String,
+    /// The worst of its features and predictions: ok, warn or alert.
+    pub status: &'static str,
+    pub features_alerting: Vec<String>,
+    pub features_warning: Vec<String>,
+    pub prediction_status: &'static str,
+    pub open_window_samples: u64,
+    pub last_window_closed_at: Option<String>,
 }
 
 /// `GET /drift`: every model version and cohort with its status.
-pub async fn summary(State(state): AppState) -> Result<Json<Vec<Value>>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/drift",
+    tag = "drift",
+    responses(
+        (status = 200, description = "Every model version and cohort with its status", body = Vec<DriftSummary>),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
+pub async fn summary(State(state): AppState) -> Result<Json<Vec<DriftSummary>>, ApiError> {
     let out = streams(&state)
         .await?
         .iter()
         .map(|s| {
-            let names = |want: Status| -> Vec<&str> {
+            let names = |want: Status| -> Vec<String> {
                 s.feature_status
                     .iter()
                     .zip(&s.baseline.features)
                     .filter(|(st, _)| **st == want)
-                    .map(|(_, f)| f.name.as_str())
+                    .map(|(_, f)| f.name.clone())
                     .collect()
             };
             let worst = s
@@ -153,23 +321,29 @@ pub async fn summary(State(state): AppState) -> Result<Json<Vec<Value>>, ApiErro
                 .chain([s.prediction_status])
                 .max_by_key(|st| *st as u8)
                 .unwrap_or(Status::Ok);
-            json!({
-                "model": s.key.model, "version": s.key.version.to_string(), "cohort": s.key.cohort,
-                "status": status_name(worst),
-                "features_alerting": names(Status::Alert), "features_warning": names(Status::Warn),
-                "prediction_status": status_name(s.prediction_status),
-                "open_window_samples": s.window_samples,
-                "last_window_closed_at": s.last.as_ref().map(|e| rfc3339(e.closed_ms)),
-            })
+            DriftSummary {
+                model: s.key.model.clone(),
+                version: s.key.version.to_string(),
+                cohort: s.key.cohort.clone(),
+                status: status_name(worst),
+                features_alerting: names(Status::Alert),
+                features_warning: names(Status::Warn),
+                prediction_status: status_name(s.prediction_status),
+                open_window_samples: s.window_samples,
+                last_window_closed_at: s.last.as_ref().map(|e| rfc3339(e.closed_ms)),
+            }
         })
         .collect();
     Ok(Json(out))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct CohortQuery {
+    /// The cohort (a value of `drift.cohort_label`); default `all`.
     cohort: Option<String>,
+    /// At most this many, 1 to 10,000 (default 100).
     limit: Option<usize>,
 }
 
@@ -181,12 +355,60 @@ fn key(model: String, v: &str, cohort: Option<String>) -> Result<StreamKey, ApiE
     })
 }
 
+/// The window being filled.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OpenWindow {
+    pub samples: u64,
+    pub opened_at: String,
+}
+
+/// A feature's status and its last closed window.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FeatureDrift {
+    pub feature: String,
+    /// ok, warn or alert.
+    pub status: &'static str,
+    pub bins: usize,
+    pub last_window: Option<FeatureWindow>,
+}
+
+/// The predictions' status and their last closed window.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PredictionDrift {
+    pub status: &'static str,
+    pub last_window: Option<PredictionWindow>,
+}
+
+/// Drift of a model version in a cohort.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DriftCurrent {
+    pub model: String,
+    pub version: String,
+    pub cohort: String,
+    pub open_window: OpenWindow,
+    pub features: Vec<FeatureDrift>,
+    pub prediction: PredictionDrift,
+    /// Where the recent raw inputs are, as CSV.
+    pub samples: String,
+}
+
 /// `GET /drift/{model}/{version}?cohort=`: current drift per feature, with thresholds.
+#[utoipa::path(
+    get,
+    path = "/drift/{model}/{version}",
+    tag = "drift",
+    params(("model" = String, Path, description = "Model name", example = "kws"), ("version" = String, Path, description = "Model version", example = "1.0.0"), CohortQuery),
+    responses(
+        (status = 200, description = "Per feature: the last window's metrics, thresholds and verdict", body = DriftCurrent),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
 pub async fn current(
     State(state): AppState,
     ApiPath((model, v)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<CohortQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DriftCurrent>, ApiError> {
     let key = key(model, &v, q.cohort)?;
     let stream = streams(&state).await?.into_iter().find(|s| s.key == key);
     let Some(s) = stream else {
@@ -194,45 +416,64 @@ pub async fn current(
             "no drift data for {key} (no baseline, or no telemetry yet)"
         )));
     };
-    let features: Vec<Value> = s
+    let features = s
         .baseline
         .features
         .iter()
         .zip(&s.feature_status)
         .enumerate()
-        .map(|(i, (f, st))| {
-            let last = s.last.as_ref().and_then(|e| e.features.iter().find(|x| usize::from(x.feature) == i));
-            json!({
-                "feature": f.name, "status": status_name(*st), "bins": f.edges.len() + 1,
-                "last_window": last.map(|l| json!({
-                    "n": l.n, "psi": l.psi, "js": l.js, "ks": l.ks, "ks_error_bound": l.ks_bound,
-                    "wasserstein": l.wasserstein, "warn_threshold": l.warn_threshold, "alert_threshold": l.alert_threshold,
-                    "verdict": format!("{:?}", l.verdict).to_lowercase(),
-                })),
-            })
+        .map(|(i, (f, st))| FeatureDrift {
+            feature: f.name.clone(),
+            status: status_name(*st),
+            bins: f.edges.len() + 1,
+            last_window: s
+                .last
+                .as_ref()
+                .and_then(|e| e.features.iter().find(|x| usize::from(x.feature) == i))
+                .map(feature_window),
         })
         .collect();
-    Ok(Json(json!({
-        "model": s.key.model, "version": s.key.version.to_string(), "cohort": s.key.cohort,
-        "open_window": { "samples": s.window_samples, "opened_at": rfc3339(s.opened_ms) },
-        "features": features,
-        "prediction": {
-            "status": status_name(s.prediction_status),
-            "last_window": s.last.as_ref().and_then(|e| e.prediction.as_ref()).map(|p| json!({
-                "n": p.n, "js": p.js, "l_inf": p.l_inf, "mean_confidence": p.mean_confidence,
-                "confidence_change": p.confidence_change, "js_threshold": p.js_threshold,
-            })),
+    Ok(Json(DriftCurrent {
+        model: s.key.model.clone(),
+        version: s.key.version.to_string(),
+        cohort: s.key.cohort.clone(),
+        open_window: OpenWindow {
+            samples: s.window_samples,
+            opened_at: rfc3339(s.opened_ms),
         },
-        "samples": format!("/api/v1/drift/{}/{}/samples.csv?cohort={}", s.key.model, s.key.version, s.key.cohort),
-    })))
+        features,
+        prediction: PredictionDrift {
+            status: status_name(s.prediction_status),
+            last_window: s
+                .last
+                .as_ref()
+                .and_then(|e| e.prediction.as_ref())
+                .map(prediction_window),
+        },
+        samples: format!(
+            "/api/v1/drift/{}/{}/samples.csv?cohort={}",
+            s.key.model, s.key.version, s.key.cohort
+        ),
+    }))
 }
 
 /// `GET /drift/{model}/{version}/history?cohort=&limit=`: closed windows, newest first.
+#[utoipa::path(
+    get,
+    path = "/drift/{model}/{version}/history",
+    tag = "drift",
+    params(("model" = String, Path, description = "Model name", example = "kws"), ("version" = String, Path, description = "Model version", example = "1.0.0"), CohortQuery),
+    responses(
+        (status = 200, description = "Closed windows, newest first", body = Vec<EvaluationView>),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
 pub async fn history(
     State(state): AppState,
     ApiPath((model, v)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<CohortQuery>,
-) -> Result<Json<Vec<Value>>, ApiError> {
+) -> Result<Json<Vec<EvaluationView>>, ApiError> {
     let limit = limit(q.limit)?;
     let key = key(model, &v, q.cohort)?;
     let (k, name, ver) = (key.clone(), key.model.clone(), key.version.to_string());
@@ -252,6 +493,17 @@ pub async fn history(
 }
 
 /// `GET /drift/{model}/{version}/samples.csv?cohort=`: a uniform sample of recent raw inputs.
+#[utoipa::path(
+    get,
+    path = "/drift/{model}/{version}/samples.csv",
+    tag = "drift",
+    params(("model" = String, Path, description = "Model name", example = "kws"), ("version" = String, Path, description = "Model version", example = "1.0.0"), CohortQuery),
+    responses(
+        (status = 200, description = "A uniform sample of the recent raw inputs: device, time, one column per feature, prediction, confidence", content_type = "text/csv", body = String),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
 pub async fn samples(
     State(state): AppState,
     ApiPath((model, v)): ApiPath<(String, String)>,

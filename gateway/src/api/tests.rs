@@ -123,6 +123,12 @@ async fn health_is_open_and_the_api_needs_the_token() {
         api.get("/api/v1/devices").await,
         (StatusCode::OK, json!([]))
     );
+    // The API's description needs no token either, and is the one the code generates.
+    let (status, doc) = api
+        .call(Method::GET, "/api/v1/openapi.json", None, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(doc, serde_json::to_value(openapi()).unwrap());
 }
 
 #[tokio::test]
