@@ -11,6 +11,7 @@
 # one worker, against 127.0.0.1 only. The gateway is started and stopped by its pid.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$PWD
 
 examples=${1:-40}
 if ! command -v schemathesis >/dev/null 2>&1; then
@@ -31,7 +32,7 @@ trap cleanup EXIT
 
 token=schema-test-token-0123456789abcdef
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-fg() { target/debug/fleetgate "$@"; }
+fg() { "$root/target/debug/fleetgate" "$@"; }
 fg keys generate --out "$tmp/release" >/dev/null
 cat >"$tmp/gateway.toml" <<TOML
 [mqtt]
@@ -75,6 +76,8 @@ fg rollout create model kws 1.0.0 --device pump-1 "${api[@]}" >/dev/null || true
 # positive_data_acceptance is left out: a request the schema allows may still be refused for
 # what it names (a device that is not enrolled, a release that is not registered).
 status=0
+# From the temporary directory: schemathesis keeps its state in the working directory.
+cd "$tmp"
 schemathesis run "http://127.0.0.1:$port/api/v1/openapi.json" \
   --header "Authorization: Bearer $token" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection,ignored_auth,unsupported_method \

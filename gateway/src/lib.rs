@@ -18,6 +18,7 @@ pub mod model;
 pub mod registry;
 pub mod rollouts;
 pub mod storage;
+pub mod ui;
 pub mod updates;
 
 pub use app::Gateway;

@@ -337,6 +337,34 @@ pub async fn audit(
     }))
 }
 
+/// Who a token is: what the dashboard shows, and how it knows which actions to offer.
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct Me {
+    /// The token's name (`bootstrap` for the configured token).
+    pub name: String,
+    /// `read-only`, `operator` or `admin`.
+    #[schema(value_type = String)]
+    pub role: Role,
+}
+
+/// `GET /me`: the name and role of the token the request came with.
+#[utoipa::path(
+    get,
+    path = "/me",
+    tag = "access",
+    responses(
+        (status = 200, description = "The token's name and role", body = Me),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
+pub async fn me(caller: Caller) -> Json<Me> {
+    Json(Me {
+        name: caller.name,
+        role: caller.role,
+    })
+}
+
 /// Loads the stored tokens and adds the bootstrap token, for the API's token check.
 pub fn load_tokens(
     store: &crate::storage::Store,

@@ -156,6 +156,7 @@ fn v1_routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(access::list, access::create))
         .routes(routes!(access::revoke))
         .routes(routes!(access::audit))
+        .routes(routes!(access::me))
         .routes(routes!(backup_snapshot))
 }
 
@@ -184,6 +185,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
     let (api_routes, doc) = with_v1(v1).split_for_parts();
     let doc = Arc::new(doc.to_pretty_json().unwrap_or_default());
     api_routes
+        .merge(crate::ui::router())
         .route(
             "/api/v1/openapi.json",
             get(move || async move {

@@ -557,6 +557,8 @@ fn each_endpoint_needs_the_role_it_should() {
     use crate::auth::Role::{Admin, Operator, ReadOnly};
     let cases = [
         (Method::GET, "/devices", ReadOnly),
+        (Method::GET, "/me", ReadOnly),
+        (Method::GET, "/devices/{id}/refusals", ReadOnly),
         (Method::GET, "/rollouts/{id}", ReadOnly),
         (Method::GET, "/registry", ReadOnly),
         (
