@@ -298,3 +298,70 @@ fn refusals_are_kept_for_a_bounded_number_of_devices() {
     assert!(!log.by_device.contains_key("d0") && !log.by_device.contains_key("d9"));
     assert!(log.by_device.contains_key("d10"));
 }
+
+/// The names in `text` that start with `prefix` (metric names: `a-z 0-9 _ :`).
+fn names_with(text: &str, prefix: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find(prefix) {
+        let before = rest[..i].chars().last();
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(tail.len());
+        if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            out.insert(tail[..end].trim_end_matches(':').to_owned());
+        }
+        rest = &tail[end.max(1)..];
+    }
+    out
+}
+
+/// The Grafana dashboard and the Prometheus rules name only series this gateway serves, and
+/// the dashboard only recording rules the rules file defines.
+#[test]
+fn the_dashboard_and_the_rules_name_only_metrics_the_gateway_serves() {
+    let dashboard = include_str!("../../../packaging/grafana/fleetgate.json");
+    let rules = include_str!("../../../packaging/prometheus/fleetgate.rules.yml");
+    let m = Metrics::new(Duration::from_secs(60));
+    m.drift_value
+        .get_or_create(&drift_labels("kws", "1.0.0", "temp"))
+        .set(0.1);
+    m.drift_value
+        .get_or_create(&drift_labels("kws", "1.0.0", PREDICTION_SUBJECT))
+        .set(0.1);
+    m.drift_status
+        .get_or_create(&drift_labels("kws", "1.0.0", "temp"))
+        .set(1);
+    m.http_request("GET", "/healthz", 200, 0.001);
+    let served: std::collections::BTreeSet<String> = m
+        .render_text(1)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split(['{', ' ']).next().unwrap().to_owned())
+        .collect();
+    let recorded: std::collections::BTreeSet<String> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- record: "))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(recorded.len(), 11, "{recorded:?}");
+    for (what, text) in [("dashboard", dashboard), ("rules", rules)] {
+        let used = names_with(text, "fleetgate_");
+        assert!(used.len() > 10, "{what}: {used:?}");
+        for name in used {
+            assert!(
+                served.contains(&name),
+                "{what} uses {name}, which /metrics does not serve"
+            );
+        }
+        for name in names_with(text, "fleetgate:") {
+            assert!(
+                recorded.contains(&name),
+                "{what} uses {name}, which no rule records"
+            );
+        }
+    }
+    let panels: serde_json::Value = serde_json::from_str(dashboard).unwrap();
+    assert_eq!(panels["uid"], "fleetgate");
+}
