@@ -42,7 +42,21 @@ pub fn cell(v: &Value) -> String {
             .map(|(k, v)| format!("{k}={}", cell(v)))
             .collect::<Vec<_>>()
             .join(","),
-        other => other.to_string(),
+        Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+            (Some(u), _, _) => u.to_string(),
+            (None, Some(i), _) => i.to_string(),
+            // At most 4 decimals: a table is for reading; --json has every digit.
+            (None, None, Some(f)) => {
+                let text = format!("{f:.4}");
+                let text = text.trim_end_matches('0').trim_end_matches('.');
+                if text == "-0" {
+                    "0".to_owned()
+                } else {
+                    text.to_owned()
+                }
+            }
+            _ => n.to_string(),
+        },
     }
 }
 

@@ -188,3 +188,6 @@ impl BundleFile {
         Ok(bundle)
     }
 }
+
+#[cfg(test)]
+mod tests;
