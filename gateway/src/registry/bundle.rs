@@ -4,6 +4,7 @@
 //!
 //! Layout: the 8 bytes `FGBUNDLE`, a format byte (1), then the postcard encoding of
 //! [`BundleFile`]. It is a file format between the CLI and the gateway, not a device message.
+//! docs/bundle-format.md describes it byte by byte, with a test vector that `tests.rs` checks.
 
 use std::collections::BTreeMap;
 
