@@ -45,7 +45,10 @@ data_dir = "$tmp/data"
 [registry]
 trusted_keys = ["$(cat "$tmp/release.pub")"]
 TOML
-fg serve --config "$tmp/gateway.toml" >"$tmp/gateway.out" 2>"$tmp/gateway.log" &
+# The binary itself in the background (not through `fg`, whose subshell's pid would be
+# stopped instead of the gateway's).
+"$root/target/debug/fleetgate" serve --config "$tmp/gateway.toml" \
+  >"$tmp/gateway.out" 2>"$tmp/gateway.log" &
 pid=$!
 for _ in $(seq 1 100); do
   curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break
