@@ -654,11 +654,28 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
     let report = on_runtime(|stop| fleetgate_sim::run(spec, stop))?;
     println!("{report}");
     write_json(args.json.as_ref(), &report)?;
-    Ok(if report.errors == 0 && report.unacked() == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+    Ok(match failures(report.errors, report.unacked()) {
+        None => ExitCode::SUCCESS,
+        Some(why) => {
+            eprintln!("fleetgate-sim: failed: {why}");
+            ExitCode::FAILURE
+        }
     })
+}
+
+/// Why a run failed, if it did: the exit code and the report must tell the same story (the
+/// report said "errors: 0" on runs that exited 1 for unacknowledged messages).
+fn failures(errors: u64, unacked: u64) -> Option<String> {
+    let mut why = Vec::new();
+    if errors > 0 {
+        why.push(format!("{errors} errors"));
+    }
+    if unacked > 0 {
+        why.push(format!(
+            "{unacked} messages were not acknowledged by the broker (QoS 1)"
+        ));
+    }
+    (!why.is_empty()).then(|| why.join(", "))
 }
 
 /// The fleet a scenario file describes; every group trusts `trust`.
@@ -771,4 +788,22 @@ fn plain_fleet(args: &RunArgs, trust: Trust) -> Result<FleetSpec, String> {
     spec.shape = shape;
     spec.profiles = profiles;
     Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failures;
+
+    #[test]
+    fn a_failed_run_says_why() {
+        assert_eq!(failures(0, 0), None);
+        assert_eq!(
+            failures(0, 12).as_deref(),
+            Some("12 messages were not acknowledged by the broker (QoS 1)")
+        );
+        assert_eq!(
+            failures(2, 1).as_deref(),
+            Some("2 errors, 1 messages were not acknowledged by the broker (QoS 1)")
+        );
+    }
 }

@@ -35,6 +35,32 @@ pub struct Config {
     pub drift: Drift,
     pub rollouts: Rollouts,
     pub alerts: Alerts,
+    pub log: Log,
+}
+
+/// How the gateway writes its log (`[log]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Log {
+    pub format: LogFormat,
+}
+
+/// One line per event for people, or one JSON object per line for log collectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<LogFormat, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("{other:?}: one of \"text\", \"json\"")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -318,7 +344,7 @@ impl Config {
         let user: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             fail(vec![ConfigError {
                 path: String::new(),
-                message: format!("not valid TOML: {}", e.message()),
+                message: format!("not valid TOML: {}", toml_error(text, &e)),
             }])
         })?;
         let mut merged: toml::Table = DEFAULT_TOML
@@ -436,17 +462,24 @@ impl Config {
 
         let mut reg = root.section(p, "registry");
         let keys = reg.strings(p, "trusted_keys");
-        let trusted_keys = keys
-            .iter()
-            .enumerate()
-            .filter_map(|(i, k)| match parse_key(k) {
-                Ok(key) => Some(key),
-                Err(e) => {
-                    reg.error(p, &format!("trusted_keys[{i}]"), &e);
-                    None
-                }
-            })
-            .collect::<Vec<_>>();
+        // (index in the file, key); a key given twice would count twice towards the threshold.
+        let mut trusted: Vec<(usize, [u8; 32])> = Vec::with_capacity(keys.len());
+        for (i, k) in keys.iter().enumerate() {
+            match parse_key(k) {
+                Ok(key) => match trusted.iter().find(|(_, t)| *t == key) {
+                    Some((first, _)) => reg.error(
+                        p,
+                        &format!("trusted_keys[{i}]"),
+                        &format!(
+                            "is the same key as trusted_keys[{first}]; list each key once (one key counts once towards the threshold)"
+                        ),
+                    ),
+                    None => trusted.push((i, key)),
+                },
+                Err(e) => reg.error(p, &format!("trusted_keys[{i}]"), &e),
+            }
+        }
+        let trusted_keys: Vec<[u8; 32]> = trusted.into_iter().map(|(_, k)| k).collect();
         let threshold = reg.usize(p, "threshold", 1..=16);
         if !trusted_keys.is_empty() && threshold > trusted_keys.len() {
             reg.error(p, "threshold", "is more than the number of trusted keys");
@@ -506,6 +539,14 @@ impl Config {
             .collect();
         let alerts = Alerts { rules }.finish_with(alerts, p);
 
+        let mut log = root.section(p, "log");
+        let format = log.string(p, "format");
+        let format = format.parse().unwrap_or_else(|e: String| {
+            log.error(p, "format", &e);
+            LogFormat::Text
+        });
+        let log = Log { format }.finish_with(log, p);
+
         Config {
             mqtt,
             limits,
@@ -518,6 +559,7 @@ impl Config {
             drift,
             rollouts,
             alerts,
+            log,
         }
         .finish_with(root, p)
     }
@@ -678,6 +720,21 @@ trait FinishWith: Sized {
 }
 
 impl<T> FinishWith for T {}
+
+/// A TOML syntax error with where it is: `line 3, column 7: <what toml says>`.
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end();
+    match e.span() {
+        Some(span) => {
+            let at = span.start.min(text.len());
+            let before = &text[..at];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message.to_owned(),
+    }
+}
 
 /// Parses an ed25519 public key written as 64 hex characters.
 pub fn parse_key(text: &str) -> Result<[u8; 32], String> {

@@ -190,6 +190,30 @@ fn trusted_keys_are_hex_ed25519_keys() {
 }
 
 #[test]
+fn a_trusted_key_listed_twice_is_refused() {
+    let key = "11".repeat(32);
+    let upper = key.to_uppercase();
+    assert_eq!(
+        errors(&format!(
+            "[registry]\ntrusted_keys = [\"{key}\", \"{}\", \"{upper}\"]\nthreshold = 2\n",
+            "22".repeat(32)
+        )),
+        [
+            "registry.trusted_keys[2]: is the same key as trusted_keys[0]; list each key once (one key counts once towards the threshold)",
+        ]
+    );
+    assert_eq!(
+        errors(&format!(
+            "[registry]\ntrusted_keys = [\"{key}\", \"{key}\"]\nthreshold = 2\n"
+        )),
+        [
+            "registry.trusted_keys[1]: is the same key as trusted_keys[0]; list each key once (one key counts once towards the threshold)",
+            "registry.threshold: is more than the number of trusted keys",
+        ]
+    );
+}
+
+#[test]
 fn default_listeners_and_limits() {
     let c = Config::default();
     assert!(c.mqtt.plain);
@@ -313,5 +337,28 @@ device_trim = 0.5
             "drift.psi_warn_floor: must not be more than psi_alert",
             "rollouts.policy.gates.device_trim: is out of range 0..=0.4",
         ]
+    );
+}
+fn a_toml_syntax_error_says_where_it_is() {
+    assert_eq!(
+        errors("[mqtt]\nmax_connections = 10\nlisten = \"0.0.0.0:1883\n[http]\n"),
+        ["not valid TOML: line 3, column 23: invalid basic string, expected `\"`"]
+    );
+    assert_eq!(
+        errors("[storage]\ndata_dir = /var/lib/fleetgate\n"),
+        [
+            "not valid TOML: line 2, column 12: string values must be quoted, expected literal string"
+        ]
+    );
+}
+
+#[test]
+fn the_log_format_is_text_or_json() {
+    assert_eq!(Config::default().log.format, LogFormat::Text);
+    let c = Config::from_toml_str("[log]\nformat = \"json\"\n", "x").unwrap();
+    assert_eq!(c.log.format, LogFormat::Json);
+    assert_eq!(
+        errors("[log]\nformat = \"xml\"\n"),
+        ["log.format: \"xml\": one of \"text\", \"json\""]
     );
 }

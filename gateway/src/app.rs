@@ -209,8 +209,8 @@ impl Gateway {
         let app = api::router(api_state);
         let http_shutdown = shutdown.clone();
         let http = tokio::spawn(async move {
-            let serve =
-                axum::serve(http, app).with_graceful_shutdown(http_shutdown.cancelled_owned());
+            let serve = axum::serve(api::listener::HttpListener(http), app)
+                .with_graceful_shutdown(http_shutdown.cancelled_owned());
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "HTTP server failed");
             }

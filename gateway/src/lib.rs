@@ -21,6 +21,7 @@ pub mod registry;
 pub mod rollouts;
 pub mod seq;
 pub mod storage;
+pub mod ui;
 pub mod updates;
 
 pub use app::Gateway;

@@ -1,17 +1,25 @@
-//! The gateway's counters and gauges: one registry per gateway instance, rendered as
-//! Prometheus/OpenMetrics text on `/metrics` and read back for the JSON API.
+//! The gateway's counters and gauges: one registry per gateway instance, rendered on
+//! `/metrics` in the classic Prometheus text format (or OpenMetrics when asked for) and read
+//! back for the JSON API.
 //!
-//! Also the vocabulary of refusals (why a connection or a message was turned away) and their
-//! rate-limited logging: every refusal is counted, at most one per reason is logged per interval.
+//! Also the vocabulary of refusals (why a connection or a message was turned away), their
+//! rate-limited logging (every refusal is counted, at most one per reason is logged per
+//! interval) and, per device, a short memory of its latest refusals with their reasons, so a
+//! device maker can see why a message vanished (`GET /api/v1/devices/{id}/refusals`).
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fleetgate_protocol::Uplink;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use fleetgate_protocol::{Severity, Uplink};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use crate::clock::now_ms;
@@ -165,6 +173,219 @@ struct ChannelLabel {
     channel: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SeverityLabel {
+    severity: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    method: String,
+    /// The route's pattern (`/api/v1/devices/{id}`), never the raw path: bounded.
+    route: String,
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpRouteLabels {
+    method: String,
+    route: String,
+}
+
+/// Gauges of drift windows, keyed like a `Family` (`get_or_create(&labels).set(v)`), that
+/// `/metrics` renders split by what they measure: a feature's PSI and the predictions' JS
+/// distance in families of their own. Series of model versions that no device runs any more
+/// are removed ([`Metrics::retain_drift`]).
+#[derive(Debug, Default)]
+pub struct DriftGauges<G> {
+    by_labels: Mutex<HashMap<DriftLabels, G>>,
+}
+
+impl<G: Clone + Default> DriftGauges<G> {
+    /// The gauge of `labels` (a handle: setting it sets the rendered value).
+    pub fn get_or_create(&self, labels: &DriftLabels) -> G {
+        let mut m = self.by_labels.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(labels.clone()).or_default().clone()
+    }
+
+    pub fn get(&self, labels: &DriftLabels) -> Option<G> {
+        let m = self.by_labels.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(labels).cloned()
+    }
+
+    pub fn remove(&self, labels: &DriftLabels) -> bool {
+        let mut m = self.by_labels.lock().unwrap_or_else(|e| e.into_inner());
+        m.remove(labels).is_some()
+    }
+
+    pub fn clear(&self) {
+        self.by_labels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_labels.lock().map_or(0, |m| m.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn retain(&self, keep: impl Fn(&DriftLabels) -> bool) {
+        let mut m = self.by_labels.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|l, _| keep(l));
+    }
+
+    /// A sorted copy, so that renders are stable.
+    fn snapshot(&self) -> Vec<(DriftLabels, G)> {
+        let m = self.by_labels.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<(DriftLabels, G)> = m.iter().map(|(l, g)| (l.clone(), g.clone())).collect();
+        v.sort_by(|a, b| {
+            (&a.0.model, &a.0.version, &a.0.cohort, &a.0.subject).cmp(&(
+                &b.0.model,
+                &b.0.version,
+                &b.0.cohort,
+                &b.0.subject,
+            ))
+        });
+        v
+    }
+}
+
+/// The subject of the predictions' drift series (every other subject names a feature).
+pub const PREDICTION_SUBJECT: &str = "prediction";
+
+/// A window's PSI of one feature.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FeatureLabels {
+    model: String,
+    version: String,
+    cohort: String,
+    feature: String,
+}
+
+/// The predictions of a model version in a cohort.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StreamLabels {
+    model: String,
+    version: String,
+    cohort: String,
+}
+
+/// Renders the drift gauges and the process's own figures at each scrape.
+#[derive(Debug)]
+struct ScrapeCollector {
+    drift_value: Arc<DriftGauges<Gauge<f64, AtomicU64>>>,
+    drift_status: Arc<DriftGauges<Gauge>>,
+    drift_window_samples: Arc<DriftGauges<Gauge>>,
+    start_time_s: f64,
+}
+
+impl Collector for ScrapeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let values = self.drift_value.snapshot();
+        let gauge_f64 = ConstGauge::new(0.0f64).metric_type();
+        {
+            let mut family = encoder.encode_descriptor(
+                "drift_psi",
+                "Latest closed drift window: population stability index of a feature against its baseline",
+                None,
+                gauge_f64,
+            )?;
+            for (l, g) in values
+                .iter()
+                .filter(|(l, _)| l.subject != PREDICTION_SUBJECT)
+            {
+                let labels = FeatureLabels {
+                    model: l.model.clone(),
+                    version: l.version.clone(),
+                    cohort: l.cohort.clone(),
+                    feature: l.subject.clone(),
+                };
+                ConstGauge::new(g.get()).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "drift_prediction_js",
+                "Latest closed drift window: Jensen-Shannon distance of the predicted classes from the baseline",
+                None,
+                gauge_f64,
+            )?;
+            for (l, g) in values
+                .iter()
+                .filter(|(l, _)| l.subject == PREDICTION_SUBJECT)
+            {
+                let labels = StreamLabels {
+                    model: l.model.clone(),
+                    version: l.version.clone(),
+                    cohort: l.cohort.clone(),
+                };
+                ConstGauge::new(g.get()).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "drift_status",
+                "Drift status of a feature or of the predictions (subject): -1 insufficient (no judged window), 0 ok, 1 warn, 2 alert",
+                None,
+                ConstGauge::new(0i64).metric_type(),
+            )?;
+            for (l, g) in self.drift_status.snapshot() {
+                ConstGauge::new(g.get()).encode(family.encode_family(&l)?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "drift_window_samples",
+                "Samples in the latest closed drift window of a feature or of the predictions (after the per-device cap)",
+                None,
+                ConstGauge::new(0i64).metric_type(),
+            )?;
+            for (l, g) in self.drift_window_samples.snapshot() {
+                ConstGauge::new(g.get()).encode(family.encode_family(&l)?)?;
+            }
+        }
+        if let Some(cpu) = cpu_seconds() {
+            let c = ConstCounter::new(cpu);
+            c.encode(encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "CPU time (user and system) the gateway process has used, in seconds",
+                None,
+                c.metric_type(),
+            )?)?;
+        }
+        if let Some(fds) = open_fds() {
+            let g = ConstGauge::new(fds as i64);
+            g.encode(encoder.encode_descriptor(
+                "process_open_fds",
+                "File descriptors the gateway process holds open (sockets included)",
+                None,
+                g.metric_type(),
+            )?)?;
+        }
+        if let Some(max) = max_fds() {
+            let g = ConstGauge::new(max as i64);
+            g.encode(encoder.encode_descriptor(
+                "process_max_fds",
+                "Most file descriptors the gateway process may open",
+                None,
+                g.metric_type(),
+            )?)?;
+        }
+        let g = ConstGauge::new(self.start_time_s);
+        g.encode(encoder.encode_descriptor(
+            "process_start_time_seconds",
+            "When the gateway started, in seconds since the Unix epoch",
+            None,
+            g.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
 /// Counters shared by the MQTT front, the ingest writer and the API.
 #[derive(Debug)]
 pub struct Metrics {
@@ -178,18 +399,23 @@ pub struct Metrics {
     pub duplicates: Counter,
     pub batches: Counter,
     pub queue_depth: Gauge,
+    /// Unresolved alerts in all, as the writer counts them; `/metrics` shows them per
+    /// severity ([`Metrics::set_unresolved_alerts`]).
     pub alerts_open: Gauge,
+    alerts_unresolved: Family<SeverityLabel, Gauge>,
     pub commands_sent: Counter,
     pub chunks_sent: Counter,
     /// Direct messages (update chunks) a session could not deliver: device gone, not
     /// subscribed, or its queue full.
     pub direct_dropped: Counter,
     pub transfers_active: Gauge,
-    /// Latest closed window per model version, cohort and feature: PSI (JS for predictions),
-    /// status (-1 insufficient, 0 ok, 1 warn, 2 alert) and samples (after the per-device cap).
-    pub drift_value: Family<DriftLabels, Gauge<f64, AtomicU64>>,
-    pub drift_status: Family<DriftLabels, Gauge>,
-    pub drift_window_samples: Family<DriftLabels, Gauge>,
+    /// Latest closed window per model version, cohort and feature: PSI (JS for predictions,
+    /// subject `prediction`), rendered as `drift_psi` and `drift_prediction_js`...
+    pub drift_value: Arc<DriftGauges<Gauge<f64, AtomicU64>>>,
+    /// ...its status (-1 insufficient, 0 ok, 1 warn, 2 alert)...
+    pub drift_status: Arc<DriftGauges<Gauge>>,
+    /// ...and its samples (after the per-device cap).
+    pub drift_window_samples: Arc<DriftGauges<Gauge>>,
     /// Samples or bin counts that did not match their model's baseline.
     pub drift_mismatched: Counter,
     /// Rollouts running or paused.
@@ -213,8 +439,13 @@ pub struct Metrics {
     writer_stopped: std::sync::atomic::AtomicBool,
     started: std::time::Instant,
     log_limit: LogLimit,
-    /// Telemetry from its device timestamp to its commit, in microseconds.
-    ingest_latency: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
+    /// Telemetry from its device timestamp to its commit, in microseconds...
+    ingest_latency: Mutex<hdrhistogram::Histogram<u64>>,
+    /// ...and the same in seconds, for Prometheus.
+    ingest_latency_seconds: Histogram,
+    http_requests: Family<HttpLabels, Counter>,
+    http_duration: Family<HttpRouteLabels, Histogram>,
+    refusals: Mutex<RefusalLog>,
 }
 
 /// Percentiles of the ingest latency since the gateway started.
@@ -267,6 +498,58 @@ impl Metrics {
             "Device messages decoded and committed to storage, by channel",
             Uplink::ALL.map(|c| ChannelLabel { channel: c.name() }),
         );
+        let alerts_unresolved = Family::<SeverityLabel, Gauge>::default();
+        r.register(
+            "alerts_unresolved",
+            "Alerts open or acknowledged, by severity",
+            alerts_unresolved.clone(),
+        );
+        for s in [Severity::Info, Severity::Warning, Severity::Critical] {
+            // Every severity has a series from the start, 0 until an alert has it.
+            let _ = alerts_unresolved.get_or_create_owned(&SeverityLabel { severity: s.name() });
+        }
+        let ingest_latency_seconds = Histogram::new([
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            60.0,
+        ]);
+        r.register(
+            "ingest_latency_seconds",
+            "Telemetry from the device's timestamp to its commit to storage (wall-clock device timestamps only)",
+            ingest_latency_seconds.clone(),
+        );
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        r.register(
+            "http_requests",
+            "HTTP requests answered, by method, route and status",
+            http_requests.clone(),
+        );
+        let http_duration = Family::<HttpRouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ])
+        });
+        r.register(
+            "http_request_duration_seconds",
+            "Time to answer an HTTP request (headers written), by method and route",
+            http_duration.clone(),
+        );
+        r.register(
+            "build",
+            "The gateway's version",
+            Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("arch", std::env::consts::ARCH),
+            ]),
+        );
+        let drift_value = Arc::new(DriftGauges::default());
+        let drift_status = Arc::new(DriftGauges::default());
+        let drift_window_samples = Arc::new(DriftGauges::default());
+        r.register_collector(Box::new(ScrapeCollector {
+            drift_value: drift_value.clone(),
+            drift_status: drift_status.clone(),
+            drift_window_samples: drift_window_samples.clone(),
+            start_time_s: now_ms() as f64 / 1000.0,
+        }));
         Metrics {
             connected: metric(r, "mqtt_connected_devices", "Devices connected now"),
             connects: metric(r, "mqtt_connects", "Accepted device connections"),
@@ -289,7 +572,8 @@ impl Metrics {
                 "ingest_queue_depth",
                 "Messages waiting for the storage writer",
             ),
-            alerts_open: metric(r, "alerts_unresolved", "Alerts open or acknowledged"),
+            alerts_open: Gauge::default(),
+            alerts_unresolved,
             commands_sent: metric(r, "commands_sent", "Commands published to devices"),
             chunks_sent: metric(r, "update_chunks_sent", "Update chunks sent to devices"),
             direct_dropped: metric(
@@ -302,21 +586,9 @@ impl Metrics {
                 "updates_in_progress",
                 "Update transfers not yet finished",
             ),
-            drift_value: metric(
-                r,
-                "drift_value",
-                "Latest drift window: PSI of a feature, JS distance of the predictions",
-            ),
-            drift_status: metric(
-                r,
-                "drift_status",
-                "Drift status: -1 insufficient (no judged window), 0 ok, 1 warn, 2 alert",
-            ),
-            drift_window_samples: metric(
-                r,
-                "drift_window_samples",
-                "Samples in the latest closed drift window (after the per-device cap)",
-            ),
+            drift_value,
+            drift_status,
+            drift_window_samples,
             drift_mismatched: metric(
                 r,
                 "drift_mismatched",
@@ -363,10 +635,14 @@ impl Metrics {
             writer_beat_ms: AtomicU64::new(0),
             writer_stopped: std::sync::atomic::AtomicBool::new(false),
             started: std::time::Instant::now(),
-            ingest_latency: std::sync::Mutex::new(
+            ingest_latency: Mutex::new(
                 hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
                     .expect("valid histogram bounds"),
             ),
+            ingest_latency_seconds,
+            http_requests,
+            http_duration,
+            refusals: Mutex::new(RefusalLog::default()),
             registry,
         }
     }
@@ -407,6 +683,9 @@ impl Metrics {
     /// Counts a rejected message and logs it if its reason has not been logged lately.
     pub fn reject(&self, reason: Reject, device: &str, detail: &dyn std::fmt::Display) {
         self.rejected[reason.index()].inc();
+        if let Ok(mut log) = self.refusals.lock() {
+            log.record(device, reason, detail, now_ms());
+        }
         if let Some(suppressed) = self.log_limit.allow(reason.index()) {
             tracing::warn!(
                 reason = reason.name(),
@@ -473,6 +752,7 @@ impl Metrics {
                 // A device clock slightly ahead of ours counts as no delay.
                 let us = committed_ms.saturating_sub(t).saturating_mul(1000).max(1);
                 h.saturating_record(us);
+                self.ingest_latency_seconds.observe(us as f64 / 1e6);
             }
         }
     }
@@ -504,6 +784,180 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// The same in the classic Prometheus text format (0.0.4), what Prometheus and `promtool
+    /// check metrics` read by default.
+    pub fn render_text(&self, storage_bytes: u64) -> String {
+        openmetrics_to_text(&self.render(storage_bytes))
+    }
+
+    /// Sets the unresolved alerts per severity (counted from storage at each scrape).
+    pub fn set_unresolved_alerts(&self, info: u64, warning: u64, critical: u64) {
+        for (s, n) in [
+            (Severity::Info, info),
+            (Severity::Warning, warning),
+            (Severity::Critical, critical),
+        ] {
+            self.alerts_unresolved
+                .get_or_create(&SeverityLabel { severity: s.name() })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Drops the drift series of model versions for which `runs(model, version)` is false:
+    /// versions no device runs any more would otherwise keep their last verdict for ever.
+    pub fn retain_drift(&self, runs: impl Fn(&str, &str) -> bool) {
+        self.drift_value.retain(|l| runs(&l.model, &l.version));
+        self.drift_status.retain(|l| runs(&l.model, &l.version));
+        self.drift_window_samples
+            .retain(|l| runs(&l.model, &l.version));
+    }
+
+    /// Counts one answered HTTP request (`route` is the matched pattern).
+    pub fn http_request(&self, method: &str, route: &str, status: u16, seconds: f64) {
+        self.http_requests
+            .get_or_create(&HttpLabels {
+                method: method.to_owned(),
+                route: route.to_owned(),
+                status,
+            })
+            .inc();
+        self.http_duration
+            .get_or_create(&HttpRouteLabels {
+                method: method.to_owned(),
+                route: route.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// The device's latest refusals, newest first, and how many it had since the start.
+    pub fn refusals(&self, device: &str) -> (u64, Vec<RefusalEntry>) {
+        let Ok(log) = self.refusals.lock() else {
+            return (0, Vec::new());
+        };
+        log.by_device.get(device).map_or((0, Vec::new()), |d| {
+            (d.total, d.recent.iter().rev().cloned().collect())
+        })
+    }
+}
+
+/// Rewrites OpenMetrics text as the classic Prometheus text format: a counter's HELP and TYPE
+/// name its `_total` sample, an info metric is a gauge named `<name>_info`, and the UNIT and
+/// EOF lines go (Prometheus 2.42's `promtool check metrics` reads only this format).
+pub fn openmetrics_to_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // Families whose HELP/TYPE lines are renamed, by OpenMetrics name.
+    let mut types: HashMap<&str, &str> = HashMap::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some((name, kind)) = rest.split_once(' ')
+        {
+            types.insert(name, kind);
+        }
+    }
+    let renamed = |name: &str| -> (String, &'static str) {
+        match types.get(name).copied() {
+            Some("counter") => (format!("{name}_total"), "counter"),
+            Some("info") => (format!("{name}_info"), "gauge"),
+            Some("gauge") => (name.to_owned(), "gauge"),
+            Some("histogram") => (name.to_owned(), "histogram"),
+            Some("summary") => (name.to_owned(), "summary"),
+            _ => (name.to_owned(), "untyped"),
+        }
+    };
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            out.push_str(&format!("# HELP {} {help}\n", renamed(name).0));
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split_once(' ').map_or(rest, |(n, _)| n);
+            let (name, kind) = renamed(name);
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+        } else if line.contains("_created") && !line.starts_with('#') {
+            // OpenMetrics-only creation timestamps (none are registered today).
+            continue;
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Most refusals kept per device...
+pub const REFUSALS_PER_DEVICE: usize = 10;
+/// ...for at most this many devices (the ones refused longest ago are forgotten first)...
+const REFUSAL_DEVICES: usize = 2048;
+/// ...with at most this many characters of detail each.
+const REFUSAL_DETAIL_CHARS: usize = 200;
+
+/// One of a device's latest refusals: repeats of the same reason and detail in a row are
+/// folded into one entry with a count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusalEntry {
+    pub first_ms: u64,
+    pub last_ms: u64,
+    pub count: u64,
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+#[derive(Debug, Default)]
+struct DeviceRefusals {
+    total: u64,
+    last_ms: u64,
+    recent: VecDeque<RefusalEntry>,
+}
+
+#[derive(Debug, Default)]
+struct RefusalLog {
+    by_device: HashMap<String, DeviceRefusals>,
+}
+
+impl RefusalLog {
+    fn record(&mut self, device: &str, reason: Reject, detail: &dyn std::fmt::Display, now: u64) {
+        if device.is_empty() {
+            return;
+        }
+        if !self.by_device.contains_key(device) && self.by_device.len() >= REFUSAL_DEVICES {
+            let oldest = self
+                .by_device
+                .iter()
+                .min_by_key(|(_, d)| d.last_ms)
+                .map(|(id, _)| id.clone());
+            if let Some(id) = oldest {
+                self.by_device.remove(&id);
+            }
+        }
+        let d = self.by_device.entry(device.to_owned()).or_default();
+        d.total += 1;
+        d.last_ms = now;
+        let mut text = detail.to_string();
+        if text.chars().count() > REFUSAL_DETAIL_CHARS {
+            text = text.chars().take(REFUSAL_DETAIL_CHARS).collect::<String>() + "...";
+        }
+        if let Some(last) = d.recent.back_mut()
+            && last.reason == reason.name()
+            && last.detail == text
+        {
+            last.count += 1;
+            last.last_ms = now;
+            return;
+        }
+        if d.recent.len() == REFUSALS_PER_DEVICE {
+            d.recent.pop_front();
+        }
+        d.recent.push_back(RefusalEntry {
+            first_ms: now,
+            last_ms: now,
+            count: 1,
+            reason: reason.name(),
+            detail: text,
+        });
     }
 }
 
@@ -581,6 +1035,24 @@ pub fn cpu_seconds() -> Option<f64> {
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     // USER_HZ is 100 on every Linux the gateway targets.
     Some(ticks as f64 / 100.0)
+}
+
+/// File descriptors this process holds open (Linux: /proc/self/fd).
+pub fn open_fds() -> Option<u64> {
+    // The directory's own descriptor, open while it is read, is counted too: take it off.
+    Some(
+        std::fs::read_dir("/proc/self/fd")
+            .ok()?
+            .count()
+            .saturating_sub(1) as u64,
+    )
+}
+
+/// The soft limit of open file descriptors (Linux: "Max open files" of /proc/self/limits).
+pub fn max_fds() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// Resident set size of this process (Linux: `VmRSS` of /proc/self/status).

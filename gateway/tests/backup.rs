@@ -122,11 +122,24 @@ async fn a_backup_taken_under_load_restores_a_consistent_gateway() {
 
     // The backup, while the devices keep sending.
     let archive = dir.path().join("site.tar");
-    let o = fleetgate(&[&"backup", &archive, &"--config", &config_path]).await;
+    // Signed with a key kept outside the data dir, so the restore can tell it was not changed.
+    let key_stem = dir.path().join("backup");
+    let o = fleetgate(&[&"keys", &"generate", &"--out", &key_stem]).await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = fleetgate(&[
+        &"backup",
+        &archive,
+        &"--config",
+        &config_path,
+        &"--sign-key",
+        &key_stem.with_extension("key"),
+    ])
+    .await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let said = String::from_utf8_lossy(&o.stdout);
     assert!(
-        said.starts_with(&format!("wrote {}: ", archive.display())),
+        said.starts_with(&format!("wrote {}: ", archive.display()))
+            && said.contains(", manifest signed"),
         "{said}"
     );
     let still_sending = fleet.counters().telemetry.load(Relaxed);
@@ -155,15 +168,24 @@ async fn a_backup_taken_under_load_restores_a_consistent_gateway() {
         &fresh,
         &"--config-out",
         &restored_config,
+        &"--trust-key",
+        &key_stem.with_extension("pub"),
     ])
     .await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(
-        std::fs::read_to_string(&restored_config).unwrap(),
-        std::fs::read_to_string(&config_path).unwrap()
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("the manifest is signed by the trusted key"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
     );
+    // The restored config runs on the restored data, and is the backed-up one otherwise.
     let mut config = Config::load(&restored_config).unwrap();
-    config.storage.data_dir = fresh.clone();
+    let original = Config::load(&config_path).unwrap();
+    assert_eq!(config.storage.data_dir, fresh);
+    assert_eq!(
+        (&config.http, &config.mqtt),
+        (&original.http, &original.mqtt)
+    );
     config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
     config.http.listen = "127.0.0.1:0".parse().unwrap();
     let gateway = Gateway::start(config).await.unwrap();

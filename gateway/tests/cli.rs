@@ -62,6 +62,16 @@ async fn a_bad_config_names_every_bad_field_and_exits_64() {
         }
     }
 
+    // A TOML syntax error says where it is.
+    std::fs::write(file, "[mqtt]\nmax_connections = \"lots\n").unwrap();
+    let o = fleetgate(&["config", "check", file]).await;
+    assert_eq!(o.status.code(), Some(64));
+    assert!(
+        stderr(&o).contains("not valid TOML: line 2, column 24: "),
+        "{}",
+        stderr(&o)
+    );
+
     // The embedded default config is valid and is what `config default` prints.
     let default = ok(&["config", "default"]).await;
     let file = dir.path().join("default.toml");
@@ -194,15 +204,28 @@ async fn the_release_and_drift_flow_of_the_readme_works_from_the_command_line() 
     ]))
     .await;
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = run(with_api(&["devices", "show", "pump-1"])).await;
+    let o = run(with_api(&["devices", "show", "pump-1", "--json"])).await;
     let device: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(device["labels"]["site"], "north");
 
-    let o = run(with_api(&["alerts", "list", "--state", "open"])).await;
+    let o = run(with_api(&["alerts", "list", "--state", "open", "--json"])).await;
     assert_eq!(
         serde_json::from_str::<Value>(&stdout(&o)).unwrap(),
         Value::Array(vec![])
     );
+    // An update that starts on no device says so and exits 1: pump-1 is not connected.
+    let o = run(with_api(&[
+        "updates", "start", "model", "kws", "2.0.0", "--device", "pump-1",
+    ]))
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert_eq!(
+        stderr(&o).trim(),
+        "fleetgate: model kws 2.0.0 started on no device (1 skipped)"
+    );
+    assert!(stdout(&o).starts_with("SKIPPED"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("pump-1"), "{}", stdout(&o));
+
     let o = run(with_api(&["alerts", "list", "--state", "opened"])).await;
     assert_eq!(o.status.code(), Some(1));
     assert!(
@@ -229,7 +252,7 @@ async fn the_release_and_drift_flow_of_the_readme_works_from_the_command_line() 
         "{}",
         stderr(&o)
     );
-    let o = run(with_api(&["drift"])).await;
+    let o = run(with_api(&["drift", "--json"])).await;
     assert_eq!(
         serde_json::from_str::<Value>(&stdout(&o)).unwrap(),
         Value::Array(vec![])
@@ -262,6 +285,7 @@ async fn a_read_only_token_reads_but_cannot_roll_out() {
         "dashboard",
         "--role",
         "read-only",
+        "--json",
         "--url",
         url,
         "--token",
@@ -275,7 +299,11 @@ async fn a_read_only_token_reads_but_cannot_roll_out() {
     let listed = ok(&["rollout", "list", "--url", url, "--token", &viewer]).await;
     // A table with its header and no rollouts.
     assert_eq!(listed.lines().count(), 1, "{listed}");
-    assert!(listed.trim_start().starts_with("ID KIND"), "{listed}");
+    assert_eq!(
+        listed.split_whitespace().collect::<Vec<_>>(),
+        ["ID", "KIND", "NAME", "VERSION", "STATE", "STAGE", "DEVICES"],
+        "{listed}"
+    );
     let rollout = [
         "rollout", "create", "model", "kws", "2.0.0", "--all", "--url", url,
     ];
@@ -298,7 +326,7 @@ async fn a_read_only_token_reads_but_cannot_roll_out() {
         stderr(&refused)
     );
 
-    let audit = ok(&["audit", "--url", url, "--token", TOKEN]).await;
+    let audit = ok(&["audit", "--json", "--url", url, "--token", TOKEN]).await;
     let audit: Value = serde_json::from_str(&audit).unwrap();
     let entries: Vec<(String, String, u64)> = audit["entries"]
         .as_array()
@@ -323,4 +351,336 @@ async fn a_read_only_token_reads_but_cannot_roll_out() {
         .shutdown(std::time::Duration::from_secs(5))
         .await
         .unwrap();
+}
+
+/// A gateway on free loopback ports with the test token, in `dir`.
+async fn gateway_in(dir: &Path) -> Gateway {
+    let mut config = Config::default();
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.token = Some(TOKEN.to_owned());
+    config.storage.data_dir = dir.join("data");
+    Gateway::start(config).await.unwrap()
+}
+
+/// `devices revoke 'arr1?oops'` once revoked `arr1`: the id was put into the URL as it was,
+/// so `?oops` became a query. Every id is one percent-encoded path segment now.
+#[tokio::test]
+async fn an_id_with_url_characters_never_reaches_another_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = gateway_in(dir.path()).await;
+    let url = format!("http://{}", gateway.http_addr);
+    let api = ["--url", url.as_str(), "--token", TOKEN];
+    let run = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(api);
+        let all: Vec<String> = all.into_iter().map(str::to_owned).collect();
+        async move {
+            let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+            fleetgate(&refs).await
+        }
+    };
+    assert!(run(&["devices", "enroll", "arr1"]).await.status.success());
+    for id in [
+        "arr1?oops",
+        "arr1#x",
+        "arr1/credential",
+        "../devices/arr1",
+        "arr1%3F",
+    ] {
+        let o = run(&["devices", "revoke", id]).await;
+        assert_eq!(o.status.code(), Some(1), "{id}: {}", stdout(&o));
+        assert_eq!(
+            stderr(&o).trim(),
+            format!("fleetgate: 404: device {id} not found"),
+            "{id}"
+        );
+    }
+    let o = run(&["devices", "show", "arr1", "--json"]).await;
+    let device: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(device["revoked"], false);
+    let o = run(&["tokens", "revoke", "x?y"]).await;
+    assert!(
+        stderr(&o).contains("404: no token named `x?y`"),
+        "{}",
+        stderr(&o)
+    );
+    gateway
+        .shutdown(std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
+/// `fleetgate bundle sign` of `artifact` as kws 1.0.0 with `keys` into `out`.
+async fn sign_bundle(artifact: &str, keys: &[&str], out: &str) {
+    let mut args = vec![
+        "bundle",
+        "sign",
+        artifact,
+        "--kind",
+        "model",
+        "--name",
+        "kws",
+        "--version",
+        "1.0.0",
+        "--release",
+        "1",
+        "--chunk-size",
+        "1024",
+    ];
+    for k in keys {
+        args.extend(["--key", k]);
+    }
+    args.extend(["--out", out]);
+    ok(&args).await;
+}
+
+/// Co-signing vouches for a bundle: it refused nothing before (a changed artifact, a forged
+/// signature, an expired manifest, a signer nobody can check). Inspect lists signers only
+/// with what their signatures are worth.
+#[tokio::test]
+async fn cosign_checks_the_bundle_first_and_inspect_verifies_its_signers() {
+    use fleetgate::registry::bundle::BundleFile;
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    for k in ["alice", "bob"] {
+        ok(&["keys", "generate", "--out", &d(k)]).await;
+    }
+    let key_id = |name: &str| {
+        let public = fleetgate_config::parse_key(
+            &std::fs::read_to_string(d(&format!("{name}.pub"))).unwrap(),
+        )
+        .unwrap();
+        fleetgate::registry::keys::hex(&fleetgate_protocol::sign::key_id(&public))
+    };
+    std::fs::write(d("kws.tflite"), vec![5u8; 5000]).unwrap();
+    sign_bundle(&d("kws.tflite"), &[&d("alice.key")], &d("kws.fgb")).await;
+    let signed = std::fs::read(d("kws.fgb")).unwrap();
+
+    // Nobody vouched for alice's key: refused, and the file is as it was.
+    let o = fleetgate(&["bundle", "cosign", &d("kws.fgb"), "--key", &d("bob.key")]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stderr(&o).trim(),
+        format!(
+            "fleetgate: {}: the signature by key {} cannot be checked; give its public key with --trust (or the gateway config with --config)",
+            d("kws.fgb"),
+            key_id("alice")
+        )
+    );
+    assert_eq!(std::fs::read(d("kws.fgb")).unwrap(), signed);
+
+    // A changed artifact, a forged signature, an expired manifest: refused, each saying why.
+    let mut b = BundleFile::decode(&signed).unwrap();
+    b.artifact[100] ^= 1;
+    std::fs::write(d("changed.fgb"), b.encode()).unwrap();
+    let mut b = BundleFile::decode(&signed).unwrap();
+    b.manifest.signatures[0].signature[5] ^= 1;
+    std::fs::write(d("forged.fgb"), b.encode()).unwrap();
+    let alice = fleetgate::registry::keys::read(Path::new(&d("alice.key"))).unwrap();
+    let spec = fleetgate_protocol::manifest::ManifestSpec {
+        kind: fleetgate_protocol::ArtifactKind::Model,
+        name: "kws".into(),
+        version: semver::Version::new(1, 0, 0),
+        release: 1,
+        compat: fleetgate_protocol::Compat::default(),
+        chunk_size: 1024,
+        created_ms: 1_000,
+        expires_ms: 2_000,
+    };
+    let old = BundleFile::sign(vec![5u8; 5000], spec, &[alice], Default::default(), vec![]);
+    std::fs::write(d("old.fgb"), old.encode()).unwrap();
+    for (file, error) in [
+        (
+            "changed.fgb",
+            "the artifact does not match the manifest: its SHA-256 differs".to_owned(),
+        ),
+        (
+            "forged.fgb",
+            format!(
+                "the signature by key {} does not verify: the bundle was changed after it was signed",
+                key_id("alice")
+            ),
+        ),
+        (
+            "old.fgb",
+            "the manifest expired at 1970-01-01T00:00:02.000Z; sign a new bundle instead"
+                .to_owned(),
+        ),
+    ] {
+        let before = std::fs::read(d(file)).unwrap();
+        let o = fleetgate(&[
+            "bundle",
+            "cosign",
+            &d(file),
+            "--key",
+            &d("bob.key"),
+            "--trust",
+            &d("alice.pub"),
+        ])
+        .await;
+        assert_eq!(o.status.code(), Some(1), "{file}");
+        assert_eq!(
+            stderr(&o).trim(),
+            format!("fleetgate: {}: {error}", d(file)),
+            "{file}"
+        );
+        assert_eq!(std::fs::read(d(file)).unwrap(), before, "{file}");
+    }
+
+    // With alice's public key (hex or file), bob co-signs.
+    let o = ok(&[
+        "bundle",
+        "cosign",
+        &d("kws.fgb"),
+        "--key",
+        &d("bob.key"),
+        "--trust",
+        &d("alice.pub"),
+    ])
+    .await;
+    assert_eq!(
+        o.trim(),
+        format!("{}: now 2 signature(s), each checked", d("kws.fgb"))
+    );
+
+    // Inspect: signers are shown with what their signatures are worth.
+    let inspect = |args: Vec<String>| async move {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = fleetgate(&refs).await;
+        let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        (o.status.code(), v)
+    };
+    let base = |file: &str| {
+        vec![
+            "bundle".to_owned(),
+            "inspect".to_owned(),
+            "--json".to_owned(),
+            d(file),
+        ]
+    };
+    let (code, v) = inspect(base("kws.fgb")).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        v["signatures"],
+        serde_json::json!([
+            { "key_id": key_id("alice"), "status": "unknown key" },
+            { "key_id": key_id("bob"), "status": "unknown key" },
+        ])
+    );
+    let mut args = base("kws.fgb");
+    args.extend(["--trust".to_owned(), d("alice.pub")]);
+    let (code, v) = inspect(args).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(v["signatures"][0]["status"], "valid");
+    assert_eq!(v["signatures"][1]["status"], "unknown key");
+    assert_eq!(
+        (v["valid_signatures"].as_u64(), v["artifact"].as_str()),
+        (Some(1), Some("matches the manifest"))
+    );
+    let mut args = base("forged.fgb");
+    args.extend(["--trust".to_owned(), d("alice.pub")]);
+    let (code, v) = inspect(args).await;
+    assert_eq!(code, Some(1));
+    assert_eq!(v["signatures"][0]["status"], "invalid");
+    assert_eq!(
+        v["problems"],
+        serde_json::json!([
+            format!("the signature by key {} does not verify", key_id("alice")),
+            "0 valid signature(s) by trusted keys, 1 needed",
+        ])
+    );
+    let (code, v) = inspect(base("changed.fgb")).await;
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        v["artifact"],
+        "the artifact does not match the manifest: its SHA-256 differs"
+    );
+}
+
+/// `fleetgate devices list | head -1` exited 101 with a panic when `head` closed the pipe.
+#[tokio::test]
+async fn a_closed_stdout_ends_the_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = gateway_in(dir.path()).await;
+    let url = format!("http://{}", gateway.http_addr);
+    for args in [
+        vec!["config", "default"],
+        vec!["devices", "list", "--url", &url, "--token", TOKEN],
+        vec!["tokens", "list", "--url", &url, "--token", TOKEN],
+    ] {
+        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+        let o = tokio::task::spawn_blocking(move || {
+            // A pipe whose reader is already gone: every write to it fails with EPIPE.
+            let (reader, writer) = std::io::pipe().unwrap();
+            drop(reader);
+            Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+                .args(&args)
+                .env_remove("FLEETGATE_API_TOKEN")
+                .stdout(writer)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!((o.status.code(), stderr(&o)), (Some(0), String::new()),);
+    }
+    gateway
+        .shutdown(std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
+/// The first line `fleetgate serve ARGS` writes to stderr, then the gateway is killed.
+async fn first_log_line(dir: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "serve".to_owned(),
+        "--data-dir".to_owned(),
+        dir.to_str().unwrap().to_owned(),
+        "--mqtt-listen".to_owned(),
+        "127.0.0.1:0".to_owned(),
+        "--http-listen".to_owned(),
+        "127.0.0.1:0".to_owned(),
+    ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+            .args(&args)
+            .env_remove("FLEETGATE_API_TOKEN")
+            .env_remove("FLEETGATE_LOG")
+            .env_remove("NO_COLOR")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stderr.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        line
+    })
+    .await
+    .unwrap()
+}
+
+/// Log lines carried ANSI colour codes into files and the journal.
+#[tokio::test]
+async fn logs_are_plain_off_a_terminal_and_json_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = first_log_line(&dir.path().join("a"), &[]).await;
+    assert!(text.contains(" INFO "), "{text:?}");
+    assert!(text.contains("gateway started"), "{text:?}");
+    assert!(!text.contains('\x1b'), "{text:?}");
+
+    let json = first_log_line(&dir.path().join("b"), &["--log-format", "json"]).await;
+    let v: Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json:?}"));
+    assert_eq!(
+        (v["level"].as_str(), v["message"].as_str()),
+        (Some("INFO"), Some("gateway started"))
+    );
+    assert!(v["http"].as_str().unwrap().starts_with("127.0.0.1:"), "{v}");
+    assert!(v["timestamp"].is_string(), "{v}");
 }

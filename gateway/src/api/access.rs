@@ -17,8 +17,9 @@ use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use utoipa::ToSchema;
 
+use super::schema::ErrorBody;
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState, limit, read};
 use crate::auth::{self, Caller, Role};
 use crate::clock::{now_ms, rfc3339};
@@ -120,35 +121,84 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
-fn token_view(t: &TokenRecord) -> Value {
-    json!({
-        "name": t.name,
-        "role": t.role,
-        "created": rfc3339(t.created_ms),
-        "created_by": t.created_by,
-    })
+/// An operator token, without its secret.
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct TokenView {
+    pub name: String,
+    /// `read-only`, `operator` or `admin`.
+    #[schema(value_type = String)]
+    pub role: Role,
+    pub created: String,
+    pub created_by: String,
+}
+
+fn token_view(t: &TokenRecord) -> TokenView {
+    TokenView {
+        name: t.name.clone(),
+        role: t.role,
+        created: rfc3339(t.created_ms),
+        created_by: t.created_by.clone(),
+    }
+}
+
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct TokenList {
+    pub tokens: Vec<TokenView>,
 }
 
 /// `GET /tokens`: the tokens created through the API (the bootstrap token is not stored).
-pub async fn list(State(state): AppState) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/tokens",
+    tag = "access",
+    responses(
+        (status = 200, description = "Tokens created through the API (never their secrets)", body = TokenList),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
+pub async fn list(State(state): AppState) -> Result<Json<TokenList>, ApiError> {
     let tokens = read(&state, |s| s.tokens()).await?;
-    let list: Vec<Value> = tokens.iter().map(token_view).collect();
-    Ok(Json(json!({ "tokens": list })))
+    Ok(Json(TokenList {
+        tokens: tokens.iter().map(token_view).collect(),
+    }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
+    /// 1 to 64 of `a-z 0-9 - _ .`.
     name: String,
+    /// `read-only`, `operator` or `admin`.
     role: String,
 }
 
+/// A new token: shown this once.
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct NewToken {
+    #[serde(flatten)]
+    pub view: TokenView,
+    /// The secret to send as `Authorization: Bearer <token>`; only its SHA-256 is kept.
+    pub token: String,
+}
+
 /// `POST /tokens`: a new token; the answer holds the secret, which is never shown again.
+#[utoipa::path(
+    post,
+    path = "/tokens",
+    tag = "access",
+    request_body = CreateBody,
+    responses(
+        (status = 201, description = "Created; the secret is shown only now", body = NewToken),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
 pub async fn create(
     State(state): AppState,
     caller: Caller,
     ApiJson(body): ApiJson<CreateBody>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<NewToken>), ApiError> {
     auth::check_token_name(&body.name).map_err(ApiError::BadRequest)?;
     let role: Role = body.role.parse().map_err(ApiError::BadRequest)?;
     let secret = auth::new_secret().map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -174,56 +224,145 @@ pub async fn create(
             role,
         },
     );
-    let mut view = token_view(&record);
-    view["token"] = Value::String(secret);
-    Ok((StatusCode::CREATED, Json(view)))
+    Ok((
+        StatusCode::CREATED,
+        Json(NewToken {
+            view: token_view(&record),
+            token: secret,
+        }),
+    ))
+}
+
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct Revoked {
+    pub revoked: String,
 }
 
 /// `DELETE /tokens/{name}`: the token stops working at once.
+#[utoipa::path(
+    delete,
+    path = "/tokens/{name}",
+    tag = "access",
+    params(("name" = String, Path, description = "Token name")),
+    responses(
+        (status = 200, description = "Revoked; it stops working at once", body = Revoked),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
 pub async fn revoke(
     State(state): AppState,
     ApiPath(name): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Revoked>, ApiError> {
+    if name == auth::BOOTSTRAP_TOKEN {
+        return Err(ApiError::BadRequest(format!(
+            "`{name}` is the configured admin token (http.token, ${}, or <data_dir>/{}): change it there and restart",
+            auth::TOKEN_ENV,
+            auth::TOKEN_FILE
+        )));
+    }
     let key = name.clone();
     let removed = read(&state, move |s| s.write(|t| t.remove_token(&key))).await?;
-    state.tokens.remove(&name);
     if !removed {
         return Err(ApiError::NotFound(format!("no token named `{name}`")));
     }
-    Ok(Json(json!({ "revoked": name })))
+    // Only a stored token is forgotten: the name of one that is not stored may still be
+    // the bootstrap token's, held in memory only.
+    state.tokens.remove(&name);
+    Ok(Json(Revoked { revoked: name }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
     /// Entries numbered below this (for paging back); default: from the newest.
     before: Option<u64>,
+    /// At most this many, 1 to 10,000 (default 100).
     limit: Option<usize>,
 }
 
+/// A change made through the API.
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct AuditEntry {
+    pub id: u64,
+    pub at: String,
+    /// The token's name.
+    pub by: String,
+    #[schema(value_type = String)]
+    pub role: Role,
+    pub method: String,
+    pub path: String,
+    /// The answer's HTTP status.
+    pub status: u16,
+}
+
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct AuditList {
+    pub entries: Vec<AuditEntry>,
+}
+
 /// `GET /audit`: changes made through the API, newest first.
+#[utoipa::path(
+    get,
+    path = "/audit",
+    tag = "access",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "Changes made through the API, newest first", body = AuditList),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
 pub async fn audit(
     State(state): AppState,
     ApiQuery(q): ApiQuery<AuditQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AuditList>, ApiError> {
     let n = limit(q.limit)?;
     let before = q.before.unwrap_or(u64::MAX);
     let entries = read(&state, move |s| s.audit(before, n)).await?;
-    let list: Vec<Value> = entries
-        .iter()
-        .map(|(id, e)| {
-            json!({
-                "id": id,
-                "at": rfc3339(e.at_ms),
-                "by": e.by,
-                "role": e.role,
-                "method": e.method,
-                "path": e.path,
-                "status": e.status,
+    Ok(Json(AuditList {
+        entries: entries
+            .into_iter()
+            .map(|(id, e)| AuditEntry {
+                id,
+                at: rfc3339(e.at_ms),
+                by: e.by,
+                role: e.role,
+                method: e.method,
+                path: e.path,
+                status: e.status,
             })
-        })
-        .collect();
-    Ok(Json(json!({ "entries": list })))
+            .collect(),
+    }))
+}
+
+/// Who a token is: what the dashboard shows, and how it knows which actions to offer.
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct Me {
+    /// The token's name (`bootstrap` for the configured token).
+    pub name: String,
+    /// `read-only`, `operator` or `admin`.
+    #[schema(value_type = String)]
+    pub role: Role,
+}
+
+/// `GET /me`: the name and role of the token the request came with.
+#[utoipa::path(
+    get,
+    path = "/me",
+    tag = "access",
+    responses(
+        (status = 200, description = "The token's name and role", body = Me),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
+pub async fn me(caller: Caller) -> Json<Me> {
+    Json(Me {
+        name: caller.name,
+        role: caller.role,
+    })
 }
 
 /// Loads the stored tokens and adds the bootstrap token, for the API's token check.

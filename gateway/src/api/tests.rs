@@ -15,12 +15,19 @@ const TOKEN: &str = "test-token-0123456789";
 struct Api {
     _dir: tempfile::TempDir,
     router: Router,
+    metrics: Arc<Metrics>,
 }
 
 fn api() -> Api {
+    api_seeded(|_| {})
+}
+
+/// An API whose storage `seed` filled before the writer loaded it.
+fn api_seeded(seed: impl FnOnce(&Store)) -> Api {
     let dir = tempfile::tempdir().unwrap();
     let config = fleetgate_config::Config::default();
     let store = Store::open(dir.path()).unwrap();
+    seed(&store);
     let store_for_tokens = store.clone();
     let metrics = Arc::new(Metrics::new(std::time::Duration::from_secs(60)));
     let (_wtx, wrx, control, crx) = crate::ingest::channels(&config);
@@ -40,7 +47,7 @@ fn api() -> Api {
         store,
         registry,
         control,
-        metrics,
+        metrics: metrics.clone(),
         tokens: Arc::new(access::load_tokens(&store_for_tokens, TOKEN).unwrap()),
         data_dir: dir.path().to_owned(),
         max_body_bytes: 1 << 20,
@@ -50,6 +57,7 @@ fn api() -> Api {
     Api {
         _dir: dir,
         router: router(state),
+        metrics,
     }
 }
 
@@ -115,6 +123,12 @@ async fn health_is_open_and_the_api_needs_the_token() {
         api.get("/api/v1/devices").await,
         (StatusCode::OK, json!([]))
     );
+    // The API's description needs no token either, and is the one the code generates.
+    let (status, doc) = api
+        .call(Method::GET, "/api/v1/openapi.json", None, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(doc, serde_json::to_value(openapi()).unwrap());
 }
 
 #[tokio::test]
@@ -315,28 +329,54 @@ async fn commands_need_an_online_device_and_a_valid_action() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
+/// GET /metrics with an optional Accept header: (content type, body).
+async fn scrape(api: &Api, accept: Option<&str>) -> (String, String) {
+    let mut req = Request::builder().uri("/metrics");
+    if let Some(a) = accept {
+        req = req.header("accept", a);
+    }
+    let response = api
+        .router
+        .clone()
+        .oneshot(req.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (content_type, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
 #[tokio::test]
 async fn metrics_and_ingest_counters() {
     let api = api();
-    let req = Request::builder()
-        .uri("/metrics")
-        .body(Body::empty())
-        .unwrap();
-    let response = api.router.clone().oneshot(req).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let text = String::from_utf8(
-        response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
+    let (content_type, text) = scrape(&api, None).await;
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+    for line in [
+        "# TYPE fleetgate_ingest_rejected_total counter",
+        "fleetgate_ingest_rejected_total{reason=\"undecodable\"} 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    assert!(!text.contains("# EOF"), "{text}");
+    let (content_type, text) = scrape(
+        &api,
+        Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"),
     )
-    .unwrap();
+    .await;
+    assert_eq!(
+        content_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
     assert!(
-        text.contains("fleetgate_ingest_rejected_total{reason=\"undecodable\"} 0"),
-        "{text}"
+        text.lines()
+            .any(|l| l == "# TYPE fleetgate_ingest_rejected counter")
     );
     assert!(text.ends_with("# EOF\n"));
     let (status, body) = api.get("/api/v1/ingest").await;
@@ -344,6 +384,104 @@ async fn metrics_and_ingest_counters() {
     assert_eq!(body["stored"]["telemetry"], 0);
     assert_eq!(body["rejected"]["bad_topic"], 0);
     assert_eq!(body["storage"]["devices"], 0);
+}
+
+/// Prometheus 2.42's `promtool check metrics` (the Debian `prometheus` package; `.ci/run`
+/// installs it) finds no problem in what /metrics serves by default.
+#[tokio::test]
+async fn the_default_metrics_pass_promtool() {
+    let api = api_seeded(seed_alert);
+    // Every kind of series present: an HTTP request, an unresolved alert.
+    api.get("/api/v1/devices").await;
+    let (_, text) = scrape(&api, None).await;
+    assert!(
+        text.lines()
+            .any(|l| l == "fleetgate_alerts_unresolved{severity=\"warning\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l
+            == "fleetgate_http_requests_total{method=\"GET\",route=\"/api/v1/devices\",status=\"200\"} 1"),
+        "{text}"
+    );
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool runs (apt-get install prometheus; .ci/run installs it)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        ),
+        (Some(0), String::new(), String::new()),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_devices_latest_refusals_are_served_with_their_reasons() {
+    let api = api();
+    api.post("/api/v1/devices", r#"{"id": "d1"}"#).await;
+    assert_eq!(
+        api.get("/api/v1/devices/d1/refusals").await,
+        (
+            StatusCode::OK,
+            json!({"device": "d1", "total": 0, "refusals": []})
+        )
+    );
+    // What the data path reports through `Metrics::reject`, the API shows.
+    api.metrics.reject(
+        crate::metrics::Reject::Invalid,
+        "d1",
+        &"telemetry: unknown field `tmp_c`",
+    );
+    api.metrics.reject(
+        crate::metrics::Reject::Invalid,
+        "d1",
+        &"telemetry: unknown field `tmp_c`",
+    );
+    let (status, body) = api.get("/api/v1/devices/d1/refusals").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (
+            body["total"].as_u64(),
+            body["refusals"].as_array().map(Vec::len)
+        ),
+        (Some(2), Some(1))
+    );
+    let r = &body["refusals"][0];
+    assert_eq!(
+        (
+            r["reason"].as_str(),
+            r["count"].as_u64(),
+            r["detail"].as_str()
+        ),
+        (
+            Some("invalid"),
+            Some(2),
+            Some("telemetry: unknown field `tmp_c`")
+        )
+    );
+    assert!(r["at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(
+        api.get("/api/v1/devices/nope/refusals").await,
+        (
+            StatusCode::NOT_FOUND,
+            json!({"error": "device nope not found"})
+        )
+    );
 }
 
 #[tokio::test]
@@ -419,6 +557,8 @@ fn each_endpoint_needs_the_role_it_should() {
     use crate::auth::Role::{Admin, Operator, ReadOnly};
     let cases = [
         (Method::GET, "/devices", ReadOnly),
+        (Method::GET, "/me", ReadOnly),
+        (Method::GET, "/devices/{id}/refusals", ReadOnly),
         (Method::GET, "/rollouts/{id}", ReadOnly),
         (Method::GET, "/registry", ReadOnly),
         (
@@ -686,21 +826,282 @@ async fn every_change_is_audited_with_the_tokens_name() {
     );
 }
 
+/// Serves the API on a free loopback port with the gateway's listener, for requests that
+/// only a real connection can make (announced lengths, raw bytes).
+async fn live(api: &Api) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = api.router.clone();
+    tokio::spawn(async move {
+        axum::serve(listener::HttpListener(listener), router)
+            .await
+            .unwrap();
+    });
+    addr
+}
+
+/// Sends `raw` and reads the answer until the server closes the connection. A server that
+/// waited for the announced body would hold the connection open: the deadline fails the
+/// test then (it is not how long anything is expected to take).
+async fn raw_exchange(addr: std::net::SocketAddr, raw: &[u8]) -> (u16, String, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(20), s.read_to_end(&mut out))
+        .await
+        .expect("the server answered without waiting for the body")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head[9..12].parse().unwrap();
+    let content_type = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-type: "))
+        .unwrap_or("")
+        .to_owned();
+    (
+        status,
+        content_type,
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
 #[tokio::test]
-async fn a_json_body_over_one_mib_is_refused_and_says_so() {
+async fn a_body_over_the_limit_gets_a_json_413() {
     let api = api();
+    // Streamed without a length: cut off at the limit.
     let big = format!(
         r#"{{"id": "d1", "labels": {{"x": "{}"}}}}"#,
         "y".repeat(MAX_JSON_BODY)
     );
     let (status, body) = api.post("/api/v1/devices", &big).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(
-        body,
-        json!({"error": "Failed to buffer the request body: length limit exceeded"})
+        (status, body),
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            json!({"error": "the request body is too large; this endpoint takes at most 1048576 bytes"})
+        )
+    );
+    // The same on a bundle upload, whose limit is registry.max_bundle_bytes (1 MiB here).
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/api/v1/registry/bundles")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Body::from(vec![0u8; (1 << 20) + 1]))
+        .unwrap();
+    let response = api.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&bytes).unwrap(),
+        json!({"error": "the request body is too large; this endpoint takes at most 1048576 bytes"})
     );
     assert_eq!(
         api.get("/api/v1/devices").await,
         (StatusCode::OK, json!([]))
+    );
+}
+
+#[tokio::test]
+async fn an_announced_length_over_the_limit_is_refused_before_the_body_is_read() {
+    let api = api();
+    let addr = live(&api).await;
+    for (path, announced, limit) in [
+        ("/api/v1/devices", 10u64 << 30, MAX_JSON_BODY),
+        ("/api/v1/registry/bundles", 80_000_000, 1 << 20),
+        (
+            "/api/v1/registry/model/m/1.0.0/baseline.csv",
+            2 << 20,
+            1 << 20,
+        ),
+    ] {
+        // Only the first byte of the body is sent: the answer must not wait for the rest.
+        let raw = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+             Content-Type: application/json\r\nContent-Length: {announced}\r\n\r\n{{"
+        );
+        let (status, content_type, body) = raw_exchange(addr, raw.as_bytes()).await;
+        assert_eq!(
+            (status, content_type.as_str(), body),
+            (
+                413,
+                "application/json",
+                json!({ "error": format!("the request body is {announced} bytes; this endpoint takes at most {limit} bytes") })
+            ),
+            "{path}"
+        );
+    }
+    // A control byte in a header is answered in JSON too, on the API's own listener.
+    let (status, content_type, body) = raw_exchange(
+        addr,
+        b"GET /api/v1/devices HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer a\x02b\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        (status, content_type.as_str(), body),
+        (
+            400,
+            "application/json",
+            json!({"error": "header `authorization` holds a control character (0x02)"})
+        )
+    );
+}
+
+#[tokio::test]
+async fn operators_cannot_send_actions_that_belong_to_the_engines() {
+    let api = api();
+    api.post("/api/v1/devices", r#"{"id": "d1"}"#).await;
+    let manifest = fleetgate_protocol::Signed {
+        body: vec![1, 2, 3],
+        signatures: vec![],
+    };
+    let cases = [
+        (
+            Action::Update(fleetgate_protocol::UpdateOffer {
+                transfer: 1,
+                manifest: manifest.clone(),
+            }),
+            "action `update` is sent by the gateway itself, not through commands; use POST /api/v1/updates or a rollout",
+        ),
+        (
+            Action::Rollback(manifest),
+            "action `rollback` is sent by the gateway itself, not through commands; use POST /api/v1/rollouts/{id}/rollback",
+        ),
+        (
+            Action::DriftBins(fleetgate_protocol::DriftBins {
+                model: "kws".into(),
+                version: semver::Version::new(1, 0, 0),
+                edges: vec![vec![0.5]],
+            }),
+            "action `drift_bins` is sent by the gateway itself, not through commands; use a model version's baseline (PUT /api/v1/registry/model/{name}/{version}/baseline)",
+        ),
+    ];
+    for (action, error) in cases {
+        let body = json!({ "action": action }).to_string();
+        assert_eq!(
+            api.post("/api/v1/devices/d1/commands", &body).await,
+            (StatusCode::BAD_REQUEST, json!({ "error": error })),
+            "{body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_bootstrap_token_cannot_be_revoked_and_keeps_working() {
+    let api = api();
+    assert_eq!(
+        api.call(
+            Method::DELETE,
+            "/api/v1/tokens/bootstrap",
+            Some(TOKEN),
+            None
+        )
+        .await,
+        (
+            StatusCode::BAD_REQUEST,
+            json!({"error": "`bootstrap` is the configured admin token (http.token, $FLEETGATE_API_TOKEN, or <data_dir>/api-token): change it there and restart"})
+        )
+    );
+    assert_eq!(
+        api.get("/api/v1/devices").await,
+        (StatusCode::OK, json!([]))
+    );
+    // A name that is not stored changes nothing either.
+    assert_eq!(
+        api.call(Method::DELETE, "/api/v1/tokens/nobody", Some(TOKEN), None)
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(api.get("/api/v1/devices").await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn request_bodies_must_be_json_objects() {
+    let api = api();
+    for (uri, body) in [
+        ("/api/v1/devices", r#"["d1"]"#),
+        ("/api/v1/devices", r#"["d1", {"site": "north"}]"#),
+        ("/api/v1/tokens", r#"["ci", "admin"]"#),
+        ("/api/v1/rollouts", r#"["model", "kws", "1.0.0", true]"#),
+        ("/api/v1/updates", r#"["model", "kws", "1.0.0"]"#),
+        ("/api/v1/devices", r#""d1""#),
+        ("/api/v1/devices", "null"),
+        ("/api/v1/rollouts/1/pause", r#"["because"]"#),
+        ("/api/v1/alerts/1/ack", "[]"),
+    ] {
+        assert_eq!(
+            api.post(uri, body).await,
+            (
+                StatusCode::BAD_REQUEST,
+                json!({"error": "the request body must be a JSON object ({...})"})
+            ),
+            "{uri} {body}"
+        );
+    }
+    assert_eq!(
+        api.get("/api/v1/devices").await,
+        (StatusCode::OK, json!([]))
+    );
+    let (status, body) = api.get("/api/v1/tokens").await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"tokens": []})));
+    // JSON bodies need their media type.
+    let (status, body) = api
+        .call(Method::POST, "/api/v1/devices", Some(TOKEN), None)
+        .await;
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            json!({"error": "the request body must be JSON: send `Content-Type: application/json`"})
+        )
+    );
+}
+
+/// An open alert, as the writer would have stored it.
+fn seed_alert(store: &Store) {
+    store
+        .write(|t| {
+            t.put_alert(&crate::model::AlertRecord {
+                id: 1,
+                device: "d1".into(),
+                kind: fleetgate_protocol::AlertKind::Thermal,
+                severity: Severity::Warning,
+                state: AlertState::Open,
+                source: crate::model::AlertSource::Device,
+                opened_ms: 1_000,
+                last_ms: 1_000,
+                count: 1,
+                value: Some(91.0),
+                message: "hot".into(),
+                acknowledged: None,
+                resolved: None,
+            })
+        })
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_alert_action_with_a_malformed_body_is_refused_and_changes_nothing() {
+    let api = api_seeded(seed_alert);
+    for body in ["{not json", r#"{"note": "x"}"#, "[1]"] {
+        let (status, answer) = api.post("/api/v1/alerts/1/ack", body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+        let (status, answer) = api.post("/api/v1/alerts/1/resolve", body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+    }
+    let (_, alert) = api.get("/api/v1/alerts/1").await;
+    assert_eq!(alert["state"], "open");
+    // Empty, or an empty object, is how the action is asked for.
+    let (status, alert) = api.post("/api/v1/alerts/1/ack", "").await;
+    assert_eq!(
+        (status, alert["state"].as_str()),
+        (StatusCode::OK, Some("acknowledged"))
+    );
+    let (status, alert) = api.post("/api/v1/alerts/1/resolve", "{}").await;
+    assert_eq!(
+        (status, alert["state"].as_str()),
+        (StatusCode::OK, Some("resolved"))
     );
 }

@@ -4,15 +4,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use fleetgate_protocol::ArtifactKind;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use utoipa::ToSchema;
 
+use super::schema::ErrorBody;
 use super::views::{ReleaseView, TransferView};
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState, limit, read};
+use super::{
+    ApiBytes, ApiError, ApiJson, ApiPath, ApiQuery, ApiState, NoBody, OptionalJson, limit, read,
+};
 use crate::auth::Caller;
 use crate::clock::now_ms;
 use crate::ingest::UpdateRequest;
@@ -52,11 +54,23 @@ async fn view(
 }
 
 /// `POST /registry/bundles`: the body is a bundle file from `fleetgate bundle sign`.
+#[utoipa::path(
+    post,
+    path = "/registry/bundles",
+    tag = "registry",
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "A bundle file from `fleetgate bundle sign`"),
+    responses(
+        (status = 201, description = "Registered", body = Registered),
+        (status = 200, description = "Exactly this artifact was registered before", body = Registered),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
 pub async fn upload(
     State(state): AppState,
     caller: Caller,
-    body: Bytes,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+    ApiBytes(body): ApiBytes,
+) -> Result<(StatusCode, Json<Registered>), ApiError> {
     let registry = state.registry.clone();
     let registered =
         tokio::task::spawn_blocking(move || registry.register(&body, now_ms(), &caller.name))
@@ -69,17 +83,41 @@ pub async fn upload(
     let release = view(&state, registered.release).await?;
     Ok((
         status,
-        Json(json!({ "created": registered.created, "release": release })),
+        Json(Registered {
+            created: registered.created,
+            release,
+        }),
     ))
 }
 
-#[derive(Debug, Deserialize)]
+/// What an upload did.
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct Registered {
+    /// False when exactly this artifact was registered before (uploads are idempotent).
+    pub created: bool,
+    pub release: ReleaseView,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ReleaseQuery {
+    /// `model` or `firmware`.
     kind: Option<String>,
     name: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/registry",
+    tag = "registry",
+    params(ReleaseQuery),
+    responses(
+        (status = 200, description = "Releases with their artifacts, aliases and annotations", body = Vec<ReleaseView>),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
 pub async fn list(
     State(state): AppState,
     ApiQuery(q): ApiQuery<ReleaseQuery>,
@@ -93,6 +131,21 @@ pub async fn list(
     Ok(Json(out))
 }
 
+#[utoipa::path(
+    get,
+    path = "/registry/{kind}/{name}/{version}",
+    tag = "registry",
+    params(
+        ("kind" = String, Path, description = "model or firmware", example = "model"),
+        ("name" = String, Path, example = "kws"),
+        ("version" = String, Path, description = "A version, or an alias", example = "1.0.0"),
+    ),
+    responses(
+        (status = 200, description = "The release", body = ReleaseView),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
 pub async fn get(
     State(state): AppState,
     ApiPath((k, name, version)): ApiPath<(String, String, String)>,
@@ -108,13 +161,33 @@ pub async fn get(
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// A merge patch of a release's annotations: lineage keys given are set (null removes one),
+/// the others kept; `tags` replaces the list.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Annotations {
-    lineage: Option<BTreeMap<String, String>>,
+    /// Keys to set; a key set to null is removed; keys not given are kept.
+    lineage: Option<BTreeMap<String, Option<String>>>,
+    /// Replaces the tags.
     tags: Option<Vec<String>>,
 }
 
+#[utoipa::path(
+    patch,
+    path = "/registry/{kind}/{name}/{version}",
+    tag = "registry",
+    params(
+        ("kind" = String, Path, description = "model or firmware", example = "model"),
+        ("name" = String, Path, example = "kws"),
+        ("version" = String, Path, description = "A version, or an alias", example = "1.0.0"),
+    ),
+    request_body = Annotations,
+    responses(
+        (status = 200, description = "The release with its annotations merged", body = ReleaseView),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
 pub async fn annotate(
     State(state): AppState,
     ApiPath((k, name, version)): ApiPath<(String, String, String)>,
@@ -129,12 +202,29 @@ pub async fn annotate(
     Ok(Json(view(&state, r).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AliasBody {
+    /// The version the alias names.
     version: String,
 }
 
+#[utoipa::path(
+    put,
+    path = "/registry/{kind}/{name}/aliases/{alias}",
+    tag = "registry",
+    params(
+        ("kind" = String, Path, description = "model or firmware", example = "model"),
+        ("name" = String, Path, example = "kws"),
+        ("alias" = String, Path, description = "1-32 of a-z 0-9 - _, starting with a letter", example = "production"),
+    ),
+    request_body = AliasBody,
+    responses(
+        (status = 200, description = "The release the alias now names", body = ReleaseView),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
 pub async fn set_alias(
     State(state): AppState,
     ApiPath((k, name, alias)): ApiPath<(String, String, String)>,
@@ -148,6 +238,21 @@ pub async fn set_alias(
     Ok(Json(view(&state, r).await?))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/registry/{kind}/{name}/aliases/{alias}",
+    tag = "registry",
+    params(
+        ("kind" = String, Path, description = "model or firmware", example = "model"),
+        ("name" = String, Path, example = "kws"),
+        ("alias" = String, Path, description = "1-32 of a-z 0-9 - _, starting with a letter", example = "production"),
+    ),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
 pub async fn remove_alias(
     State(state): AppState,
     ApiPath((k, name, alias)): ApiPath<(String, String, String)>,
@@ -158,25 +263,63 @@ pub async fn remove_alias(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartBody {
+    /// `model` or `firmware`.
     kind: String,
     name: String,
     /// A version or an alias.
     version: String,
+    /// These devices; or
     devices: Option<Vec<String>>,
+    /// every enrolled device.
     #[serde(default)]
     all: bool,
+    /// Offer a release older than the one a device runs.
     #[serde(default)]
     allow_downgrade: bool,
 }
 
+/// A device an update started on, with its transfer.
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct Started {
+    pub device: String,
+    pub transfer: u64,
+}
+
+/// A device left out, and why.
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct Skipped {
+    pub device: String,
+    pub reason: String,
+}
+
+/// What `POST /updates` did.
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct StartPlan {
+    pub version: String,
+    pub release: u64,
+    pub started: Vec<Started>,
+    pub skipped: Vec<Skipped>,
+}
+
+#[utoipa::path(
+    post,
+    path = "/updates",
+    tag = "updates",
+    request_body = StartBody,
+    responses(
+        (status = 202, description = "Which devices started and which were skipped, and why", body = StartPlan),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
 pub async fn start(
     State(state): AppState,
     caller: Caller,
     ApiJson(body): ApiJson<StartBody>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<StartPlan>), ApiError> {
     let devices = match (body.devices, body.all) {
         (Some(d), false) if !d.is_empty() => Some(d),
         (None, true) => None,
@@ -194,31 +337,52 @@ pub async fn start(
         allow_downgrade: body.allow_downgrade,
     };
     let plan = state.control.start_updates(request, caller.name).await?;
-    let started: Vec<Value> = plan
-        .started
-        .iter()
-        .map(|(d, t)| json!({ "device": d, "transfer": t }))
-        .collect();
-    let skipped: Vec<Value> = plan
-        .skipped
-        .iter()
-        .map(|(d, why)| json!({ "device": d, "reason": why }))
-        .collect();
     Ok((
         StatusCode::ACCEPTED,
-        Json(
-            json!({ "version": plan.version.to_string(), "release": plan.release, "started": started, "skipped": skipped }),
-        ),
+        Json(StartPlan {
+            version: plan.version.to_string(),
+            release: plan.release,
+            started: plan
+                .started
+                .iter()
+                .map(|(d, t)| Started {
+                    device: d.clone(),
+                    transfer: *t,
+                })
+                .collect(),
+            skipped: plan
+                .skipped
+                .iter()
+                .map(|(d, why)| Skipped {
+                    device: d.clone(),
+                    reason: why.to_string(),
+                })
+                .collect(),
+        }),
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct TransferQuery {
+    /// Only this device's transfers.
     device: Option<String>,
+    /// At most this many, 1 to 10,000 (default 100).
     limit: Option<usize>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/updates",
+    tag = "updates",
+    params(TransferQuery),
+    responses(
+        (status = 200, description = "Transfers, newest first", body = Vec<TransferView>),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
 pub async fn transfers(
     State(state): AppState,
     ApiQuery(q): ApiQuery<TransferQuery>,
@@ -228,6 +392,17 @@ pub async fn transfers(
     Ok(Json(rows.into_iter().map(Into::into).collect()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/updates/{id}",
+    tag = "updates",
+    params(("id" = u64, Path, description = "Transfer id")),
+    responses(
+        (status = 200, description = "The transfer", body = TransferView),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
 pub async fn transfer(
     State(state): AppState,
     ApiPath(id): ApiPath<u64>,
@@ -238,10 +413,23 @@ pub async fn transfer(
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/updates/{id}/cancel",
+    tag = "updates",
+    params(("id" = u64, Path, description = "Transfer id")),
+    request_body(content = Option<NoBody>, description = "Empty, or {}"),
+    responses(
+        (status = 200, description = "The transfer, cancelled", body = TransferView),
+        (status = "4XX", description = "The request was refused; the body says why", body = ErrorBody),
+        (status = "5XX", description = "The gateway failed; its log has the details", body = ErrorBody),
+    )
+)]
 pub async fn cancel(
     State(state): AppState,
     caller: Caller,
     ApiPath(id): ApiPath<u64>,
+    _: OptionalJson<NoBody>,
 ) -> Result<Json<TransferView>, ApiError> {
     let t = state.control.cancel_update(id, caller.name).await?;
     Ok(Json(t.into()))

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use fleetgate_protocol::{Action, HardwareMetrics, HardwareProfile, Installed, ModelMetrics};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::clock::rfc3339;
 use crate::model::{
@@ -16,7 +17,7 @@ fn time(ms: Option<u64>) -> Option<String> {
     ms.map(rfc3339)
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct DeviceView {
     pub id: String,
     pub labels: BTreeMap<String, String>,
@@ -32,17 +33,22 @@ pub struct DeviceView {
     pub peer: Option<String>,
     pub connections: u64,
     pub encoding: &'static str,
+    #[schema(value_type = Option<super::schema::Installed>)]
     pub firmware: Option<Installed>,
+    #[schema(value_type = Vec<super::schema::Installed>)]
     pub models: Vec<Installed>,
+    #[schema(value_type = Option<super::schema::HardwareProfile>)]
     pub hardware: Option<HardwareProfile>,
     pub boot: Option<u32>,
     pub telemetry_interval_ms: Option<u32>,
+    #[schema(value_type = Option<super::schema::HardwareMetrics>)]
     pub last_hw: Option<HardwareMetrics>,
+    #[schema(value_type = super::schema::DeviceCounters)]
     pub counters: DeviceCounters,
     pub stored: StoredRows,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct StoredRows {
     pub telemetry: u64,
     pub logs: u64,
@@ -84,13 +90,15 @@ impl From<Device> for DeviceView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct TelemetryView {
     pub received_at: String,
     pub boot: u32,
     pub seq: u32,
     pub device_time: Option<String>,
+    #[schema(value_type = super::schema::HardwareMetrics)]
     pub hw: HardwareMetrics,
+    #[schema(value_type = Option<super::schema::ModelMetrics>)]
     pub model: Option<ModelMetrics>,
     pub samples: u32,
     pub binned_features: u32,
@@ -111,7 +119,7 @@ impl From<TelemetryRow> for TelemetryView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct LogView {
     pub received_at: String,
     pub level: &'static str,
@@ -130,7 +138,7 @@ impl From<LogRow> for LogView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct StampView {
     pub at: String,
     pub by: String,
@@ -145,7 +153,7 @@ impl From<Stamp> for StampView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct AlertView {
     pub id: u64,
     pub device: String,
@@ -161,6 +169,7 @@ pub struct AlertView {
     pub acknowledged: Option<StampView>,
     pub resolved: Option<StampView>,
     /// For drift alerts: which model version, cohort and feature.
+    #[schema(value_type = Option<super::schema::DriftSubject>)]
     pub drift: Option<crate::model::DriftSubject>,
 }
 
@@ -192,10 +201,11 @@ impl From<AlertRecord> for AlertView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct CommandView {
     pub id: u64,
     pub device: String,
+    #[schema(value_type = super::schema::Action)]
     pub action: Action,
     pub created: StampView,
     pub state: &'static str,
@@ -220,7 +230,7 @@ impl From<CommandRecord> for CommandView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ReleaseView {
     pub kind: &'static str,
     pub name: String,
@@ -233,12 +243,13 @@ pub struct ReleaseView {
     pub artifacts: Vec<ArtifactView>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ArtifactView {
     pub sha256: String,
     pub size: u64,
     pub chunk_size: u32,
     pub chunks: u64,
+    #[schema(value_type = super::schema::Compat)]
     pub compat: fleetgate_protocol::Compat,
     pub expires_at: String,
     /// Ids of the keys that signed the manifest (hex).
@@ -277,7 +288,7 @@ impl From<ArtifactRecord> for ArtifactView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct TransferView {
     pub id: u64,
     pub device: String,

@@ -4,13 +4,16 @@
 //!
 //! Layout: the 8 bytes `FGBUNDLE`, a format byte (1), then the postcard encoding of
 //! [`BundleFile`]. It is a file format between the CLI and the gateway, not a device message.
+//! docs/bundle-format.md describes it byte by byte, with a test vector that `tests.rs` checks.
 
 use std::collections::BTreeMap;
 
 use ed25519_dalek::SigningKey;
-use fleetgate_protocol::manifest::ManifestSpec;
-use fleetgate_protocol::{Domain, Encoding, Manifest, Signed, encode};
+use fleetgate_protocol::manifest::{ManifestSpec, chunk_leaves};
+use fleetgate_protocol::sign::{KeyId, key_id};
+use fleetgate_protocol::{Domain, Encoding, Manifest, Signed, decode, encode, merkle};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 pub const MAGIC: &[u8; 8] = b"FGBUNDLE";
 pub const FORMAT: u8 = 1;
@@ -58,6 +61,31 @@ pub enum BundleError {
     Format(u8),
     #[error("bundle does not decode: {0}")]
     Decode(String),
+    #[error("the manifest is not valid: {0}")]
+    Manifest(String),
+    #[error("the artifact does not match the manifest: {0}")]
+    Artifact(String),
+}
+
+/// What one signature of a bundle's manifest is worth, given the keys the checker trusts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureStatus {
+    /// By a trusted key, and it verifies.
+    Valid,
+    /// By a trusted key, and it does not verify: the manifest or the signature was changed.
+    Invalid,
+    /// By a key the checker was not given: it cannot be checked.
+    Unknown,
+}
+
+impl SignatureStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            SignatureStatus::Valid => "valid",
+            SignatureStatus::Invalid => "invalid",
+            SignatureStatus::Unknown => "unknown key",
+        }
+    }
 }
 
 impl BundleFile {
@@ -78,6 +106,59 @@ impl BundleFile {
             lineage,
             tags,
         }
+    }
+
+    /// The manifest, decoded and validated (signatures are not checked here).
+    pub fn manifest(&self) -> Result<Manifest, BundleError> {
+        decode(&self.manifest.body, Encoding::Postcard)
+            .map_err(|e| BundleError::Manifest(e.to_string()))
+    }
+
+    /// Checks the artifact against the manifest exactly as the registry and devices do: size,
+    /// SHA-256, and the Merkle root of its chunks. Returns the manifest.
+    pub fn check_artifact(&self) -> Result<Manifest, BundleError> {
+        let m = self.manifest()?;
+        let size = self.artifact.len() as u64;
+        if size != m.size {
+            return Err(BundleError::Artifact(format!(
+                "it is {size} bytes, the manifest says {}",
+                m.size
+            )));
+        }
+        let digest: [u8; 32] = Sha256::digest(&self.artifact).into();
+        if digest != m.sha256 {
+            return Err(BundleError::Artifact("its SHA-256 differs".to_owned()));
+        }
+        if merkle::root(&chunk_leaves(&self.artifact, m.chunk_size)) != m.merkle_root {
+            return Err(BundleError::Artifact(
+                "its chunks do not match the Merkle root".to_owned(),
+            ));
+        }
+        Ok(m)
+    }
+
+    /// Each signature's key id and what it is worth against `trusted` public keys.
+    pub fn signatures(&self, trusted: &[[u8; 32]]) -> Vec<(KeyId, SignatureStatus)> {
+        self.manifest
+            .signatures
+            .iter()
+            .map(|sig| {
+                let status = match trusted.iter().find(|k| key_id(k) == sig.key_id) {
+                    None => SignatureStatus::Unknown,
+                    Some(public) => {
+                        let one = Signed {
+                            body: self.manifest.body.clone(),
+                            signatures: vec![sig.clone()],
+                        };
+                        match one.verify(Domain::Manifest, &[*public], 1) {
+                            Ok(_) => SignatureStatus::Valid,
+                            Err(_) => SignatureStatus::Invalid,
+                        }
+                    }
+                };
+                (sig.key_id, status)
+            })
+            .collect()
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -108,3 +189,6 @@ impl BundleFile {
         Ok(bundle)
     }
 }
+
+#[cfg(test)]
+mod tests;

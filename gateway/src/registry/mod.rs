@@ -366,26 +366,41 @@ impl Registry {
         Ok(release)
     }
 
-    /// Replaces a release's lineage and tags (operator annotations).
+    /// Edits a release's annotations as a JSON merge patch (RFC 7396) would: each lineage key
+    /// given is set, or removed when its value is `None`, and the others are kept; tags, a
+    /// list, are replaced when given. The read and the write are one transaction.
     pub fn annotate(
         &self,
         kind: ArtifactKind,
         name: &str,
         version: &str,
-        lineage: Option<BTreeMap<String, String>>,
+        lineage: Option<BTreeMap<String, Option<String>>>,
         tags: Option<Vec<String>>,
     ) -> Result<ReleaseRecord, RegisterError> {
-        let mut release = self.store.release(kind, name, version)?.ok_or_else(|| {
+        let found = self.store.release(kind, name, version)?.ok_or_else(|| {
             RegisterError::NotFound(format!("{} {name} {version} not found", kind.name()))
         })?;
-        if let Some(l) = lineage {
-            release.lineage = l;
-        }
-        if let Some(t) = tags {
-            release.tags = t;
-        }
-        self.store.write(|t| t.put_release(&release))?;
-        Ok(release)
+        self.store
+            .write(|t| {
+                // Read again inside the write: a concurrent edit is not lost.
+                let mut release = t
+                    .releases_of(kind, name)?
+                    .into_iter()
+                    .find(|r| r.release == found.release)
+                    .unwrap_or(found);
+                for (k, v) in lineage.into_iter().flatten() {
+                    match v {
+                        Some(v) => release.lineage.insert(k, v),
+                        None => release.lineage.remove(&k),
+                    };
+                }
+                if let Some(t) = tags {
+                    release.tags = t;
+                }
+                t.put_release(&release)?;
+                Ok(release)
+            })
+            .map_err(Into::into)
     }
 }
 

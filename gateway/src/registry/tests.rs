@@ -362,10 +362,40 @@ fn aliases_point_at_versions() {
             ArtifactKind::Model,
             "kws",
             "1.0.0",
-            Some(BTreeMap::from([("accuracy".into(), "0.93".into())])),
+            Some(BTreeMap::from([("accuracy".into(), Some("0.93".into()))])),
             None,
         )
         .unwrap();
-    assert_eq!(annotated.lineage.len(), 1);
     assert_eq!(annotated.tags, ["int8"]);
+    // A patch merges: the lineage the bundle brought stays.
+    assert_eq!(
+        annotated.lineage,
+        BTreeMap::from([
+            ("accuracy".to_owned(), "0.93".to_owned()),
+            ("run".to_owned(), "r1".to_owned())
+        ])
+    );
+    // A key set to null goes; tags, a list, are replaced.
+    let annotated = r
+        .reg
+        .annotate(
+            ArtifactKind::Model,
+            "kws",
+            "1.0.0",
+            Some(BTreeMap::from([("run".into(), None)])),
+            Some(vec!["fp16".into()]),
+        )
+        .unwrap();
+    assert_eq!(
+        annotated.lineage,
+        BTreeMap::from([("accuracy".to_owned(), "0.93".to_owned())])
+    );
+    assert_eq!(annotated.tags, ["fp16"]);
+    let stored = r
+        .reg
+        .store
+        .release(ArtifactKind::Model, "kws", "1.0.0")
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.lineage, annotated.lineage);
 }

@@ -4,6 +4,23 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+/// An API path from its segments, each percent-encoded: an id such as `arr1?oops` or `a/b`
+/// stays one segment instead of starting a query or another path level.
+pub fn path(segments: &[&str]) -> String {
+    let mut out = String::new();
+    for segment in segments {
+        out.push('/');
+        for &b in segment.as_bytes() {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                out.push(char::from(b));
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+    }
+    out
+}
+
 /// Talks to `/api/v1` of one gateway with one bearer token.
 #[derive(Debug, Clone)]
 pub struct ApiClient {
@@ -126,5 +143,26 @@ impl ApiClient {
 
     fn bearer(&self) -> String {
         format!("Bearer {}", self.token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::path;
+
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        assert_eq!(path(&["devices", "arr1?oops"]), "/devices/arr1%3Foops");
+        assert_eq!(
+            path(&["devices", "a/b", "credential"]),
+            "/devices/a%2Fb/credential"
+        );
+        assert_eq!(
+            path(&["drift", "kws", "2.0.0+build 1"]),
+            "/drift/kws/2.0.0%2Bbuild%201"
+        );
+        assert_eq!(path(&["tokens", "x#y%z"]), "/tokens/x%23y%25z");
+        assert_eq!(path(&["devices", "pump-1_a.b~"]), "/devices/pump-1_a.b~");
+        assert_eq!(path(&["devices", "ü"]), "/devices/%C3%BC");
     }
 }
