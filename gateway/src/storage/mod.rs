@@ -82,7 +82,14 @@ pub struct Store {
     commits: Arc<std::sync::atomic::AtomicU64>,
     /// Commits still to fail on purpose (see [`Store::fail_next_commits`]).
     fail_commits: Arc<std::sync::atomic::AtomicU64>,
+    /// An in-memory database (simulations) has no disk to sync: most of its commits are not
+    /// durable, which redb makes much cheaper; every `DURABLE_EVERY`th is, so that redb frees
+    /// the pages the others left behind.
+    in_memory: bool,
 }
+
+/// In memory, how often a commit is durable (see `Store::in_memory`).
+const DURABLE_EVERY: u64 = 64;
 
 /// Every table, open for writing within one transaction.
 pub struct Tables<'txn> {
@@ -163,6 +170,7 @@ impl Store {
             path,
             commits: Arc::default(),
             fail_commits: Arc::default(),
+            in_memory: false,
         };
         store.init_schema()?;
         Ok(store)
@@ -178,6 +186,7 @@ impl Store {
             path: PathBuf::new(),
             commits: Arc::default(),
             fail_commits: Arc::default(),
+            in_memory: true,
         };
         store.init_schema()?;
         Ok(store)
@@ -320,7 +329,11 @@ impl Store {
 
     /// Runs `f` in one write transaction and commits it durably if `f` succeeds.
     pub fn write<R>(&self, f: impl FnOnce(&mut Tables<'_>) -> Result<R>) -> Result<R> {
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
+        if self.in_memory && !(self.commits() + 1).is_multiple_of(DURABLE_EVERY) {
+            // Never refused for an in-memory database; if it were, the commit stays durable.
+            let _ = txn.set_durability(redb::Durability::None);
+        }
         let result = {
             let mut tables = Tables {
                 meta: txn.open_table(META)?,
