@@ -305,16 +305,28 @@ async fn a_release_failing_on_30_percent_stops_early_and_is_rolled_back() {
 
 /// 40 devices; the updated ones run `regression` on 2.0.0 (or everyone runs `shape`).
 async fn gate_case(regression: Option<Regression>, shape: DataShape) -> (Value, Vec<String>) {
+    gate_case_with(|_| regression.clone(), shape).await
+}
+
+/// 40 devices, each with the regression `regression(id)` gives it, in rollout 1.
+async fn gate_case_with(
+    regression: impl Fn(&str) -> Option<Regression>,
+    shape: DataShape,
+) -> (Value, Vec<String>) {
     let gw = gateway().await;
     let trust = trust(&gw).await;
     let creds = gw.enroll_fleet("gate", 40).await;
-    let profile = DeviceProfile {
-        trust,
-        regression,
-        ..DeviceProfile::default()
-    };
-    let (fleet, stop) = fleet(&gw, creds, vec![profile], shape).await;
+    let profiles = creds
+        .iter()
+        .map(|c| DeviceProfile {
+            trust: trust.clone(),
+            regression: regression(&c.id),
+            ..DeviceProfile::default()
+        })
+        .collect();
+    let (fleet, stop) = fleet(&gw, creds, profiles, shape).await;
     let id = create_all(&gw).await["rollout"]["id"].as_u64().unwrap();
+    assert_eq!(id, 1, "the attackers below pick their place in rollout 1");
     let r = wait_settled(&gw, id, Duration::from_secs(120)).await;
     if r["state"] == "rolled_back" {
         wait_rolled_back(&gw, id).await;
@@ -326,8 +338,24 @@ async fn gate_case(regression: Option<Regression>, shape: DataShape) -> (Value, 
     if r["state"] == "rolled_back" {
         assert_eq!(report.rollbacks.done, report.updates.installed, "{report}");
     }
+    // Every message of every device was stored, the attacker's included: its values are all
+    // plausible, so nothing refused them on the way in.
+    let ingest = gw.get("/ingest").await;
+    assert_eq!(ingest["rejected"]["invalid"], 0, "{ingest}");
     gw.stop().await;
     (r, events)
+}
+
+/// The device of the fleet that rollout 1 updates first (`first`) or last.
+fn place(first: bool) -> String {
+    let ids = fleetgate_sim::enroll::ids("gate", 40);
+    let key = |id: &&String| fleetgate::rollouts::plan::hash(1, id);
+    let pick = if first {
+        ids.iter().min_by_key(key)
+    } else {
+        ids.iter().max_by_key(key)
+    };
+    pick.unwrap().clone()
 }
 
 fn assert_rolled_back_by(r: &Value, events: &[String], gate: &str) {
@@ -471,4 +499,61 @@ async fn offline_devices_never_fail_and_late_joiners_are_updated() {
     let r = gw.get(&format!("/rollouts/{id}")).await;
     assert!(r["counts"]["pending"].is_null(), "{r}");
     gw.stop().await;
+}
+
+/// One device cannot hide a regression: among the 5 canary devices, whose inference on 2.0.0
+/// takes 1.8 times as long (the gate fails at 1.5), one reports inference 1,000 times faster
+/// than the rest, and the lowest temperature, power and the most memory it can. Averaged as
+/// they are, its numbers would bring the canary's latency ratio under 1.5; each gate leaves
+/// the extreme devices out, and the regression is caught in the canary as without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_device_cannot_hide_a_regression_from_the_gates() {
+    let attacker = place(true);
+    let (r, events) = gate_case_with(
+        |id| {
+            let mut r = Regression::new("sim-model", v2());
+            if id == attacker {
+                r.latency_factor = 0.001;
+                r.temp_delta_c = -130.0;
+                r.power_factor = 0.0;
+                r.free_mem_factor = 1e6;
+                r.confidence_delta = 0.1;
+            } else {
+                r.latency_factor = 1.8;
+            }
+            Some(r)
+        },
+        DataShape::default(),
+    )
+    .await;
+    assert_rolled_back_by(&r, &events, "latency_p95");
+}
+
+/// One device cannot fail a healthy release: the device updated last, in the control until
+/// the last stage, reports on 1.0.0 a million times the memory of the others, -88 C, no power,
+/// inference 1,000 times faster and predictions all of one class, so the updated devices look
+/// worse on every gate. Averaged as they are, its memory alone would fail the memory gate
+/// (updated under 0.8 of the control); the release goes through every stage as without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_device_cannot_fail_a_healthy_release() {
+    let attacker = place(false);
+    let (r, events) = gate_case_with(
+        |id| {
+            (id == attacker).then(|| {
+                let mut r = Regression::new("sim-model", semver::Version::new(1, 0, 0));
+                r.latency_factor = 0.001;
+                r.temp_delta_c = -130.0;
+                r.power_factor = 0.0;
+                r.free_mem_factor = 1e6;
+                r.confidence_delta = 0.1;
+                r.classes = Some(vec![0.0, 0.0, 1.0]);
+                r
+            })
+        },
+        DataShape::default(),
+    )
+    .await;
+    assert_eq!(r["state"], "completed", "{r} {events:?}");
+    assert_eq!(r["counts"], json!({ "healthy": 40 }));
+    assert!(!events.contains(&"gate_failed".to_owned()), "{events:?}");
 }
