@@ -99,8 +99,12 @@ pub fn decode<T: DeserializeOwned + Validate>(
             msg
         }
         Encoding::Json => {
-            if bytes.iter().all(u8::is_ascii_whitespace) {
-                return Err(DecodeError::Empty);
+            match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+                None => return Err(DecodeError::Empty),
+                Some(b'{') => {}
+                // serde's derive takes a struct from an array too (`[1, 2, 3]` is a telemetry
+                // message with boot 1, seq 2, time 3): only an object is a message.
+                Some(_) => return Err(DecodeError::Json("a message must be a JSON object".into())),
             }
             serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?
         }

@@ -664,13 +664,15 @@ async fn read_protocol_level<S: DeviceStream>(
     max_packet: usize,
 ) -> Result<u8, &'static str> {
     loop {
+        // A CONNECT announcing more than the limit is refused from its fixed header, not held
+        // until the rest of it (which may never come) or the connect timeout.
+        if session::announced_len(buf).is_some_and(|n| n > max_packet) || buf.len() > max_packet {
+            return Err("CONNECT too large");
+        }
         match connect_level(buf) {
             Ok(Some(level)) => return Ok(level),
             Ok(None) => {}
             Err(why) => return Err(why),
-        }
-        if buf.len() > max_packet {
-            return Err("CONNECT too large");
         }
         match stream.read_buf(buf).await {
             Ok(0) => return Err("closed before CONNECT"),

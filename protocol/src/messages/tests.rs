@@ -333,6 +333,16 @@ fn decode_errors_are_specific() {
         Err(DecodeError::Postcard(_))
     ));
 
+    // An array would decode field by field: [1, 2, 3] as boot 1, seq 2, time 3.
+    for array in [&b"[1, 2, 3]"[..], b" [2]", b"\"text\"", b"7"] {
+        assert_eq!(
+            decode::<Telemetry>(array, j),
+            Err(DecodeError::Json("a message must be a JSON object".into())),
+            "{}",
+            String::from_utf8_lossy(array)
+        );
+    }
+
     let typo = br#"{"seq": 1, "hw": {"temperature": 40}}"#;
     let Err(DecodeError::Json(msg)) = decode::<Telemetry>(typo, j) else {
         panic!("typo accepted")

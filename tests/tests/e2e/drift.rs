@@ -13,7 +13,7 @@ use tests::{TestGateway, config, device};
 use tokio_util::sync::CancellationToken;
 
 /// 20,000 reference rows of 4 standard normal features, classes 70/20/10 %, confidence 0.9.
-fn reference_csv() -> String {
+pub(crate) fn reference_csv() -> String {
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut uniform = move || {
         x ^= x << 13;
@@ -81,7 +81,7 @@ async fn phase(
 }
 
 /// Builds sim-model 1.0.0's baseline on the gateway from [`reference_csv`].
-async fn post_baseline(gw: &TestGateway) -> Value {
+pub(crate) async fn post_baseline(gw: &TestGateway) -> Value {
     let url = format!(
         "{}/api/v1/registry/model/sim-model/1.0.0/baseline.csv?bins=10&prediction=prediction&confidence=confidence",
         gw.http_url()
@@ -100,7 +100,7 @@ async fn post_baseline(gw: &TestGateway) -> Value {
     .unwrap()
 }
 
-fn drift_alerts(alerts: &Value) -> Vec<Value> {
+pub(crate) fn drift_alerts(alerts: &Value) -> Vec<Value> {
     alerts
         .as_array()
         .unwrap()

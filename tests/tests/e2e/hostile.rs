@@ -1,6 +1,8 @@
-//! A device holding valid credentials tries to act as another device: publish on its topics,
-//! read its commands, take over its identity. None of it gets through, every attempt is
-//! refused with a proper MQTT code and counted, and the other device is unaffected.
+//! Hostile devices. One holding valid credentials tries to act as another device: publish on
+//! its topics, read its commands, take over its identity. One among 50 tries every trick on
+//! the payloads, the sequence numbers, the protocol and the drift windows. None of it gets
+//! through or moves a verdict, every attempt is refused with a proper MQTT code and counted,
+//! and the other devices are unaffected.
 
 use std::time::Duration;
 
@@ -217,6 +219,317 @@ async fn an_enrolled_device_cannot_act_as_another() {
         gw.get("/alerts").await,
         json!([]),
         "mallory's 99 C would have opened a thermal alert"
+    );
+    gw.stop().await;
+}
+
+/// The process's resident memory, in bytes (the gateway runs in this process).
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// A telemetry message of sim-model 1.0.0 with `samples` inputs, every one at `f0` on the first
+/// feature and at the mean on the others.
+fn poison(seq: u64, samples: usize, f0: f32) -> Vec<u8> {
+    let sample = json!({ "values": [f0, 0.0, 0.0, 0.0], "prediction": 0, "confidence": 0.9 });
+    json!({
+        "seq": seq,
+        "model": { "name": "sim-model", "version": "1.0.0", "inferences": 20, "class_counts": [14, 4, 2], "mean_confidence": 0.9 },
+        "samples": vec![sample; samples],
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Publishes `payloads` on `topic` at QoS 1 and returns their PUBACK reason codes.
+async fn publish_all(
+    client: &Client5,
+    rx: &mut mpsc::UnboundedReceiver<P5>,
+    topic: &str,
+    payloads: Vec<Vec<u8>>,
+) -> Vec<PubAckReason> {
+    let n = payloads.len();
+    let publish = async {
+        for p in payloads {
+            client
+                .publish(topic, Q5::AtLeastOnce, false, p)
+                .await
+                .unwrap();
+        }
+    };
+    let (reasons, ()) = tokio::join!(crate::limits::pubacks(rx, n), publish);
+    reasons
+}
+
+/// Opens a TCP connection, writes `bytes`, and reads until the gateway closes it (10 s at most:
+/// the connect timeout is 30 s, so a close within 10 s is the gateway's own decision).
+async fn closed_after(port: u16, bytes: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "still open after 10 s, having read {got:?}");
+    got
+}
+
+/// A CONNECT (MQTT 3.1.1, clean session, keep alive 30 s) for `id` with its credential.
+fn connect_packet(id: &str, secret: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xc2, 0, 30];
+    for field in [id, id, secret] {
+        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        body.extend_from_slice(field.as_bytes());
+    }
+    let mut out = vec![0x10, body.len() as u8];
+    out.extend(body);
+    out
+}
+
+/// Issue 13's target: one attacker among 50 devices tries every trick in turn while 49 honest
+/// devices report. Every trick is refused with a reason code and counted, the drift verdict of
+/// the model the attacker reports on stays what the honest devices make it, the gateway's
+/// memory grows less than 5 MiB, and the honest devices lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_attacker_among_fifty_is_refused_counted_and_changes_nothing() {
+    const HONEST: usize = 49;
+    const MESSAGES: u64 = 40;
+    const POISON: u64 = 600;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = tests::config(tmp.path());
+    c.mqtt.connect_timeout = Duration::from_secs(30);
+    c.registry.trusted_keys = vec![tests::release::public(1)];
+    let gw = TestGateway::start_with(c, Some(tmp)).await;
+    gw.upload(tests::release::model("1.0.0", 1, "sim-mcu", 4096, &[1]))
+        .await
+        .unwrap();
+    crate::drift::post_baseline(&gw).await;
+    let honest = gw.enroll_fleet("h", HONEST).await;
+    let mallory = gw.enroll("mallory").await;
+    let port = gw.mqtt_port();
+
+    // The honest fleet: a message a second each, 25 raw inputs drawn like the baseline.
+    let mut spec = fleetgate_sim::FleetSpec::new("127.0.0.1", port, honest.clone());
+    spec.interval = Duration::from_secs(1);
+    spec.messages = Some(MESSAGES);
+    spec.shape = fleetgate_sim::behaviour::DataShape {
+        samples: 25,
+        features: 4,
+        ..Default::default()
+    };
+    let fleet = tokio::spawn(fleetgate_sim::run(
+        spec,
+        tokio_util::sync::CancellationToken::new(),
+    ));
+
+    let (m, mut m_rx) = crate::limits::connect_v5(port, "mallory", &mallory.secret, None).await;
+    let hello = json!({
+        "firmware": { "name": "fw", "version": "1.0.0" },
+        "hardware": { "arch": "a", "class": "sim-mcu", "ram_bytes": 1, "flash_bytes": 1 },
+        "models": [{ "name": "sim-model", "version": "1.0.0" }],
+    });
+    let ok = publish_all(
+        &m,
+        &mut m_rx,
+        "fg/mallory/hello/json",
+        vec![hello.to_string().into_bytes()],
+    )
+    .await;
+    assert_eq!(ok, vec![PubAckReason::Success]);
+    // Memory is measured from when every honest device has sent twice (connected, caches warm).
+    let warm = HONEST as u64 * 2;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while gw.get("/ingest").await["stored"]["telemetry"].as_u64() < Some(warm) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fleet did not report"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rss_before = rss();
+
+    // 1. Model versions of 40 KiB: each would be a new cache entry and registry lookup.
+    let long = format!("1.0.0-{}", "a".repeat(40 * 1024));
+    let versions: Vec<Vec<u8>> = (0..100)
+        .map(|i| {
+            json!({ "seq": 10_000 + i, "model": { "name": "sim-model", "version": long } })
+                .to_string()
+                .into_bytes()
+        })
+        .collect();
+    let topic = "fg/mallory/telemetry/json";
+    let reasons = publish_all(&m, &mut m_rx, topic, versions).await;
+    assert!(
+        reasons
+            .iter()
+            .all(|r| *r == PubAckReason::PayloadFormatInvalid),
+        "{reasons:?}"
+    );
+
+    // 2. Numbers out of any plausible range, or too many of them.
+    let bad = [
+        json!({ "seq": 20_000, "hw": { "temp_c": -1e30 } }),
+        json!({ "seq": 20_001, "hw": { "inference_latency_us": 0 } }),
+        json!({ "seq": 20_002, "model": { "name": "sim-model", "version": "1.0.0", "mean_confidence": -3.0 } }),
+        json!({ "seq": 20_003, "model": { "name": "sim-model", "version": "1.0.0", "class_counts": vec![1; 257] } }),
+        json!({ "seq": 20_004, "bins": [{ "feature": 0, "counts": [4_000_000_000u64, 1] }] }),
+        json!({ "seq": 20_005, "samples": [{ "values": [1e39, 0.0, 0.0, 0.0] }] }),
+    ];
+    let n_bad = bad.len();
+    let reasons = publish_all(
+        &m,
+        &mut m_rx,
+        topic,
+        bad.iter().map(|b| b.to_string().into_bytes()).collect(),
+    )
+    .await;
+    assert!(
+        reasons
+            .iter()
+            .all(|r| *r == PubAckReason::PayloadFormatInvalid),
+        "{reasons:?}"
+    );
+
+    // 3. JSON arrays where objects belong, on every uplink channel.
+    let mut arrays = Vec::new();
+    for channel in ["telemetry", "log", "alert", "hello"] {
+        let r = publish_all(
+            &m,
+            &mut m_rx,
+            &format!("fg/mallory/{channel}/json"),
+            vec![b"[1, 2, 3]".to_vec()],
+        )
+        .await;
+        arrays.extend(r);
+    }
+    assert!(
+        arrays
+            .iter()
+            .all(|r| *r == PubAckReason::PayloadFormatInvalid),
+        "{arrays:?}"
+    );
+
+    // 4. Plausible inputs, every one far in the first feature's tail, as fast as the gateway
+    // takes them: without a cap on one device's share of a window they would be half of every
+    // window and raise a drift alert.
+    // Seq 500 is held back, to come late below.
+    let poison_msgs: Vec<Vec<u8>> = (1..=POISON)
+        .filter(|seq| *seq != 500)
+        .map(|seq| poison(seq, 25, 4.5))
+        .collect();
+    let reasons = publish_all(&m, &mut m_rx, topic, poison_msgs).await;
+    assert!(
+        reasons.iter().all(|r| *r == PubAckReason::Success),
+        "{reasons:?}"
+    );
+    // A repeat is a duplicate; seq 500, 100 behind, is late, not a duplicate, and fills its
+    // gap; neither resets the tracking.
+    let reasons = publish_all(
+        &m,
+        &mut m_rx,
+        topic,
+        vec![poison(POISON, 1, 0.0), poison(500, 1, 0.0)],
+    )
+    .await;
+    assert_eq!(reasons, vec![PubAckReason::Success; 2]);
+
+    // 5. Protocol violations: a second CONNECT, a SUBACK from a client, and a CONNECT
+    // announcing 256 MiB. Each connection is closed at once.
+    let connect = connect_packet("mallory", &mallory.secret);
+    let mut twice = connect.clone();
+    twice.extend(&connect);
+    let got = closed_after(port, &twice).await;
+    assert_eq!(&got[..2], &[0x20, 2], "a CONNACK, then the close: {got:?}");
+    let mut suback = connect.clone();
+    suback.extend([0x90, 3, 0, 1, 0]);
+    closed_after(port, &suback).await;
+    closed_after(port, &[0x10, 0xff, 0xff, 0xff, 0x7f, 0x00, 0x04]).await;
+    let rss_after = rss();
+
+    let report = fleet.await.unwrap();
+    assert_eq!((report.unacked(), report.errors), (0, 0), "{report}");
+    gw.sync().await;
+
+    // Every refusal counted, on the gateway and on the attacker.
+    let ingest = gw.get("/ingest").await;
+    let invalid = 100 + n_bad as u64;
+    assert_eq!(
+        crate::limits::rejected(&ingest, "invalid"),
+        invalid,
+        "{ingest}"
+    );
+    assert_eq!(
+        crate::limits::rejected(&ingest, "undecodable"),
+        4,
+        "{ingest}"
+    );
+    assert_eq!(
+        crate::limits::rejected(&ingest, "protocol_violation"),
+        2,
+        "{ingest}"
+    );
+    // The 256 MiB CONNECT never named a device: a refused connection.
+    assert_eq!(crate::limits::refused(&ingest, "protocol"), 1, "{ingest}");
+    let attacker = gw.get("/devices/mallory").await;
+    // Its refused messages and its two closed connections.
+    assert_eq!(
+        attacker["counters"]["rejected"],
+        invalid + 4 + 2,
+        "{attacker}"
+    );
+    assert_eq!(attacker["counters"]["telemetry"], POISON, "{attacker}");
+    assert_eq!(attacker["counters"]["duplicates"], 1, "{attacker}");
+    assert_eq!(attacker["counters"]["lost"], 0, "{attacker}");
+
+    // The honest devices lost nothing and were refused nothing.
+    for c in &honest {
+        let d = gw.get(&format!("/devices/{}", c.id)).await;
+        assert_eq!(
+            (
+                d["counters"]["telemetry"].as_u64(),
+                d["counters"]["rejected"].as_u64(),
+                d["counters"]["lost"].as_u64()
+            ),
+            (Some(MESSAGES), Some(0), Some(0)),
+            "{d}"
+        );
+    }
+
+    // The attacker held at most its share of each window: no drift, on any feature.
+    let drift = gw.get("/drift/sim-model/1.0.0").await;
+    let history = gw.get("/drift/sim-model/1.0.0/history?limit=1000").await;
+    assert!(history.as_array().unwrap().len() >= 5, "{history}");
+    for f in drift["features"].as_array().unwrap() {
+        assert_ne!(f["status"], "alert", "{drift}");
+    }
+    assert_eq!(
+        crate::drift::drift_alerts(&gw.get("/alerts").await),
+        Vec::<serde_json::Value>::new()
+    );
+    let mut judged = 0;
+    for w in history.as_array().unwrap() {
+        for f in w["features"].as_array().unwrap() {
+            if f["verdict"] == "insufficient" {
+                continue;
+            }
+            judged += 1;
+            assert!(f["psi"].as_f64().unwrap() < 0.1, "{w}");
+        }
+    }
+    assert!(judged >= 10, "{history}");
+
+    let grown = rss_after.saturating_sub(rss_before);
+    assert!(
+        grown < 5 << 20,
+        "resident memory grew {} KiB during the attack",
+        grown >> 10
     );
     gw.stop().await;
 }

@@ -27,7 +27,7 @@ async fn start(change: impl FnOnce(&mut Config)) -> TestGateway {
 
 /// An MQTT 5 client for `id` (over TLS when `tls` names the CA file to trust); its incoming
 /// packets arrive on the returned channel.
-async fn connect_v5(
+pub(crate) async fn connect_v5(
     port: u16,
     id: &str,
     secret: &str,
@@ -59,7 +59,7 @@ async fn connect_v5(
 }
 
 /// The reason codes of the next `n` PUBACKs.
-async fn pubacks(rx: &mut mpsc::UnboundedReceiver<P5>, n: usize) -> Vec<PubAckReason> {
+pub(crate) async fn pubacks(rx: &mut mpsc::UnboundedReceiver<P5>, n: usize) -> Vec<PubAckReason> {
     let mut reasons = Vec::with_capacity(n);
     while reasons.len() < n {
         match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
@@ -83,13 +83,13 @@ async fn ingest_when(gw: &TestGateway, done: impl Fn(&Value) -> bool) -> Value {
     }
 }
 
-fn refused(ingest: &Value, reason: &str) -> u64 {
+pub(crate) fn refused(ingest: &Value, reason: &str) -> u64 {
     ingest["mqtt"]["refused"][reason]
         .as_u64()
         .unwrap_or_else(|| panic!("no refusal count {reason:?} in {ingest}"))
 }
 
-fn rejected(ingest: &Value, reason: &str) -> u64 {
+pub(crate) fn rejected(ingest: &Value, reason: &str) -> u64 {
     ingest["rejected"][reason]
         .as_u64()
         .unwrap_or_else(|| panic!("no reject count {reason:?} in {ingest}"))

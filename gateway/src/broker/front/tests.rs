@@ -87,3 +87,24 @@ fn an_ipv6_source_is_its_64_network() {
         source_of(ip("2001:db8:1:3::1"))
     );
 }
+
+/// Issue 13: a CONNECT announcing 256 MiB was held, waiting for bytes that never come, until
+/// the connect timeout. Its fixed header is enough to refuse it.
+#[tokio::test(start_paused = true)]
+async fn a_connect_announcing_more_than_the_limit_is_refused_from_its_header() {
+    use tokio::io::AsyncWriteExt;
+    let (mut device, mut gateway) = tokio::io::duplex(64);
+    // CONNECT, remaining length 268,435,455, then the start of the protocol name.
+    device
+        .write_all(&[0x10, 0xff, 0xff, 0xff, 0x7f, 0x00, 0x04])
+        .await
+        .unwrap();
+    let mut buf = BytesMut::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(3600),
+        read_protocol_level(&mut gateway, &mut buf, 65_536),
+    )
+    .await;
+    assert_eq!(read, Ok(Err("CONNECT too large")));
+    drop(device);
+}
