@@ -142,6 +142,14 @@ impl TestGateway {
         self.call(move |c| c.post(&p, &body)).await
     }
 
+    /// DELETE `/api/v1{path}`, which must succeed.
+    pub async fn delete(&self, path: &str) -> Value {
+        let p = path.to_owned();
+        self.call(move |c| c.delete(&p))
+            .await
+            .unwrap_or_else(|e| panic!("DELETE {path}: {e}"))
+    }
+
     /// Uploads a bundle file.
     pub async fn upload(&self, bundle: Vec<u8>) -> Result<Value, ClientError> {
         self.call(move |c| c.post_bytes("/registry/bundles", &bundle))

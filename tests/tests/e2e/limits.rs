@@ -646,3 +646,147 @@ async fn reconnecting_does_not_buy_a_device_a_new_burst() {
     );
     gw.stop().await;
 }
+
+/// The send queue of the TCP connection from local port `local` to remote port `remote`, as
+/// the kernel reports it (`/proc/net/tcp`): bytes written and not yet taken by the peer.
+fn tcp_send_queue(local: u16, remote: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if port(f.get(1)?)? != local || port(f.get(2)?)? != remote {
+            return None;
+        }
+        u64::from_str_radix(f.get(4)?.split(':').next()?, 16).ok()
+    })
+}
+
+type TlsRead = tokio::io::ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// A device over TLS that connects, says hello, and then never reads again while it sends
+/// PINGREQs as fast as it can: a socket with a tiny receive buffer, so the gateway's answers
+/// soon have nowhere to go. Returns the read half (never read until the end) and the local port.
+async fn stuck_tls_device(gw: &TestGateway, id: &str, secret: &str) -> (TlsRead, u16) {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::AsyncWriteExt;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(gw.tls_cert()).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket
+        .connect(([127, 0, 0, 1], gw.mqtt_tls_port()).into())
+        .await
+        .unwrap();
+    let local = tcp.local_addr().unwrap().port();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = connector.connect(name, tcp).await.unwrap();
+    // CONNECT (3.1.1, clean session, keep alive 300 s).
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xc2, 1, 44];
+    for field in [id, id, secret] {
+        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        body.extend_from_slice(field.as_bytes());
+    }
+    let mut out = vec![0x10, body.len() as u8];
+    out.extend(body);
+    stream.write_all(&out).await.unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut connack))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    let (read, mut write) = tokio::io::split(stream);
+    // PINGREQs, 4 MB of them: the answers fill the device's window and then the gateway's send
+    // buffer, the session blocks writing and stops reading, and these stop going out. The write
+    // fails when the gateway closes the connection.
+    tokio::spawn(async move {
+        let pings = [0xc0u8, 0].repeat(2_000_000);
+        let _ = write.write_all(&pings).await;
+    });
+    (read, local)
+}
+
+/// Waits (30 s at most) until the device's own PINGREQs pile up unread in its send queue: the
+/// gateway stopped reading because its session is blocked writing answers the device does not
+/// read.
+async fn stuck(gw: &TestGateway, id: &str, device_port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tcp_send_queue(device_port, gw.mqtt_tls_port()).unwrap_or(0) < 256 * 1024 {
+        assert!(
+            Instant::now() < deadline,
+            "{id}: {:?} bytes unread by the gateway, {:?} unread by the device",
+            tcp_send_queue(device_port, gw.mqtt_tls_port()),
+            tcp_send_queue(gw.mqtt_tls_port(), device_port)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads what the gateway had sent until it closes the connection (10 s at most: sessions give
+/// up on a device that does not read after 30 s, so this is the kick at work).
+async fn closed_by_gateway(stream: &mut TlsRead) {
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(
+        read.is_ok(),
+        "still open after 10 s ({} bytes read)",
+        rest.len()
+    );
+}
+
+/// Issue 12, defect 9: a TLS session whose device stopped reading was never closed (no timeout
+/// on the close); the takeover fallback then dropped the map entry of whichever session held
+/// it, leaving two sessions for one id, and the orphan could not be kicked on revoke. Here two
+/// devices shut their TCP window and flood PINGREQs until the gateway stops reading them: a
+/// new connection of one takes over within seconds, a revoke ends the other at once, and the
+/// gateway never counts two sessions of one device. (The in-memory guarantees are unit-tested:
+/// `a_session_that_does_not_end_is_never_run_beside_a_new_one`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_device_that_stops_reading_is_taken_over_and_revoked_in_bounded_time() {
+    let gw = start(with_tls).await;
+    let a = gw.enroll("stuck-a").await;
+    let b = gw.enroll("stuck-b").await;
+    let (mut stream_a, port_a) = stuck_tls_device(&gw, "stuck-a", &a.secret).await;
+    let (mut stream_b, port_b) = stuck_tls_device(&gw, "stuck-b", &b.secret).await;
+    stuck(&gw, "stuck-a", port_a).await;
+    stuck(&gw, "stuck-b", port_b).await;
+    assert_eq!(gw.get("/ingest").await["mqtt"]["connected_devices"], 2);
+
+    // The device comes back on a new connection: the stuck session is closed and the new one
+    // accepted; one session for the device, never two.
+    let (c, mut events) = tokio::time::timeout(
+        Duration::from_secs(10),
+        connect_tls(gw.mqtt_tls_port(), "stuck-a", &a.secret, &gw.tls_cert()),
+    )
+    .await
+    .expect("a CONNACK within 10 s")
+    .expect("accepted");
+    closed_by_gateway(&mut stream_a).await;
+    c.publish(
+        "fg/stuck-a/telemetry/json",
+        QoS::AtLeastOnce,
+        false,
+        telemetry(1),
+    )
+    .await
+    .unwrap();
+    await_acks(&mut events, 1).await;
+    assert_eq!(gw.get("/ingest").await["mqtt"]["connected_devices"], 2);
+
+    // Revoking the other, still stuck, ends its session at once.
+    gw.delete("/devices/stuck-b").await;
+    closed_by_gateway(&mut stream_b).await;
+    let ingest = ingest_when(&gw, |i| i["mqtt"]["connected_devices"] == 1).await;
+    assert_eq!(ingest["mqtt"]["connected_devices"], 1, "{ingest}");
+    assert_eq!(refused(&ingest, "takeover_timeout"), 0, "{ingest}");
+    gw.stop().await;
+}
