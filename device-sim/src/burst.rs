@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::ingest::Backpressure;
 use crate::load::{ConnectReport, LoadError, LoadSpec, Target, qos_number};
 use crate::stats::{self, Mib, Opt, Percentiles, Rate};
-use crate::swarm::VerifyReport;
+use crate::swarm::{BrokerUse, VerifyReport};
 
 /// Most messages one device sends in a burst (sequence numbers are 32 bits).
 pub const MAX_MESSAGES: u64 = u32::MAX as u64;
@@ -112,6 +112,7 @@ pub(crate) struct BurstRaw {
     pub payload_bytes: u64,
     pub connection_errors: u64,
     pub ingest: Option<BurstIngestRaw>,
+    pub broker: Option<BrokerUse>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -126,6 +127,8 @@ pub(crate) struct BurstIngestRaw {
     pub duplicates: u64,
     /// Missing by sequence numbers (the gateway's gaps; the subscriber: of what was sent).
     pub lost: i64,
+    /// The gateway restarted during the burst: its counters say nothing about it.
+    pub restarted: bool,
     /// Subscriber, QoS 1: acknowledged numbers it never received, looked up one by one.
     pub acked_lost: Option<u64>,
     pub resident_peak: Option<u64>,
@@ -154,6 +157,8 @@ pub struct BurstFigures {
     pub ack_latency: Option<Percentiles>,
     pub ingest: Option<BurstIngest>,
     pub connection_errors: u64,
+    /// With `--broker-pid`: the broker's CPU over the burst and its memory.
+    pub broker: Option<BrokerUse>,
 }
 
 /// What the broker took in: stored (gateway) or delivered (bare broker, to the subscriber).
@@ -232,6 +237,7 @@ impl BurstFigures {
             let ingested_s = span(t0, at);
             let (acked_lost, by) = match (raw.acked, i.acked_lost) {
                 (Some(_), Some(exact)) => (Some(exact), "by_number"),
+                (Some(_), None) if i.restarted => (None, "by_count"),
                 (Some(acked), None) => (
                     Some(stats::acked_lost(acked, i.ingested, i.duplicates)),
                     "by_count",
@@ -268,6 +274,7 @@ impl BurstFigures {
             ack_latency: raw.ack_latency,
             ingest,
             connection_errors: raw.connection_errors,
+            broker: raw.broker,
         }
     }
 }
@@ -449,6 +456,9 @@ impl fmt::Display for BurstReport {
         }
         if let Some(v) = &self.verify {
             writeln!(f, "verified:  {v}")?;
+        }
+        if let Some(u) = &b.broker {
+            writeln!(f, "broker:    {u}")?;
         }
         write!(f, "errors:    {} connection errors", b.connection_errors)?;
         for n in &self.notes {

@@ -10,7 +10,7 @@
 //! Also what the gateway holds, number by number: every stored telemetry message of a device,
 //! read back through `GET /api/v1/devices/{id}/telemetry` page by page, so that each sequence
 //! number a device had acknowledged can be looked up; and the backpressure counters of
-//! `/metrics`.
+//! `/metrics`. And, for any broker on this machine, its CPU time and memory from `/proc`.
 
 use std::time::{Duration, Instant};
 
@@ -281,6 +281,46 @@ impl IngestSample {
                     message: e.to_string(),
                 })
             })
+    }
+}
+
+/// A process on this machine (the broker under load) as Linux's `/proc` shows it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcSample {
+    pub at: Instant,
+    /// CPU time, user and system, of all its threads.
+    pub cpu_seconds: f64,
+    pub resident_bytes: u64,
+}
+
+impl ProcSample {
+    /// Reads `/proc/<pid>/stat` and `/proc/<pid>/status` as given.
+    pub fn parse(stat: &str, status: &str, at: Instant) -> Option<ProcSample> {
+        // The command name may hold spaces and parentheses: fields count after the last ')'.
+        let rest = stat.get(stat.rfind(')')? + 2..)?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(ProcSample {
+            at,
+            // USER_HZ is 100 on every Linux the project runs on.
+            cpu_seconds: ticks as f64 / 100.0,
+            resident_bytes: kib * 1024,
+        })
+    }
+
+    /// Samples process `pid` now; `None` if it is gone (or this is not Linux).
+    pub fn read(pid: u32) -> Option<ProcSample> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        ProcSample::parse(&stat, &status, Instant::now())
+    }
+
+    /// CPU used between `earlier` and this sample, in percent of one core.
+    pub fn cpu_pct_since(&self, earlier: &ProcSample) -> Option<f64> {
+        let wall = self.at.saturating_duration_since(earlier.at).as_secs_f64();
+        (wall > 0.0).then(|| (self.cpu_seconds - earlier.cpu_seconds).max(0.0) / wall * 100.0)
     }
 }
 

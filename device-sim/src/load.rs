@@ -19,7 +19,9 @@ use crate::progress::Progress;
 use crate::stats::{Mib, Opt, Rate};
 use crate::swarm::{self, Ident, Swarm};
 
-pub use crate::swarm::{ConnectReport, IngestReport, PhaseReport, StormReport, VerifyReport};
+pub use crate::swarm::{
+    BrokerUse, ConnectReport, IngestReport, PhaseReport, StormReport, VerifyReport,
+};
 
 /// Highest telemetry rate of one device, messages per second.
 pub const MAX_RATE: f64 = 10_000.0;
@@ -118,6 +120,8 @@ pub struct LoadSpec {
     /// After the run, look up every acknowledged sequence number in what the gateway stored
     /// (its API; gateway targets only).
     pub verify: bool,
+    /// The broker's process on this machine: its CPU and memory are sampled (Linux).
+    pub broker_pid: Option<u32>,
     pub progress: Progress,
 }
 
@@ -141,6 +145,7 @@ impl LoadSpec {
             keep_alive: Duration::from_secs(30),
             seed: 1,
             verify: false,
+            broker_pid: None,
             progress: Progress::hidden(),
         }
     }
@@ -246,6 +251,7 @@ impl LoadSpec {
                 inflight: self.inflight,
                 keep_alive: self.keep_alive,
                 seed: self.seed,
+                broker_pid: self.broker_pid,
             },
             bytes,
         ))
@@ -470,6 +476,9 @@ pub(crate) fn write_phase(
             }
         }
         None => writeln!(f, "{indent}ingested:  - (no ingest counters)")?,
+    }
+    if let Some(u) = &p.broker {
+        writeln!(f, "{indent}broker:    {u}")?;
     }
     write!(
         f,

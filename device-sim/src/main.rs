@@ -197,6 +197,10 @@ struct LoadArgs {
     /// Seed of the clients' random numbers (send phases, backoff jitter).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The broker's process id, when it runs on this machine: its CPU and memory over each
+    /// phase are reported (from /proc, Linux).
+    #[arg(long, value_name = "PID")]
+    broker_pid: Option<u32>,
     /// Write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -261,6 +265,10 @@ struct BurstArgs {
     /// Seed of the clients' random numbers (backoff jitter).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The broker's process id, when it runs on this machine: its CPU over the burst and its
+    /// memory are reported (from /proc, Linux).
+    #[arg(long, value_name = "PID")]
+    broker_pid: Option<u32>,
     /// After the burst, read back every device's stored telemetry through the gateway's API
     /// and look up each acknowledged sequence number (QoS 1, gateway with --token).
     #[arg(long)]
@@ -591,6 +599,7 @@ fn load_spec(
         spec.linger = a.linger;
         spec.drain = a.drain;
         spec.seed = a.seed;
+        spec.broker_pid = a.broker_pid;
         spec.progress = Progress::stderr();
         spec
     };
@@ -670,6 +679,7 @@ fn burst(a: BurstArgs) -> Result<ExitCode, Failure> {
         linger: Duration::ZERO,
         drain: a.drain,
         seed: a.seed,
+        broker_pid: a.broker_pid,
         json: None,
     };
     let spec = |load: LoadSpec| {

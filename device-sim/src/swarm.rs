@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::behaviour::{Behaviour, DataShape};
 use crate::burst::{BurstIngestRaw, BurstRaw};
-use crate::ingest::{Api, Backpressure, IngestDelta, IngestSample, Stored};
+use crate::ingest::{Api, Backpressure, IngestDelta, IngestSample, ProcSample, Stored};
 use crate::progress::Progress;
 use crate::seq::{SeqCounter, SeqSet};
 use crate::stats::{self, Percentiles, per_second};
@@ -78,6 +78,8 @@ pub(crate) struct Config {
     pub inflight: u16,
     pub keep_alive: Duration,
     pub seed: u64,
+    /// The broker's process on this machine, to sample its CPU and memory (Linux).
+    pub broker_pid: Option<u32>,
 }
 
 /// How one client logs in: the device id is its client id, and its topic's id.
@@ -292,6 +294,55 @@ pub struct PhaseReport {
     pub payload_bytes: u64,
     /// Connection errors and refusals during the phase.
     pub connection_errors: u64,
+    /// With `--broker-pid`: the broker's CPU and memory over the phase.
+    pub broker: Option<BrokerUse>,
+}
+
+/// The broker process during a phase (`--broker-pid`, from Linux's `/proc`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct BrokerUse {
+    pub pid: u32,
+    /// CPU over the phase, in percent of one core (all its threads).
+    pub cpu_pct: Option<f64>,
+    /// Resident memory at the end, and the highest sampled.
+    pub resident_bytes: Option<u64>,
+    pub resident_peak_bytes: Option<u64>,
+}
+
+impl BrokerUse {
+    /// From the marks of a phase: CPU from `first` to `last`, memory at `last` and the highest
+    /// among `all`.
+    fn of<'a>(
+        pid: u32,
+        first: Option<&Mark>,
+        last: Option<&Mark>,
+        all: impl Iterator<Item = &'a Mark>,
+    ) -> BrokerUse {
+        let sample = |m: Option<&Mark>| m.and_then(|m| m.broker);
+        let (a, b) = (sample(first), sample(last));
+        BrokerUse {
+            pid,
+            cpu_pct: match (a, b) {
+                (Some(a), Some(b)) => b.cpu_pct_since(&a),
+                _ => None,
+            },
+            resident_bytes: b.map(|b| b.resident_bytes),
+            resident_peak_bytes: all.filter_map(|m| m.broker).map(|p| p.resident_bytes).max(),
+        }
+    }
+}
+
+impl std::fmt::Display for BrokerUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pid {}: CPU {} % of a core, RSS {} (highest sampled {})",
+            self.pid,
+            stats::Opt(self.cpu_pct.map(|c| format!("{c:.1}"))),
+            stats::Opt(self.resident_bytes.map(stats::Mib)),
+            stats::Opt(self.resident_peak_bytes.map(stats::Mib)),
+        )
+    }
 }
 
 /// Every sequence number acknowledged in the last phase, looked up in what the gateway stored
@@ -364,6 +415,8 @@ struct Mark {
     lost: i64,
     duplicates: u64,
     gateway: Option<IngestSample>,
+    /// The broker process, if its pid was given.
+    broker: Option<ProcSample>,
 }
 
 /// What the subscriber saw.
@@ -617,6 +670,10 @@ impl Swarm {
         // Nothing of the burst is ingested before it starts.
         let mut samples = vec![(Duration::ZERO, 0)];
         let mut resident_peak: Option<u64> = None;
+        let mut broker_peak = before
+            .as_ref()
+            .and_then(|m| m.broker)
+            .map(|p| p.resident_bytes);
         let mut last = before.clone();
         let total = devices * messages;
         // While the clients send and the acknowledgements come back.
@@ -637,6 +694,7 @@ impl Swarm {
                 .await
             {
                 resident_peak = resident_peak.max(m.resident());
+                broker_peak = broker_peak.max(m.broker.map(|p| p.resident_bytes));
                 last = Some(m);
             }
             self.progress.update(
@@ -672,6 +730,7 @@ impl Swarm {
                     moved = Instant::now();
                 }
                 resident_peak = resident_peak.max(m.resident());
+                broker_peak = broker_peak.max(m.broker.map(|p| p.resident_bytes));
                 self.progress
                     .update(start.elapsed(), format!("{done}/{expected} ingested"));
                 last = Some(m);
@@ -699,6 +758,15 @@ impl Swarm {
             payload_bytes = payload_bytes.max(s.payload_bytes);
             connection_errors += s.errors + s.refused.values().sum::<u64>();
         }
+        let restarted =
+            matches!((&before, &last), (Some(b), Some(e)) if Mark::restarted_between(b, e));
+        if restarted {
+            self.notes.push(
+                "the gateway restarted during the burst: its ingest counters cover its last \
+                 run only (--verify looks up every acknowledged number)"
+                    .to_owned(),
+            );
+        }
         let ingest = match (&before, &last) {
             (Some(b), Some(e)) => {
                 let (source, cpu_pct, resident_end) = match (&b.gateway, &e.gateway) {
@@ -721,6 +789,7 @@ impl Swarm {
                     ingested: stats::delta(b.ingested, e.ingested),
                     duplicates: stats::delta(b.duplicates, e.duplicates),
                     lost: e.lost - b.lost,
+                    restarted,
                     acked_lost: if qos1 {
                         self.subscriber_acked_lost()
                     } else {
@@ -734,7 +803,13 @@ impl Swarm {
             }
             _ => None,
         };
+        let broker = self.cfg.broker_pid.map(|pid| {
+            let mut b = BrokerUse::of(pid, before.as_ref(), last.as_ref(), last.iter());
+            b.resident_peak_bytes = broker_peak.max(b.resident_peak_bytes);
+            b
+        });
         BurstRaw {
+            broker,
             devices,
             messages,
             offered,
@@ -878,11 +953,31 @@ impl Swarm {
             payload_bytes = payload_bytes.max(s.payload_bytes);
             connection_errors += s.errors + s.refused.values().sum::<u64>();
         }
-        let ingest = match (&before, &end, &drained) {
+        let mut ingest = match (&before, &end, &drained) {
             (Some(b), Some(e), Some(d)) => Some(self.ingest_report(b, e, d, steady, qos1)),
             _ => None,
         };
+        if let (Some(b), Some(d), Some(i)) = (&before, &drained, &mut ingest)
+            && Mark::restarted_between(b, d)
+        {
+            // Its counters started again from zero: they say nothing about this phase.
+            i.acked_lost = None;
+            self.notes.push(
+                "the gateway restarted during the phase: its ingest counters cover its last \
+                 run only (--verify looks up every acknowledged number)"
+                    .to_owned(),
+            );
+        }
+        let broker = self.cfg.broker_pid.map(|pid| {
+            BrokerUse::of(
+                pid,
+                before.as_ref(),
+                end.as_ref(),
+                [&before, &end, &drained].into_iter().flatten(),
+            )
+        });
         PhaseReport {
+            broker,
             devices,
             rate_per_device: rate,
             duration_s: steady.as_secs_f64(),
@@ -1026,6 +1121,12 @@ impl Swarm {
     /// Where ingest stands now: the gateway's counters, or what the subscriber has seen
     /// (its loss counted against what every client has sent).
     async fn mark(&mut self) -> Option<Mark> {
+        let mut mark = self.ingest_mark().await?;
+        mark.broker = self.cfg.broker_pid.and_then(ProcSample::read);
+        Some(mark)
+    }
+
+    async fn ingest_mark(&mut self) -> Option<Mark> {
         if let Some(api) = &self.api {
             return match IngestSample::fetch_async(api).await {
                 Ok(s) => Some(Mark {
@@ -1033,6 +1134,7 @@ impl Swarm {
                     lost: s.lost,
                     duplicates: s.duplicates,
                     gateway: Some(s),
+                    broker: None,
                 }),
                 Err(e) => {
                     let note = format!("ingest counters unavailable: {e}");
@@ -1056,6 +1158,7 @@ impl Swarm {
             lost: lost as i64,
             duplicates: t.duplicates,
             gateway: None,
+            broker: None,
         })
     }
 
@@ -1096,6 +1199,18 @@ impl Swarm {
 }
 
 impl Mark {
+    /// Whether the gateway restarted between two marks: its counters or its CPU time went
+    /// back.
+    fn restarted_between(earlier: &Mark, later: &Mark) -> bool {
+        let (Some(e), Some(l)) = (&earlier.gateway, &later.gateway) else {
+            return false;
+        };
+        let cpu = |s: &IngestSample| s.process.and_then(|p| p.cpu_seconds);
+        l.telemetry < e.telemetry
+            || l.duplicates < e.duplicates
+            || matches!((cpu(e), cpu(l)), (Some(a), Some(b)) if b < a)
+    }
+
     fn resident(&self) -> Option<u64> {
         self.gateway
             .as_ref()

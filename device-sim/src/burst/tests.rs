@@ -60,6 +60,7 @@ fn gateway_raw() -> BurstRaw {
         ack_latency: Some(pct(2.5, 9.0, 12.0, 4000)),
         payload_bytes: 131,
         connection_errors: 0,
+        broker: None,
         ingest: Some(BurstIngestRaw {
             source: "gateway_api",
             samples: vec![
@@ -72,6 +73,7 @@ fn gateway_raw() -> BurstRaw {
             ingested: 4000,
             duplicates: 0,
             lost: 0,
+            restarted: false,
             acked_lost: None,
             resident_peak: Some(60 * 1024 * 1024),
             resident_end: Some(58 * 1024 * 1024),
@@ -132,6 +134,7 @@ fn subscriber_raw() -> BurstRaw {
         ingested: 3900,
         duplicates: 0,
         lost: 100,
+        restarted: false,
         acked_lost: Some(100),
         resident_peak: None,
         resident_end: None,
@@ -139,6 +142,16 @@ fn subscriber_raw() -> BurstRaw {
         backpressure: None,
     });
     raw
+}
+
+#[test]
+fn a_restarted_gateways_counters_say_nothing_about_loss() {
+    let mut raw = gateway_raw();
+    let i = raw.ingest.as_mut().unwrap();
+    i.restarted = true;
+    i.ingested = 1200;
+    let f = BurstFigures::of(&raw);
+    assert_eq!(f.ingest.unwrap().acked_lost, None);
 }
 
 #[test]
@@ -213,6 +226,12 @@ fn the_summary_shows_every_figure() {
         examples: Vec::new(),
         errors: Vec::new(),
     });
+    r.burst.broker = Some(BrokerUse {
+        pid: 4242,
+        cpu_pct: Some(97.5),
+        resident_bytes: Some(58 * 1024 * 1024),
+        resident_peak_bytes: Some(61 * 1024 * 1024),
+    });
     let want = "\
 target:    gateway at 127.0.0.1:1883, 20 devices x 200 messages, QoS 1, window 100, json, 0 samples x 4 features
 connect:   20/20 connected in 0.10 s (200.0/s); CONNACK p50 1.00 ms, p99 2.00 ms, p99.9 2.00 ms, max 2.00 ms (20 samples); 0 refused, 0 other errors
@@ -222,6 +241,7 @@ stored:    4000 of 4000 in 0.550 s (7272.7/s) by the gateway
 lost:      0 acknowledged but not stored (acknowledged minus newly stored); 0 missing by sequence numbers, 0 duplicates
 gateway:   RSS peak 60.0 MiB, at the end 58.0 MiB, CPU 95.0 %; writer queue full 12 times, 0 publishes delayed
 verified:  4000 acknowledged sequence numbers of 20 devices read back: 4000 stored, 0 missing
+broker:    pid 4242: CPU 97.5 % of a core, RSS 58.0 MiB (highest sampled 61.0 MiB)
 errors:    0 connection errors";
     assert_eq!(r.to_string(), want);
     assert!(r.clean());

@@ -169,3 +169,22 @@ fleetgate_mqtt_publishes_delayed_total 3
         }
     );
 }
+
+#[test]
+fn a_process_is_read_from_its_proc_files() {
+    let at = Instant::now();
+    // utime 250 and stime 50 ticks (fields 14 and 15); a command name with a space and a ')'.
+    let stat = "4242 (bare rumqttd)) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 50 0 0 20 0 9 0";
+    let status = "Name:\tbare-rumqttd\nVmHWM:\t  90000 kB\nVmRSS:\t   51200 kB\nThreads:\t9\n";
+    let s = ProcSample::parse(stat, status, at).unwrap();
+    assert_eq!((s.cpu_seconds, s.resident_bytes), (3.0, 50 * 1024 * 1024));
+    assert_eq!(ProcSample::parse("4242 (x) S 1", status, at), None);
+    assert_eq!(ProcSample::parse(stat, "Name:\tx\n", at), None);
+    let later = ProcSample {
+        at: at + Duration::from_secs(2),
+        cpu_seconds: 4.5,
+        resident_bytes: 0,
+    };
+    assert_eq!(later.cpu_pct_since(&s), Some(75.0));
+    assert_eq!(s.cpu_pct_since(&s), None);
+}

@@ -147,6 +147,12 @@ fn report() -> LoadReport {
             }),
             payload_bytes: 57,
             connection_errors: 0,
+            broker: Some(BrokerUse {
+                pid: 77,
+                cpu_pct: Some(12.5),
+                resident_bytes: Some(48 * 1024 * 1024),
+                resident_peak_bytes: Some(50 * 1024 * 1024),
+            }),
         },
         verify: None,
         notes: vec!["ingest counters unavailable: GET x: refused".into()],
@@ -166,6 +172,7 @@ acked:     400 (200.0/s), 0 unacknowledged; publish->PUBACK p50 0.80 ms, p99 2.5
 ingested:  398 (199.0/s) by gateway_api; lost 2, duplicates 0, acknowledged but lost 2
 latency:   device->stored (since the gateway started) p50 1.00 ms, p99 3.00 ms, p99.9 5.00 ms, max 6.00 ms (398 samples)
 gateway:   RSS 48.0 MiB, CPU 12.5 %
+broker:    pid 77: CPU 12.5 % of a core, RSS 48.0 MiB (highest sampled 50.0 MiB)
 errors:    0 connection errors
 note:      ingest counters unavailable: GET x: refused";
     assert_eq!(text, want);
@@ -180,6 +187,7 @@ fn figures_that_were_not_measured_print_as_a_dash() {
     r.steady.unacked = None;
     r.steady.ack_latency = None;
     r.steady.ingest = None;
+    r.steady.broker = None;
     r.notes.clear();
     let text = r.to_string();
     assert!(

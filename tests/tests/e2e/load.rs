@@ -330,7 +330,8 @@ async fn load_burst_verification_names_what_the_gateway_no_longer_holds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn load_burst_through_mosquitto_delivers_everything_it_acknowledged() {
     let broker = Mosquitto::start().await;
-    let load = LoadSpec::mqtt("127.0.0.1", broker.port, "mqb", 20);
+    let mut load = LoadSpec::mqtt("127.0.0.1", broker.port, "mqb", 20);
+    load.broker_pid = Some(broker.child.id());
     let report = burst::run(
         twenty_flush_two_hundred(load, false),
         CancellationToken::new(),
@@ -357,6 +358,13 @@ async fn load_burst_through_mosquitto_delivers_everything_it_acknowledged() {
     assert_eq!(
         (i.resident_peak_bytes, i.queue_full),
         (None, None),
+        "{report}"
+    );
+    // Mosquitto's own CPU and memory, from /proc.
+    let u = b.broker.expect("broker use");
+    assert_eq!(u.pid, broker.child.id(), "{report}");
+    assert!(
+        u.cpu_pct.is_some() && u.resident_bytes.is_some_and(|r| r > 0),
         "{report}"
     );
     assert!(report.verify.is_none() && report.clean(), "{report}");
