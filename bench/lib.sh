@@ -42,3 +42,26 @@ serve_gateway() {
   [ -s "$work/data/api-token" ] || { echo "the gateway did not start:" >&2; cat "$work/gw.log" >&2; exit 1; }
   export FLEETGATE_API_TOKEN=$(cat "$work/data/api-token")
 }
+
+# Waits (at most 10 s) until something listens on 127.0.0.1:$1.
+await_port() {
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on 127.0.0.1:$1" >&2
+  exit 1
+}
+# Stops process $1 (SIGTERM) and waits for it.
+stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+# Peak resident memory of process $1 so far (VmHWM), in KiB.
+peak_rss() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+# Sets `mosquitto` to the Mosquitto broker, installed with apt-get if missing.
+find_mosquitto() {
+  if ! command -v mosquitto > /dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y --no-install-recommends mosquitto \
+      || { apt-get update && apt-get install -y --no-install-recommends mosquitto; }
+  fi
+  mosquitto=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+}
