@@ -9,14 +9,21 @@
 #   paced-10000      10,000 devices at RATE msg/s each for DURATION (fleetgate-sim load)
 #
 # Bursts are QoS 1 with rumqttc's in-flight window of 100, each device as fast as its window
-# allows. Every broker starts afresh for every scenario (the gateway on the same data dir, with
-# the 10,000 devices enrolled once at the start). Prints, per broker and scenario: acknowledged
-# msg/s (first publish to last PUBACK; paced: over the phase), stored (gateway) or delivered
+# allows. Every broker starts afresh for every run (the gateway on the same data dir, with the
+# 10,000 devices enrolled once at the start). A burst lasts about a second, so each is run
+# REPEAT times, the three brokers taking turns, and the figures are medians (rates also with
+# their range). Before each run the script waits (at most about two minutes) until both cores
+# are at least 90 % idle, as other work on a shared machine would take a core from the broker or
+# the simulator unnoticed; the idle share is printed with each run. The paced scenario runs
+# once. Prints, per broker and scenario: acknowledged msg/s (bursts: first publish to last
+# PUBACK; paced: over the phase, or until the last PUBACK if later), stored (gateway) or delivered
 # (bare brokers) msg/s, PUBACK p50 and p99, acknowledged-but-lost (the gateway: acknowledged
 # minus stored, and every acknowledged sequence number looked up through its API with
 # --verify; the bare brokers: each acknowledged number looked up at the subscriber), the
 # broker's CPU over the burst or phase (--broker-pid, from /proc) and its peak RSS (VmHWM); then
-# the ratio of the gateway's durable rate to Mosquitto's forwarding rate per scenario.
+# the ratio of the gateway's durable rate to Mosquitto's forwarding rate per scenario (median of
+# the runs' ratios, each run paired with Mosquitto's run of the same turn). The simulator's own
+# CPU is printed too: near a whole core, the load generator may have set the pace.
 #
 # Telemetry is JSON as the simulator's devices send it (hardware and model figures, 326 bytes):
 # issue 11 measured JSON of about 130 bytes; the simulator's message is the smallest it makes,
@@ -27,7 +34,7 @@
 # saturation" target), above what the gateway of BENCHMARKS.md's earlier comparison sustained
 # (7,600 msg/s), and below what one simulator core can offer 10,000 clients (25,600 msg/s).
 #
-# Usage: bench/ingest.sh [paced rate per device] [paced duration]   (default 2 30s)
+# Usage: bench/ingest.sh [paced rate per device] [paced duration] [repeat]   (default 2 30s 5)
 # Needs release builds:
 #   cargo build --release -p fleetgate -p fleetgate-sim --bins --example bare-rumqttd
 # Installs Mosquitto if it is missing. Loopback only; every process is started and stopped by
@@ -36,6 +43,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rate=${1:-2}
 duration=${2:-30s}
+repeat=${3:-5}
 source bench/lib.sh
 for b in "$bin/fleetgate" "$bin/fleetgate-sim" "$bin/examples/bare-rumqttd"; do
   [ -x "$b" ] || { echo "missing $b: cargo build --release -p fleetgate -p fleetgate-sim --bins --example bare-rumqttd" >&2; exit 1; }
@@ -52,24 +60,48 @@ echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 # What every client sends: QoS 1 JSON telemetry.
 common=(--qos 1 --inflight 100 --encoding json --connect-rate 1000)
 scenarios=(burst-100x1000 burst-1000x100 paced-10000)
+brokers=(mosquitto rumqttd gateway)
 port=18870
 http=127.0.0.1:18879
 
-# sim_run <scenario> <broker> <broker pid> <sim args...>: runs the scenario's clients on core 1
-# against the broker on $port; its report goes to $work/<scenario>-<broker>.{json,txt}.
-sim_run() {
-  local scenario=$1 name=$2 pid=$3
-  shift 3
-  local args
+# start_broker <broker>: starts it on core 0; its pid in `broker` (the gateway's also in `gw`).
+start_broker() {
+  case $1 in
+    mosquitto) taskset -c 0 "$mosquitto" -c "$work/mosquitto.conf" >> "$work/mosquitto.log" 2>&1 &
+      broker=$! ;;
+    rumqttd) taskset -c 0 "$bin/examples/bare-rumqttd" "127.0.0.1:$port" $((devices + 100)) \
+      >> "$work/rumqttd.log" 2>&1 &
+      broker=$! ;;
+    gateway) serve_gateway taskset -c 0; broker=$gw ;;
+  esac
+  await_port "$port"
+}
+# run <scenario> <broker> <n>: one run of the scenario's clients on core 1 against a fresh
+# broker; the report goes to $work/<scenario>-<broker>-<n>.{json,txt}, the broker's peak RSS
+# (KiB) to .rss.
+run() {
+  local scenario=$1 name=$2 out="$work/$1-$2-$3" args target
   case $scenario in
     burst-100x1000) args=(burst --devices 100 --messages 1000 --timeout 120s) ;;
     burst-1000x100) args=(burst --devices 1000 --messages 100 --timeout 120s) ;;
     paced-10000) args=(load --devices "$devices" --rate "$rate" --duration "$duration" --linger 10s) ;;
   esac
-  local out="$work/$scenario-$name"
+  case $name in
+    mosquitto) target=(--target mqtt --prefix mq) ;;
+    rumqttd) target=(--target mqtt --prefix rq) ;;
+    gateway) target=(--target gateway --api "http://$http" --credentials "$work/creds.csv" --verify) ;;
+  esac
+  # Other work on the machine would take the broker's or the simulator's core unnoticed.
+  await_quiet 90
+  echo "$idle" > "$out.idle"
+  start_broker "$name"
   timeout 900 taskset -c 1 "$bin/fleetgate-sim" "${args[@]}" "${common[@]}" --drain 30s \
-    --mqtt "127.0.0.1:$port" --broker-pid "$pid" --json "$out.json" "$@" > "$out.txt" 2>&1 || true
-  sed 's/^/    /' "$out.txt" | grep -v '^    *$' | tail -n 14
+    --mqtt "127.0.0.1:$port" --broker-pid "$broker" --json "$out.json" "${target[@]}" \
+    > "$out.txt" 2>&1 || true
+  peak_rss "$broker" > "$out.rss"
+  stop_pid "$broker"; broker=; gw=
+  echo "   $scenario $name run $3 (idle $idle %): $(grep -E '^(acked|stored|delivered|lost):' "$out.txt" \
+    | sed -E 's/publish->PUBACK //; s/ \(each acknowledged.*\)//; s/ \(acknowledged minus.*\)//' | tr '\n' ' ' | cut -c1-300)"
 }
 
 cat > "$work/mosquitto.conf" <<CONF
@@ -110,84 +142,86 @@ t=$(date +%s)
 echo "   enrolled in $(( $(date +%s) - t )) s"
 stop_pid "$gw"; gw=
 
-mosquitto_version=$({ "$mosquitto" -h 2>/dev/null || true; } | head -n 1 | awk '{print $3}')
-rumqttd_version=$(grep -A1 'name = "rumqttd"' Cargo.lock | awk -F'"' '/version/ {print $2}')
+echo "== Mosquitto $({ "$mosquitto" -h 2>/dev/null || true; } | head -n 1 | awk '{print $3}'), bare rumqttd $(grep -A1 'name = "rumqttd"' Cargo.lock | awk -F'"' '/version/ {print $2}'), fleetgate gateway (ingest.ack = \"commit\")"
 for scenario in "${scenarios[@]}"; do
-  echo "== $scenario: Mosquitto $mosquitto_version"
-  taskset -c 0 "$mosquitto" -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 &
-  broker=$!
-  await_port "$port"
-  sim_run "$scenario" mosquitto "$broker" --target mqtt --prefix mq
-  echo "$(peak_rss "$broker")" > "$work/$scenario-mosquitto.rss"
-  stop_pid "$broker"; broker=
-
-  echo "== $scenario: bare rumqttd $rumqttd_version"
-  taskset -c 0 "$bin/examples/bare-rumqttd" "127.0.0.1:$port" $((devices + 100)) > "$work/rumqttd.log" 2>&1 &
-  broker=$!
-  await_port "$port"
-  sim_run "$scenario" rumqttd "$broker" --target mqtt --prefix rq
-  echo "$(peak_rss "$broker")" > "$work/$scenario-rumqttd.rss"
-  stop_pid "$broker"; broker=
-
-  echo "== $scenario: fleetgate gateway (ingest.ack = \"commit\")"
-  serve_gateway taskset -c 0
-  await_port "$port"
-  sim_run "$scenario" gateway "$gw" --target gateway --api "http://$http" \
-    --credentials "$work/creds.csv" --verify
-  echo "$(peak_rss "$gw")" > "$work/$scenario-gateway.rss"
-  stop_pid "$gw"; gw=
+  n=$repeat
+  [ "$scenario" = paced-10000 ] && n=1
+  for i in $(seq "$n"); do
+    for b in "${brokers[@]}"; do run "$scenario" "$b" "$i"; done
+  done
 done
 echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-python3 - "$work" "${scenarios[@]}" <<'PY'
-import json, sys
-work, scenarios = sys.argv[1], sys.argv[2:]
+python3 - "$work" "$repeat" "${scenarios[@]}" <<'PY'
+import json, statistics, sys
+work, repeat, scenarios = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 brokers = ("mosquitto", "rumqttd", "gateway")
 
-def figures(scenario, broker):
-    base = f"{work}/{scenario}-{broker}"
+def one(scenario, broker, n):
+    base = f"{work}/{scenario}-{broker}-{n}"
     try:
         r = json.load(open(base + ".json"))
     except (OSError, ValueError):
         return None
     rss = open(base + ".rss").read().strip()
+    idle = int(open(base + ".idle").read().strip() or 0)
     p = r["burst"] if "burst" in r else r["steady"]
     i = p.get("ingest") or {}
-    acked_per_s, ingested_per_s = p.get("acked_per_s"), i.get("ingested_per_s")
     lat = p.get("ack_latency") or {}
-    verify = r.get("verify")
-    lost = i.get("acked_lost")
-    if verify:
-        lost = f"{lost} / {verify['missing']} of {verify['acked']}"
+    verify = r.get("verify") or {}
     return {
-        "acked": p.get("acked"), "acked_per_s": acked_per_s, "ingested_per_s": ingested_per_s,
-        "p50": lat.get("p50_ms"), "p99": lat.get("p99_ms"), "lost": lost,
-        "cpu": (p.get("broker") or {}).get("cpu_pct"),
-        "rss_mib": int(rss) / 1024 if rss else None,
-        "connected": r["connect"]["connected"], "devices": r["devices"],
+        "acked": p.get("acked_per_s"), "ingested": i.get("ingested_per_s"),
+        "p50": lat.get("p50_ms"), "p99": lat.get("p99_ms"),
+        "lost": i.get("acked_lost"), "missing": verify.get("missing"),
+        "checked": verify.get("acked"),
+        "cpu": (p.get("broker") or {}).get("cpu_pct"), "sim": p.get("clients_cpu_pct"),
+        "rss": int(rss) / 1024 if rss else None,
+        "connected": r["connect"]["connected"] == r["devices"],
+        "idle": idle,
     }
+
+def med(runs, key):
+    v = [r[key] for r in runs if r[key] is not None]
+    return statistics.median(v) if v else None
+
+def rng(runs, key):
+    v = [r[key] for r in runs if r[key] is not None]
+    return f"{min(v):.0f}-{max(v):.0f}" if len(v) > 1 else ""
 
 def f(v, fmt):
     return "-" if v is None else format(v, fmt)
 
 print()
-print(f"{'scenario':15} {'broker':10} {'acked/s':>9} {'stored|delivered/s':>18} {'PUBACK p50':>10} "
-      f"{'p99 (ms)':>9} {'acked-but-lost':>22} {'CPU %':>6} {'peak RSS MiB':>12} connected")
-rates = {}
+print("medians over the runs (rates also min-max); acked-but-lost: by counts / by number "
+      "(gateway: every acknowledged number read back), summed over the runs; CPU: the broker's, "
+      "sim: the simulator's, over the burst or phase; idle: the least idle share of the machine "
+      "before a run")
+print(f"{'scenario':15} {'broker':10} {'runs':>4} {'acked/s':>22} {'stored|delivered/s':>22} "
+      f"{'p50 ms':>8} {'p99 ms':>8} {'acked-but-lost':>20} {'CPU %':>6} {'sim %':>6} {'RSS MiB':>8} "
+      f"{'idle %':>6}")
+table = {}
 for s in scenarios:
     for b in brokers:
-        x = figures(s, b)
-        if x is None:
-            print(f"{s:15} {b:10} no report")
+        runs = [x for n in range(1, repeat + 1) if (x := one(s, b, n))]
+        table[(s, b)] = runs
+        if not runs:
             continue
-        rates[(s, b)] = x
-        print(f"{s:15} {b:10} {f(x['acked_per_s'], '9.0f')} {f(x['ingested_per_s'], '18.0f')} "
-              f"{f(x['p50'], '10.2f')} {f(x['p99'], '9.2f')} {str(x['lost']):>22} "
-              f"{f(x['cpu'], '6.0f')} {f(x['rss_mib'], '12.1f')} {x['connected']}/{x['devices']}")
+        lost = sum(r["lost"] or 0 for r in runs)
+        if any(r["missing"] is not None for r in runs):
+            lost = f"{lost} / {sum(r['missing'] or 0 for r in runs)} of {sum(r['checked'] or 0 for r in runs)}"
+        acked = f"{f(med(runs, 'acked'), '.0f')} {rng(runs, 'acked')}"
+        ingested = f"{f(med(runs, 'ingested'), '.0f')} {rng(runs, 'ingested')}"
+        unconnected = "" if all(r["connected"] for r in runs) else "  (not every device connected)"
+        print(f"{s:15} {b:10} {len(runs):4} {acked:>22} {ingested:>22} {f(med(runs, 'p50'), '8.1f')} "
+              f"{f(med(runs, 'p99'), '8.1f')} {str(lost):>20} {f(med(runs, 'cpu'), '6.0f')} "
+              f"{f(med(runs, 'sim'), '6.0f')} {f(med(runs, 'rss'), '8.1f')} "
+              f"{min(r['idle'] for r in runs):6d}{unconnected}")
 print()
 for s in scenarios:
-    g, m = rates.get((s, "gateway")), rates.get((s, "mosquitto"))
-    if g and m and g["acked_per_s"] and m["ingested_per_s"]:
-        print(f"{s}: gateway durable (acked = committed) {g['acked_per_s']:.0f}/s / Mosquitto "
-              f"forwarding {m['ingested_per_s']:.0f}/s = {g['acked_per_s'] / m['ingested_per_s']:.2f}")
+    g, m = table.get((s, "gateway"), []), table.get((s, "mosquitto"), [])
+    ratios = [a["acked"] / b["ingested"] for a, b in zip(g, m) if a["acked"] and b["ingested"]]
+    if ratios:
+        spread = f" (runs {min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+        print(f"{s}: gateway durable (acked = committed) / Mosquitto forwarding = "
+              f"{statistics.median(ratios):.2f}{spread}")
 PY

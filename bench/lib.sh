@@ -65,3 +65,18 @@ find_mosquitto() {
   fi
   mosquitto=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 }
+# Waits until the machine is quiet: both cores at least $1 % idle (default 90) over one second,
+# at most $2 tries (default 120, about two minutes; then it goes on anyway). Leaves the idle
+# share it last measured in `idle`. Other work on a shared machine takes cores from a broker
+# or the simulator unnoticed; runs of a second or two can start when nothing else runs.
+await_quiet() {
+  local want=${1:-90} tries=${2:-120} a b
+  for _ in $(seq "$tries"); do
+    a=$(awk '/^cpu / {print $2+$3+$4+$5+$6+$7+$8, $5+$6}' /proc/stat)
+    sleep 1
+    b=$(awk '/^cpu / {print $2+$3+$4+$5+$6+$7+$8, $5+$6}' /proc/stat)
+    idle=$(echo "$a $b" | awk '{t = $3 - $1; print (t > 0) ? int(100 * ($4 - $2) / t) : 0}')
+    [ "$idle" -ge "$want" ] && return 0
+  done
+  return 0
+}

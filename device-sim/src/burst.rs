@@ -113,6 +113,7 @@ pub(crate) struct BurstRaw {
     pub connection_errors: u64,
     pub ingest: Option<BurstIngestRaw>,
     pub broker: Option<BrokerUse>,
+    pub clients_cpu_pct: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -157,8 +158,12 @@ pub struct BurstFigures {
     pub ack_latency: Option<Percentiles>,
     pub ingest: Option<BurstIngest>,
     pub connection_errors: u64,
-    /// With `--broker-pid`: the broker's CPU over the burst and its memory.
+    /// With `--broker-pid`: the broker's CPU from the start of the burst to its last
+    /// acknowledgement, and its memory.
     pub broker: Option<BrokerUse>,
+    /// The simulator's own CPU over the same time, in percent of one core: near a whole core,
+    /// the load generator rather than the broker may have set the pace.
+    pub clients_cpu_pct: Option<f64>,
 }
 
 /// What the broker took in: stored (gateway) or delivered (bare broker, to the subscriber).
@@ -181,8 +186,9 @@ pub struct BurstIngest {
     /// How `acked_lost` was found: `by_number` (each acknowledged number looked up) or
     /// `by_count` (acknowledged minus newly stored: exact as long as no connection was lost).
     pub acked_lost_by: &'static str,
-    /// Gateway only: its resident memory (highest sampled, and at the end), its CPU over the
-    /// burst (percent of one core), and its backpressure counters during the burst.
+    /// Gateway only: its resident memory (highest sampled, and at the end), its CPU from the
+    /// start of the burst to its last acknowledgement (percent of one core), and its
+    /// backpressure counters during the burst.
     pub resident_peak_bytes: Option<u64>,
     pub resident_end_bytes: Option<u64>,
     pub cpu_pct: Option<f64>,
@@ -275,6 +281,7 @@ impl BurstFigures {
             ingest,
             connection_errors: raw.connection_errors,
             broker: raw.broker,
+            clients_cpu_pct: raw.clients_cpu_pct,
         }
     }
 }
@@ -460,7 +467,12 @@ impl fmt::Display for BurstReport {
         if let Some(u) = &b.broker {
             writeln!(f, "broker:    {u}")?;
         }
-        write!(f, "errors:    {} connection errors", b.connection_errors)?;
+        write!(
+            f,
+            "errors:    {} connection errors; simulator CPU {} % of a core",
+            b.connection_errors,
+            Opt(b.clients_cpu_pct.map(|c| format!("{c:.1}")))
+        )?;
         for n in &self.notes {
             write!(f, "\nnote:      {n}")?;
         }

@@ -482,8 +482,9 @@ pub(crate) fn write_phase(
     }
     write!(
         f,
-        "{indent}errors:    {} connection errors",
-        p.connection_errors
+        "{indent}errors:    {} connection errors; simulator CPU {} % of a core",
+        p.connection_errors,
+        Opt(p.clients_cpu_pct.map(|c| format!("{c:.1}")))
     )
 }
 

@@ -283,7 +283,9 @@ pub struct PhaseReport {
     pub offered_per_s: f64,
     /// Due but not sent: the client was offline, or its queue was full.
     pub skipped: u64,
-    /// QoS 1 only: acknowledged, per second of the phase, not acknowledged after the linger.
+    /// QoS 1 only: acknowledged; per second over the phase, or until the last PUBACK if that
+    /// came later (a broker that falls behind acknowledges the phase's messages more slowly
+    /// than they were offered); not acknowledged after the linger.
     pub acked: Option<u64>,
     pub acked_per_s: Option<f64>,
     pub unacked: Option<u64>,
@@ -296,6 +298,9 @@ pub struct PhaseReport {
     pub connection_errors: u64,
     /// With `--broker-pid`: the broker's CPU and memory over the phase.
     pub broker: Option<BrokerUse>,
+    /// The simulator's own CPU over the phase, in percent of one core (all its threads): near
+    /// a whole core, the load generator rather than the broker may have set the pace.
+    pub clients_cpu_pct: Option<f64>,
 }
 
 /// The broker process during a phase (`--broker-pid`, from Linux's `/proc`).
@@ -417,6 +422,8 @@ struct Mark {
     gateway: Option<IngestSample>,
     /// The broker process, if its pid was given.
     broker: Option<ProcSample>,
+    /// This process: the simulator itself.
+    clients: Option<ProcSample>,
 }
 
 /// What the subscriber saw.
@@ -703,6 +710,17 @@ impl Swarm {
             );
         }
         self.plan.send_replace(Plan::Idle);
+        // CPU figures run to here, the end of sending and acknowledging: a drain that waits for
+        // a subscriber that will never see what its broker dropped would only dilute them.
+        if let Some(m) = self
+            .burst_sample(before.as_ref(), start, &mut samples)
+            .await
+        {
+            resident_peak = resident_peak.max(m.resident());
+            broker_peak = broker_peak.max(m.broker.map(|p| p.resident_bytes));
+            last = Some(m);
+        }
+        let acked_mark = last.clone();
         let offered = self.sum(|d| &d.offered);
         let acked = self.sum(|d| &d.acked);
         // Then until ingest has everything it should have, or stops moving.
@@ -769,13 +787,16 @@ impl Swarm {
         }
         let ingest = match (&before, &last) {
             (Some(b), Some(e)) => {
-                let (source, cpu_pct, resident_end) = match (&b.gateway, &e.gateway) {
-                    (Some(bg), Some(eg)) => (
-                        "gateway_api",
-                        IngestDelta::between(bg, eg).cpu_pct,
-                        e.resident(),
-                    ),
-                    _ => ("subscriber", None, None),
+                let cpu_pct = match (
+                    &b.gateway,
+                    acked_mark.as_ref().and_then(|m| m.gateway.as_ref()),
+                ) {
+                    (Some(bg), Some(ag)) => IngestDelta::between(bg, ag).cpu_pct,
+                    _ => None,
+                };
+                let (source, resident_end) = match &e.gateway {
+                    Some(_) => ("gateway_api", e.resident()),
+                    None => ("subscriber", None),
                 };
                 let last_new = self
                     .subscriber
@@ -804,12 +825,17 @@ impl Swarm {
             _ => None,
         };
         let broker = self.cfg.broker_pid.map(|pid| {
-            let mut b = BrokerUse::of(pid, before.as_ref(), last.as_ref(), last.iter());
+            let mut b = BrokerUse::of(pid, before.as_ref(), acked_mark.as_ref(), last.iter());
+            b.resident_bytes = last
+                .as_ref()
+                .and_then(|m| m.broker)
+                .map(|p| p.resident_bytes);
             b.resident_peak_bytes = broker_peak.max(b.resident_peak_bytes);
             b
         });
         BurstRaw {
             broker,
+            clients_cpu_pct: clients_cpu(before.as_ref(), acked_mark.as_ref()),
             devices,
             messages,
             offered,
@@ -947,12 +973,15 @@ impl Swarm {
         let mut ack = stats::histogram();
         let mut payload_bytes = 0;
         let mut connection_errors = 0;
+        let mut last_ack = None;
         for d in &self.devs {
             let s = lock(&d.stats);
             let _ = ack.add(&s.ack);
             payload_bytes = payload_bytes.max(s.payload_bytes);
             connection_errors += s.errors + s.refused.values().sum::<u64>();
+            last_ack = last_ack.max(s.last_ack);
         }
+        let acking = last_ack.map_or(steady, |t| t.saturating_duration_since(start).max(steady));
         let mut ingest = match (&before, &end, &drained) {
             (Some(b), Some(e), Some(d)) => Some(self.ingest_report(b, e, d, steady, qos1)),
             _ => None,
@@ -978,6 +1007,7 @@ impl Swarm {
         });
         PhaseReport {
             broker,
+            clients_cpu_pct: clients_cpu(before.as_ref(), end.as_ref()),
             devices,
             rate_per_device: rate,
             duration_s: steady.as_secs_f64(),
@@ -986,7 +1016,7 @@ impl Swarm {
             offered_per_s: per_second(offered, steady),
             skipped: self.sum(|d| &d.skipped),
             acked: qos1.then_some(acked),
-            acked_per_s: qos1.then(|| per_second(acked, steady)),
+            acked_per_s: qos1.then(|| per_second(acked, acking)),
             unacked: qos1.then(|| offered.saturating_sub(acked)),
             ack_latency: if qos1 { Percentiles::of(&ack) } else { None },
             ingest,
@@ -1123,6 +1153,7 @@ impl Swarm {
     async fn mark(&mut self) -> Option<Mark> {
         let mut mark = self.ingest_mark().await?;
         mark.broker = self.cfg.broker_pid.and_then(ProcSample::read);
+        mark.clients = ProcSample::read(std::process::id());
         Some(mark)
     }
 
@@ -1135,6 +1166,7 @@ impl Swarm {
                     duplicates: s.duplicates,
                     gateway: Some(s),
                     broker: None,
+                    clients: None,
                 }),
                 Err(e) => {
                     let note = format!("ingest counters unavailable: {e}");
@@ -1159,6 +1191,7 @@ impl Swarm {
             duplicates: t.duplicates,
             gateway: None,
             broker: None,
+            clients: None,
         })
     }
 
@@ -1196,6 +1229,12 @@ impl Swarm {
             last = next;
         }
     }
+}
+
+/// The simulator's CPU between two marks, in percent of one core.
+fn clients_cpu(first: Option<&Mark>, last: Option<&Mark>) -> Option<f64> {
+    let (a, b) = (first?.clients?, last?.clients?);
+    b.cpu_pct_since(&a)
 }
 
 impl Mark {
@@ -1711,6 +1750,32 @@ fn publish(dev: &Dev, client: &AsyncClient, cfg: &Config, topic: &str, t: &mut T
     }
 }
 
+/// What the subscriber reads of a telemetry message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+struct Numbered {
+    #[serde(default)]
+    boot: u32,
+    seq: u32,
+    #[serde(default)]
+    time_ms: u64,
+}
+
+/// A telemetry message's numbers. JSON is read for them alone, the rest skipped rather than
+/// built and checked: at 100,000 messages a second the subscriber shares its core with every
+/// publisher. Postcard has no fields to skip: the whole message is decoded.
+fn numbered(payload: &[u8], encoding: Encoding) -> Option<Numbered> {
+    match encoding {
+        Encoding::Json => serde_json::from_slice(payload).ok(),
+        Encoding::Postcard => decode::<Telemetry>(payload, encoding)
+            .ok()
+            .map(|t| Numbered {
+                boot: t.boot,
+                seq: t.seq,
+                time_ms: t.time_ms,
+            }),
+    }
+}
+
 /// The subscriber: counts every telemetry message a bare broker delivers, by device and
 /// sequence number, and its latency from the device's timestamp.
 async fn subscriber(
@@ -1741,9 +1806,7 @@ async fn subscriber(
                 let arrived_us = now_us();
                 let parsed = fleetgate_protocol::Topic::parse(&p.topic)
                     .ok()
-                    .and_then(|t| {
-                        Some((t.device, decode::<Telemetry>(&p.payload, t.encoding).ok()?))
-                    });
+                    .and_then(|t| Some((t.device, numbered(&p.payload, t.encoding)?)));
                 let mut s = lock(&state);
                 match parsed {
                     Some((device, t)) => {

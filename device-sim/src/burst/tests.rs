@@ -61,6 +61,7 @@ fn gateway_raw() -> BurstRaw {
         payload_bytes: 131,
         connection_errors: 0,
         broker: None,
+        clients_cpu_pct: Some(88.0),
         ingest: Some(BurstIngestRaw {
             source: "gateway_api",
             samples: vec![
@@ -242,7 +243,7 @@ lost:      0 acknowledged but not stored (acknowledged minus newly stored); 0 mi
 gateway:   RSS peak 60.0 MiB, at the end 58.0 MiB, CPU 95.0 %; writer queue full 12 times, 0 publishes delayed
 verified:  4000 acknowledged sequence numbers of 20 devices read back: 4000 stored, 0 missing
 broker:    pid 4242: CPU 97.5 % of a core, RSS 58.0 MiB (highest sampled 61.0 MiB)
-errors:    0 connection errors";
+errors:    0 connection errors; simulator CPU 88.0 % of a core";
     assert_eq!(r.to_string(), want);
     assert!(r.clean());
 }
@@ -261,7 +262,12 @@ fn a_bare_brokers_summary_says_delivered() {
         ),
         "{text}"
     );
-    assert!(text.ends_with("\nnote:      a note"), "{text}");
+    assert!(
+        text.ends_with(
+            "\nerrors:    0 connection errors; simulator CPU 88.0 % of a core\nnote:      a note"
+        ),
+        "{text}"
+    );
     assert!(!r.clean(), "100 acknowledged and lost");
 }
 

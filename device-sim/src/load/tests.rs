@@ -153,6 +153,7 @@ fn report() -> LoadReport {
                 resident_bytes: Some(48 * 1024 * 1024),
                 resident_peak_bytes: Some(50 * 1024 * 1024),
             }),
+            clients_cpu_pct: Some(30.0),
         },
         verify: None,
         notes: vec!["ingest counters unavailable: GET x: refused".into()],
@@ -173,7 +174,7 @@ ingested:  398 (199.0/s) by gateway_api; lost 2, duplicates 0, acknowledged but 
 latency:   device->stored (since the gateway started) p50 1.00 ms, p99 3.00 ms, p99.9 5.00 ms, max 6.00 ms (398 samples)
 gateway:   RSS 48.0 MiB, CPU 12.5 %
 broker:    pid 77: CPU 12.5 % of a core, RSS 48.0 MiB (highest sampled 50.0 MiB)
-errors:    0 connection errors
+errors:    0 connection errors; simulator CPU 30.0 % of a core
 note:      ingest counters unavailable: GET x: refused";
     assert_eq!(text, want);
 }
@@ -188,6 +189,7 @@ fn figures_that_were_not_measured_print_as_a_dash() {
     r.steady.ack_latency = None;
     r.steady.ingest = None;
     r.steady.broker = None;
+    r.steady.clients_cpu_pct = None;
     r.notes.clear();
     let text = r.to_string();
     assert!(
@@ -195,7 +197,7 @@ fn figures_that_were_not_measured_print_as_a_dash() {
         "{text}"
     );
     assert!(
-        text.ends_with("\ningested:  - (no ingest counters)\nerrors:    0 connection errors"),
+        text.ends_with("\ningested:  - (no ingest counters)\nerrors:    0 connection errors; simulator CPU - % of a core"),
         "{text}"
     );
 }

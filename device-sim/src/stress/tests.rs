@@ -128,6 +128,7 @@ fn step(offered_per_s: f64, ingested_per_s: f64, lost: i64, p99_ms: f64) -> Phas
         payload_bytes: 57,
         connection_errors: 0,
         broker: None,
+        clients_cpu_pct: None,
     }
 }
 

@@ -75,6 +75,7 @@ fn mark(telemetry: u64, duplicates: u64, cpu_seconds: Option<f64>) -> Mark {
             }),
         }),
         broker: None,
+        clients: None,
     }
 }
 
@@ -93,6 +94,7 @@ fn a_restart_shows_as_counters_or_cpu_time_going_back() {
         duplicates: 0,
         gateway: None,
         broker: None,
+        clients: None,
     };
     assert!(!Mark::restarted_between(&sub, &sub.clone()));
 }
@@ -129,5 +131,31 @@ fn the_brokers_use_runs_from_the_first_mark_to_the_last() {
     assert_eq!(
         (gone.cpu_pct, gone.resident_bytes, gone.resident_peak_bytes),
         (None, None, None)
+    );
+}
+
+#[test]
+fn the_subscriber_reads_the_numbers_of_either_encoding() {
+    let mut t = template("d", 7, 2, 4);
+    t.seq = 12;
+    t.time_ms = 1_764_201_600_000;
+    let want = Numbered {
+        boot: 7,
+        seq: 12,
+        time_ms: 1_764_201_600_000,
+    };
+    for encoding in [Encoding::Json, Encoding::Postcard] {
+        let bytes = encode(&t, encoding).unwrap();
+        assert_eq!(numbered(&bytes, encoding), Some(want), "{encoding:?}");
+        assert_eq!(numbered(b"\x00garbage", encoding), None, "{encoding:?}");
+    }
+    // The smallest valid JSON telemetry: no boot, no time.
+    assert_eq!(
+        numbered(br#"{ "seq": 1, "hw": { "temp_c": 40.5 } }"#, Encoding::Json),
+        Some(Numbered {
+            boot: 0,
+            seq: 1,
+            time_ms: 0
+        })
     );
 }
