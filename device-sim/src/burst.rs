@@ -128,8 +128,9 @@ pub(crate) struct BurstIngestRaw {
     pub duplicates: u64,
     /// Missing by sequence numbers (the gateway's gaps; the subscriber: of what was sent).
     pub lost: i64,
-    /// The gateway restarted during the burst: its counters say nothing about it.
-    pub restarted: bool,
+    /// The gateway restarted, or connections were lost, during the burst: its counters cannot
+    /// tell what was acknowledged but lost.
+    pub counts_inexact: bool,
     /// Subscriber, QoS 1: acknowledged numbers it never received, looked up one by one.
     pub acked_lost: Option<u64>,
     pub resident_peak: Option<u64>,
@@ -243,7 +244,7 @@ impl BurstFigures {
             let ingested_s = span(t0, at);
             let (acked_lost, by) = match (raw.acked, i.acked_lost) {
                 (Some(_), Some(exact)) => (Some(exact), "by_number"),
-                (Some(_), None) if i.restarted => (None, "by_count"),
+                (Some(_), None) if i.counts_inexact => (None, "by_count"),
                 (Some(acked), None) => (
                     Some(stats::acked_lost(acked, i.ingested, i.duplicates)),
                     "by_count",

@@ -253,8 +253,8 @@ pub struct IngestReport {
     pub duplicates: u64,
     /// QoS 1: messages acknowledged in the phase that did not arrive. The subscriber checks
     /// each acknowledged sequence number; from the gateway's counters it is acknowledged minus
-    /// newly stored (exact as long as the gateway stored nothing unacknowledged, i.e. no
-    /// connection was lost; `--verify` checks number by number).
+    /// newly stored, exact as long as the gateway stored nothing unacknowledged: `None` if a
+    /// connection was lost or the gateway restarted (`--verify` checks number by number).
     pub acked_lost: Option<u64>,
     /// Device timestamp to stored (the gateway's own figure, over everything it stored since
     /// it started) or to received (subscriber, this phase only, ms resolution of the
@@ -778,12 +778,9 @@ impl Swarm {
         }
         let restarted =
             matches!((&before, &last), (Some(b), Some(e)) if Mark::restarted_between(b, e));
-        if restarted {
-            self.notes.push(
-                "the gateway restarted during the burst: its ingest counters cover its last \
-                 run only (--verify looks up every acknowledged number)"
-                    .to_owned(),
-            );
+        let inexact = self.api.is_some() && (restarted || connection_errors > 0);
+        if inexact {
+            self.notes.push(counts_note(restarted, "burst"));
         }
         let ingest = match (&before, &last) {
             (Some(b), Some(e)) => {
@@ -810,7 +807,7 @@ impl Swarm {
                     ingested: stats::delta(b.ingested, e.ingested),
                     duplicates: stats::delta(b.duplicates, e.duplicates),
                     lost: e.lost - b.lost,
-                    restarted,
+                    counts_inexact: inexact,
                     acked_lost: if qos1 {
                         self.subscriber_acked_lost()
                     } else {
@@ -986,16 +983,14 @@ impl Swarm {
             (Some(b), Some(e), Some(d)) => Some(self.ingest_report(b, e, d, steady, qos1)),
             _ => None,
         };
-        if let (Some(b), Some(d), Some(i)) = (&before, &drained, &mut ingest)
-            && Mark::restarted_between(b, d)
+        let restarted =
+            matches!((&before, &drained), (Some(b), Some(d)) if Mark::restarted_between(b, d));
+        if let Some(i) = &mut ingest
+            && self.api.is_some()
+            && (restarted || connection_errors > 0)
         {
-            // Its counters started again from zero: they say nothing about this phase.
             i.acked_lost = None;
-            self.notes.push(
-                "the gateway restarted during the phase: its ingest counters cover its last \
-                 run only (--verify looks up every acknowledged number)"
-                    .to_owned(),
-            );
+            self.notes.push(counts_note(restarted, "phase"));
         }
         let broker = self.cfg.broker_pid.map(|pid| {
             BrokerUse::of(
@@ -1228,6 +1223,24 @@ impl Swarm {
                 .update(started.elapsed(), format!("{done}/{expected} ingested"));
             last = next;
         }
+    }
+}
+
+/// Why the gateway's counters cannot tell what was acknowledged but lost in a `what`.
+fn counts_note(restarted: bool, what: &str) -> String {
+    if restarted {
+        // Its counters started again from zero.
+        format!(
+            "the gateway restarted during the {what}: its ingest counters cover its last run \
+             only; --verify looks up every acknowledged number"
+        )
+    } else {
+        // Messages in flight when a connection went may have been stored unacknowledged, and
+        // would make up for acknowledged ones lost.
+        format!(
+            "connections were lost during the {what}: acknowledged-but-lost by counts would not \
+             be exact; --verify looks up every acknowledged number"
+        )
     }
 }
 

@@ -74,7 +74,7 @@ fn gateway_raw() -> BurstRaw {
             ingested: 4000,
             duplicates: 0,
             lost: 0,
-            restarted: false,
+            counts_inexact: false,
             acked_lost: None,
             resident_peak: Some(60 * 1024 * 1024),
             resident_end: Some(58 * 1024 * 1024),
@@ -135,7 +135,7 @@ fn subscriber_raw() -> BurstRaw {
         ingested: 3900,
         duplicates: 0,
         lost: 100,
-        restarted: false,
+        counts_inexact: false,
         acked_lost: Some(100),
         resident_peak: None,
         resident_end: None,
@@ -146,10 +146,10 @@ fn subscriber_raw() -> BurstRaw {
 }
 
 #[test]
-fn a_restarted_gateways_counters_say_nothing_about_loss() {
+fn counts_that_cannot_tell_loss_give_none() {
     let mut raw = gateway_raw();
     let i = raw.ingest.as_mut().unwrap();
-    i.restarted = true;
+    i.counts_inexact = true;
     i.ingested = 1200;
     let f = BurstFigures::of(&raw);
     assert_eq!(f.ingest.unwrap().acked_lost, None);
