@@ -38,8 +38,14 @@
 # ramp's first steps and this scenario answer the "PUBACK p99 under 50 ms at half the
 # saturation rate" target.
 #
-# Usage: [KEEP=DIR] bench/ingest.sh [paced rate per device] [paced duration] [repeat]
-#        (default 1 30s 5; KEEP keeps every run's report)
+# Usage: [KEEP=DIR] [GW_CONFIG=FILE] [SCENARIOS=...] [BROKERS=...] bench/ingest.sh
+#            [paced rate per device] [paced duration] [repeat]      (default 1 30s 5)
+#   KEEP       keeps every run's report in DIR
+#   GW_CONFIG  runs the gateway on FILE's settings (a preset such as
+#              packaging/presets/512mb.toml, or any overlay) under the benchmark's own:
+#              addresses, data dir, max_connections, the per-device limits, ingest.ack
+#   SCENARIOS  some of: burst-100x1000 burst-1000x100 paced-10000 saturation (default: all)
+#   BROKERS    some of: mosquitto rumqttd gateway (default: all)
 # Needs release builds:
 #   cargo build --release -p fleetgate -p fleetgate-sim --bins --example bare-rumqttd
 # Installs Mosquitto if it is missing. Loopback only; every process is started and stopped by
@@ -64,8 +70,8 @@ echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # What every client sends: QoS 1 JSON telemetry.
 common=(--qos 1 --inflight 100 --encoding json --connect-rate 1000)
-scenarios=(burst-100x1000 burst-1000x100 paced-10000)
-brokers=(mosquitto rumqttd gateway)
+read -r -a scenarios <<< "${SCENARIOS:-burst-100x1000 burst-1000x100 paced-10000 saturation}"
+read -r -a brokers <<< "${BROKERS:-mosquitto rumqttd gateway}"
 port=18870
 http=127.0.0.1:18879
 
@@ -137,6 +143,42 @@ data_dir = "$work/data"
 [ingest]
 ack = "commit"
 TOML
+if [ -n "${GW_CONFIG:-}" ]; then
+  # FILE's settings, with the ones above over them.
+  python3 - "$GW_CONFIG" "$work/gw.toml" <<'PY'
+import json, sys, tomllib
+preset, bench = (tomllib.load(open(p, "rb")) for p in sys.argv[1:3])
+def merge(a, b):
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(a.get(k), dict):
+            merge(a[k], v)
+        else:
+            a[k] = v
+    return a
+def value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(value(x) for x in v) + "]"
+    return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+def write(table, path, out):
+    plain = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    if path:
+        out.append(f"[{'.'.join(path)}]")
+    out.extend(f"{k} = {value(v)}" for k, v in plain.items())
+    for k, v in table.items():
+        if isinstance(v, dict):
+            write(v, path + [k], out)
+out = []
+write(merge(preset, bench), [], out)
+open(sys.argv[2], "w").write("\n".join(out) + "\n")
+PY
+  echo "== the gateway runs $GW_CONFIG's settings under the benchmark's"
+fi
 
 echo "== enrolling $devices devices"
 serve_gateway taskset -c 0
@@ -148,32 +190,36 @@ echo "   enrolled in $(( $(date +%s) - t )) s"
 stop_pid "$gw"; gw=
 
 echo "== Mosquitto $({ "$mosquitto" -h 2>/dev/null || true; } | head -n 1 | awk '{print $3}'), bare rumqttd $(grep -A1 'name = "rumqttd"' Cargo.lock | awk -F'"' '/version/ {print $2}'), fleetgate gateway (ingest.ack = \"commit\")"
+# The gateway alone: 10,000 paced devices, the rate raised step by step.
+saturation() {
+  echo "== saturation: the gateway alone, 10,000 paced devices"
+  await_quiet 90
+  echo "$idle" > "$work/saturation.idle"
+  start_broker gateway
+  timeout 1200 taskset -c 1 "$bin/fleetgate-sim" stress --devices "$devices" --rate 0.8 \
+    --factor 1.25 --steps 6 --duration 20s --p99-limit 1s "${common[@]}" \
+    --mqtt "127.0.0.1:$port" --api "http://$http" --credentials "$work/creds.csv" \
+    --broker-pid "$gw" --json "$work/saturation.json" > "$work/saturation.txt" 2>&1 || true
+  stop_pid "$gw"; gw=; broker=
+}
 for scenario in "${scenarios[@]}"; do
+  if [ "$scenario" = saturation ]; then saturation; continue; fi
   n=$repeat
   [ "$scenario" = paced-10000 ] && n=1
   for i in $(seq "$n"); do
     for b in "${brokers[@]}"; do run "$scenario" "$b" "$i"; done
   done
 done
-echo "== saturation: the gateway alone, 10,000 paced devices"
-await_quiet 90
-echo "$idle" > "$work/saturation.idle"
-start_broker gateway
-timeout 1200 taskset -c 1 "$bin/fleetgate-sim" stress --devices "$devices" --rate 0.8 --factor 1.25 \
-  --steps 6 --duration 20s --p99-limit 1s "${common[@]}" --mqtt "127.0.0.1:$port" \
-  --api "http://$http" --credentials "$work/creds.csv" --broker-pid "$gw" \
-  --json "$work/saturation.json" > "$work/saturation.txt" 2>&1 || true
-stop_pid "$gw"; gw=; broker=
 echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 # KEEP=DIR keeps every run's report (the work dir goes at exit).
 if [ -n "${KEEP:-}" ]; then
   mkdir -p "$KEEP"
-  cp "$work"/*.json "$work"/*.txt "$work"/*.rss "$work"/*.idle "$KEEP"/
+  cp "$work"/*.json "$work"/*.txt "$work"/*.rss "$work"/*.idle "$work/gw.toml" "$KEEP"/ 2>/dev/null || true
 fi
 
 python3 - "$work" "$repeat" "${scenarios[@]}" <<'PY'
 import json, statistics, sys
-work, repeat, scenarios = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+work, repeat, scenarios = sys.argv[1], int(sys.argv[2]), [s for s in sys.argv[3:] if s != "saturation"]
 brokers = ("mosquitto", "rumqttd", "gateway")
 
 def one(scenario, broker, n):
@@ -244,6 +290,8 @@ for s in scenarios:
         print(f"{s}: gateway durable (acked = committed) / Mosquitto forwarding = "
               f"{statistics.median(ratios):.2f}{spread}")
 
+if "saturation" not in sys.argv[3:]:
+    sys.exit(0)
 try:
     r = json.load(open(f"{work}/saturation.json"))
 except (OSError, ValueError) as e:
