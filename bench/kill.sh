@@ -11,12 +11,16 @@
 # seeded with SEED) before the next kill; the kills stop at least 10 s before the stream ends,
 # so the last figures are read from a running gateway.
 #
-# Usage: bench/kill.sh [kills] [seed]   (default 20, and a seed from the clock; printed)
+# Usage: [ACK=receipt] bench/kill.sh [kills] [seed]   (default 20, and a seed from the clock;
+#        printed). ACK=receipt runs the gateway with `ingest.ack = "receipt"`, which acknowledges
+#        before the commit: what it acknowledged in the last moments before a kill is lost, and
+#        the script shows how much.
 # Needs: cargo build --release -p fleetgate -p fleetgate-sim --bins
 # Loopback only; every process is started and stopped by its pid; every wait is bounded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kills=${1:-20}
+ack=${ACK:-commit}
 seed=${2:-$(date +%s)}
 source bench/lib.sh
 for b in "$bin/fleetgate" "$bin/fleetgate-sim"; do
@@ -27,7 +31,7 @@ devices=10
 rate=200
 # Long enough for every kill (each at most 3.5 s of running plus a restart) and 10 s more.
 duration=$((kills * 4 + 20))
-echo "kills $kills, seed $seed, $devices devices x $rate msg/s for ${duration}s; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "kills $kills, seed $seed, $devices devices x $rate msg/s for ${duration}s, ingest.ack = \"$ack\"; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
 mqtt=127.0.0.1:18890
 http=127.0.0.1:18891
@@ -46,7 +50,7 @@ data_dir = "$work/data"
 # Keep every message of the run, so that each acknowledged one can be looked up.
 telemetry_per_device = 10000000
 [ingest]
-ack = "commit"
+ack = "$ack"
 TOML
 
 serve_gateway
