@@ -19,7 +19,9 @@ use crate::progress::Progress;
 use crate::stats::{Mib, Opt, Rate};
 use crate::swarm::{self, Ident, Swarm};
 
-pub use crate::swarm::{ConnectReport, IngestReport, PhaseReport, StormReport};
+pub use crate::swarm::{
+    BrokerUse, ConnectReport, IngestReport, PhaseReport, StormReport, VerifyReport,
+};
 
 /// Highest telemetry rate of one device, messages per second.
 pub const MAX_RATE: f64 = 10_000.0;
@@ -115,6 +117,11 @@ pub struct LoadSpec {
     pub drain: Duration,
     pub keep_alive: Duration,
     pub seed: u64,
+    /// After the run, look up every acknowledged sequence number in what the gateway stored
+    /// (its API; gateway targets only).
+    pub verify: bool,
+    /// The broker's process on this machine: its CPU and memory are sampled (Linux).
+    pub broker_pid: Option<u32>,
     pub progress: Progress,
 }
 
@@ -137,6 +144,8 @@ impl LoadSpec {
             drain: Duration::from_secs(30),
             keep_alive: Duration::from_secs(30),
             seed: 1,
+            verify: false,
+            broker_pid: None,
             progress: Progress::hidden(),
         }
     }
@@ -202,6 +211,21 @@ impl LoadSpec {
         if self.qos == QoS::ExactlyOnce {
             problems.push("QoS must be 0 or 1".into());
         }
+        if self.verify {
+            match &self.target {
+                Target::Gateway { api: None, .. } => {
+                    problems.push("verify reads the gateway's API: give its token".into());
+                }
+                Target::Mqtt { .. } => problems.push(
+                    "verify reads the gateway's API: a bare broker is checked by its subscriber"
+                        .into(),
+                ),
+                Target::Gateway { .. } => {}
+            }
+            if self.qos == QoS::AtMostOnce {
+                problems.push("verify looks up acknowledged messages: use QoS 1".into());
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -227,6 +251,7 @@ impl LoadSpec {
                 inflight: self.inflight,
                 keep_alive: self.keep_alive,
                 seed: self.seed,
+                broker_pid: self.broker_pid,
             },
             bytes,
         ))
@@ -279,6 +304,8 @@ pub struct LoadReport {
     pub features: usize,
     pub connect: ConnectReport,
     pub steady: PhaseReport,
+    /// With `verify`: every acknowledged number looked up in what the gateway stored.
+    pub verify: Option<VerifyReport>,
     /// Things the figures do not show (an API that did not answer, ...).
     pub notes: Vec<String>,
     pub elapsed_s: f64,
@@ -293,7 +320,8 @@ impl LoadReport {
                 .steady
                 .ingest
                 .as_ref()
-                .is_none_or(|i| i.lost <= 0 && i.duplicates == 0)
+                .is_none_or(|i| i.lost <= 0 && i.duplicates == 0 && i.acked_lost.unwrap_or(0) == 0)
+            && self.verify.as_ref().is_none_or(VerifyReport::clean)
     }
 }
 
@@ -323,6 +351,18 @@ pub async fn run(spec: LoadSpec, stop: CancellationToken) -> Result<LoadReport, 
     let steady = swarm
         .phase("steady", spec.rate, spec.duration, spec.linger, spec.drain)
         .await;
+    let verify = if spec.verify {
+        swarm.verify().await
+    } else {
+        None
+    };
+    let unmatched = swarm.unmatched();
+    if unmatched > 0 {
+        swarm.notes.push(format!(
+            "{unmatched} publishes went out without a sequence number to match: the \
+             acknowledged numbers are not exact"
+        ));
+    }
     let notes = swarm.notes.clone();
     swarm.close().await;
     Ok(LoadReport {
@@ -335,6 +375,7 @@ pub async fn run(spec: LoadSpec, stop: CancellationToken) -> Result<LoadReport, 
         features: cfg.features,
         connect,
         steady,
+        verify,
         notes,
         elapsed_s: started.elapsed().as_secs_f64(),
     })
@@ -402,12 +443,13 @@ pub(crate) fn write_phase(
         Some(i) => {
             writeln!(
                 f,
-                "{indent}ingested:  {} ({}) by {}; lost {}, duplicates {}",
+                "{indent}ingested:  {} ({}) by {}; lost {}, duplicates {}, acknowledged but lost {}",
                 i.ingested,
                 Rate(i.ingested_per_s),
                 i.source,
                 i.lost,
-                i.duplicates
+                i.duplicates,
+                Opt(i.acked_lost)
             )?;
             let what = if i.source == "subscriber" {
                 "device->subscriber"
@@ -435,10 +477,14 @@ pub(crate) fn write_phase(
         }
         None => writeln!(f, "{indent}ingested:  - (no ingest counters)")?,
     }
+    if let Some(u) = &p.broker {
+        writeln!(f, "{indent}broker:    {u}")?;
+    }
     write!(
         f,
-        "{indent}errors:    {} connection errors",
-        p.connection_errors
+        "{indent}errors:    {} connection errors; simulator CPU {} % of a core",
+        p.connection_errors,
+        Opt(p.clients_cpu_pct.map(|c| format!("{c:.1}")))
     )
 }
 
@@ -457,6 +503,9 @@ impl fmt::Display for LoadReport {
         )?;
         writeln!(f, "connect:   {}", self.connect)?;
         write_phase(f, &self.steady, "")?;
+        if let Some(v) = &self.verify {
+            write!(f, "\nverified:  {v}")?;
+        }
         for n in &self.notes {
             write!(f, "\nnote:      {n}")?;
         }

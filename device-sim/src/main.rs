@@ -1,5 +1,6 @@
 //! The `fleetgate-sim` command: runs a simulated fleet against a gateway (`run`, `enroll`),
-//! and load and stress runs against a gateway or a bare MQTT broker (`load`, `stress`).
+//! and load, stress and burst runs against a gateway or a bare MQTT broker (`load`, `stress`,
+//! `burst`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fleetgate_protocol::Encoding;
 use fleetgate_sim::behaviour::{DataShape, Regression, parse_classes};
+use fleetgate_sim::burst::BurstSpec;
 use fleetgate_sim::ingest::Api;
 use fleetgate_sim::load::{LoadError, LoadSpec};
 use fleetgate_sim::progress::Progress;
@@ -52,7 +54,8 @@ enum Command {
     /// loss and duplicates (from sequence numbers); latency; and, from a gateway, its memory
     /// and CPU. Against a gateway, ingest figures come from GET /api/v1/ingest (give --token);
     /// against a bare broker (--target mqtt), from a subscriber on the telemetry topics.
-    Load(Box<LoadArgs>),
+    /// --verify then looks up every acknowledged sequence number in what the gateway stored.
+    Load(Box<LoadCmd>),
     /// Find where a broker saturates, or time a reconnect storm (--storm).
     ///
     /// A ramp raises the rate per device (or the number of devices, --ramp devices) step by
@@ -61,6 +64,15 @@ enum Command {
     /// their rate; the last good step is the saturation point. --storm connects every device,
     /// drops every connection at once and reports how long until all are back.
     Stress(Box<StressArgs>),
+    /// Devices flushing what they buffered: all connect, then each sends --messages at once.
+    ///
+    /// Every device connects (a ramp), then all of them publish their numbered telemetry
+    /// messages at the same moment, each as fast as its client takes them (QoS 1: as fast as
+    /// its in-flight window allows). The summary gives acknowledged messages per second (first
+    /// publish to last PUBACK), publish-to-PUBACK latency, stored (gateway API) or delivered
+    /// (subscriber, --target mqtt) messages per second, what was acknowledged but never stored
+    /// or delivered, and the gateway's memory, CPU and backpressure counters.
+    Burst(Box<BurstArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -185,6 +197,82 @@ struct LoadArgs {
     /// Seed of the clients' random numbers (send phases, backoff jitter).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The broker's process id, when it runs on this machine: its CPU and memory over each
+    /// phase are reported (from /proc, Linux).
+    #[arg(long, value_name = "PID")]
+    broker_pid: Option<u32>,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct LoadCmd {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// After the run, read back every device's stored telemetry through the gateway's API and
+    /// look up each acknowledged sequence number (QoS 1, gateway with --token). Only what
+    /// retention kept can be found.
+    #[arg(long)]
+    verify: bool,
+}
+
+#[derive(Debug, Args)]
+struct BurstArgs {
+    #[command(flatten)]
+    target: Target,
+    /// What --mqtt is: a fleetgate gateway, or a bare MQTT broker.
+    #[arg(
+        long = "target",
+        value_name = "KIND",
+        value_enum,
+        default_value = "gateway"
+    )]
+    broker: Broker,
+    /// Number of devices (clients).
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Telemetry messages each device sends.
+    #[arg(long, default_value_t = 1000)]
+    messages: u64,
+    /// New connections per second during the connect ramp.
+    #[arg(long, default_value_t = 500.0)]
+    connect_rate: f64,
+    /// How long to wait for the last connections after the ramp's planned end.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    connect_timeout: Duration,
+    /// QoS of the telemetry: 0 or 1.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    qos: u8,
+    /// Unacknowledged QoS 1 messages one client may have in flight (rumqttc's default: 100).
+    #[arg(long, default_value_t = 100)]
+    inflight: u16,
+    /// Payload encoding.
+    #[arg(long, value_enum, default_value = "postcard")]
+    encoding: Enc,
+    /// Pad each telemetry message with raw samples to at least this many bytes.
+    #[arg(long, value_name = "BYTES")]
+    payload_bytes: Option<usize>,
+    /// Features per padding sample (more are used if 256 samples are not enough).
+    #[arg(long, default_value_t = 4)]
+    features: usize,
+    /// Longest the burst may take; what is not sent by then is not sent.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    timeout: Duration,
+    /// Then, how long to wait (at most) for the broker's ingest to catch up.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    drain: Duration,
+    /// Seed of the clients' random numbers (backoff jitter).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The broker's process id, when it runs on this machine: its CPU over the burst and its
+    /// memory are reported (from /proc, Linux).
+    #[arg(long, value_name = "PID")]
+    broker_pid: Option<u32>,
+    /// After the burst, read back every device's stored telemetry through the gateway's API
+    /// and look up each acknowledged sequence number (QoS 1, gateway with --token).
+    #[arg(long)]
+    verify: bool,
     /// Write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -329,6 +417,7 @@ fn main() -> ExitCode {
         },
         Command::Load(args) => exit(load(*args)),
         Command::Stress(args) => exit(stress(*args)),
+        Command::Burst(args) => exit(burst(*args)),
         Command::Enroll(args) => {
             if args.target.save_credentials.is_none() {
                 eprintln!("fleetgate-sim: give --save-credentials FILE");
@@ -510,6 +599,7 @@ fn load_spec(
         spec.linger = a.linger;
         spec.drain = a.drain;
         spec.seed = a.seed;
+        spec.broker_pid = a.broker_pid;
         spec.progress = Progress::stderr();
         spec
     };
@@ -535,12 +625,76 @@ fn load_spec(
     })
 }
 
-fn load(a: LoadArgs) -> Result<ExitCode, Failure> {
-    let spec = load_spec(&a, LoadSpec::validate)?;
+/// Checks what --verify needs before any device is enrolled.
+fn check_verify(broker: Broker, target: &Target, qos: u8) -> Result<(), Failure> {
+    let problem = if broker == Broker::Mqtt {
+        "--verify reads the gateway's API: a bare broker is checked by its subscriber"
+    } else if target.token.is_none() {
+        "--verify reads the gateway's API: give --token (or FLEETGATE_API_TOKEN)"
+    } else if qos == 0 {
+        "--verify looks up acknowledged messages: use --qos 1"
+    } else {
+        return Ok(());
+    };
+    Err(Failure::Usage(problem.to_owned()))
+}
+
+fn load(cmd: LoadCmd) -> Result<ExitCode, Failure> {
+    let a = cmd.load;
+    if cmd.verify {
+        check_verify(a.broker, &a.target, a.qos)?;
+    }
+    let mut spec = load_spec(&a, LoadSpec::validate)?;
+    spec.verify = cmd.verify;
     let report =
         on_runtime(|stop| fleetgate_sim::load::run(spec, stop)).map_err(Failure::Run)??;
     println!("{report}");
     write_json(a.json.as_ref(), &report).map_err(Failure::Run)?;
+    Ok(if report.clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn burst(a: BurstArgs) -> Result<ExitCode, Failure> {
+    if a.verify {
+        check_verify(a.broker, &a.target, a.qos)?;
+    }
+    let (messages, timeout, verify, json) = (a.messages, a.timeout, a.verify, a.json.clone());
+    let load = LoadArgs {
+        target: a.target,
+        broker: a.broker,
+        devices: a.devices,
+        connect_rate: a.connect_rate,
+        connect_timeout: a.connect_timeout,
+        // A burst has no rate, duration or linger of its own.
+        rate: 1.0,
+        duration: Duration::from_secs(1),
+        qos: a.qos,
+        encoding: a.encoding,
+        payload_bytes: a.payload_bytes,
+        features: a.features,
+        inflight: a.inflight,
+        linger: Duration::ZERO,
+        drain: a.drain,
+        seed: a.seed,
+        broker_pid: a.broker_pid,
+        json: None,
+    };
+    let spec = |load: LoadSpec| {
+        let mut spec = BurstSpec::new(load, messages);
+        spec.load.inflight = a.inflight;
+        spec.timeout = timeout;
+        spec
+    };
+    let load = load_spec(&load, |l| spec(l.clone()).validate())?;
+    let mut spec = spec(load);
+    spec.verify = verify;
+    let report =
+        on_runtime(|stop| fleetgate_sim::burst::run(spec, stop)).map_err(Failure::Run)??;
+    println!("{report}");
+    write_json(json.as_ref(), &report).map_err(Failure::Run)?;
     Ok(if report.clean() {
         ExitCode::SUCCESS
     } else {

@@ -7,6 +7,9 @@
 //! as ranges, so a late arrival fills its gap however late it comes, and messages of an older
 //! boot arriving after a reboot count against their own boot. Its memory grows with the number
 //! of devices, boots and gaps, never with the number of messages.
+//!
+//! [`SeqSet`] is the sender's side: the numbers a device had acknowledged, as ranges, so that
+//! "acknowledged but not stored" can be checked number by number.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -141,6 +144,15 @@ impl SeqCounter {
         self.totals
     }
 
+    /// Whether `seq` of `device`'s `boot` has arrived.
+    pub fn seen(&self, device: &str, boot: u32, seq: u32) -> bool {
+        let seq = u64::from(seq);
+        self.devices
+            .get(device)
+            .and_then(|b| b.get(&boot))
+            .is_some_and(|b| seq >= b.first && seq < b.next && b.contains_missing(seq).is_none())
+    }
+
     /// Of the `sent` messages a device numbered `0..sent` in `boot`, how many have not arrived
     /// (gaps, the head and the tail alike). Assumes it never numbered beyond `sent`.
     pub fn unseen(&self, device: &str, boot: u32, sent: u64) -> u64 {
@@ -150,6 +162,83 @@ impl SeqCounter {
             .and_then(|b| b.get(&boot))
             .map_or(0, |b| b.unique);
         sent.saturating_sub(unique)
+    }
+}
+
+/// A set of sequence numbers kept as disjoint ranges: the numbers of one device's boot that
+/// were acknowledged, in (nearly) ascending order, so it stays a range or a few whatever the
+/// count.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeqSet {
+    /// `start -> end` (end exclusive), disjoint and never adjacent (adjacent ranges merge).
+    ranges: BTreeMap<u64, u64>,
+    len: u64,
+}
+
+impl SeqSet {
+    pub fn new() -> SeqSet {
+        SeqSet::default()
+    }
+
+    /// Adds `seq`; false if it was already in.
+    pub fn insert(&mut self, seq: u32) -> bool {
+        let seq = u64::from(seq);
+        let before = self.ranges.range(..=seq).next_back().map(|(s, e)| (*s, *e));
+        if before.is_some_and(|(_, e)| seq < e) {
+            return false;
+        }
+        let after_end = self.ranges.get(&(seq + 1)).copied();
+        match (before.filter(|(_, e)| *e == seq), after_end) {
+            (Some((s, _)), Some(e)) => {
+                self.ranges.remove(&(seq + 1));
+                self.ranges.insert(s, e);
+            }
+            (Some((s, _)), None) => {
+                self.ranges.insert(s, seq + 1);
+            }
+            (None, Some(e)) => {
+                self.ranges.remove(&(seq + 1));
+                self.ranges.insert(seq, e);
+            }
+            (None, None) => {
+                self.ranges.insert(seq, seq + 1);
+            }
+        }
+        self.len += 1;
+        true
+    }
+
+    pub fn contains(&self, seq: u32) -> bool {
+        let seq = u64::from(seq);
+        self.ranges
+            .range(..=seq)
+            .next_back()
+            .is_some_and(|(_, e)| seq < *e)
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.ranges.clear();
+        self.len = 0;
+    }
+
+    /// The ranges, ascending, as `(first, last)` (inclusive).
+    pub fn ranges(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.ranges
+            .iter()
+            .map(|(s, e)| (*s as u32, (*e - 1) as u32))
+    }
+
+    /// Every number, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ranges().flat_map(|(first, last)| first..=last)
     }
 }
 

@@ -74,6 +74,12 @@ pub fn delta(earlier: u64, later: u64) -> u64 {
     later.saturating_sub(earlier)
 }
 
+/// Of `acked` messages, how many are not among `stored` new ones (`stored` counts `duplicates`
+/// twice): what was acknowledged but lost, by counts alone.
+pub fn acked_lost(acked: u64, stored: u64, duplicates: u64) -> u64 {
+    acked.saturating_sub(stored.saturating_sub(duplicates))
+}
+
 /// A figure a summary prints, or `-` when it was not measured.
 #[derive(Debug)]
 pub struct Opt<T>(pub Option<T>);

@@ -1,7 +1,8 @@
 //! rumqttd on its own, with a plain anonymous MQTT 3.1.1 listener: the baseline that
-//! `bench/compare.sh` runs the same load against (no authentication, no topic policy, no
-//! decoding, no storage). Its router is sized like the gateway's ingest log so the two forward
-//! through logs of the same size.
+//! `bench/compare.sh` and `bench/ingest.sh` run the same load against (no authentication, no
+//! topic policy, no decoding, no storage). Its router log is the size of the gateway's ingest
+//! log before uplinks left the router (issue 11): a subscriber that falls behind it loses what
+//! the broker already acknowledged, which the benchmarks count.
 //!
 //! Usage: `cargo run --release -p fleetgate --example bare-rumqttd -- [LISTEN] [MAX_CONNECTIONS]`
 //! (defaults `127.0.0.1:1883` and 20000). Runs until killed.
@@ -12,7 +13,7 @@ use std::process::ExitCode;
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
-/// The gateway's default ingest log (`mqtt.router.ingest_segment_*`).
+/// The gateway's former default ingest log (`mqtt.router.ingest_segment_*`, 4 MiB x 3).
 const SEGMENT_BYTES: usize = 4 * 1024 * 1024;
 const SEGMENT_COUNT: usize = 3;
 

@@ -139,6 +139,7 @@ fn report() -> LoadReport {
                 ingested_per_s: 199.0,
                 lost: 2,
                 duplicates: 0,
+                acked_lost: Some(2),
                 latency: Some(percentiles(1.0, 3.0, 5.0, 6.0, 398)),
                 resident_bytes: Some(48 * 1024 * 1024),
                 cpu_pct: Some(12.5),
@@ -146,7 +147,15 @@ fn report() -> LoadReport {
             }),
             payload_bytes: 57,
             connection_errors: 0,
+            broker: Some(BrokerUse {
+                pid: 77,
+                cpu_pct: Some(12.5),
+                resident_bytes: Some(48 * 1024 * 1024),
+                resident_peak_bytes: Some(50 * 1024 * 1024),
+            }),
+            clients_cpu_pct: Some(30.0),
         },
+        verify: None,
         notes: vec!["ingest counters unavailable: GET x: refused".into()],
         elapsed_s: 5.0,
     }
@@ -161,10 +170,11 @@ connect:   20/20 connected in 0.50 s (40.0/s); CONNACK p50 1.50 ms, p99 3.00 ms,
 phase:     2.00 s, 20 devices at 10.0/s each (target 200.0/s)
 offered:   400 (200.0/s), 0 skipped; 57 B payloads
 acked:     400 (200.0/s), 0 unacknowledged; publish->PUBACK p50 0.80 ms, p99 2.50 ms, p99.9 4.00 ms, max 4.50 ms (400 samples)
-ingested:  398 (199.0/s) by gateway_api; lost 2, duplicates 0
+ingested:  398 (199.0/s) by gateway_api; lost 2, duplicates 0, acknowledged but lost 2
 latency:   device->stored (since the gateway started) p50 1.00 ms, p99 3.00 ms, p99.9 5.00 ms, max 6.00 ms (398 samples)
 gateway:   RSS 48.0 MiB, CPU 12.5 %
-errors:    0 connection errors
+broker:    pid 77: CPU 12.5 % of a core, RSS 48.0 MiB (highest sampled 50.0 MiB)
+errors:    0 connection errors; simulator CPU 30.0 % of a core
 note:      ingest counters unavailable: GET x: refused";
     assert_eq!(text, want);
 }
@@ -178,6 +188,8 @@ fn figures_that_were_not_measured_print_as_a_dash() {
     r.steady.unacked = None;
     r.steady.ack_latency = None;
     r.steady.ingest = None;
+    r.steady.broker = None;
+    r.steady.clients_cpu_pct = None;
     r.notes.clear();
     let text = r.to_string();
     assert!(
@@ -185,7 +197,7 @@ fn figures_that_were_not_measured_print_as_a_dash() {
         "{text}"
     );
     assert!(
-        text.ends_with("\ningested:  - (no ingest counters)\nerrors:    0 connection errors"),
+        text.ends_with("\ningested:  - (no ingest counters)\nerrors:    0 connection errors; simulator CPU - % of a core"),
         "{text}"
     );
 }
@@ -195,6 +207,8 @@ fn a_clean_run_connected_everyone_and_lost_nothing() {
     let mut r = report();
     assert!(!r.clean(), "2 lost");
     r.steady.ingest.as_mut().unwrap().lost = 0;
+    assert!(!r.clean(), "2 acknowledged and lost");
+    r.steady.ingest.as_mut().unwrap().acked_lost = Some(0);
     assert!(r.clean());
     r.steady.unacked = Some(1);
     assert!(!r.clean(), "one unacknowledged");

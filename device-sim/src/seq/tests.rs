@@ -173,3 +173,74 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn seen_is_true_exactly_for_what_arrived() {
+    let mut c = SeqCounter::new();
+    for s in [3, 4, 7, 5, 9] {
+        c.observe("d", 1, s);
+    }
+    c.observe("d", 2, 0);
+    let arrived: Vec<u32> = (0..11).filter(|s| c.seen("d", 1, *s)).collect();
+    assert_eq!(arrived, [3, 4, 5, 7, 9]);
+    assert!(c.seen("d", 2, 0));
+    assert!(!c.seen("d", 2, 1), "another boot's numbers are its own");
+    assert!(!c.seen("e", 1, 3), "another device's numbers are its own");
+}
+
+#[test]
+fn a_seq_set_merges_neighbours_into_ranges() {
+    let mut s = SeqSet::new();
+    for n in [5, 6, 8, 7, 0, 2, 1, u32::MAX] {
+        assert!(s.insert(n), "{n} is new");
+    }
+    assert!(!s.insert(7), "7 is in already");
+    assert_eq!(s.len(), 8);
+    assert_eq!(
+        s.ranges().collect::<Vec<_>>(),
+        [(0, 2), (5, 8), (u32::MAX, u32::MAX)]
+    );
+    assert_eq!(s.iter().take(6).collect::<Vec<_>>(), [0, 1, 2, 5, 6, 7]);
+    assert!(s.contains(6) && !s.contains(3) && !s.contains(9));
+    s.clear();
+    assert!(s.is_empty() && s.ranges().next().is_none());
+}
+
+proptest! {
+    #[test]
+    fn a_seq_set_holds_what_a_btree_set_holds(
+        seqs in proptest::collection::vec(0u32..100, 0..300)
+    ) {
+        let mut s = SeqSet::new();
+        let mut model = BTreeSet::new();
+        for n in &seqs {
+            prop_assert_eq!(s.insert(*n), model.insert(*n));
+        }
+        prop_assert_eq!(s.len(), model.len() as u64);
+        prop_assert_eq!(s.iter().collect::<Vec<_>>(), model.iter().copied().collect::<Vec<_>>());
+        for n in 0..101 {
+            prop_assert_eq!(s.contains(n), model.contains(&n));
+        }
+        // Ranges are disjoint and never touch.
+        let ranges: Vec<(u32, u32)> = s.ranges().collect();
+        for w in ranges.windows(2) {
+            prop_assert!(w[0].1 + 1 < w[1].0, "{:?}", ranges);
+        }
+    }
+
+    #[test]
+    fn seen_agrees_with_the_pairs_observed(
+        pairs in proptest::collection::vec((0u32..3, 0u32..60), 0..200)
+    ) {
+        let mut c = SeqCounter::new();
+        for (b, s) in &pairs {
+            c.observe("d", *b, *s);
+        }
+        let observed: BTreeSet<(u32, u32)> = pairs.iter().copied().collect();
+        for b in 0..3 {
+            for s in 0..61 {
+                prop_assert_eq!(c.seen("d", b, s), observed.contains(&(b, s)));
+            }
+        }
+    }
+}

@@ -85,3 +85,16 @@ fn missing_figures_print_as_a_dash() {
     assert_eq!(Opt(Some(Rate(12.345))).to_string(), "12.3/s");
     assert_eq!(Mib(3 * 1024 * 1024 / 2).to_string(), "1.5 MiB");
 }
+
+#[test]
+fn acknowledged_but_lost_by_counts() {
+    // All 4000 acknowledged were stored once each.
+    assert_eq!(acked_lost(4000, 4000, 0), 0);
+    // 3 of them never stored.
+    assert_eq!(acked_lost(4000, 3997, 0), 3);
+    // A repeat is stored twice but is one message.
+    assert_eq!(acked_lost(4000, 4000, 2), 2);
+    // More stored than acknowledged (unacknowledged ones that got in) hides nothing here.
+    assert_eq!(acked_lost(4000, 4100, 0), 0);
+    assert_eq!(acked_lost(0, 0, 5), 0);
+}

@@ -119,6 +119,7 @@ fn step(offered_per_s: f64, ingested_per_s: f64, lost: i64, p99_ms: f64) -> Phas
             ingested_per_s,
             lost,
             duplicates: 0,
+            acked_lost: None,
             latency: None,
             resident_bytes: None,
             cpu_pct: None,
@@ -126,6 +127,8 @@ fn step(offered_per_s: f64, ingested_per_s: f64, lost: i64, p99_ms: f64) -> Phas
         }),
         payload_bytes: 57,
         connection_errors: 0,
+        broker: None,
+        clients_cpu_pct: None,
     }
 }
 

@@ -1,7 +1,8 @@
-//! Load, stress and storm runs of the simulator against a real gateway and against a bare
-//! Mosquitto broker, small and bounded: every message offered is acknowledged and arrives
-//! exactly once, and the gateway's own counters agree with the report. Also a scenario run
-//! whose faulty devices show up in the gateway's counters exactly.
+//! Load, stress, storm and burst runs of the simulator against a real gateway and against a
+//! bare Mosquitto broker, small and bounded: every message offered is acknowledged and arrives
+//! exactly once, every acknowledged sequence number is found where it should be, and the
+//! gateway's own counters agree with the report. Also a scenario run whose faulty devices show
+//! up in the gateway's counters exactly.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -10,6 +11,7 @@ use std::time::Duration;
 use std::sync::atomic::Ordering::Relaxed;
 
 use fleetgate_sim::FleetSpec;
+use fleetgate_sim::burst::{self, BurstSpec};
 use fleetgate_sim::fleet::Fleet;
 use fleetgate_sim::ingest::Api;
 use fleetgate_sim::load::{self, LoadSpec};
@@ -39,12 +41,13 @@ async fn load_on_the_gateway_is_offered_acked_and_ingested_alike() {
         url: gw.http_url(),
         token: TOKEN.to_owned(),
     };
-    let spec = twenty_by_twenty(LoadSpec::gateway(
+    let mut spec = twenty_by_twenty(LoadSpec::gateway(
         "127.0.0.1",
         gw.mqtt_port(),
         creds,
         Some(api),
     ));
+    spec.verify = true;
     let report = load::run(spec, CancellationToken::new()).await.unwrap();
     let c = &report.connect;
     assert_eq!(
@@ -62,8 +65,15 @@ async fn load_on_the_gateway_is_offered_acked_and_ingested_alike() {
     assert_eq!(s.ack_latency.map(|p| p.count), Some(400), "{report}");
     let i = s.ingest.as_ref().expect("ingest counters");
     assert_eq!(
-        (i.source, i.ingested, i.lost, i.duplicates),
-        ("gateway_api", 400, 0, 0),
+        (i.source, i.ingested, i.lost, i.duplicates, i.acked_lost),
+        ("gateway_api", 400, 0, 0, Some(0)),
+        "{report}"
+    );
+    // Every acknowledged number, read back from the gateway's telemetry API.
+    let v = report.verify.as_ref().expect("verified");
+    assert_eq!(
+        (v.devices, v.unreadable, v.acked, v.stored, v.missing),
+        (20, 0, 400, 400, 0),
         "{report}"
     );
     assert!(
@@ -203,9 +213,161 @@ async fn load_through_mosquitto_arrives_exactly_once() {
         ("subscriber", 400, 0, 0, 0),
         "{report}"
     );
+    assert_eq!(i.acked_lost, Some(0), "{report}");
     assert_eq!(i.latency.map(|p| p.count), Some(400), "{report}");
     assert_eq!((i.resident_bytes, i.cpu_pct), (None, None), "{report}");
     assert!(report.clean(), "{report}");
+}
+
+/// 20 devices flush 200 messages each at once: 4000, QoS 1, rumqttc's window of 100.
+fn twenty_flush_two_hundred(load: LoadSpec, verify: bool) -> BurstSpec {
+    let mut spec = BurstSpec::new(load, 200);
+    spec.load.connect_rate = 200.0;
+    spec.timeout = Duration::from_secs(60);
+    spec.verify = verify;
+    spec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn load_burst_on_the_gateway_stores_everything_it_acknowledged() {
+    let gw = TestGateway::start().await;
+    let creds = gw.enroll_fleet("burst", 20).await;
+    let api = Api {
+        url: gw.http_url(),
+        token: TOKEN.to_owned(),
+    };
+    let load = LoadSpec::gateway("127.0.0.1", gw.mqtt_port(), creds, Some(api));
+    let report = burst::run(
+        twenty_flush_two_hundred(load, true),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (report.connect.connected, report.connect.errors),
+        (20, 0),
+        "{report}"
+    );
+    let b = &report.burst;
+    assert_eq!(
+        (b.devices, b.offered, b.unsent, b.acked, b.unacked),
+        (20, 4000, 0, Some(4000), Some(0)),
+        "{report}"
+    );
+    assert_eq!(b.ack_latency.map(|p| p.count), Some(4000), "{report}");
+    assert!(b.acked_per_s.is_some_and(|r| r > 0.0), "{report}");
+    let i = b.ingest.as_ref().expect("ingest counters");
+    assert_eq!(
+        (i.source, i.ingested, i.expected, i.lost, i.duplicates),
+        ("gateway_api", 4000, 4000, 0, 0),
+        "{report}"
+    );
+    assert_eq!(
+        (i.acked_lost, i.acked_lost_by),
+        (Some(0), "by_count"),
+        "{report}"
+    );
+    assert!(
+        i.ingested_per_s.is_some() && i.resident_peak_bytes.is_some() && i.queue_full.is_some(),
+        "{report}"
+    );
+    let v = report.verify.as_ref().expect("verified");
+    assert_eq!(
+        (v.devices, v.unreadable, v.acked, v.stored, v.missing),
+        (20, 0, 4000, 4000, 0),
+        "{report}"
+    );
+    assert!(report.clean(), "{report}");
+    assert!(report.notes.is_empty(), "{report}");
+
+    gw.sync().await;
+    let ingest = gw.get("/ingest").await;
+    assert_eq!(ingest["stored"]["telemetry"], 4000);
+    assert_eq!(ingest["telemetry_lost"], 0);
+    assert_eq!(ingest["telemetry_duplicates"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn load_burst_verification_names_what_the_gateway_no_longer_holds() {
+    // Retention keeps the newest 150 of each device's 200: the 50 oldest of every device are
+    // acknowledged (and were stored) but are not there to be read back.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = config(tmp.path());
+    c.retention.telemetry_per_device = 150;
+    let gw = TestGateway::start_with(c, Some(tmp)).await;
+    let creds = gw.enroll_fleet("trim", 20).await;
+    let api = Api {
+        url: gw.http_url(),
+        token: TOKEN.to_owned(),
+    };
+    let load = LoadSpec::gateway("127.0.0.1", gw.mqtt_port(), creds, Some(api));
+    let report = burst::run(
+        twenty_flush_two_hundred(load, true),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.burst.acked, Some(4000), "{report}");
+    let v = report.verify.as_ref().expect("verified");
+    assert_eq!(
+        (v.devices, v.unreadable, v.acked, v.stored, v.missing),
+        (20, 0, 4000, 3000, 1000),
+        "{report}"
+    );
+    // The examples are the first device's oldest numbers.
+    assert_eq!(v.examples.len(), 10, "{report}");
+    for (n, e) in v.examples.iter().enumerate() {
+        let fields: Vec<&str> = e.split(' ').collect();
+        assert_eq!(
+            (fields[0], fields[2]),
+            ("trim-00000", n.to_string().as_str()),
+            "{report}"
+        );
+    }
+    assert!(!report.clean(), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn load_burst_through_mosquitto_delivers_everything_it_acknowledged() {
+    let broker = Mosquitto::start().await;
+    let mut load = LoadSpec::mqtt("127.0.0.1", broker.port, "mqb", 20);
+    load.broker_pid = Some(broker.child.id());
+    let report = burst::run(
+        twenty_flush_two_hundred(load, false),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let b = &report.burst;
+    assert_eq!(
+        (b.offered, b.unsent, b.acked, b.unacked),
+        (4000, 0, Some(4000), Some(0)),
+        "{report}"
+    );
+    let i = b.ingest.as_ref().expect("subscriber counts");
+    assert_eq!(
+        (i.source, i.ingested, i.expected, i.lost, i.duplicates),
+        ("subscriber", 4000, 4000, 0, 0),
+        "{report}"
+    );
+    assert_eq!(
+        (i.acked_lost, i.acked_lost_by),
+        (Some(0), "by_number"),
+        "{report}"
+    );
+    assert_eq!(
+        (i.resident_peak_bytes, i.queue_full),
+        (None, None),
+        "{report}"
+    );
+    // Mosquitto's own CPU and memory, from /proc.
+    let u = b.broker.expect("broker use");
+    assert_eq!(u.pid, broker.child.id(), "{report}");
+    assert!(
+        u.cpu_pct.is_some() && u.resident_bytes.is_some_and(|r| r > 0),
+        "{report}"
+    );
+    assert!(report.verify.is_none() && report.clean(), "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
