@@ -295,7 +295,13 @@ impl Engine {
         record.updated_ms = now_ms;
         actions.push(Action::Save(Box::new(record.clone())));
         self.by_device.insert(record.device.clone(), record.id);
-        let sent_upto = record.next_chunk;
+        // Chunks go out in order and only go back on a rewind, so the chunks sent once are
+        // 0..(sent - resent): a device resuming below that gets some of them again, counted
+        // as resent like any rewind.
+        let sent_upto = record
+            .chunks_sent
+            .saturating_sub(record.chunks_resent)
+            .clamp(record.next_chunk.min(record.chunks), record.chunks);
         let id = record.id;
         self.live.insert(
             id,

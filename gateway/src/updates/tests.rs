@@ -475,3 +475,46 @@ proptest::proptest! {
         }
     }
 }
+
+/// Issue 12, defect 10: chunks re-sent after a gateway restart were not counted. The engine
+/// restarted its count of chunks sent from the device's last reported position, so when the
+/// device accepted the new offer from there, the chunks it had already been sent (up to the
+/// window beyond that position) went out again with `chunks_resent` still 0.
+#[test]
+fn chunks_sent_before_a_restart_and_sent_again_count_as_resent() {
+    let mut e = engine(10);
+    e.on_event(Event::Online("d1".into()), 0).unwrap();
+    e.on_event(Event::Start(record(1, "d1", 10)), 0).unwrap();
+    e.on_event(report("d1", 1, UpdateState::Accepted { next_chunk: 0 }), 1)
+        .unwrap();
+    e.on_event(
+        report("d1", 1, UpdateState::Downloading { next_chunk: 2 }),
+        2,
+    )
+    .unwrap();
+    let before = e.transfer(1).unwrap().clone();
+    assert_eq!((before.next_chunk, before.chunks_sent), (2, 6));
+
+    // The gateway restarts: the stored record comes back, and the device accepts the new
+    // offer where it stands.
+    let mut e = engine(10);
+    e.on_event(Event::Online("d1".into()), 10).unwrap();
+    e.on_event(Event::Start(before), 10).unwrap();
+    let a = e
+        .on_event(report("d1", 1, UpdateState::Accepted { next_chunk: 2 }), 11)
+        .unwrap();
+    assert_eq!(
+        wire(&a),
+        [Action::Send {
+            id: 1,
+            from: 2,
+            to: 6
+        }]
+    );
+    let r = e.transfer(1).unwrap();
+    assert_eq!(
+        (r.chunks_sent, r.chunks_resent),
+        (10, 4),
+        "chunks 2..6 went out before the restart"
+    );
+}
