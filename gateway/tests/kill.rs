@@ -392,12 +392,17 @@ async fn a_rollback_killed_as_it_starts_reaches_every_device_after_a_restart() {
     assert_eq!(versions, [("1.0.0".to_owned(), 60)].into());
     stop.cancel();
     let report = fleet.finish().await;
-    // Each device that installed went back exactly once, and refused nothing.
+    // Every device of the 40-device stage finished once, installed or failed as the gateway
+    // recorded it (which of them the stage took, and so how many of the failing devices, depends
+    // on who was online and when), and the failures were the 10 % that roll it back.
+    let failed = r["counts"]["failed"].as_u64().unwrap_or(0);
+    assert!(failed >= 4, "{r}");
     assert_eq!(
         (report.updates.installed, report.updates.failed),
-        (36, 4),
-        "{report}"
+        (40 - failed, failed),
+        "{report}\n{r}"
     );
+    // Each device that installed went back exactly once, and refused nothing.
     assert_eq!(report.rollbacks.done, report.updates.installed, "{report}");
     assert_eq!(report.rollbacks.rejected, 0, "{report}");
     assert_eq!(
