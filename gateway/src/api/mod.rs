@@ -963,6 +963,12 @@ async fn send_command(
                 "POST /api/v1/rollouts/{id}/rollback",
             ));
         }
+        Action::Validate(_) => {
+            return Err(engine_action(
+                "validate",
+                "POST /api/v1/validations or a rollout's validate stage",
+            ));
+        }
         Action::DriftBins(_) => {
             return Err(engine_action(
                 "drift_bins",
