@@ -362,6 +362,9 @@ impl Writer {
             match action {
                 rollouts::Action::Save(r) => t.put_rollout(&r)?,
                 rollouts::Action::SaveDevice(id, d) => t.put_rollout_device(id, &d)?,
+                rollouts::Action::SaveValidation(id, stage) => {
+                    t.put_rollout_validation(id, &stage)?
+                }
                 rollouts::Action::Audit(id, n, e) => {
                     tracing::info!(rollout = id, event = %e.event, by = %e.by, message = %e.message, "rollout");
                     t.put_audit(id, n, &e)?

@@ -34,6 +34,7 @@ pub mod model;
 pub mod plan;
 mod progress;
 mod stop;
+pub mod validate;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -81,6 +82,8 @@ pub enum Action {
         transfer: u64,
         by: String,
     },
+    /// Save a rollout's validate stage (`validate`).
+    SaveValidation(u64, Box<validate::ValidateStage>),
     /// Sign and send a rollback directive; answer with [`Engine::rollback_sent`].
     SendRollback {
         rollout: u64,
@@ -154,6 +157,8 @@ struct Live {
     /// waited for; one gone for longer than its stage's `device_timeout` no longer holds the
     /// stage (it is updated if it returns).
     gone: HashMap<String, u64>,
+    /// The validate stage, if the rollout has one (`validate`).
+    validate: Option<validate::Gate>,
 }
 
 #[derive(Debug)]
@@ -242,6 +247,7 @@ impl Engine {
                 restored: Some(None),
                 runs_new: HashSet::new(),
                 gone: HashMap::new(),
+                validate: None,
             },
         );
     }
@@ -325,8 +331,20 @@ impl Engine {
     /// with no device is refused.
     pub fn create(
         &mut self,
+        record: RolloutRecord,
+        candidates: Vec<Candidate>,
+        now_ms: u64,
+    ) -> Result<(Vec<Action>, Skipped), Refused> {
+        self.create_validated(record, candidates, None, now_ms)
+    }
+
+    /// [`Engine::create`] with a validate stage before the first production stage (saved
+    /// with `SaveValidation` before anything else the rollout decides).
+    pub fn create_validated(
+        &mut self,
         mut record: RolloutRecord,
         candidates: Vec<Candidate>,
+        validate: Option<validate::ValidateStage>,
         now_ms: u64,
     ) -> Result<(Vec<Action>, Skipped), Refused> {
         if let Some(other) = self.live.values().find(|l| {
@@ -401,7 +419,14 @@ impl Engine {
             restored: None,
             runs_new: HashSet::new(),
             gone: HashMap::new(),
+            validate: validate.map(|stage| validate::Gate {
+                stage,
+                results: BTreeMap::new(),
+            }),
         };
+        if let Some(g) = &live.validate {
+            actions.push(Action::SaveValidation(id, Box::new(g.stage.clone())));
+        }
         let stages: Vec<String> = live
             .record
             .policy
@@ -431,7 +456,11 @@ impl Engine {
             message,
             detail,
         );
-        progress::stage_started(&mut live, &mut actions, now_ms);
+        if live.validate.is_some() {
+            validate::started(&mut live, &mut actions, now_ms);
+        } else {
+            progress::stage_started(&mut live, &mut actions, now_ms);
+        }
         self.live.insert(id, live);
         self.drive(id, now_ms, &mut actions);
         Ok((actions, skipped))
