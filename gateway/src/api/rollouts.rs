@@ -339,6 +339,7 @@ pub async fn create(
         version: body.version,
         target,
         policy,
+        validate: None,
     };
     let created = state.control.create_rollout(request, caller.name).await?;
     let id = created.record.id;

@@ -202,24 +202,29 @@ impl Engine {
                 .entry(class.to_owned())
                 .or_default()
                 .insert(device.to_owned(), result.clone());
-            if result.verdict == Verdict::Fail && l.record.state.is_active() {
-                let message = format!(
-                    "validation failed on bench device {device} ({class}): {}",
-                    result.misses.join(", ")
-                );
-                let detail = json!({
-                    "device": device,
-                    "class": class,
-                    "misses": result.misses,
-                    "result": result.detail,
-                    "classes": g.counts(),
-                });
-                self.validation_failed(id, message, detail, now_ms, &mut actions);
-                continue;
-            }
             self.drive(id, now_ms, &mut actions);
+            self.forget_finished(id);
         }
         actions
+    }
+
+    /// A stored result read back after a restart: taken without deciding anything (the next
+    /// `drive` decides, as the engine before the restart would have).
+    pub fn restore_validation_result(
+        &mut self,
+        id: u64,
+        class: &str,
+        device: &str,
+        result: BenchResult,
+    ) {
+        if let Some(g) = self.live.get_mut(&id).and_then(|l| l.validate.as_mut())
+            && g.stage.classes.iter().any(|c| c == class)
+        {
+            g.results
+                .entry(class.to_owned())
+                .or_default()
+                .insert(device.to_owned(), result);
+        }
     }
 
     /// Ends a rollout whose validate stage failed: saved, audited, no device updated.
@@ -246,8 +251,9 @@ impl Engine {
         self.forget_finished(id);
     }
 
-    /// Called by `drive` for a running rollout: true while its validate stage holds the first
-    /// production stage back. Passes it (and starts stage 1) or fails it on timeout.
+    /// Called by `drive` for a running or paused rollout: true while its validate stage holds
+    /// the first production stage back. A failing result of a targeted class fails it; a
+    /// running rollout passes it (and starts stage 1) or fails it on timeout.
     pub(super) fn validation_holds(
         &mut self,
         id: u64,
@@ -264,6 +270,30 @@ impl Engine {
             return false;
         }
         let counts = g.counts();
+        let failed = g.results.iter().find_map(|(class, devices)| {
+            devices
+                .iter()
+                .find(|(_, r)| r.verdict == Verdict::Fail)
+                .map(|(device, r)| (class.clone(), device.clone(), r.clone()))
+        });
+        if let Some((class, device, r)) = failed {
+            let message = format!(
+                "validation failed on bench device {device} ({class}): {}",
+                r.misses.join(", ")
+            );
+            let detail = json!({
+                "device": device,
+                "class": class,
+                "misses": r.misses,
+                "result": r.detail,
+                "classes": counts,
+            });
+            self.validation_failed(id, message, detail, now_ms, actions);
+            return true;
+        }
+        if l.record.state != super::model::RolloutState::Running {
+            return true;
+        }
         if g.passed() {
             g.stage.state = StageState::Passed { at_ms: now_ms };
             actions.push(Action::SaveValidation(id, Box::new(g.stage.clone())));
