@@ -4,6 +4,7 @@
 //! stress runs (lean clients, measured phases) against a gateway or any MQTT broker.
 
 pub mod behaviour;
+pub mod bench;
 pub mod enroll;
 pub mod fleet;
 pub mod ingest;
