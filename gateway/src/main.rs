@@ -26,6 +26,9 @@ fn main() -> ExitCode {
         Command::Rollout { api, command } => {
             with_client(&api, |c, o| cli::rollout::run(c, o, command))
         }
+        Command::Validate { api, command } => {
+            with_client(&api, |c, o| cli::validate::run(c, o, command))
+        }
         Command::Updates { api, command } => {
             with_client(&api, |c, o| cli::updates::run(c, o, command))
         }

@@ -72,7 +72,7 @@ pub(super) struct Gate {
 }
 
 /// The stage's counts per class, for views and the audit log.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct ClassCounts {
     pub passed: u64,
     pub failed: u64,
