@@ -15,6 +15,10 @@ fn main() -> ExitCode {
         }
         Command::Keys(command) => report(cli::keys::run(command)),
         Command::Bundle(command) => report(cli::bundle::run(command)),
+        Command::Registry {
+            api,
+            command: cli::registry::RegistryCommand::ImportMlflow(a),
+        } => report(cli::registry::import_mlflow(&a, api.out())),
         Command::Registry { api, command } => {
             with_client(&api, |c, o| cli::registry::run(c, o, command))
         }

@@ -20,6 +20,7 @@ use crate::storage::{StorageError, Store};
 
 pub mod bundle;
 pub mod keys;
+pub mod mlflow;
 pub mod spec;
 
 use bundle::{BundleError, BundleFile};
