@@ -115,14 +115,16 @@ fn compare_prints_each_requirement_per_class_with_the_difference() {
     ];
     let by_class: BTreeMap<String, Vec<Requirement>> = [("*".to_owned(), rs.clone())].into();
     let rows = compare(&old, &new, &BTreeMap::new(), &by_class);
-    let got: Vec<(
+    // class, measure, old, new, difference, met
+    type Row<'a> = (
         String,
-        &str,
+        &'a str,
         Option<f64>,
         Option<f64>,
         Option<f64>,
         Option<bool>,
-    )> = rows
+    );
+    let got: Vec<Row<'_>> = rows
         .iter()
         .map(|r| {
             (
