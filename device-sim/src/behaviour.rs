@@ -528,7 +528,10 @@ impl Behaviour {
             ),
             // Offers are answered by the update client with reports, and rollback directives by
             // the update client with acks (it holds the trust), never here.
-            Action::Update(_) | Action::Rollback(_) | Action::DriftBins(_) => {
+            Action::Update(_)
+            | Action::Rollback(_)
+            | Action::DriftBins(_)
+            | Action::Validate(_) => {
                 return (None, Effect::None);
             }
         };

@@ -340,6 +340,9 @@ impl Device {
         {
             let mut b = shared.behaviour.lock().await;
             b.claimed_class = profile.faults.claim_class.clone();
+            if let Some(class) = &profile.class {
+                b.hardware.class = class.clone();
+            }
             b.regression = profile.regression.clone();
             if let Some(release) = profile.model_release
                 && let Some(m) = b.models.first_mut()
@@ -597,6 +600,11 @@ impl Device {
                 };
                 if let fleetgate_protocol::Action::Update(offer) = &cmd.action {
                     let report = updater.offer(&*shared.behaviour.lock().await, offer, now_ms());
+                    self.send_report(client, shared, id, &report);
+                    return UpdateEffect::None;
+                }
+                if let fleetgate_protocol::Action::Validate(offer) = &cmd.action {
+                    let report = updater.validate(&*shared.behaviour.lock().await, offer, now_ms());
                     self.send_report(client, shared, id, &report);
                     return UpdateEffect::None;
                 }

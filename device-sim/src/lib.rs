@@ -4,6 +4,7 @@
 //! and burst runs (lean clients, measured phases) against a gateway or any MQTT broker.
 
 pub mod behaviour;
+pub mod bench;
 pub mod burst;
 pub mod enroll;
 pub mod fleet;

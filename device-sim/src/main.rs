@@ -387,6 +387,16 @@ struct RunArgs {
     /// classes (weights a/b/c), e.g. sim-model@2.0.0:latency=3,alerts=5.
     #[arg(long, value_name = "SPEC")]
     regress: Option<String>,
+    /// Bench mode: the devices validate releases when the gateway asks (enroll them with the
+    /// gateway's validation.bench_labels), measuring the defaults (10 ms, 150 kB of RAM,
+    /// 60 mW, 96 % accurate) or, per model version, MODEL@VERSION:key=value,... with keys
+    /// latency_us, jitter, ram, power_mw and accuracy; repeatable, e.g.
+    /// --bench sim-model@2.1.0:latency_us=18000. A --regress version is slower here too.
+    #[arg(long, value_name = "FIGURES", num_args = 0..=1, default_missing_value = "")]
+    bench: Vec<String>,
+    /// The devices' hardware class (default sim-mcu).
+    #[arg(long, value_name = "CLASS")]
+    class: Option<String>,
     /// Relative frequency of each predicted class, e.g. 0.7,0.2,0.1 (the default).
     #[arg(long, value_name = "A,B,C")]
     classes: Option<String>,
@@ -909,9 +919,33 @@ fn plain_fleet(args: &RunArgs, trust: Trust) -> Result<FleetSpec, String> {
         .map(str::parse::<Regression>)
         .transpose()
         .map_err(|e| format!("--regress: {e}"))?;
+    let bench = if args.bench.is_empty() {
+        None
+    } else {
+        let mut b = fleetgate_sim::bench::Bench::default();
+        for text in args.bench.iter().filter(|t| !t.is_empty()) {
+            b.versions
+                .push(text.parse().map_err(|e| format!("--bench {text}: {e}"))?);
+        }
+        Some(b)
+    };
+    if let Some(class) = &args.class {
+        let ok = !class.is_empty()
+            && class.len() <= fleetgate_protocol::limits::MAX_NAME_LEN
+            && class
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+        if !ok {
+            return Err(format!(
+                "--class {class:?}: 1-64 of A-Z a-z 0-9 - _ . : expected"
+            ));
+        }
+    }
     let profile = DeviceProfile {
         trust,
         regression,
+        bench,
+        class: args.class.clone(),
         ..DeviceProfile::default()
     };
     // Device i gets profiles[i % len]: with N profiles, the last one is every Nth device's.

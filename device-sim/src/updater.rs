@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use fleetgate_protocol::update::{Accepted, DevicePolicy, Download, Failure, check_offer};
 use fleetgate_protocol::{
-    AckStatus, Chunk, CommandAck, Installed, RollbackError, RollbackFailure, Signed, UpdateError,
-    UpdateOffer, UpdateReport, UpdateState, check_rollback,
+    AckStatus, Chunk, CommandAck, GoldenSet, Installed, RollbackError, RollbackFailure, Signed,
+    UpdateError, UpdateOffer, UpdateReport, UpdateState, ValidateOffer, check_rollback,
 };
 
 use crate::behaviour::{Behaviour, Regression};
@@ -75,6 +75,10 @@ pub struct DeviceProfile {
     pub model_release: Option<u64>,
     /// How the device behaves worse on one model version.
     pub regression: Option<Regression>,
+    /// The device's hardware class (default: the simulator's `sim-mcu`).
+    pub class: Option<String>,
+    /// A bench device: what it measures when it validates a release.
+    pub bench: Option<crate::bench::Bench>,
 }
 
 /// What the runner does after a message.
@@ -107,12 +111,15 @@ pub struct UpdaterStats {
     pub installed: u64,
     pub rejected: u64,
     pub failed: u64,
+    pub validated: u64,
 }
 
 #[derive(Debug)]
 pub struct Updater {
     profile: DeviceProfile,
     downloads: HashMap<u64, Download>,
+    /// Downloads that validate: the golden set and how often to run it.
+    validating: HashMap<u64, (GoldenSet, u32)>,
     disconnected: bool,
     /// Sent after the next hello (the outcome of an install, reported from the new image).
     pub pending: Option<UpdateReport>,
@@ -124,6 +131,7 @@ impl Updater {
         Updater {
             profile,
             downloads: HashMap::new(),
+            validating: HashMap::new(),
             disconnected: false,
             pending: None,
             stats: UpdaterStats::default(),
@@ -140,7 +148,52 @@ impl Updater {
             UpdateState::Failed { reason, detail }
         };
         self.downloads.remove(&transfer);
+        self.validating.remove(&transfer);
         UpdateReport { transfer, state }
+    }
+
+    /// Answers a `validate` command: the same checks as an offer (but any release: it is not
+    /// activated, so anti-rollback does not apply), then the download into the spare slot.
+    /// A device that is not a bench device declines.
+    pub fn validate(
+        &mut self,
+        behaviour: &Behaviour,
+        offer: &ValidateOffer,
+        now_ms: u64,
+    ) -> UpdateReport {
+        let transfer = offer.transfer;
+        if self.profile.bench.is_none() {
+            let f = Failure {
+                code: UpdateError::Declined,
+                detail: "not a bench device".into(),
+            };
+            return self.fail(transfer, f, true);
+        }
+        let device_time = now_ms.saturating_add_signed(self.profile.faults.clock_skew_ms);
+        let policy = DevicePolicy {
+            trusted_keys: &self.profile.trust.keys,
+            threshold: self.profile.trust.threshold,
+            hardware: &behaviour.hardware,
+            max_size: behaviour.hardware.flash_bytes,
+        };
+        let manifest = match check_offer(&offer.manifest, &policy, device_time, |_| 0) {
+            Ok(m) => m,
+            Err(f) => return self.fail(transfer, f, true),
+        };
+        self.downloads.retain(|t, _| *t == transfer);
+        self.validating.retain(|t, _| *t == transfer);
+        self.validating
+            .insert(transfer, (offer.golden.clone(), offer.repeat));
+        let download = self
+            .downloads
+            .entry(transfer)
+            .or_insert_with(|| Download::new(manifest));
+        UpdateReport {
+            transfer,
+            state: UpdateState::Accepted {
+                next_chunk: download.next_chunk() as u32,
+            },
+        }
     }
 
     /// Answers an offer: accepted from the first missing chunk, or rejected with the reason.
@@ -261,6 +314,31 @@ impl Updater {
                 return (reports, UpdateEffect::None);
             }
         };
+        if let Some((golden, repeat)) = self.validating.remove(&transfer) {
+            // Into the spare slot and run from there; the active slot does not change.
+            if self.profile.faults.fail_install {
+                let f = Failure {
+                    code: UpdateError::InstallFailed,
+                    detail: "flash write failed".into(),
+                };
+                reports.push(self.fail(transfer, f, false));
+                return (reports, UpdateEffect::None);
+            }
+            let bench = self.profile.bench.clone().unwrap_or_default();
+            let result = bench.run(
+                &manifest.name,
+                &manifest.version,
+                &golden,
+                repeat,
+                behaviour.regression.as_ref(),
+            );
+            self.stats.validated += 1;
+            reports.push(UpdateReport {
+                transfer,
+                state: UpdateState::Validated(result),
+            });
+            return (reports, UpdateEffect::None);
+        }
         reports.push(UpdateReport {
             transfer,
             state: UpdateState::Installing,

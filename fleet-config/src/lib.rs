@@ -34,8 +34,33 @@ pub struct Config {
     pub updates: Updates,
     pub drift: Drift,
     pub rollouts: Rollouts,
+    pub validation: Validation,
     pub alerts: Alerts,
     pub log: Log,
+}
+
+/// Bench devices and validation runs (`[validation]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Validation {
+    /// A device carrying every one of these labels is a bench device; empty: none is.
+    pub bench_labels: std::collections::BTreeMap<String, String>,
+    /// Times a bench device runs the golden set in one validation.
+    pub repeat: u32,
+    /// Passing bench devices per hardware class a rollout's validate stage needs by default.
+    pub min_devices: u32,
+    /// How long a rollout's validate stage waits for them by default.
+    pub timeout: Duration,
+}
+
+impl Validation {
+    /// Whether a device with these labels is a bench device.
+    pub fn is_bench(&self, labels: &std::collections::BTreeMap<String, String>) -> bool {
+        !self.bench_labels.is_empty()
+            && self
+                .bench_labels
+                .iter()
+                .all(|(k, v)| labels.get(k) == Some(v))
+    }
 }
 
 /// How the gateway writes its log (`[log]`).
@@ -531,6 +556,28 @@ impl Config {
 
         let rollouts = Rollouts::walk(root.section(p, "rollouts"), p);
 
+        let mut val = root.section(p, "validation");
+        let mut bench_labels = std::collections::BTreeMap::new();
+        for (i, text) in val.strings(p, "bench_labels").iter().enumerate() {
+            match text.split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() && !v.trim().is_empty() => {
+                    bench_labels.insert(k.trim().to_owned(), v.trim().to_owned());
+                }
+                _ => val.error(
+                    p,
+                    &format!("bench_labels[{i}]"),
+                    &format!("{text:?} is not KEY=VALUE"),
+                ),
+            }
+        }
+        let validation = Validation {
+            bench_labels,
+            repeat: val.usize(p, "repeat", 1..=1000) as u32,
+            min_devices: val.usize(p, "min_devices", 1..=1000) as u32,
+            timeout: val.duration(p, "timeout", secs(1)..=days(30)),
+        }
+        .finish_with(val, p);
+
         let mut alerts = root.section(p, "alerts");
         let rules = alerts
             .tables(p, "rules")
@@ -558,6 +605,7 @@ impl Config {
             updates,
             drift,
             rollouts,
+            validation,
             alerts,
             log,
         }

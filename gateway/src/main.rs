@@ -15,6 +15,10 @@ fn main() -> ExitCode {
         }
         Command::Keys(command) => report(cli::keys::run(command)),
         Command::Bundle(command) => report(cli::bundle::run(command)),
+        Command::Registry {
+            api,
+            command: cli::registry::RegistryCommand::ImportMlflow(a),
+        } => report(cli::registry::import_mlflow(&a, api.out())),
         Command::Registry { api, command } => {
             with_client(&api, |c, o| cli::registry::run(c, o, command))
         }
@@ -25,6 +29,9 @@ fn main() -> ExitCode {
         }
         Command::Rollout { api, command } => {
             with_client(&api, |c, o| cli::rollout::run(c, o, command))
+        }
+        Command::Validate { api, command } => {
+            with_client(&api, |c, o| cli::validate::run(c, o, command))
         }
         Command::Updates { api, command } => {
             with_client(&api, |c, o| cli::updates::run(c, o, command))

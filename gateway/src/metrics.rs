@@ -274,6 +274,24 @@ struct StreamLabels {
     cohort: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ValidationLabels {
+    kind: String,
+    name: String,
+    version: String,
+    class: String,
+    measure: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ValidationVerdictLabels {
+    kind: String,
+    name: String,
+    version: String,
+    class: String,
+    result: &'static str,
+}
+
 /// Renders the drift gauges and the process's own figures at each scrape.
 #[derive(Debug)]
 struct ScrapeCollector {
@@ -403,6 +421,10 @@ pub struct Metrics {
     /// severity ([`Metrics::set_unresolved_alerts`]).
     pub alerts_open: Gauge,
     alerts_unresolved: Family<SeverityLabel, Gauge>,
+    /// Bench validation per release and hardware class: the worst device's value of each
+    /// measure, and the devices by verdict.
+    validation_value: Family<ValidationLabels, Gauge<f64, AtomicU64>>,
+    validation_devices: Family<ValidationVerdictLabels, Gauge>,
     pub commands_sent: Counter,
     pub chunks_sent: Counter,
     /// Direct messages (update chunks) a session could not deliver: device gone, not
@@ -498,6 +520,18 @@ impl Metrics {
             "Device messages decoded and committed to storage, by channel",
             Uplink::ALL.map(|c| ChannelLabel { channel: c.name() }),
         );
+        let validation_value = Family::<ValidationLabels, Gauge<f64, AtomicU64>>::default();
+        r.register(
+            "validation_value",
+            "Bench validation of a release: the worst bench device's value of a measure in a hardware class",
+            validation_value.clone(),
+        );
+        let validation_devices = Family::<ValidationVerdictLabels, Gauge>::default();
+        r.register(
+            "validation_devices",
+            "Bench devices whose latest validation of a release passed, failed or ended in an error, per hardware class",
+            validation_devices.clone(),
+        );
         let alerts_unresolved = Family::<SeverityLabel, Gauge>::default();
         r.register(
             "alerts_unresolved",
@@ -574,6 +608,8 @@ impl Metrics {
             ),
             alerts_open: Gauge::default(),
             alerts_unresolved,
+            validation_value,
+            validation_devices,
             commands_sent: metric(r, "commands_sent", "Commands published to devices"),
             chunks_sent: metric(r, "update_chunks_sent", "Update chunks sent to devices"),
             direct_dropped: metric(
@@ -790,6 +826,40 @@ impl Metrics {
     /// check metrics` read by default.
     pub fn render_text(&self, storage_bytes: u64) -> String {
         openmetrics_to_text(&self.render(storage_bytes))
+    }
+
+    /// Sets a release's validation gauges from its summaries per class.
+    pub fn set_validation(
+        &self,
+        kind: &str,
+        name: &str,
+        version: &str,
+        classes: &std::collections::BTreeMap<String, crate::validation::ClassSummary>,
+    ) {
+        for (class, s) in classes {
+            for (measure, v) in &s.worst {
+                self.validation_value
+                    .get_or_create(&ValidationLabels {
+                        kind: kind.to_owned(),
+                        name: name.to_owned(),
+                        version: version.to_owned(),
+                        class: class.clone(),
+                        measure: measure.name().to_owned(),
+                    })
+                    .set(*v);
+            }
+            for (result, n) in [("pass", s.passed), ("fail", s.failed), ("error", s.errors)] {
+                self.validation_devices
+                    .get_or_create(&ValidationVerdictLabels {
+                        kind: kind.to_owned(),
+                        name: name.to_owned(),
+                        version: version.to_owned(),
+                        class: class.clone(),
+                        result,
+                    })
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
     }
 
     /// Sets the unresolved alerts per severity (counted from storage at each scrape).

@@ -282,6 +282,9 @@ pub enum TransferState {
     Cancelled {
         by: String,
     },
+    /// A validation transfer: the bench device ran the golden set from its spare slot and
+    /// reported what it measured (stored with the validation results).
+    Validated,
 }
 
 impl TransferState {
@@ -297,6 +300,7 @@ impl TransferState {
             TransferState::Failed { .. } => "failed",
             TransferState::TimedOut => "timed_out",
             TransferState::Cancelled { .. } => "cancelled",
+            TransferState::Validated => "validated",
         }
     }
 
@@ -309,6 +313,7 @@ impl TransferState {
                 | TransferState::Failed { .. }
                 | TransferState::TimedOut
                 | TransferState::Cancelled { .. }
+                | TransferState::Validated
         )
     }
 }

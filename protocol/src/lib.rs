@@ -28,6 +28,7 @@ pub mod rollback;
 pub mod sign;
 pub mod topic;
 pub mod update;
+pub mod validation;
 
 pub use codec::{DecodeError, Encoding, decode, encode};
 pub use id::{DeviceId, IdError};
@@ -37,3 +38,4 @@ pub use rollback::{RollbackDirective, RollbackError, RollbackFailure, SlotState,
 pub use sign::{Domain, Signed};
 pub use topic::{Channel, Downlink, Topic, TopicError, Uplink};
 pub use update::UpdateError;
+pub use validation::{GoldenCase, GoldenSet, Measure, Requirement, Requirements, ValidationResult};

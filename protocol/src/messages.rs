@@ -314,6 +314,10 @@ pub enum Action {
     /// image and says hello again), or `rejected` with the reason
     /// `"<RollbackError name>: <detail>"`.
     Rollback(Signed),
+    /// Validate a release on a bench device (see [`crate::validation`]): like an update offer,
+    /// answered with [`UpdateReport`]s, but the device runs the golden set from its spare slot
+    /// and reports [`UpdateState::Validated`] instead of activating it.
+    Validate(ValidateOffer),
 }
 
 /// Interior bin edges per feature (bin i holds x with `edges[i-1] <= x < edges[i]`).
@@ -331,6 +335,19 @@ pub struct DriftBins {
 pub struct UpdateOffer {
     pub transfer: u64,
     pub manifest: Signed,
+}
+
+/// A release to validate on a bench device: its signed manifest (checked as an update offer
+/// is), the transfer that carries the artifact, and the golden set to run `repeat` times (a
+/// device without a golden set runs `repeat` inferences on synthetic input and measures no
+/// accuracy).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidateOffer {
+    pub transfer: u64,
+    pub manifest: Signed,
+    pub golden: crate::validation::GoldenSet,
+    pub repeat: u32,
 }
 
 /// One piece of an artifact, with its Merkle proof (see [`crate::merkle`]).
@@ -375,6 +392,9 @@ pub enum UpdateState {
         reason: UpdateError,
         detail: String,
     },
+    /// A validation ran: the artifact is verified and in the spare slot, not active, and this
+    /// is what the golden set measured.
+    Validated(crate::validation::ValidationResult),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -616,6 +636,20 @@ impl Validate for Command {
                 }
                 Ok(())
             }
+            Action::Validate(v) => {
+                limits::count(
+                    "action.validate.manifest.signatures",
+                    v.manifest.signatures.len(),
+                    crate::sign::MAX_SIGNATURES,
+                )?;
+                if v.repeat == 0 || v.repeat > crate::validation::MAX_REPEAT {
+                    return Err(Invalid::new(
+                        "action.validate.repeat",
+                        "must be within 1..=1000",
+                    ));
+                }
+                v.golden.validate()
+            }
             Action::Ping | Action::Reboot | Action::SetTelemetryInterval { .. } => Ok(()),
         }
     }
@@ -637,6 +671,7 @@ impl Validate for UpdateReport {
             UpdateState::Installed { version, .. } => {
                 limits::version("state.installed.version", version)
             }
+            UpdateState::Validated(result) => result.validate(),
             _ => Ok(()),
         }
     }

@@ -23,6 +23,8 @@ pub enum Domain {
     Manifest,
     /// A rollback directive for one device.
     Rollback,
+    /// The requirements a release must meet on bench devices (`validation::Requirements`).
+    Requirements,
 }
 
 impl Domain {
@@ -30,6 +32,7 @@ impl Domain {
         match self {
             Domain::Manifest => b"fleetgate/manifest/v1",
             Domain::Rollback => b"fleetgate/rollback/v1",
+            Domain::Requirements => b"fleetgate/requirements/v1",
         }
     }
 }

@@ -34,6 +34,7 @@ pub mod listener;
 mod rollouts;
 pub mod schema;
 mod updates;
+pub mod validation;
 pub mod views;
 
 pub use error::ApiError;
@@ -86,6 +87,7 @@ type AppState = State<Arc<ApiState>>;
         (name = "updates", description = "Updates to given devices, without stages"),
         (name = "rollouts", description = "Staged rollouts with health gates and rollback"),
         (name = "drift", description = "Baselines and drift of model versions"),
+        (name = "validation", description = "Releases run on bench devices against their signed requirements"),
         (name = "access", description = "Operator tokens and the audit log"),
         (name = "ingest", description = "Ingest counters"),
         (name = "backup", description = "Backups"),
@@ -153,6 +155,9 @@ fn v1_routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(updates::transfers, updates::start))
         .routes(routes!(updates::transfer))
         .routes(routes!(updates::cancel))
+        .routes(routes!(validation::start))
+        .routes(routes!(validation::show))
+        .routes(routes!(validation::compare))
         .routes(routes!(access::list, access::create))
         .routes(routes!(access::revoke))
         .routes(routes!(access::audit))
@@ -961,6 +966,12 @@ async fn send_command(
             return Err(engine_action(
                 "rollback",
                 "POST /api/v1/rollouts/{id}/rollback",
+            ));
+        }
+        Action::Validate(_) => {
+            return Err(engine_action(
+                "validate",
+                "POST /api/v1/validations or a rollout's validate stage",
             ));
         }
         Action::DriftBins(_) => {

@@ -171,6 +171,79 @@ pub struct RolloutView {
     pub created: StampView,
     pub finished_at: Option<String>,
     pub audit_entries: u64,
+    /// Its validate stage, if it has one.
+    pub validation: Option<ValidateStageView>,
+}
+
+/// A rollout's validate stage: bench devices of each targeted class must pass before stage 1.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ValidateStageView {
+    /// waiting, passed or failed.
+    pub state: &'static str,
+    /// Passing bench devices each class needs.
+    pub min_devices: u32,
+    pub timeout: String,
+    pub started_at: String,
+    /// Why it failed.
+    pub reason: Option<String>,
+    /// Targeted hardware class -> its bench devices by verdict (latest result of each).
+    pub classes: BTreeMap<String, crate::rollouts::validate::ClassCounts>,
+}
+
+/// Adds the rollout's validate stage (from storage) to its view.
+async fn with_validation(
+    state: &Arc<ApiState>,
+    mut v: RolloutView,
+    r: (ArtifactKind, String, u64),
+) -> Result<RolloutView, ApiError> {
+    let id = v.id;
+    let (kind, name, release) = r;
+    let found = read(state, move |s| {
+        let Some(stage) = s.rollout_validation(id)? else {
+            return Ok(None);
+        };
+        Ok(Some((stage, s.validation_results(kind, &name, release)?)))
+    })
+    .await?;
+    v.validation = found.map(|(stage, results)| {
+        use crate::rollouts::validate::{ClassCounts, StageState};
+        use crate::validation::Verdict;
+        let mut classes: BTreeMap<String, ClassCounts> = stage
+            .classes
+            .iter()
+            .map(|c| (c.clone(), ClassCounts::default()))
+            .collect();
+        for r in &results {
+            if let Some(n) = classes.get_mut(&r.class) {
+                match r.verdict() {
+                    Verdict::Pass => n.passed += 1,
+                    Verdict::Fail => n.failed += 1,
+                    Verdict::Error => n.errors += 1,
+                }
+            }
+        }
+        ValidateStageView {
+            state: stage.state.name(),
+            min_devices: stage.min_devices,
+            timeout: humantime::format_duration(std::time::Duration::from_millis(stage.timeout_ms))
+                .to_string(),
+            started_at: rfc3339(stage.started_ms),
+            reason: match &stage.state {
+                StageState::Failed { reason, .. } => Some(reason.clone()),
+                _ => None,
+            },
+            classes,
+        }
+    });
+    Ok(v)
+}
+
+fn key_of(v: &RolloutView) -> (ArtifactKind, String, u64) {
+    (
+        ArtifactKind::from_name(v.kind).unwrap_or(ArtifactKind::Model),
+        v.name.clone(),
+        v.release,
+    )
 }
 
 fn owned(counts: &BTreeMap<&'static str, u64>) -> BTreeMap<String, u64> {
@@ -228,6 +301,7 @@ fn rollout_view(
         },
         finished_at: r.finished_ms.map(rfc3339),
         audit_entries: r.audit_len,
+        validation: None,
     }
 }
 
@@ -251,7 +325,9 @@ fn from_stored(r: &RolloutRecord, devices: &[RolloutDevice]) -> RolloutView {
 
 async fn one(state: &Arc<ApiState>, id: u64) -> Result<RolloutView, ApiError> {
     if let Some(v) = state.control.rollout_views(Some(id)).await?.first() {
-        return Ok(from_live(v));
+        let v = from_live(v);
+        let key = key_of(&v);
+        return with_validation(state, v, key).await;
     }
     let stored = read(state, move |s| {
         let r = s.rollout(id)?;
@@ -263,7 +339,11 @@ async fn one(state: &Arc<ApiState>, id: u64) -> Result<RolloutView, ApiError> {
     })
     .await?;
     match stored {
-        Some((r, devices)) => Ok(from_stored(&r, &devices)),
+        Some((r, devices)) => {
+            let v = from_stored(&r, &devices);
+            let key = key_of(&v);
+            with_validation(state, v, key).await
+        }
         None => Err(ApiError::NotFound(format!("rollout {id} not found"))),
     }
 }
@@ -283,6 +363,19 @@ pub struct CreateBody {
     /// Overrides of the configured `[rollouts.policy]`, with the same keys.
     #[schema(value_type = Option<Object>)]
     policy: Option<serde_json::Map<String, Value>>,
+    /// Start with a validate stage: the first production stage waits until every targeted
+    /// hardware class has passing results from bench devices.
+    validate: Option<ValidateBody>,
+}
+
+/// A validate stage's settings (unset: `[validation]`'s).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ValidateBody {
+    /// Passing bench devices each targeted class needs, 1..=1000.
+    min_devices: Option<u32>,
+    /// How long to wait for them, e.g. `30m`.
+    timeout: Option<String>,
 }
 
 /// A new rollout, and the devices of its target it left out.
@@ -339,6 +432,36 @@ pub async fn create(
         version: body.version,
         target,
         policy,
+        validate: match body.validate {
+            None => None,
+            Some(v) => {
+                if v.min_devices.is_some_and(|k| !(1..=1000).contains(&k)) {
+                    return Err(ApiError::BadRequest(
+                        "validate.min_devices must be within 1..=1000".to_owned(),
+                    ));
+                }
+                let timeout = match v.timeout.as_deref() {
+                    None => None,
+                    Some(t) => {
+                        let d = humantime::parse_duration(t).map_err(|e| {
+                            ApiError::BadRequest(format!("validate.timeout {t:?}: {e}"))
+                        })?;
+                        if d < std::time::Duration::from_secs(1)
+                            || d > std::time::Duration::from_secs(30 * 86_400)
+                        {
+                            return Err(ApiError::BadRequest(
+                                "validate.timeout must be within 1s..=30d".to_owned(),
+                            ));
+                        }
+                        Some(d)
+                    }
+                };
+                Some(crate::ingest::ValidateRequest {
+                    min_devices: v.min_devices,
+                    timeout,
+                })
+            }
+        },
     };
     let created = state.control.create_rollout(request, caller.name).await?;
     let id = created.record.id;
@@ -416,7 +539,8 @@ pub async fn list(
                 from_stored(&r, &devices)
             }
         };
-        out.push(view);
+        let key = key_of(&view);
+        out.push(with_validation(&state, view, key).await?);
     }
     Ok(Json(out))
 }

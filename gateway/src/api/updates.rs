@@ -44,13 +44,25 @@ async fn view(
     r: crate::model::ReleaseRecord,
 ) -> Result<ReleaseView, ApiError> {
     let (k, n, counter) = (r.kind, r.name.clone(), r.release);
-    let aliases = read(state, move |s| s.aliases(k, &n)).await?;
+    let (aliases, reqs, results) = read(state, move |s| {
+        Ok((
+            s.aliases(k, &n)?,
+            s.requirements(k, &n, counter)?,
+            s.validation_results(k, &n, counter)?,
+        ))
+    })
+    .await?;
     let names = aliases
         .into_iter()
         .filter(|(_, c)| *c == counter)
         .map(|(a, _)| a)
         .collect();
-    Ok(ReleaseView::new(r, names))
+    let mut v = ReleaseView::new(r, names);
+    v.requirements = reqs
+        .map(|r| super::validation::requirements_view(&r))
+        .unwrap_or_default();
+    v.validation = super::validation::classes_view(&results);
+    Ok(v)
 }
 
 /// `POST /registry/bundles`: the body is a bundle file from `fleetgate bundle sign`.

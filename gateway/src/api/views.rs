@@ -241,6 +241,10 @@ pub struct ReleaseView {
     pub lineage: BTreeMap<String, String>,
     pub tags: Vec<String>,
     pub artifacts: Vec<ArtifactView>,
+    /// The signed requirements of its artifacts (bench validation before production).
+    pub requirements: Vec<super::validation::RequirementsView>,
+    /// Bench results per hardware class.
+    pub validation: BTreeMap<String, super::validation::ClassView>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -269,6 +273,8 @@ impl ReleaseView {
             lineage: r.lineage,
             tags: r.tags,
             artifacts: r.artifacts.into_iter().map(ArtifactView::from).collect(),
+            requirements: Vec::new(),
+            validation: BTreeMap::new(),
         }
     }
 }

@@ -12,6 +12,8 @@ use super::out::{self, cell};
 use super::parse_label;
 use crate::registry::bundle::{BundleFile, SignatureStatus};
 use crate::registry::keys;
+use crate::registry::spec::{BundleSpec, golden_from_csv};
+use sha2::Digest;
 
 #[derive(Debug, Subcommand)]
 pub enum BundleCommand {
@@ -71,17 +73,21 @@ impl TrustArgs {
 
 #[derive(Debug, Args)]
 pub struct SignArgs {
-    /// The model or firmware image.
-    artifact: PathBuf,
+    /// The model or firmware image (or the spec's `artifact`).
+    artifact: Option<PathBuf>,
+    /// A bundle spec (TOML, as `fleetgate registry import-mlflow` writes): kind, name,
+    /// version, release, artifact, lineage and more; flags given here override its values.
+    #[arg(long)]
+    spec: Option<PathBuf>,
     #[arg(long, value_parser = ["model", "firmware"])]
-    kind: String,
+    kind: Option<String>,
     #[arg(long)]
-    name: String,
+    name: Option<String>,
     #[arg(long)]
-    version: semver::Version,
+    version: Option<semver::Version>,
     /// Monotonic release counter; devices install only a release greater than theirs.
     #[arg(long)]
-    release: u64,
+    release: Option<u64>,
     /// Device class it runs on; repeatable; none: any class.
     #[arg(long = "class")]
     classes: Vec<String>,
@@ -104,11 +110,25 @@ pub struct SignArgs {
     lineage: Vec<(String, String)>,
     #[arg(long = "tag")]
     tags: Vec<String>,
+    /// A requirement the release must meet on bench devices before a rollout's first
+    /// production stage, MEASURE<=LIMIT or MEASURE>=LIMIT (latency_p50_us, latency_p90_us,
+    /// latency_p95_us, latency_p99_us, latency_max_us, peak_ram_bytes,
+    /// energy_per_inference_uj, accuracy); repeatable. Signed with the manifest's keys.
+    #[arg(long = "require", value_parser = parse_requirement)]
+    require: Vec<fleetgate_protocol::Requirement>,
+    /// The golden set bench devices run: a CSV with a header, a column `expected` (the class
+    /// each row must get) and the model's inputs in the other columns.
+    #[arg(long)]
+    golden: Option<PathBuf>,
     /// Private key to sign with; repeatable for several signatures.
     #[arg(long = "key", required = true)]
     keys: Vec<PathBuf>,
     #[arg(long)]
     out: PathBuf,
+}
+
+fn parse_requirement(s: &str) -> Result<fleetgate_protocol::Requirement, String> {
+    fleetgate_protocol::Requirement::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_runtime(s: &str) -> Result<fleetgate_protocol::manifest::RuntimeReq, String> {
@@ -125,59 +145,7 @@ fn parse_runtime(s: &str) -> Result<fleetgate_protocol::manifest::RuntimeReq, St
 
 pub fn run(command: BundleCommand) -> anyhow::Result<()> {
     match command {
-        BundleCommand::Sign(a) => {
-            let artifact = std::fs::read(&a.artifact)
-                .with_context(|| format!("reading {}", a.artifact.display()))?;
-            let signing = a
-                .keys
-                .iter()
-                .map(|k| keys::read(k))
-                .collect::<Result<Vec<_>, _>>()?;
-            let now = crate::clock::now_ms();
-            let kind = fleetgate_protocol::ArtifactKind::from_name(&a.kind)
-                .context("kind is model or firmware")?;
-            let spec = ManifestSpec {
-                kind,
-                name: a.name,
-                version: a.version,
-                release: a.release,
-                compat: fleetgate_protocol::Compat {
-                    classes: a.classes,
-                    arch: a.arch,
-                    min_ram_bytes: a.min_ram,
-                    min_flash_bytes: a.min_flash,
-                    runtime: a.runtime,
-                },
-                chunk_size: a.chunk_size,
-                created_ms: now,
-                expires_ms: now + a.expires_in.as_millis() as u64,
-            };
-            let b = BundleFile::sign(
-                artifact,
-                spec,
-                &signing,
-                a.lineage.into_iter().collect(),
-                a.tags,
-            );
-            let manifest: fleetgate_protocol::Manifest = fleetgate_protocol::decode(
-                &b.manifest.body,
-                fleetgate_protocol::Encoding::Postcard,
-            )
-            .context("the manifest is not valid")?;
-            std::fs::write(&a.out, b.encode())
-                .with_context(|| format!("writing {}", a.out.display()))?;
-            out::line(format!(
-                "wrote {} ({} {} {}, release {}, {} bytes in {} chunks, {} signature(s))",
-                a.out.display(),
-                manifest.kind.name(),
-                manifest.name,
-                manifest.version,
-                manifest.release,
-                manifest.size,
-                manifest.chunk_count(),
-                b.manifest.signatures.len()
-            ))?;
-        }
+        BundleCommand::Sign(a) => sign(*a)?,
         BundleCommand::Cosign { bundle, key, trust } => cosign(&bundle, &key, &trust)?,
         BundleCommand::Inspect {
             bundle,
@@ -185,6 +153,157 @@ pub fn run(command: BundleCommand) -> anyhow::Result<()> {
             json,
         } => inspect(&bundle, &trust, json)?,
     }
+    Ok(())
+}
+
+/// `bundle sign`: the spec's values, overridden by the flags given.
+fn sign(a: SignArgs) -> anyhow::Result<()> {
+    let spec = match &a.spec {
+        Some(p) => Some((p.clone(), BundleSpec::load(p)?)),
+        None => None,
+    };
+    let from_spec =
+        |f: &dyn Fn(&BundleSpec) -> Option<String>| spec.as_ref().and_then(|(_, s)| f(s));
+    let missing = |what: &str| anyhow::anyhow!("give --{what} (or a --spec that has it)");
+    let artifact_path = match (&a.artifact, &spec) {
+        (Some(p), _) => p.clone(),
+        (None, Some((path, s))) => BundleSpec::resolve(path, &s.artifact),
+        (None, None) => anyhow::bail!("give the artifact file (or a --spec that names it)"),
+    };
+    let kind_name = a
+        .kind
+        .clone()
+        .or_else(|| from_spec(&|s| Some(s.kind.clone())))
+        .ok_or_else(|| missing("kind"))?;
+    let kind = fleetgate_protocol::ArtifactKind::from_name(&kind_name)
+        .with_context(|| format!("kind {kind_name:?} is not model or firmware"))?;
+    let name = a
+        .name
+        .clone()
+        .or_else(|| from_spec(&|s| Some(s.name.clone())))
+        .ok_or_else(|| missing("name"))?;
+    let version = match &a.version {
+        Some(v) => v.clone(),
+        None => {
+            let text = from_spec(&|s| Some(s.version.clone())).ok_or_else(|| missing("version"))?;
+            semver::Version::parse(&text)
+                .with_context(|| format!("the spec's version {text:?} is not a semantic version"))?
+        }
+    };
+    let release = a
+        .release
+        .or_else(|| spec.as_ref().and_then(|(_, s)| s.release))
+        .ok_or_else(|| missing("release"))?;
+    let runtime = match (&a.runtime, from_spec(&|s| s.runtime.clone())) {
+        (Some(r), _) => Some(r.clone()),
+        (None, Some(text)) => Some(parse_runtime(&text).map_err(anyhow::Error::msg)?),
+        (None, None) => None,
+    };
+    let mut classes = a.classes.clone();
+    let mut lineage: std::collections::BTreeMap<String, String> = Default::default();
+    let mut tags = Vec::new();
+    let mut require = Vec::new();
+    let mut golden_path = a.golden.clone();
+    let mut arch = a.arch.clone();
+    if let Some((path, s)) = &spec {
+        if classes.is_empty() {
+            classes = s.classes.clone();
+        }
+        arch = arch.or_else(|| s.arch.clone());
+        lineage = s.lineage.clone();
+        tags = s.tags.clone();
+        for r in &s.requirements {
+            require.push(
+                parse_requirement(r)
+                    .map_err(|e| anyhow::anyhow!("the spec's requirement {r:?}: {e}"))?,
+            );
+        }
+        if golden_path.is_none() {
+            golden_path = s.golden.as_ref().map(|g| BundleSpec::resolve(path, g));
+        }
+    }
+    lineage.extend(a.lineage.iter().cloned());
+    for t in &a.tags {
+        if !tags.contains(t) {
+            tags.push(t.clone());
+        }
+    }
+    if !a.require.is_empty() {
+        require = a.require.clone();
+    }
+    let artifact = std::fs::read(&artifact_path)
+        .with_context(|| format!("reading {}", artifact_path.display()))?;
+    if let Some(want) = spec.as_ref().and_then(|(_, s)| s.artifact_sha256.clone()) {
+        let got = keys::hex(&<[u8; 32]>::from(sha2::Sha256::digest(&artifact)));
+        if !got.eq_ignore_ascii_case(&want) {
+            anyhow::bail!(
+                "{}: its SHA-256 is {got}, the spec says {want}: it changed since the spec was written",
+                artifact_path.display()
+            );
+        }
+    }
+    let golden = match &golden_path {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            Some(golden_from_csv(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?)
+        }
+        None => None,
+    };
+    if golden.is_some() && require.is_empty() {
+        anyhow::bail!("a golden set goes with requirements: give at least one --require");
+    }
+    let signing = a
+        .keys
+        .iter()
+        .map(|k| keys::read(k))
+        .collect::<Result<Vec<_>, _>>()?;
+    let now = crate::clock::now_ms();
+    let spec = ManifestSpec {
+        kind,
+        name,
+        version,
+        release,
+        compat: fleetgate_protocol::Compat {
+            classes,
+            arch,
+            min_ram_bytes: a.min_ram,
+            min_flash_bytes: a.min_flash,
+            runtime,
+        },
+        chunk_size: a.chunk_size,
+        created_ms: now,
+        expires_ms: now + a.expires_in.as_millis() as u64,
+    };
+    let mut b = BundleFile::sign(artifact, spec, &signing, lineage, tags);
+    let manifest: fleetgate_protocol::Manifest =
+        fleetgate_protocol::decode(&b.manifest.body, fleetgate_protocol::Encoding::Postcard)
+            .context("the manifest is not valid")?;
+    if !require.is_empty() {
+        b.require(require, golden.as_ref(), &signing)?;
+    }
+    std::fs::write(&a.out, b.encode()).with_context(|| format!("writing {}", a.out.display()))?;
+    let extra = match b.requirements_unchecked()? {
+        Some(c) => format!(
+            ", {} requirement(s){}",
+            c.requirements.rules.len(),
+            c.golden
+                .map(|g| format!(" and a golden set of {} cases", g.cases.len()))
+                .unwrap_or_default()
+        ),
+        None => String::new(),
+    };
+    out::line(format!(
+        "wrote {} ({} {} {}, release {}, {} bytes in {} chunks, {} signature(s){extra})",
+        a.out.display(),
+        manifest.kind.name(),
+        manifest.name,
+        manifest.version,
+        manifest.release,
+        manifest.size,
+        manifest.chunk_count(),
+        b.manifest.signatures.len()
+    ))?;
     Ok(())
 }
 
@@ -223,8 +342,20 @@ fn cosign(bundle: &Path, key: &Path, trust: &TrustArgs) -> anyhow::Result<()> {
             ),
         }
     }
+    if b.validation.is_some() {
+        // Requirements are vouched for with the manifest: every signature on them checked too.
+        let all = b
+            .validation
+            .as_ref()
+            .map_or(1, |v| v.requirements.signatures.len());
+        b.check_requirements(&trusted, all).context(name.clone())?;
+    }
     b.manifest
         .add_signature(fleetgate_protocol::Domain::Manifest, &signing);
+    if let Some(v) = b.validation.as_mut() {
+        v.requirements
+            .add_signature(fleetgate_protocol::Domain::Requirements, &signing);
+    }
     if b.manifest.signatures.len() > fleetgate_protocol::sign::MAX_SIGNATURES {
         anyhow::bail!(
             "{name}: a manifest carries at most {} signatures",
@@ -284,6 +415,27 @@ fn inspect(bundle: &Path, trust: &TrustArgs, json: bool) -> anyhow::Result<()> {
             ));
         }
     }
+    let requirements = match &b.validation {
+        None => serde_json::Value::Null,
+        Some(_) => {
+            let checked = if trusted.is_empty() {
+                b.requirements_unchecked()
+            } else {
+                b.check_requirements(&trusted, threshold.unwrap_or(1))
+            };
+            match checked {
+                Ok(Some(c)) => json!({
+                    "rules": c.requirements.rules.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "golden_cases": c.golden.map_or(0, |g| g.cases.len()),
+                }),
+                Ok(None) => serde_json::Value::Null,
+                Err(e) => {
+                    problems.push(e.to_string());
+                    json!({ "problem": e.to_string() })
+                }
+            }
+        }
+    };
     let view = json!({
         "kind": m.kind.name(), "name": m.name, "version": m.version.to_string(), "release": m.release,
         "compat": m.compat, "size": m.size, "sha256": keys::hex(&m.sha256), "chunk_size": m.chunk_size,
@@ -294,6 +446,7 @@ fn inspect(bundle: &Path, trust: &TrustArgs, json: bool) -> anyhow::Result<()> {
         "signatures": signatures.iter().map(|(id, s)| json!({ "key_id": keys::hex(id), "status": s.name() })).collect::<Vec<_>>(),
         "valid_signatures": valid,
         "lineage": b.lineage, "tags": b.tags,
+        "requirements": requirements,
         "problems": problems,
     });
     if json {
@@ -338,6 +491,7 @@ fn inspect(bundle: &Path, trust: &TrustArgs, json: bool) -> anyhow::Result<()> {
             ("signatures", sigs.join(", ")),
             ("lineage", cell(&view["lineage"])),
             ("tags", cell(&view["tags"])),
+            ("requirements", cell(&view["requirements"])),
         ])?;
     }
     if trusted.is_empty() && !b.manifest.signatures.is_empty() {

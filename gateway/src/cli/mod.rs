@@ -25,6 +25,7 @@ pub mod rollout;
 pub mod serve;
 pub mod tokens;
 pub mod updates;
+pub mod validate;
 
 pub use client::{ApiClient, ClientError};
 
@@ -87,6 +88,14 @@ pub enum Command {
         api: ApiArgs,
         #[command(subcommand)]
         command: rollout::RolloutCommand,
+    },
+    /// Validate releases on bench devices against their signed requirements; show and
+    /// compare the results on a running gateway.
+    Validate {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: validate::ValidateCommand,
     },
     /// Start, follow and cancel updates on a running gateway.
     Updates {

@@ -34,6 +34,14 @@ pub enum RolloutCommand {
         /// A TOML file of [rollouts.policy] settings to override (keys at its top level).
         #[arg(long)]
         policy: Option<PathBuf>,
+        /// Start with a validate stage: stage 1 waits until every targeted hardware class has
+        /// passing results from K bench devices (default: the gateway's
+        /// validation.min_devices); a failing requirement ends the rollout.
+        #[arg(long, value_name = "K", num_args = 0..=1, default_missing_value = "0")]
+        validate: Option<u32>,
+        /// How long the validate stage waits, e.g. 30m (default: validation.timeout).
+        #[arg(long, requires = "validate")]
+        validate_timeout: Option<String>,
     },
     /// List rollouts, newest first.
     List {
@@ -110,6 +118,8 @@ pub fn run(c: &ApiClient, out: Out, command: RolloutCommand) -> anyhow::Result<(
             stages,
             bake,
             policy,
+            validate,
+            validate_timeout,
         } => {
             let mut overrides = serde_json::Map::new();
             if let Some(file) = policy {
@@ -148,6 +158,16 @@ pub fn run(c: &ApiClient, out: Out, command: RolloutCommand) -> anyhow::Result<(
             }
             if !overrides.is_empty() {
                 body["policy"] = Value::Object(overrides);
+            }
+            if let Some(k) = validate {
+                let mut v = json!({});
+                if k > 0 {
+                    v["min_devices"] = json!(k);
+                }
+                if let Some(t) = &validate_timeout {
+                    v["timeout"] = json!(t);
+                }
+                body["validate"] = v;
             }
             let created = c.post("/rollouts", &body)?;
             if out.json {
@@ -287,6 +307,32 @@ fn show(r: &Value) -> anyhow::Result<()> {
         fields.push((
             "reason",
             format!("{} (by {})", cell(&r["reason"]), cell(&r["by"])),
+        ));
+    }
+    let v = &r["validation"];
+    if !v.is_null() {
+        let classes: Vec<String> = v["classes"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(c, n)| {
+                format!(
+                    "{c}: {} passed, {} failed, {} errors",
+                    cell(&n["passed"]),
+                    cell(&n["failed"]),
+                    cell(&n["errors"])
+                )
+            })
+            .collect();
+        fields.push((
+            "validation",
+            format!(
+                "{} ({} bench device(s) per class within {}): {}",
+                cell(&v["state"]),
+                cell(&v["min_devices"]),
+                cell(&v["timeout"]),
+                classes.join("; ")
+            ),
         ));
     }
     fields.extend([

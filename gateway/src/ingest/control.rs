@@ -78,6 +78,11 @@ pub enum Control {
         by: String,
         reply: Reply<crate::model::TransferRecord>,
     },
+    Validate {
+        request: super::ValidationRequest,
+        by: String,
+        reply: Reply<super::ValidationPlan>,
+    },
     CreateRollout {
         request: Box<RolloutRequest>,
         by: String,
@@ -194,6 +199,15 @@ impl ControlTx {
         by: String,
     ) -> Result<crate::model::TransferRecord, ControlError> {
         self.ask(|reply| Control::CancelUpdate { id, by, reply })
+            .await
+    }
+
+    pub async fn validate(
+        &self,
+        request: super::ValidationRequest,
+        by: String,
+    ) -> Result<super::ValidationPlan, ControlError> {
+        self.ask(|reply| Control::Validate { request, by, reply })
             .await
     }
 
@@ -339,6 +353,10 @@ impl Writer {
             }
             Control::CancelUpdate { id, by, reply } => {
                 let result = self.cancel_update(t, id, &by, now, fx)?;
+                fx.reply(reply, result);
+            }
+            Control::Validate { request, by, reply } => {
+                let result = self.start_validation(t, request, &by, now, fx)?;
                 fx.reply(reply, result);
             }
             Control::CreateRollout { request, by, reply } => {

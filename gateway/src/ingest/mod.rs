@@ -43,11 +43,13 @@ mod rollouts;
 mod rows;
 mod transfers;
 mod uplink;
+mod validation;
 
 pub use control::{AlertAction, Control, ControlError, ControlTx};
 pub use drift::{DriftAnswer, DriftQuery, DriftStream};
-pub use rollouts::{RolloutCreated, RolloutRequest};
+pub use rollouts::{RolloutCreated, RolloutRequest, ValidateRequest};
 pub use transfers::{UpdatePlan, UpdateRequest};
+pub use validation::{ValidationPlan, ValidationRequest};
 
 pub use crate::bus::{PresenceEvent, UplinkMsg, WriterMsg, WriterTx};
 
@@ -162,6 +164,9 @@ pub struct Writer {
     rows: rows::Rows,
     /// The storage quota (`storage.max_bytes`).
     quota: storage::quota::Quota,
+    /// Bench devices and validation runs (`validation`).
+    validation_settings: fleetgate_config::Validation,
+    validation_runs: validation::Runs,
 }
 
 impl std::fmt::Debug for Writer {
@@ -250,6 +255,8 @@ impl Writer {
             rollback_key: None,
             rows: rows::Rows::default(),
             quota: storage::quota::Quota::new(config.storage.max_bytes, 0),
+            validation_settings: config.validation.clone(),
+            validation_runs: validation::Runs::new(),
         };
         writer.reload()?;
         Ok(writer)
@@ -316,6 +323,7 @@ impl Writer {
             };
             let _ = self.updates.on_event(event, now);
         }
+        self.validation_restore()?;
         // Drift streams continue from their saved state (or their last stored windows).
         self.drift_restore()?;
         Ok(())

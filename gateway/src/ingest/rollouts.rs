@@ -32,6 +32,15 @@ pub struct RolloutRequest {
     pub target: Target,
     /// The configured policy with the request's overrides.
     pub policy: RolloutPolicy,
+    /// A validate stage before the first production stage.
+    pub validate: Option<ValidateRequest>,
+}
+
+/// A rollout's validate stage as asked (unset values from `[validation]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ValidateRequest {
+    pub min_devices: Option<u32>,
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// A new rollout and the devices of its target it leaves out, with why.
@@ -61,11 +70,19 @@ impl Writer {
         }
         let mut candidates = Vec::new();
         let mut skipped = Vec::new();
+        let mut classes = std::collections::BTreeSet::new();
         let mut ids: Vec<&String> = self.devices.keys().collect();
         ids.sort();
         for id in ids {
             let s = &self.devices[id];
             if s.device.revoked() || !req.target.matches(id, &s.device.labels) {
+                continue;
+            }
+            if self.validation_settings.is_bench(&s.device.labels) {
+                skipped.push((
+                    id.clone(),
+                    "bench device: it validates releases, never in a production rollout".to_owned(),
+                ));
                 continue;
             }
             let Some(hello) = &s.device.hello else {
@@ -76,11 +93,14 @@ impl Writer {
                 continue;
             };
             match self.fit(id, &release, req.kind, now, false) {
-                Ok(_) | Err(Unfit::Busy(_)) => candidates.push(Candidate {
-                    device: id.clone(),
-                    stratum: stratum(&s.device, hello, &req.policy.stratify),
-                    running: running(hello, req.kind, &req.name),
-                }),
+                Ok(_) | Err(Unfit::Busy(_)) => {
+                    classes.insert(hello.hardware.class.clone());
+                    candidates.push(Candidate {
+                        device: id.clone(),
+                        stratum: stratum(&s.device, hello, &req.policy.stratify),
+                        running: running(hello, req.kind, &req.name),
+                    })
+                }
                 Err(why) => skipped.push((id.clone(), why.to_string())),
             }
         }
@@ -107,7 +127,32 @@ impl Writer {
             finished_ms: None,
             audit_len: 0,
         };
-        let (actions, busy) = match self.rollouts.create(record, candidates, now) {
+        let validate = match req.validate {
+            Some(v) if self.validation_settings.bench_labels.is_empty() => {
+                let _ = v;
+                return Ok(Err(ControlError::BadRequest(
+                    "a validate stage needs bench devices: none are configured (validation.bench_labels)"
+                        .to_owned(),
+                )));
+            }
+            Some(v) => Some(rollouts::validate::ValidateStage {
+                min_devices: v
+                    .min_devices
+                    .unwrap_or(self.validation_settings.min_devices),
+                timeout_ms: v
+                    .timeout
+                    .unwrap_or(self.validation_settings.timeout)
+                    .as_millis() as u64,
+                classes: classes.into_iter().collect(),
+                started_ms: now,
+                state: rollouts::validate::StageState::Waiting,
+            }),
+            None => None,
+        };
+        let (actions, busy) = match self
+            .rollouts
+            .create_validated(record, candidates, validate, now)
+        {
             Ok(done) => done,
             Err(rollouts::Refused::NoDevices(more)) => {
                 skipped.extend(more);
@@ -119,6 +164,22 @@ impl Writer {
         self.next_rollout_id += 1;
         t.set_meta(schema::META_NEXT_ROLLOUT_ID, self.next_rollout_id)?;
         self.rollout_actions(t, actions, now, fx)?;
+        // Results already stored (from `validate run`) count; the rest are started.
+        if let Some(r) = self.rollouts.record(id).cloned() {
+            for v in self.store.validation_results(r.kind, &r.name, r.release)? {
+                let actions = self.rollouts.validation_result(
+                    r.kind,
+                    &r.name,
+                    r.release,
+                    &v.class,
+                    &v.device,
+                    super::validation::bench_result(&v),
+                    now,
+                );
+                self.rollout_actions(t, actions, now, fx)?;
+            }
+        }
+        self.validation_wanted(t, None, now, fx)?;
         Ok(match self.rollouts.record(id).cloned() {
             Some(record) => Ok(RolloutCreated { record, skipped }),
             None => Err(ControlError::Storage(format!("rollout {id} was not kept"))),
@@ -182,7 +243,8 @@ impl Writer {
             return Ok(());
         };
         let mut join = Vec::new();
-        if self.rollouts.rollout_of(device).is_none() {
+        let bench = self.validation_settings.is_bench(&s.device.labels);
+        if self.rollouts.rollout_of(device).is_none() && !bench {
             let active: Vec<RolloutRecord> = self.rollouts.active().cloned().collect();
             for r in active {
                 if !r.target.matches(device, &s.device.labels) {
@@ -212,7 +274,11 @@ impl Writer {
         let actions =
             self.rollouts
                 .hello(device, |kind, name| running(&hello, kind, name), join, now);
-        self.rollout_actions(t, actions, now, fx)
+        self.rollout_actions(t, actions, now, fx)?;
+        if bench {
+            self.validation_wanted(t, Some(device), now, fx)?;
+        }
+        Ok(())
     }
 
     pub(super) fn rollouts_offline(
@@ -340,6 +406,7 @@ impl Writer {
         }
         let actions = self.rollouts.tick(now);
         self.rollout_actions(t, actions, now, fx)?;
+        self.validation_wanted(t, None, now, fx)?;
         let active = self
             .rollouts
             .active()
@@ -362,6 +429,9 @@ impl Writer {
             match action {
                 rollouts::Action::Save(r) => t.put_rollout(&r)?,
                 rollouts::Action::SaveDevice(id, d) => t.put_rollout_device(id, &d)?,
+                rollouts::Action::SaveValidation(id, stage) => {
+                    t.put_rollout_validation(id, &stage)?
+                }
                 rollouts::Action::Audit(id, n, e) => {
                     tracing::info!(rollout = id, event = %e.event, by = %e.by, message = %e.message, "rollout");
                     t.put_audit(id, n, &e)?

@@ -509,6 +509,7 @@ impl Sim {
             version: "2.0.0".into(),
             target: Target::All,
             policy: self.config.rollouts.policy.clone(),
+            validate: None,
         };
         match self.control(|reply| Control::CreateRollout {
             request: Box::new(request),

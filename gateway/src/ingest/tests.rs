@@ -939,6 +939,7 @@ fn a_rollout_matching_no_device_is_refused_and_blocks_nothing() {
         version: "2.0.0".into(),
         target,
         policy: Config::default().rollouts.policy,
+        validate: None,
     };
     let typo = crate::rollouts::model::Target::Labels(BTreeMap::from([(
         "site".to_owned(),

@@ -271,6 +271,9 @@ impl Writer {
         fx: &mut Effects,
     ) -> storage::Result<Handled> {
         tracing::debug!(device, transfer = report.transfer, state = ?report.state, "update report");
+        if let Some(handled) = self.validation_report(t, device, &report, now, fx)? {
+            return Ok(handled);
+        }
         let event = Event::Report {
             device: device.to_owned(),
             report,
@@ -316,6 +319,7 @@ impl Writer {
                     t.put_transfer(&record)?;
                     if record.state.is_final() {
                         let now = record.updated_ms;
+                        self.validation_transfer_finished(t, &record, fx)?;
                         self.rollouts_transfer_finished(t, &record, now, fx)?;
                     }
                 }
@@ -333,6 +337,11 @@ impl Writer {
                         .devices
                         .get(&record.device)
                         .map_or(Encoding::Postcard, |s| s.device.encoding);
+                    if let Some(action) = self.validate_offer(&record, &prepared.signed) {
+                        tracing::debug!(transfer = id, device = %record.device, offer = record.offers, "validation offered");
+                        self.push_validate(record.device, encoding, action, fx);
+                        continue;
+                    }
                     let command = Command {
                         id: self.next_command_id,
                         action: Action::Update(UpdateOffer {

@@ -3,20 +3,27 @@
 //! signed: devices only ever see the signed manifest and the artifact.
 //!
 //! Layout: the 8 bytes `FGBUNDLE`, a format byte (1), then the postcard encoding of
-//! [`BundleFile`]. It is a file format between the CLI and the gateway, not a device message.
-//! docs/bundle-format.md describes it byte by byte, with a test vector that `tests.rs` checks.
+//! [`BundleFile`]. A bundle carrying signed requirements (and a golden set) is format 2: the
+//! same, followed by a [`BundleValidation`]; one without is still written as format 1, byte for
+//! byte what older gateways read. It is a file format between the CLI and the gateway, not a
+//! device message. docs/bundle-format.md describes it byte by byte, with a test vector that
+//! `tests.rs` checks.
 
 use std::collections::BTreeMap;
 
 use ed25519_dalek::SigningKey;
+use fleetgate_protocol::limits::Validate;
 use fleetgate_protocol::manifest::{ManifestSpec, chunk_leaves};
 use fleetgate_protocol::sign::{KeyId, key_id};
+use fleetgate_protocol::validation::{GoldenSet, MAX_GOLDEN_BYTES, Requirement, Requirements};
 use fleetgate_protocol::{Domain, Encoding, Manifest, Signed, decode, encode, merkle};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub const MAGIC: &[u8; 8] = b"FGBUNDLE";
 pub const FORMAT: u8 = 1;
+/// Format 1 followed by a [`BundleValidation`].
+pub const FORMAT_VALIDATION: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BundleFile {
@@ -25,6 +32,27 @@ pub struct BundleFile {
     pub artifact: Vec<u8>,
     pub lineage: BTreeMap<String, String>,
     pub tags: Vec<String>,
+    /// Format 2's section (encoded after the fields above, not as one of them).
+    #[serde(skip)]
+    pub validation: Option<BundleValidation>,
+}
+
+/// What a release must measure on bench devices: the signed requirements and the golden set
+/// they name by hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BundleValidation {
+    /// A [`Domain::Requirements`] document whose body is the encoded [`Requirements`].
+    pub requirements: Signed,
+    /// The encoded [`GoldenSet`] (format byte, then postcard), or empty for none.
+    #[serde(with = "serde_bytes_vec")]
+    pub golden: Vec<u8>,
+}
+
+/// The checked contents of a bundle's validation section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    pub requirements: Requirements,
+    pub golden: Option<GoldenSet>,
 }
 
 /// Bytes as a postcard byte string rather than a sequence of u8 (one length, then the bytes).
@@ -57,7 +85,7 @@ mod serde_bytes_vec {
 pub enum BundleError {
     #[error("not a fleetgate bundle (no FGBUNDLE header)")]
     NotABundle,
-    #[error("bundle format {0} is not supported (this gateway reads format {FORMAT})")]
+    #[error("bundle format {0} is not supported (this gateway reads formats 1 and 2)")]
     Format(u8),
     #[error("bundle does not decode: {0}")]
     Decode(String),
@@ -65,6 +93,8 @@ pub enum BundleError {
     Manifest(String),
     #[error("the artifact does not match the manifest: {0}")]
     Artifact(String),
+    #[error("the requirements are not valid: {0}")]
+    Requirements(String),
 }
 
 /// What one signature of a bundle's manifest is worth, given the keys the checker trusts.
@@ -105,7 +135,99 @@ impl BundleFile {
             artifact,
             lineage,
             tags,
+            validation: None,
         }
+    }
+
+    /// Adds requirements (and a golden set) signed by every key, bound to this bundle's
+    /// manifest.
+    pub fn require(
+        &mut self,
+        rules: Vec<Requirement>,
+        golden: Option<&GoldenSet>,
+        keys: &[SigningKey],
+    ) -> Result<(), BundleError> {
+        let golden = match golden {
+            Some(g) => {
+                g.validate()
+                    .map_err(|e| BundleError::Requirements(format!("golden set: {e}")))?;
+                let bytes = encode(g, Encoding::Postcard)
+                    .map_err(|e| BundleError::Requirements(e.to_string()))?;
+                if bytes.len() > MAX_GOLDEN_BYTES {
+                    return Err(BundleError::Requirements(format!(
+                        "the golden set is {} bytes encoded, at most {MAX_GOLDEN_BYTES}",
+                        bytes.len()
+                    )));
+                }
+                bytes
+            }
+            None => Vec::new(),
+        };
+        let doc = Requirements {
+            manifest_sha256: Sha256::digest(&self.manifest.body).into(),
+            golden_sha256: golden_digest(&golden),
+            rules,
+        };
+        doc.validate()
+            .map_err(|e| BundleError::Requirements(e.to_string()))?;
+        let body = encode(&doc, Encoding::Postcard)
+            .map_err(|e| BundleError::Requirements(e.to_string()))?;
+        self.validation = Some(BundleValidation {
+            requirements: Signed::sign(Domain::Requirements, body, keys),
+            golden,
+        });
+        Ok(())
+    }
+
+    /// Checks the validation section against `trusted` keys (as the manifest's signatures are
+    /// checked): signed by at least `threshold` of them, bound to this manifest, the golden set
+    /// the one named. `None` for a bundle without one.
+    pub fn check_requirements(
+        &self,
+        trusted: &[[u8; 32]],
+        threshold: usize,
+    ) -> Result<Option<Checked>, BundleError> {
+        let Some(v) = &self.validation else {
+            return Ok(None);
+        };
+        // Signatures first: nothing of an unsigned document is decoded.
+        v.requirements
+            .verify(Domain::Requirements, trusted, threshold)
+            .map_err(|e| BundleError::Requirements(format!("signatures: {e}")))?;
+        self.requirements_unchecked()
+    }
+
+    /// The validation section decoded and bound to the manifest, signatures not checked.
+    pub fn requirements_unchecked(&self) -> Result<Option<Checked>, BundleError> {
+        let Some(v) = &self.validation else {
+            return Ok(None);
+        };
+        let doc: Requirements = decode(&v.requirements.body, Encoding::Postcard)
+            .map_err(|e| BundleError::Requirements(e.to_string()))?;
+        let manifest: [u8; 32] = Sha256::digest(&self.manifest.body).into();
+        if doc.manifest_sha256 != manifest {
+            return Err(BundleError::Requirements(
+                "they were signed for another manifest".to_owned(),
+            ));
+        }
+        if doc.golden_sha256 != golden_digest(&v.golden) {
+            return Err(BundleError::Requirements(
+                "the golden set is not the one they name".to_owned(),
+            ));
+        }
+        let golden = if v.golden.is_empty() {
+            None
+        } else {
+            let g: GoldenSet = decode(&v.golden, Encoding::Postcard)
+                .map_err(|e| BundleError::Requirements(format!("golden set: {e}")))?;
+            g.validate()
+                .map_err(|e| BundleError::Requirements(format!("golden set: {e}")))?;
+            Some(g)
+        };
+        Ok(Some(Checked {
+            requirements: doc,
+            golden,
+        }))
     }
 
     /// The manifest, decoded and validated (signatures are not checked here).
@@ -164,9 +286,15 @@ impl BundleFile {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.artifact.len() + 1024);
         out.extend_from_slice(MAGIC);
-        out.push(FORMAT);
-        // Our own plain struct into a Vec: cannot fail.
+        out.push(match self.validation {
+            None => FORMAT,
+            Some(_) => FORMAT_VALIDATION,
+        });
+        // Our own plain structs into a Vec: cannot fail.
         postcard::to_io(self, &mut out).expect("postcard encoding of a bundle");
+        if let Some(v) = &self.validation {
+            postcard::to_io(v, &mut out).expect("postcard encoding of a bundle");
+        }
         out
     }
 
@@ -175,11 +303,17 @@ impl BundleFile {
             .strip_prefix(MAGIC.as_slice())
             .ok_or(BundleError::NotABundle)?;
         let (&format, body) = rest.split_first().ok_or(BundleError::NotABundle)?;
-        if format != FORMAT {
+        if format != FORMAT && format != FORMAT_VALIDATION {
             return Err(BundleError::Format(format));
         }
-        let (bundle, tail) =
+        let (mut bundle, mut tail): (BundleFile, &[u8]) =
             postcard::take_from_bytes(body).map_err(|e| BundleError::Decode(e.to_string()))?;
+        if format == FORMAT_VALIDATION {
+            let (v, rest) = postcard::take_from_bytes(tail)
+                .map_err(|e| BundleError::Decode(format!("validation section: {e}")))?;
+            bundle.validation = Some(v);
+            tail = rest;
+        }
         if !tail.is_empty() {
             return Err(BundleError::Decode(format!(
                 "{} trailing bytes",
@@ -187,6 +321,15 @@ impl BundleFile {
             )));
         }
         Ok(bundle)
+    }
+}
+
+/// The SHA-256 of an encoded golden set; all zeros for none.
+fn golden_digest(golden: &[u8]) -> [u8; 32] {
+    if golden.is_empty() {
+        [0; 32]
+    } else {
+        Sha256::digest(golden).into()
     }
 }
 

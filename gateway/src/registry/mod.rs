@@ -20,6 +20,8 @@ use crate::storage::{StorageError, Store};
 
 pub mod bundle;
 pub mod keys;
+pub mod mlflow;
+pub mod spec;
 
 use bundle::{BundleError, BundleFile};
 
@@ -221,6 +223,8 @@ impl Registry {
         if merkle::root(&chunk_leaves(data, manifest.chunk_size)) != manifest.merkle_root {
             return Err(RegisterError::Merkle);
         }
+        // Requirements are held to the same keys and threshold as the manifest.
+        let checked = bundle.check_requirements(&self.trusted_keys, self.threshold)?;
         // The artifact goes to disk first, so a release record never names a missing file; a
         // refused bundle takes its file away again unless a registered release uses it.
         self.artifacts.put(&manifest.sha256, data)?;
@@ -288,6 +292,25 @@ impl Registry {
                 },
             };
             t.put_release(&release)?;
+            if let (Some(c), Some(v)) = (&checked, &bundle.validation) {
+                let mut reqs = t
+                    .requirements(release.kind, &release.name, release.release)?
+                    .unwrap_or_default();
+                reqs.artifacts.retain(|a| a.sha256 != manifest.sha256);
+                reqs.artifacts
+                    .push(crate::validation::ArtifactRequirements {
+                        sha256: manifest.sha256,
+                        classes: manifest.compat.classes.clone(),
+                        requirements: c.requirements.clone(),
+                        signed: v.requirements.clone(),
+                        golden: c.golden.clone(),
+                        registered: Stamp {
+                            at_ms: now_ms,
+                            by: by.to_owned(),
+                        },
+                    });
+                t.put_requirements(release.kind, &release.name, release.release, &reqs)?;
+            }
             Ok(Ok(Registered {
                 release,
                 created: true,

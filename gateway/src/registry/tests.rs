@@ -177,6 +177,7 @@ fn every_bad_bundle_is_refused_with_its_reason() {
         artifact: artifact(1),
         lineage: BTreeMap::new(),
         tags: vec![],
+        validation: None,
     };
     assert_eq!(
         reason(&wrong_root.encode()),

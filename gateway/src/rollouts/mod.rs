@@ -35,6 +35,7 @@ pub mod plan;
 mod presence;
 mod progress;
 mod stop;
+pub mod validate;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -82,6 +83,8 @@ pub enum Action {
         transfer: u64,
         by: String,
     },
+    /// Save a rollout's validate stage (`validate`).
+    SaveValidation(u64, Box<validate::ValidateStage>),
     /// Sign and send a rollback directive; answer with [`Engine::rollback_sent`].
     SendRollback {
         rollout: u64,
@@ -155,6 +158,8 @@ struct Live {
     /// waited for; one gone for longer than its stage's `device_timeout` no longer holds the
     /// stage (it is updated if it returns).
     gone: HashMap<String, u64>,
+    /// The validate stage, if the rollout has one (`validate`).
+    validate: Option<validate::Gate>,
 }
 
 #[derive(Debug)]
@@ -243,6 +248,7 @@ impl Engine {
                 restored: Some(None),
                 runs_new: HashSet::new(),
                 gone: HashMap::new(),
+                validate: None,
             },
         );
     }
@@ -326,8 +332,20 @@ impl Engine {
     /// with no device is refused.
     pub fn create(
         &mut self,
+        record: RolloutRecord,
+        candidates: Vec<Candidate>,
+        now_ms: u64,
+    ) -> Result<(Vec<Action>, Skipped), Refused> {
+        self.create_validated(record, candidates, None, now_ms)
+    }
+
+    /// [`Engine::create`] with a validate stage before the first production stage (saved
+    /// with `SaveValidation` before anything else the rollout decides).
+    pub fn create_validated(
+        &mut self,
         mut record: RolloutRecord,
         candidates: Vec<Candidate>,
+        validate: Option<validate::ValidateStage>,
         now_ms: u64,
     ) -> Result<(Vec<Action>, Skipped), Refused> {
         if let Some(other) = self.live.values().find(|l| {
@@ -402,7 +420,14 @@ impl Engine {
             restored: None,
             runs_new: HashSet::new(),
             gone: HashMap::new(),
+            validate: validate.map(|stage| validate::Gate {
+                stage,
+                results: BTreeMap::new(),
+            }),
         };
+        if let Some(g) = &live.validate {
+            actions.push(Action::SaveValidation(id, Box::new(g.stage.clone())));
+        }
         let stages: Vec<String> = live
             .record
             .policy
@@ -432,7 +457,11 @@ impl Engine {
             message,
             detail,
         );
-        progress::stage_started(&mut live, &mut actions, now_ms);
+        if live.validate.is_some() {
+            validate::started(&mut live, &mut actions, now_ms);
+        } else {
+            progress::stage_started(&mut live, &mut actions, now_ms);
+        }
         self.live.insert(id, live);
         self.drive(id, now_ms, &mut actions);
         Ok((actions, skipped))

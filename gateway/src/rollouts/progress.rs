@@ -102,6 +102,10 @@ impl Engine {
                 }
             }
         }
+        // A validate stage holds the first production stage back until bench devices pass.
+        if state.is_active() && self.validation_holds(id, now_ms, actions) {
+            return;
+        }
         let Some(l) = self.live.get_mut(&id) else {
             return;
         };

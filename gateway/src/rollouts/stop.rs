@@ -122,6 +122,19 @@ impl Engine {
         self.stop(id, true, GATEWAY, event, message, detail, now_ms, actions);
     }
 
+    /// The gateway stops rollout `id` without rolling anything back (`event` names why).
+    pub(super) fn stop_by_gateway(
+        &mut self,
+        id: u64,
+        event: &str,
+        message: String,
+        detail: serde_json::Value,
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        self.stop(id, false, GATEWAY, event, message, detail, now_ms, actions);
+    }
+
     /// Ends a rollout: cancels downloads in flight and, with `rollback`, sends every device that
     /// took the new version back. Devices it never reached are not updated.
     #[allow(clippy::too_many_arguments)]

@@ -101,6 +101,8 @@ struct World {
     started: Vec<String>,
     /// Every class distribution is shifted (a change that hits the whole fleet).
     fleet_shift: bool,
+    /// Validate stages as saved.
+    validations: BTreeMap<u64, validate::ValidateStage>,
 }
 
 impl World {
@@ -124,6 +126,7 @@ impl World {
             audit_n: BTreeMap::new(),
             started: Vec::new(),
             fleet_shift: false,
+            validations: BTreeMap::new(),
         };
         for i in 0..n {
             let id = format!("d{i:03}");
@@ -188,6 +191,9 @@ impl World {
                 }
                 Action::SaveDevice(id, d) => {
                     self.devices.insert((id, d.device.clone()), *d);
+                }
+                Action::SaveValidation(id, stage) => {
+                    self.validations.insert(id, *stage);
                 }
                 Action::Audit(id, n, e) => {
                     let next = self.audit_n.entry(id).or_default();
@@ -985,4 +991,198 @@ fn a_control_smaller_than_min_devices_does_not_stall_the_stage() {
     assert_eq!(w.state(1), RolloutState::Completed, "{:?}", w.events());
     assert!(!w.events().contains(&"paused"), "{:?}", w.events());
     assert_eq!(w.count(1, "healthy"), 4);
+}
+
+mod validate_stage {
+    //! A rollout that starts with a validate stage: bench results in, the first production
+    //! stage held until every class has k passing devices, a failure or a timeout ending it.
+
+    use super::*;
+    use crate::rollouts::validate::{BenchResult, StageState, ValidateStage};
+    use crate::validation::Verdict;
+
+    fn stage(classes: &[&str], k: u32) -> ValidateStage {
+        ValidateStage {
+            min_devices: k,
+            timeout_ms: 600_000,
+            classes: classes.iter().map(|c| (*c).to_owned()).collect(),
+            started_ms: 1_000_000,
+            state: StageState::Waiting,
+        }
+    }
+
+    fn result(verdict: Verdict) -> BenchResult {
+        let misses = match verdict {
+            Verdict::Fail => vec!["latency_p95_us 18000 (required <=15000)".to_owned()],
+            _ => vec![],
+        };
+        BenchResult {
+            verdict,
+            misses,
+            detail: serde_json::json!({ "values": { "latency_p95_us": 18000.0 } }),
+        }
+    }
+
+    fn create(w: &mut World, s: ValidateStage) {
+        let candidates = w.candidates();
+        w.hello_all();
+        let (actions, _) = w
+            .engine
+            .create_validated(record(1, policy()), candidates, Some(s), w.now)
+            .unwrap();
+        w.apply(actions);
+    }
+
+    fn bench(w: &mut World, class: &str, device: &str, verdict: Verdict) {
+        let actions = w.engine.validation_result(
+            ArtifactKind::Model,
+            "kws",
+            2,
+            class,
+            device,
+            result(verdict),
+            w.now,
+        );
+        w.apply(actions);
+    }
+
+    #[test]
+    fn no_update_starts_until_every_class_has_k_passing_bench_devices() {
+        let mut w = World::new(20);
+        create(&mut w, stage(&["a", "b"], 2));
+        assert_eq!(w.validations[&1].state, StageState::Waiting);
+        assert_eq!(w.events(), ["created", "validation_started"]);
+        for _ in 0..30 {
+            w.step();
+        }
+        assert!(
+            w.started.is_empty(),
+            "no production device before validation"
+        );
+        assert_eq!(w.engine.waiting_validations().len(), 1);
+        bench(&mut w, "a", "bench-a1", Verdict::Pass);
+        bench(&mut w, "a", "bench-a2", Verdict::Pass);
+        bench(&mut w, "b", "bench-b1", Verdict::Pass);
+        // An error neither passes nor fails; another class's device does not count.
+        bench(&mut w, "b", "bench-b2", Verdict::Error);
+        bench(&mut w, "c", "bench-c1", Verdict::Fail);
+        w.step();
+        assert!(w.started.is_empty());
+        let view = w.engine.validation_view(1).unwrap();
+        assert_eq!(
+            (
+                view.classes["a"].passed,
+                view.classes["b"].passed,
+                view.classes["b"].errors
+            ),
+            (2, 1, 1)
+        );
+        bench(&mut w, "b", "bench-b3", Verdict::Pass);
+        assert!(matches!(w.validations[&1].state, StageState::Passed { .. }));
+        assert_eq!(
+            w.events()[2..4],
+            ["validation_passed", "stage_started"],
+            "the first production stage starts when validation passes"
+        );
+        assert!(!w.started.is_empty());
+        assert!(w.engine.waiting_validations().is_empty());
+        w.run(1, Duration::from_secs(120));
+        assert_eq!(w.state(1), RolloutState::Completed);
+        assert_eq!(w.count(1, "healthy"), 20);
+    }
+
+    #[test]
+    fn a_failing_bench_device_ends_the_rollout_with_its_numbers() {
+        let mut w = World::new(20);
+        create(&mut w, stage(&["a", "b"], 1));
+        bench(&mut w, "a", "bench-a1", Verdict::Pass);
+        bench(&mut w, "b", "bench-b1", Verdict::Fail);
+        assert!(matches!(w.state(1), RolloutState::Aborted { ref by, .. } if by == GATEWAY));
+        assert!(matches!(w.validations[&1].state, StageState::Failed { .. }));
+        assert!(w.started.is_empty());
+        assert_eq!(w.count(1, "not_updated"), 20);
+        let e = w
+            .audit
+            .iter()
+            .find(|e| e.event == "validation_failed")
+            .unwrap();
+        assert_eq!(
+            e.message,
+            "validation failed on bench device bench-b1 (b): latency_p95_us 18000 (required <=15000)"
+        );
+        let detail: serde_json::Value = serde_json::from_str(&e.detail).unwrap();
+        assert_eq!(detail["result"]["values"]["latency_p95_us"], 18000.0);
+        assert_eq!(detail["classes"]["a"]["passed"], 1);
+        assert!(
+            w.engine.record(1).is_none(),
+            "an aborted rollout leaves memory"
+        );
+    }
+
+    #[test]
+    fn without_enough_passing_devices_by_the_timeout_the_rollout_ends() {
+        let mut w = World::new(10);
+        create(&mut w, stage(&["a"], 2));
+        bench(&mut w, "a", "bench-a1", Verdict::Pass);
+        bench(&mut w, "a", "bench-a2", Verdict::Error);
+        w.now = 1_000_000 + 600_000;
+        let actions = w.engine.tick(w.now);
+        w.apply(actions);
+        assert!(matches!(w.state(1), RolloutState::Aborted { .. }));
+        let e = w
+            .audit
+            .iter()
+            .find(|e| e.event == "validation_failed")
+            .unwrap();
+        assert_eq!(
+            e.message,
+            "validation timed out after 10m: a: 1 passed, 1 error(s) of 2 needed"
+        );
+        assert!(w.started.is_empty());
+    }
+
+    #[test]
+    fn a_restart_takes_the_stage_and_its_results_back_from_storage() {
+        let mut w = World::new(10);
+        create(&mut w, stage(&["a"], 2));
+        bench(&mut w, "a", "bench-a1", Verdict::Pass);
+        // The gateway dies; a new engine from what was saved, results read back.
+        let mut engine = Engine::new(Settings {
+            directive_ttl_ms: 3_600_000,
+        });
+        let r = w.records[&1].clone();
+        let devices = w.devices.values().cloned().collect();
+        engine.restore(r, devices);
+        engine.set_validation(1, w.validations[&1].clone());
+        engine.restore_validation_result(1, "a", "bench-a1", result(Verdict::Pass));
+        w.engine = engine;
+        w.hello_all();
+        for _ in 0..20 {
+            w.step();
+        }
+        assert!(
+            w.started.is_empty(),
+            "one of two is not enough after a restart either"
+        );
+        bench(&mut w, "a", "bench-a2", Verdict::Pass);
+        assert!(matches!(w.validations[&1].state, StageState::Passed { .. }));
+        w.run(1, Duration::from_secs(180));
+        assert_eq!(w.state(1), RolloutState::Completed);
+
+        // A failing result stored before the restart fails the stage at the first drive.
+        let mut w = World::new(5);
+        create(&mut w, stage(&["a"], 1));
+        let mut engine = Engine::new(Settings {
+            directive_ttl_ms: 3_600_000,
+        });
+        engine.restore(w.records[&1].clone(), w.devices.values().cloned().collect());
+        engine.set_validation(1, w.validations[&1].clone());
+        engine.restore_validation_result(1, "a", "bench-a1", result(Verdict::Fail));
+        w.engine = engine;
+        w.now += 1000;
+        let actions = w.engine.tick(w.now);
+        w.apply(actions);
+        assert!(matches!(w.state(1), RolloutState::Aborted { .. }));
+        assert!(w.started.is_empty());
+    }
 }

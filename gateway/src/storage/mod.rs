@@ -14,6 +14,7 @@ pub mod blocks;
 pub mod quota;
 pub mod records;
 pub mod schema;
+mod validation;
 
 pub use blocks::{Removed, Stream};
 use records::{Record, RecordError};
@@ -113,6 +114,12 @@ pub struct Tables<'txn> {
     rollout_audit: Table<'txn, (u64, u64), &'static [u8]>,
     tokens: Table<'txn, &'static str, &'static [u8]>,
     audit: Table<'txn, u64, &'static [u8]>,
+    /// The validation tables (`validation.rs`).
+    requirements: Table<'txn, (&'static str, &'static str, u64), &'static [u8]>,
+    validation_results:
+        Table<'txn, (&'static str, &'static str, u64, &'static str, &'static str), &'static [u8]>,
+    validation_runs: Table<'txn, u64, &'static [u8]>,
+    rollout_validation: Table<'txn, u64, &'static [u8]>,
     /// Whether anything was written: a transaction that wrote nothing is not committed (a
     /// commit costs a disk sync, and an idle gateway must not wear out its SD card).
     changed: bool,
@@ -298,6 +305,10 @@ impl Store {
         copy_table(&src, &dst, ROLLOUT_AUDIT)?;
         copy_table(&src, &dst, TOKENS)?;
         copy_table(&src, &dst, AUDIT)?;
+        copy_table(&src, &dst, REQUIREMENTS)?;
+        copy_table(&src, &dst, VALIDATION_RESULTS)?;
+        copy_table(&src, &dst, VALIDATION_RUNS)?;
+        copy_table(&src, &dst, ROLLOUT_VALIDATION)?;
         dst.commit()?;
         Ok(())
     }
@@ -355,6 +366,10 @@ impl Store {
                 rollout_audit: txn.open_table(ROLLOUT_AUDIT)?,
                 tokens: txn.open_table(TOKENS)?,
                 audit: txn.open_table(AUDIT)?,
+                requirements: txn.open_table(REQUIREMENTS)?,
+                validation_results: txn.open_table(VALIDATION_RESULTS)?,
+                validation_runs: txn.open_table(VALIDATION_RUNS)?,
+                rollout_validation: txn.open_table(ROLLOUT_VALIDATION)?,
                 changed: false,
             };
             let result = f(&mut tables)?;

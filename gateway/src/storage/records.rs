@@ -92,6 +92,10 @@ records! {
     AuditEntry => "rollout audit entry", version 1;
     TokenRecord => "token", version 1;
     AuditRecord => "audit entry", version 1;
+    crate::validation::ReleaseRequirements => "release requirements", version 1;
+    crate::validation::ValidationRecord => "validation result", version 1;
+    crate::validation::ValidationRun => "validation run", version 1;
+    crate::rollouts::validate::ValidateStage => "rollout validate stage", version 1;
 }
 
 /// Encodings older versions of the gateway wrote.

@@ -97,3 +97,22 @@ pub(crate) const META_QUOTA_CAP: &str = "quota_cap";
 /// read is dropped and the stream starts over.
 pub(crate) const DRIFT_STATE: TableDefinition<(&str, &str, &str), &[u8]> =
     TableDefinition::new("drift_state");
+
+/// (kind, name, release counter) -> `ReleaseRequirements`: the signed requirements and golden
+/// sets of a release's artifacts (written with the release by the registry).
+pub(crate) const REQUIREMENTS: TableDefinition<(&str, &str, u64), &[u8]> =
+    TableDefinition::new("requirements");
+
+/// (kind, name, release counter, device class, device id) -> `ValidationRecord`: each bench
+/// device's latest validation of a release.
+pub(crate) const VALIDATION_RESULTS: TableDefinition<(&str, &str, u64, &str, &str), &[u8]> =
+    TableDefinition::new("validation_results");
+
+/// Transfer id -> `ValidationRun`: transfers that validate rather than install; removed when
+/// the transfer ends (its result is then in `validation_results`).
+pub(crate) const VALIDATION_RUNS: TableDefinition<u64, &[u8]> =
+    TableDefinition::new("validation_runs");
+
+/// Rollout id -> `ValidateStage`: the validate stage of a rollout that has one.
+pub(crate) const ROLLOUT_VALIDATION: TableDefinition<u64, &[u8]> =
+    TableDefinition::new("rollout_validation");

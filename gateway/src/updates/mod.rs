@@ -441,6 +441,13 @@ impl Engine {
                 r.state = TransferState::Failed { reason, detail };
                 finished = true;
             }
+            // The writer passes this on only for a validation transfer, having stored the
+            // result.
+            UpdateState::Validated(_) => {
+                r.state = TransferState::Validated;
+                r.next_chunk = chunks;
+                finished = true;
+            }
         }
         if !finished {
             actions.push(Action::Save(Box::new(live.record.clone())));

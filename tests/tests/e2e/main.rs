@@ -12,3 +12,4 @@ mod load;
 mod restart;
 mod rollouts;
 mod updates;
+mod validation;
