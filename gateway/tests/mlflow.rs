@@ -1,5 +1,5 @@
 //! Model lineage from a live MLflow tracking server: `mlflow server` (from PyPI, pinned and
-//! installed by `scripts/mlflow-venv.sh` into a venv under target/) runs on a free loopback
+//! installed by `scripts/mlflow-venv.sh` into a venv in ~/.cache) runs on a free loopback
 //! port; the test logs a run with parameters, metrics and tags, uploads a model file through
 //! the server's artifact proxy and registers a model version, all through MLflow's REST API.
 //! Then, as an operator would: `fleetgate registry import-mlflow`, `fleetgate bundle sign
