@@ -23,6 +23,7 @@ pub mod seq;
 pub mod storage;
 pub mod ui;
 pub mod updates;
+pub mod uplink;
 
 pub use app::Gateway;
 pub use fleetgate_config::Config;

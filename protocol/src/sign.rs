@@ -23,6 +23,9 @@ pub enum Domain {
     Manifest,
     /// A rollback directive for one device.
     Rollback,
+    /// A request of central operations to a site, through the site's upstream broker (a
+    /// rollout to start or steer; docs/uplink.md).
+    SiteRequest,
 }
 
 impl Domain {
@@ -30,6 +33,7 @@ impl Domain {
         match self {
             Domain::Manifest => b"fleetgate/manifest/v1",
             Domain::Rollback => b"fleetgate/rollback/v1",
+            Domain::SiteRequest => b"fleetgate/site-request/v1",
         }
     }
 }

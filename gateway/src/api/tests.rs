@@ -53,6 +53,7 @@ fn api_seeded(seed: impl FnOnce(&Store)) -> Api {
         max_body_bytes: 1 << 20,
         rollouts: config.rollouts.clone(),
         rollback_public: [7; 32],
+        uplink: Arc::new(crate::uplink::Uplink::off()),
     });
     Api {
         _dir: dir,

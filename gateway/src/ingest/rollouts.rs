@@ -364,7 +364,8 @@ impl Writer {
                 rollouts::Action::SaveDevice(id, d) => t.put_rollout_device(id, &d)?,
                 rollouts::Action::Audit(id, n, e) => {
                     tracing::info!(rollout = id, event = %e.event, by = %e.by, message = %e.message, "rollout");
-                    t.put_audit(id, n, &e)?
+                    t.put_audit(id, n, &e)?;
+                    self.record_rollout(t, id, &e)?
                 }
                 rollouts::Action::StartTransfer {
                     rollout,

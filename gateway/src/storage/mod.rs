@@ -11,8 +11,10 @@ use std::sync::Arc;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table};
 
 pub mod blocks;
+pub mod outbox;
 pub mod quota;
 pub mod records;
+mod requests;
 pub mod schema;
 
 pub use blocks::{Removed, Stream};
@@ -106,6 +108,10 @@ pub struct Tables<'txn> {
     rollout_audit: Table<'txn, (u64, u64), &'static [u8]>,
     tokens: Table<'txn, &'static str, &'static [u8]>,
     audit: Table<'txn, u64, &'static [u8]>,
+    outbox: Table<'txn, (u8, u64), &'static [u8]>,
+    outbox_state: Table<'txn, u8, (u64, u64, u64, u64)>,
+    outbox_cursors: Table<'txn, (u8, &'static str), u64>,
+    site_requests: Table<'txn, &'static str, &'static [u8]>,
     /// Whether anything was written: a transaction that wrote nothing is not committed (a
     /// commit costs a disk sync, and an idle gateway must not wear out its SD card).
     changed: bool,
@@ -289,6 +295,10 @@ impl Store {
         copy_table(&src, &dst, ROLLOUT_AUDIT)?;
         copy_table(&src, &dst, TOKENS)?;
         copy_table(&src, &dst, AUDIT)?;
+        copy_table(&src, &dst, OUTBOX)?;
+        copy_table(&src, &dst, OUTBOX_STATE)?;
+        copy_table(&src, &dst, OUTBOX_CURSORS)?;
+        copy_table(&src, &dst, SITE_REQUESTS)?;
         dst.commit()?;
         Ok(())
     }
@@ -342,6 +352,10 @@ impl Store {
                 rollout_audit: txn.open_table(ROLLOUT_AUDIT)?,
                 tokens: txn.open_table(TOKENS)?,
                 audit: txn.open_table(AUDIT)?,
+                outbox: txn.open_table(OUTBOX)?,
+                outbox_state: txn.open_table(OUTBOX_STATE)?,
+                outbox_cursors: txn.open_table(OUTBOX_CURSORS)?,
+                site_requests: txn.open_table(SITE_REQUESTS)?,
                 changed: false,
             };
             let result = f(&mut tables)?;

@@ -92,6 +92,8 @@ records! {
     AuditEntry => "rollout audit entry", version 1;
     TokenRecord => "token", version 1;
     AuditRecord => "audit entry", version 1;
+    crate::uplink::event::Entry => "outbox entry", version 1;
+    crate::uplink::down::RequestRecord => "site request", version 1;
 }
 
 /// Encodings older versions of the gateway wrote.
