@@ -121,7 +121,7 @@ fn the_document_is_openapi_3_1_with_every_route_and_bearer_auth() {
         })
         .sum();
     // Every route the router serves under /api/v1, /healthz and /metrics.
-    assert_eq!((paths.len(), operations), (42, 50));
+    assert_eq!((paths.len(), operations), (43, 51));
     for (path, item) in paths {
         for (method, op) in item.as_object().unwrap() {
             let open = op["security"] == serde_json::json!([{}]);
