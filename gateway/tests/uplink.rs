@@ -94,10 +94,14 @@ impl Upstream {
         let data = dir.join("mosquitto");
         std::fs::create_dir_all(&data).unwrap();
         let conf = dir.join("mosquitto.conf");
+        // `user root`: started as root, Mosquitto would switch to user `mosquitto`, which
+        // cannot write its persistence file into our temporary directory, and a restart would
+        // lose the consumer's session (and what was queued for it). Run as anyone else, the
+        // line has no effect.
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+                "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence true\n\
                  persistence_location {}/\nautosave_interval 1\nmax_queued_messages 1000000\n\
                  max_inflight_messages 0\nmessage_size_limit 0\nlog_type error\nlog_type warning\n\
                  log_type notice\n",
@@ -652,7 +656,13 @@ async fn two_sites_lose_nothing_through_an_upstream_outage_and_a_sigkill() {
                 copies += 1;
                 continue;
             }
-            assert_eq!(seq, newest + 1, "{}: {seq} came after {newest}", site.name);
+            assert_eq!(
+                seq,
+                newest + 1,
+                "{}: {seq} came after {newest}; arrivals: {}",
+                site.name,
+                runs(&events)
+            );
             newest = seq;
         }
         assert_eq!(newest, head, "{}", site.name);
@@ -723,6 +733,19 @@ async fn two_sites_lose_nothing_through_an_upstream_outage_and_a_sigkill() {
             site.name
         );
     }
+}
+
+/// The sequence numbers of `events` in arrival order, as runs (`1-129 340-400 130-339`).
+fn runs(events: &[Value]) -> String {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for seq in events.iter().filter_map(|e| e["seq"].as_u64()) {
+        match out.last_mut() {
+            Some((_, end)) if *end + 1 == seq => *end = seq,
+            _ => out.push((seq, seq)),
+        }
+    }
+    let text: Vec<String> = out.iter().map(|(a, b)| format!("{a}-{b}")).collect();
+    text.join(" ")
 }
 
 /// Publishes `payload` with `mosquitto_pub` at QoS 1 (it returns once the broker has it).
@@ -990,8 +1013,7 @@ async fn bundles_and_rollout_requests_come_down_through_the_same_checks() {
 
     // The audit log has each request with the upstream identity.
     let audit = a.get("/audit?limit=100").await;
-    let by_upstream: Vec<(String, String, u64)> = audit
-        ["entries"]
+    let by_upstream: Vec<(String, String, u64)> = audit["entries"]
         .as_array()
         .unwrap()
         .iter()
