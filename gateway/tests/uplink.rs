@@ -733,6 +733,131 @@ async fn two_sites_lose_nothing_through_an_upstream_outage_and_a_sigkill() {
             site.name
         );
     }
+    // Every message is as docs/uplink.md describes it.
+    let used = check_against_docs(&consumer.all());
+    let want = [
+        "alert",
+        "drift_window",
+        "envelope",
+        "heartbeat",
+        "inventory",
+        "presence",
+        "status",
+        "telemetry",
+    ];
+    assert_eq!(
+        used,
+        want.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>()
+    );
+}
+
+/// The JSON schemas of docs/uplink.md, by name (`<!-- schema: name -->` before each).
+fn documented_schemas() -> BTreeMap<String, Value> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/uplink.md"))
+        .expect("docs/uplink.md");
+    let mut out = BTreeMap::new();
+    for part in doc.split("<!-- schema: ").skip(1) {
+        let (name, rest) = part
+            .split_once(" -->")
+            .expect("a schema marker ends with -->");
+        let body = rest
+            .split_once("```json\n")
+            .and_then(|(_, b)| b.split_once("\n```"))
+            .map(|(b, _)| b)
+            .unwrap_or_else(|| panic!("schema {name}: no json block"));
+        let schema = serde_json::from_str(body).unwrap_or_else(|e| panic!("schema {name}: {e}"));
+        out.insert(name.to_owned(), schema);
+    }
+    out
+}
+
+/// Checks `v` against the subset of JSON Schema docs/uplink.md uses (type, required,
+/// properties, additionalProperties, items, enum, minimum); collects what does not match.
+fn schema_errors(v: &Value, schema: &Value, at: &str, errors: &mut Vec<String>) {
+    let type_ok = |t: &str| match t {
+        "object" => v.is_object(),
+        "array" => v.is_array(),
+        "string" => v.is_string(),
+        "boolean" => v.is_boolean(),
+        "integer" => v.is_u64() || v.is_i64(),
+        "number" => v.is_number(),
+        "null" => v.is_null(),
+        other => panic!("schema type {other} at {at}"),
+    };
+    match &schema["type"] {
+        Value::String(t) if !type_ok(t) => errors.push(format!("{at}: not {t}: {v}")),
+        Value::Array(ts) if !ts.iter().any(|t| type_ok(t.as_str().unwrap())) => {
+            errors.push(format!("{at}: not any of {ts:?}: {v}"))
+        }
+        _ => {}
+    }
+    if let Some(options) = schema["enum"].as_array()
+        && !options.contains(v)
+    {
+        errors.push(format!("{at}: {v} not in {options:?}"));
+    }
+    if let (Some(min), Some(x)) = (schema["minimum"].as_f64(), v.as_f64())
+        && x < min
+    {
+        errors.push(format!("{at}: {x} < {min}"));
+    }
+    if let Some(obj) = v.as_object() {
+        for r in schema["required"].as_array().into_iter().flatten() {
+            if !obj.contains_key(r.as_str().unwrap()) {
+                errors.push(format!("{at}: {r} missing"));
+            }
+        }
+        let props = schema["properties"].as_object();
+        for (k, x) in obj {
+            match props.and_then(|p| p.get(k)) {
+                Some(sub) => schema_errors(x, sub, &format!("{at}.{k}"), errors),
+                None if schema["additionalProperties"].is_object() => schema_errors(
+                    x,
+                    &schema["additionalProperties"],
+                    &format!("{at}.{k}"),
+                    errors,
+                ),
+                None => {}
+            }
+        }
+    }
+    if let (Some(items), Some(xs)) = (schema.get("items"), v.as_array()) {
+        for (i, x) in xs.iter().enumerate() {
+            schema_errors(x, items, &format!("{at}[{i}]"), errors);
+        }
+    }
+}
+
+/// Checks every message the consumer got against the schema of its topic in docs/uplink.md;
+/// returns the names of the schemas used.
+fn check_against_docs(got: &[Got]) -> BTreeSet<String> {
+    let schemas = documented_schemas();
+    let mut used = BTreeSet::new();
+    let mut errors = Vec::new();
+    for g in got {
+        let levels: Vec<&str> = g.topic.split('/').collect();
+        let last = *levels.last().unwrap();
+        let mut check = |name: &str, v: &Value, at: &str| {
+            let schema = schemas
+                .get(name)
+                .unwrap_or_else(|| panic!("no schema {name}"));
+            schema_errors(v, schema, at, &mut errors);
+            used.insert(name.to_owned());
+        };
+        if levels[levels.len() - 2] == "up" {
+            check("envelope", &g.body, &g.topic);
+            assert_eq!(g.body["type"], last, "{}", g.topic);
+            check(last, &g.body["data"], &format!("{} data", g.topic));
+        } else {
+            check(last, &g.body, &g.topic);
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "not as docs/uplink.md says:\n{}",
+        errors.join("\n")
+    );
+    used
 }
 
 /// The sequence numbers of `events` in arrival order, as runs (`1-129 340-400 130-339`).
@@ -1069,6 +1194,18 @@ async fn bundles_and_rollout_requests_come_down_through_the_same_checks() {
             .await,
         4.0
     );
+    // Replies and rollout decisions are as docs/uplink.md describes them.
+    let used = check_against_docs(&consumer.all());
+    for name in [
+        "reply",
+        "rollout",
+        "status",
+        "heartbeat",
+        "inventory",
+        "presence",
+    ] {
+        assert!(used.contains(name), "{name} not seen: {used:?}");
+    }
     stop.cancel();
     for f in fleets {
         f.finish().await;
