@@ -65,7 +65,10 @@ stop_upstream() { kill -TERM "$upstream"; wait "$upstream" || true; upstream=; }
 now() { date +%s.%N; }
 # One value of /metrics (first line starting with $1), 0 if absent.
 metric() {
-  curl -sf "http://$http/metrics" | awk -v m="$1" 'index($0, m) == 1 { print $NF; exit }' | grep . || echo 0
+  local text v
+  text=$(curl -sf "http://$http/metrics" || true)
+  v=$(awk -v m="$1 " 'index($0, m) == 1 { print $NF; exit }' <<< "$text")
+  echo "${v:-0}"
 }
 depth() { metric 'fleetgate_outbox_depth{stream="upstream",destination="upstream"}'; }
 forwarded() { metric 'fleetgate_uplink_forwarded_total'; }
