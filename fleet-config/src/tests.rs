@@ -339,6 +339,8 @@ device_trim = 0.5
         ]
     );
 }
+
+#[test]
 fn a_toml_syntax_error_says_where_it_is() {
     assert_eq!(
         errors("[mqtt]\nmax_connections = 10\nlisten = \"0.0.0.0:1883\n[http]\n"),

@@ -14,12 +14,14 @@ use crate::storage::{AlertFilter, Store};
 /// Newest rollouts looked at for the heartbeat.
 const ROLLOUTS: usize = 100;
 
+/// One hardware class: devices, and how many run each firmware and each model ("name version").
+type Class = (u64, BTreeMap<String, u64>, BTreeMap<String, u64>);
+
 /// The heartbeat's JSON. Blocking (reads storage).
 pub fn heartbeat(store: &Store, site: &str, now_ms: u64) -> crate::storage::Result<Value> {
     let devices = store.devices()?;
     let (mut enrolled, mut online) = (0u64, 0u64);
-    let mut classes: BTreeMap<String, (u64, BTreeMap<String, u64>, BTreeMap<String, u64>)> =
-        BTreeMap::new();
+    let mut classes: BTreeMap<String, Class> = BTreeMap::new();
     for d in &devices {
         if d.revoked() {
             continue;
