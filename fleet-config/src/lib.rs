@@ -14,9 +14,14 @@ use std::time::Duration;
 use fleetgate_protocol::{AlertKind, HwMetric, Severity, Uplink};
 
 mod rollouts;
+mod uplink;
 mod walk;
 
 pub use rollouts::{Abort, Gates, RolloutPolicy, Rollouts, StagePolicy, StageSize, Threshold};
+pub use uplink::{
+    Broker, Down, Forward, OutboxLimits, TelemetryForward, UplinkConfig, UplinkTls, Webhook,
+    check_site,
+};
 use walk::{Problems, Section};
 
 /// The embedded default configuration, with a comment on every setting.
@@ -37,6 +42,7 @@ pub struct Config {
     pub validation: Validation,
     pub alerts: Alerts,
     pub log: Log,
+    pub uplink: UplinkConfig,
 }
 
 /// Bench devices and validation runs (`[validation]`).
@@ -175,6 +181,8 @@ pub struct Http {
     pub listen: SocketAddr,
     /// `None`: from the environment or the data dir (the gateway decides).
     pub token: Option<String>,
+    /// How others reach this gateway's API (links in alert notifications); no trailing `/`.
+    pub external_url: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -264,6 +272,10 @@ pub struct Drift {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Alerts {
     pub rules: Vec<AlertRule>,
+    /// Endpoints alerts are pushed to.
+    pub webhooks: Vec<Webhook>,
+    /// Bounds of the webhooks' outbox.
+    pub webhook_outbox: OutboxLimits,
 }
 
 /// Opens an alert when `metric` crosses `trigger`, resolves it when the metric is back past
@@ -431,9 +443,33 @@ impl Config {
         if !token.is_empty() && token.len() < 16 {
             http.error(p, "token", "must be at least 16 characters (or empty)");
         }
+        let listen = http.socket_addr(p, "listen");
+        let external_url = http.string(p, "external_url");
+        let external_url = if external_url.is_empty() {
+            let mut addr = listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{addr}")
+        } else {
+            let ok = ["http://", "https://"].iter().any(|s| {
+                external_url
+                    .strip_prefix(s)
+                    .is_some_and(|r| !r.is_empty() && !r.starts_with('/'))
+            });
+            if !ok || external_url.contains(char::is_whitespace) {
+                http.error(
+                    p,
+                    "external_url",
+                    "must be an http:// or https:// URL (or empty)",
+                );
+            }
+            external_url.trim_end_matches('/').to_owned()
+        };
         let http = Http {
-            listen: http.socket_addr(p, "listen"),
+            listen,
             token: (!token.is_empty()).then_some(token),
+            external_url,
         }
         .finish_with(http, p);
 
@@ -584,7 +620,30 @@ impl Config {
             .into_iter()
             .filter_map(|rule| AlertRule::walk(rule, p))
             .collect();
-        let alerts = Alerts { rules }.finish_with(alerts, p);
+        // (index in the file, webhook) of the valid ones.
+        let hooks: Vec<(usize, Webhook)> = alerts
+            .tables(p, "webhooks")
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, hook)| Webhook::walk(hook, p).map(|w| (i, w)))
+            .collect();
+        for (k, (i, hook)) in hooks.iter().enumerate() {
+            if hooks[..k].iter().any(|(_, h)| h.name == hook.name) {
+                alerts.error(
+                    p,
+                    &format!("webhooks[{i}].name"),
+                    &format!("{:?} names an earlier webhook too", hook.name),
+                );
+            }
+        }
+        let webhooks: Vec<Webhook> = hooks.into_iter().map(|(_, w)| w).collect();
+        let webhook_outbox = OutboxLimits::walk(alerts.section(p, "webhook_outbox"), p);
+        let alerts = Alerts {
+            rules,
+            webhooks,
+            webhook_outbox,
+        }
+        .finish_with(alerts, p);
 
         let mut log = root.section(p, "log");
         let format = log.string(p, "format");
@@ -593,6 +652,8 @@ impl Config {
             LogFormat::Text
         });
         let log = Log { format }.finish_with(log, p);
+
+        let uplink = UplinkConfig::walk(root.section(p, "uplink"), p);
 
         Config {
             mqtt,
@@ -608,6 +669,7 @@ impl Config {
             validation,
             alerts,
             log,
+            uplink,
         }
         .finish_with(root, p)
     }

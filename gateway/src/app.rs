@@ -125,6 +125,7 @@ impl Gateway {
             writer.set_rollback_key(rollback_key);
             writer
         };
+        let outbox_signals = writer.outbox_signals();
         let writer_gone = CancellationToken::new();
         let writer = {
             let gone = WriterGone(writer_gone.clone(), metrics.clone());
@@ -194,6 +195,20 @@ impl Gateway {
         }
 
         let registry = crate::registry::Registry::new(store.clone(), &data_dir, &config.registry);
+        let uplink = crate::uplink::start(
+            &config,
+            crate::uplink::Parts {
+                store: store.clone(),
+                control: control.clone(),
+                registry: registry.clone(),
+                metrics: metrics.clone(),
+                signals: outbox_signals,
+            },
+            &tracker,
+            shutdown.clone(),
+        )
+        .await
+        .context("starting the uplink and webhooks")?;
         let tokens = api::access::load_tokens(&store, &token).context("loading API tokens")?;
         let api_state = Arc::new(ApiState {
             store,
@@ -205,6 +220,7 @@ impl Gateway {
             max_body_bytes: config.registry.max_bundle_bytes,
             rollouts: config.rollouts.clone(),
             rollback_public,
+            uplink,
         });
         let app = api::router(api_state);
         let http_shutdown = shutdown.clone();

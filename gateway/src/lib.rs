@@ -23,6 +23,7 @@ pub mod seq;
 pub mod storage;
 pub mod ui;
 pub mod updates;
+pub mod uplink;
 pub mod validation;
 
 pub use app::Gateway;

@@ -42,5 +42,6 @@ fn main() -> ExitCode {
         Command::Backup(args) => cli::backup::run_backup(&args),
         Command::Restore(args) => cli::backup::run_restore(args),
         Command::Audit(args) => with_client(&args.api, |c, o| cli::audit::run(c, o, &args)),
+        Command::Uplink(command) => cli::uplink::run(command),
     }
 }

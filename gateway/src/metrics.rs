@@ -468,6 +468,8 @@ pub struct Metrics {
     http_requests: Family<HttpLabels, Counter>,
     http_duration: Family<HttpRouteLabels, Histogram>,
     refusals: Mutex<RefusalLog>,
+    /// The upstream connection, the outboxes and the webhooks.
+    pub uplink: crate::uplink::metrics::UplinkMetrics,
 }
 
 /// Percentiles of the ingest latency since the gateway started.
@@ -679,6 +681,7 @@ impl Metrics {
             http_requests,
             http_duration,
             refusals: Mutex::new(RefusalLog::default()),
+            uplink: crate::uplink::metrics::UplinkMetrics::register(r),
             registry,
         }
     }

@@ -25,6 +25,9 @@ pub enum Domain {
     Rollback,
     /// The requirements a release must meet on bench devices (`validation::Requirements`).
     Requirements,
+    /// A request of central operations to a site, through the site's upstream broker (a
+    /// rollout to start or steer; docs/uplink.md).
+    SiteRequest,
 }
 
 impl Domain {
@@ -33,6 +36,7 @@ impl Domain {
             Domain::Manifest => b"fleetgate/manifest/v1",
             Domain::Rollback => b"fleetgate/rollback/v1",
             Domain::Requirements => b"fleetgate/requirements/v1",
+            Domain::SiteRequest => b"fleetgate/site-request/v1",
         }
     }
 }

@@ -248,7 +248,7 @@ pub struct EvaluationView {
     pub prediction: Option<PredictionWindow>,
 }
 
-fn evaluation(e: &Evaluation, b: &Baseline) -> EvaluationView {
+pub(crate) fn evaluation(e: &Evaluation, b: &Baseline) -> EvaluationView {
     EvaluationView {
         opened_at: rfc3339(e.opened_ms),
         closed_at: rfc3339(e.closed_ms),

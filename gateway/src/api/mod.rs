@@ -34,9 +34,11 @@ pub mod listener;
 mod rollouts;
 pub mod schema;
 mod updates;
+mod uplink;
 pub mod validation;
 pub mod views;
 
+pub(crate) use drift::evaluation as drift_window_view;
 pub use error::ApiError;
 use views::{AlertView, CommandView, DeviceView, LogView, TelemetryView};
 
@@ -65,6 +67,8 @@ pub struct ApiState {
     pub rollouts: fleetgate_config::Rollouts,
     /// The public key devices must trust for rollback directives.
     pub rollback_public: [u8; 32],
+    /// The upstream connection and the webhooks.
+    pub uplink: Arc<crate::uplink::Uplink>,
 }
 
 type AppState = State<Arc<ApiState>>;
@@ -91,6 +95,7 @@ type AppState = State<Arc<ApiState>>;
         (name = "access", description = "Operator tokens and the audit log"),
         (name = "ingest", description = "Ingest counters"),
         (name = "backup", description = "Backups"),
+        (name = "uplink", description = "The bridge to the upstream MQTT cluster, and alert webhooks"),
         (name = "monitoring", description = "Health and Prometheus metrics, without a token"),
     )
 )]
@@ -163,6 +168,7 @@ fn v1_routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(access::audit))
         .routes(routes!(access::me))
         .routes(routes!(backup_snapshot))
+        .routes(routes!(uplink::status))
 }
 
 /// Everything the OpenAPI document describes: `/healthz`, `/metrics` and `v1` under
@@ -540,6 +546,11 @@ async fn metrics(
     state
         .metrics
         .set_unresolved_alerts(severities[0], severities[1], severities[2]);
+    let (store, metrics) = (state.store.clone(), state.metrics.clone());
+    tokio::task::spawn_blocking(move || {
+        crate::uplink::metrics::refresh(&store, &metrics.uplink, now_ms())
+    })
+    .await??;
     state
         .metrics
         .retain_drift(|model, version| running.contains(&(model.to_owned(), version.to_owned())));

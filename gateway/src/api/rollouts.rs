@@ -432,36 +432,13 @@ pub async fn create(
         version: body.version,
         target,
         policy,
-        validate: match body.validate {
-            None => None,
-            Some(v) => {
-                if v.min_devices.is_some_and(|k| !(1..=1000).contains(&k)) {
-                    return Err(ApiError::BadRequest(
-                        "validate.min_devices must be within 1..=1000".to_owned(),
-                    ));
-                }
-                let timeout = match v.timeout.as_deref() {
-                    None => None,
-                    Some(t) => {
-                        let d = humantime::parse_duration(t).map_err(|e| {
-                            ApiError::BadRequest(format!("validate.timeout {t:?}: {e}"))
-                        })?;
-                        if d < std::time::Duration::from_secs(1)
-                            || d > std::time::Duration::from_secs(30 * 86_400)
-                        {
-                            return Err(ApiError::BadRequest(
-                                "validate.timeout must be within 1s..=30d".to_owned(),
-                            ));
-                        }
-                        Some(d)
-                    }
-                };
-                Some(crate::ingest::ValidateRequest {
-                    min_devices: v.min_devices,
-                    timeout,
-                })
-            }
-        },
+        validate: body
+            .validate
+            .map(|v| {
+                crate::ingest::ValidateRequest::parse(v.min_devices, v.timeout.as_deref())
+                    .map_err(ApiError::BadRequest)
+            })
+            .transpose()?,
     };
     let created = state.control.create_rollout(request, caller.name).await?;
     let id = created.record.id;

@@ -53,6 +53,7 @@ fn api_seeded(seed: impl FnOnce(&Store)) -> Api {
         max_body_bytes: 1 << 20,
         rollouts: config.rollouts.clone(),
         rollback_public: [7; 32],
+        uplink: Arc::new(crate::uplink::Uplink::off()),
     });
     Api {
         _dir: dir,
@@ -548,6 +549,24 @@ async fn rollout_requests_are_checked_and_say_what_is_wrong() {
     assert_eq!(key["public_key"], hex_of([7; 32]));
 }
 
+#[tokio::test]
+async fn the_uplink_endpoint_shows_an_uplink_that_is_off() {
+    let api = api();
+    let (status, body) = api.get("/api/v1/uplink").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["enabled"], false);
+    assert_eq!(body["connection"]["state"], "off");
+    assert_eq!(body["webhooks"], json!([]));
+    assert_eq!(body["destinations"], json!([]));
+    let streams: Vec<(&str, u64)> = body["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["stream"].as_str().unwrap(), s["head"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(streams, [("upstream", 0), ("webhooks", 0)]);
+}
+
 fn hex_of(bytes: [u8; 32]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -561,6 +580,7 @@ fn each_endpoint_needs_the_role_it_should() {
         (Method::GET, "/devices/{id}/refusals", ReadOnly),
         (Method::GET, "/rollouts/{id}", ReadOnly),
         (Method::GET, "/registry", ReadOnly),
+        (Method::GET, "/uplink", ReadOnly),
         (
             Method::GET,
             "/drift/{model}/{version}/samples.csv",

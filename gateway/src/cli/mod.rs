@@ -25,6 +25,7 @@ pub mod rollout;
 pub mod serve;
 pub mod tokens;
 pub mod updates;
+pub mod uplink;
 pub mod validate;
 
 pub use client::{ApiClient, ClientError};
@@ -119,6 +120,10 @@ pub enum Command {
     Restore(backup::RestoreArgs),
     /// Show the audit log: every change made through the API, newest first (admin).
     Audit(audit::AuditArgs),
+    /// The bridge to an upstream MQTT cluster: sign requests for sites (offline), show a
+    /// gateway's uplink and webhooks.
+    #[command(subcommand)]
+    Uplink(uplink::UplinkCommand),
 }
 
 /// How to reach a running gateway: flags, environment, or its config file.

@@ -6,6 +6,7 @@ use fleetgate_protocol::{AlertKind, Severity, Telemetry};
 use super::Writer;
 use crate::model::{AlertRecord, AlertSource, AlertState, Stamp};
 use crate::storage::{self, Tables};
+use crate::uplink::event::AlertEvent;
 
 impl Writer {
     /// Opens, bumps or clears rule alerts for one telemetry message.
@@ -75,11 +76,17 @@ impl Writer {
             alert.count += 1;
             alert.last_ms = now;
             alert.value = value;
+            let escalated = severity > alert.severity;
             alert.severity = alert.severity.max(severity);
             if !message.is_empty() {
                 alert.message = message;
             }
-            return t.put_alert(alert);
+            t.put_alert(alert)?;
+            if escalated {
+                let alert = alert.clone();
+                self.record_alert(t, &alert, AlertEvent::Escalated, now)?;
+            }
+            return Ok(());
         }
         let id = self.next_alert_id;
         self.next_alert_id += 1;
@@ -99,6 +106,7 @@ impl Writer {
             resolved: None,
         };
         t.put_alert(&alert)?;
+        self.record_alert(t, &alert, AlertEvent::Opened, now)?;
         tracing::info!(
             alert = id,
             device,
@@ -129,6 +137,7 @@ impl Writer {
             by: by.to_owned(),
         });
         t.put_alert(&alert)?;
+        self.record_alert(t, &alert, AlertEvent::Resolved, now)?;
         Ok(Some(alert))
     }
 }

@@ -109,6 +109,14 @@ pub enum Control {
         query: DriftQuery,
         reply: oneshot::Sender<DriftAnswer>,
     },
+    /// A destination of an outbox acknowledged it up to `upto` (the uplink's and webhooks'
+    /// senders); answered once that is committed.
+    OutboxAck {
+        stream: storage::outbox::Stream,
+        destination: String,
+        upto: u64,
+        reply: Reply<()>,
+    },
     /// Answer once flush marker `upto` has arrived and what came before it is committed.
     Sync {
         upto: u64,
@@ -266,6 +274,22 @@ impl ControlTx {
         rx.await.map_err(|_| ControlError::Stopped)
     }
 
+    /// Moves a destination's outbox cursor to `upto`; returns once that is committed.
+    pub async fn outbox_ack(
+        &self,
+        stream: storage::outbox::Stream,
+        destination: String,
+        upto: u64,
+    ) -> Result<(), ControlError> {
+        self.ask(|reply| Control::OutboxAck {
+            stream,
+            destination,
+            upto,
+            reply,
+        })
+        .await
+    }
+
     /// Registers a wait for flush marker `upto`. Send the marker after this returns; the
     /// receiver fires once everything before the marker is committed.
     pub async fn sync(&self, upto: u64) -> Result<oneshot::Receiver<()>, ControlError> {
@@ -382,6 +406,15 @@ impl Writer {
             Control::Drift { query, reply } => {
                 let _ = reply.send(self.drift_query(query));
             }
+            Control::OutboxAck {
+                stream,
+                destination,
+                upto,
+                reply,
+            } => {
+                self.outbox_acknowledged(t, stream, &destination, upto)?;
+                fx.reply(reply, Ok(()));
+            }
             Control::Sync { upto, reply } => self.sync_waiters.push((upto, reply)),
             Control::Stop {
                 upto,
@@ -458,6 +491,14 @@ impl Writer {
                         by: by.to_owned(),
                     });
                     t.put_alert(alert)?;
+                    let alert = alert.clone();
+                    self.record_alert(
+                        t,
+                        &alert,
+                        crate::uplink::event::AlertEvent::Acknowledged,
+                        now,
+                    )?;
+                    return Ok(Ok(alert));
                 }
                 Ok(Ok(alert.clone()))
             }

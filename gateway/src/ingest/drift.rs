@@ -179,6 +179,7 @@ impl Writer {
             match event {
                 Event::Closed { key, evaluation } => {
                     t.put_drift_window(&key, &evaluation, self.drift_history)?;
+                    self.record_drift_window(t, &key, &evaluation)?;
                     self.drift_gauges(&key, &evaluation);
                 }
                 Event::Raise {

@@ -38,6 +38,7 @@ use crate::updates;
 mod alerts;
 mod control;
 mod drift;
+pub(crate) mod outbox;
 mod presence;
 mod rollouts;
 mod rows;
@@ -167,6 +168,8 @@ pub struct Writer {
     /// Bench devices and validation runs (`validation`).
     validation_settings: fleetgate_config::Validation,
     validation_runs: validation::Runs,
+    /// What goes to the upstream broker and the alert webhooks (see `outbox`).
+    outbox: outbox::Recorder,
 }
 
 impl std::fmt::Debug for Writer {
@@ -257,9 +260,16 @@ impl Writer {
             quota: storage::quota::Quota::new(config.storage.max_bytes, 0),
             validation_settings: config.validation.clone(),
             validation_runs: validation::Runs::new(),
+            outbox: outbox::Recorder::new(config),
         };
         writer.reload()?;
+        writer.outbox.init(&writer.store)?;
         Ok(writer)
+    }
+
+    /// What wakes the outboxes' senders when the writer committed entries for them.
+    pub fn outbox_signals(&self) -> Arc<crate::uplink::Signals> {
+        self.outbox.signals()
     }
 
     /// The key that signs rollback directives.
@@ -272,6 +282,7 @@ impl Writer {
     fn reload(&mut self) -> storage::Result<()> {
         let loaded = self.store.load()?;
         self.rows.clear();
+        self.outbox.reloaded();
         self.quota = storage::quota::Quota::new(self.settings.max_db_bytes, loaded.quota_cap);
         self.devices.clear();
         for mut device in loaded.devices {
@@ -487,6 +498,7 @@ impl Writer {
     /// Carries out a committed batch's effects; returns a stop request if one came in.
     fn finish_batch(&mut self, mut fx: Effects) -> Option<(u64, Instant, oneshot::Sender<()>)> {
         self.metrics.batches.inc();
+        self.outbox.committed();
         for (_, receipts, n) in fx.receipts.drain(..) {
             receipts.committed(n);
         }

@@ -56,6 +56,7 @@ impl Writer {
             presence.connections += 1;
             state.device.touch(p.at_ms);
             state.dirty = true;
+            self.record_presence(t, &p.device, true, None, p.at_ms)?;
             let previous = self.connections.insert(
                 p.device.clone(),
                 Connection {
@@ -82,6 +83,7 @@ impl Writer {
         presence.disconnected_at_ms = Some(p.at_ms);
         presence.disconnect_reason = p.reason.map(str::to_owned);
         state.dirty = true;
+        self.record_presence(t, &p.device, false, p.reason, p.at_ms)?;
         let helloed = self.connections.remove(&p.device).is_some_and(|c| c.hello);
         if helloed {
             self.engines_offline(t, &p.device, p.at_ms, fx)?;

@@ -43,6 +43,33 @@ pub struct ValidateRequest {
     pub timeout: Option<std::time::Duration>,
 }
 
+impl ValidateRequest {
+    /// Checks a validate stage as a request writes it (`min_devices`, `timeout` such as `30m`);
+    /// the error names the field (`validate.timeout`).
+    pub fn parse(min_devices: Option<u32>, timeout: Option<&str>) -> Result<Self, String> {
+        if min_devices.is_some_and(|k| !(1..=1000).contains(&k)) {
+            return Err("validate.min_devices must be within 1..=1000".to_owned());
+        }
+        let timeout = match timeout {
+            None => None,
+            Some(t) => {
+                let d = humantime::parse_duration(t)
+                    .map_err(|e| format!("validate.timeout {t:?}: {e}"))?;
+                if d < std::time::Duration::from_secs(1)
+                    || d > std::time::Duration::from_secs(30 * 86_400)
+                {
+                    return Err("validate.timeout must be within 1s..=30d".to_owned());
+                }
+                Some(d)
+            }
+        };
+        Ok(ValidateRequest {
+            min_devices,
+            timeout,
+        })
+    }
+}
+
 /// A new rollout and the devices of its target it leaves out, with why.
 #[derive(Debug, Clone)]
 pub struct RolloutCreated {
@@ -434,7 +461,8 @@ impl Writer {
                 }
                 rollouts::Action::Audit(id, n, e) => {
                     tracing::info!(rollout = id, event = %e.event, by = %e.by, message = %e.message, "rollout");
-                    t.put_audit(id, n, &e)?
+                    t.put_audit(id, n, &e)?;
+                    self.record_rollout(t, id, &e)?
                 }
                 rollouts::Action::StartTransfer {
                     rollout,

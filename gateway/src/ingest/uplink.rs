@@ -125,11 +125,12 @@ impl Writer {
         let Some(s) = self.devices.get_mut(&m.device) else {
             return Ok(Handled::Ignored);
         };
-        s.device.hello = Some(hello.clone());
+        let before = s.device.hello.replace(hello.clone());
         s.device.encoding = m.encoding;
         s.device.counters.hellos += 1;
         self.said_hello(&m.device);
         let now = m.received_us / 1000;
+        self.record_inventory(t, &m.device, before.as_ref(), now)?;
         self.drift_bins(&m.device, &hello, fx);
         self.update_event(t, updates::Event::Online(m.device.clone()), now, fx)?;
         self.rollouts_hello(t, &m.device, now, fx)?;
@@ -184,6 +185,7 @@ impl Writer {
             .push(Stream::Telemetry, &m.device, key, row.encode());
         fx.telemetry_times.push(tel.time_ms);
         let now = m.received_us / 1000;
+        self.record_telemetry(t, &m.device, &tel, now)?;
         self.apply_rules(t, &m.device, &tel, now)?;
         self.drift_observe(t, &m.device, &tel, now)?;
         self.rollouts_telemetry(t, &m.device, &tel, now, fx)?;

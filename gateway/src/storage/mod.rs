@@ -11,8 +11,10 @@ use std::sync::Arc;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table};
 
 pub mod blocks;
+pub mod outbox;
 pub mod quota;
 pub mod records;
+mod requests;
 pub mod schema;
 mod validation;
 
@@ -120,6 +122,10 @@ pub struct Tables<'txn> {
         Table<'txn, (&'static str, &'static str, u64, &'static str, &'static str), &'static [u8]>,
     validation_runs: Table<'txn, u64, &'static [u8]>,
     rollout_validation: Table<'txn, u64, &'static [u8]>,
+    outbox: Table<'txn, (u8, u64), &'static [u8]>,
+    outbox_state: Table<'txn, u8, (u64, u64, u64, u64)>,
+    outbox_cursors: Table<'txn, (u8, &'static str), u64>,
+    site_requests: Table<'txn, &'static str, &'static [u8]>,
     /// Whether anything was written: a transaction that wrote nothing is not committed (a
     /// commit costs a disk sync, and an idle gateway must not wear out its SD card).
     changed: bool,
@@ -309,6 +315,10 @@ impl Store {
         copy_table(&src, &dst, VALIDATION_RESULTS)?;
         copy_table(&src, &dst, VALIDATION_RUNS)?;
         copy_table(&src, &dst, ROLLOUT_VALIDATION)?;
+        copy_table(&src, &dst, OUTBOX)?;
+        copy_table(&src, &dst, OUTBOX_STATE)?;
+        copy_table(&src, &dst, OUTBOX_CURSORS)?;
+        copy_table(&src, &dst, SITE_REQUESTS)?;
         dst.commit()?;
         Ok(())
     }
@@ -370,6 +380,10 @@ impl Store {
                 validation_results: txn.open_table(VALIDATION_RESULTS)?,
                 validation_runs: txn.open_table(VALIDATION_RUNS)?,
                 rollout_validation: txn.open_table(ROLLOUT_VALIDATION)?,
+                outbox: txn.open_table(OUTBOX)?,
+                outbox_state: txn.open_table(OUTBOX_STATE)?,
+                outbox_cursors: txn.open_table(OUTBOX_CURSORS)?,
+                site_requests: txn.open_table(SITE_REQUESTS)?,
                 changed: false,
             };
             let result = f(&mut tables)?;

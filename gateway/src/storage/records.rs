@@ -96,6 +96,8 @@ records! {
     crate::validation::ValidationRecord => "validation result", version 1;
     crate::validation::ValidationRun => "validation run", version 1;
     crate::rollouts::validate::ValidateStage => "rollout validate stage", version 1;
+    crate::uplink::event::Entry => "outbox entry", version 1;
+    crate::uplink::down::RequestRecord => "site request", version 1;
 }
 
 /// Encodings older versions of the gateway wrote.

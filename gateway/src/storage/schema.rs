@@ -116,3 +116,20 @@ pub(crate) const VALIDATION_RUNS: TableDefinition<u64, &[u8]> =
 /// Rollout id -> `ValidateStage`: the validate stage of a rollout that has one.
 pub(crate) const ROLLOUT_VALIDATION: TableDefinition<u64, &[u8]> =
     TableDefinition::new("rollout_validation");
+/// (outbox stream, sequence number) -> an outbox entry (`uplink::event::Entry`): a message
+/// waiting for the upstream broker or the alert webhooks (see `storage::outbox`).
+pub(crate) const OUTBOX: TableDefinition<(u8, u64), &[u8]> = TableDefinition::new("outbox");
+
+/// Outbox stream -> (head: last sequence number given, tail: oldest entry stored, bytes stored,
+/// entries dropped before every destination had them).
+pub(crate) const OUTBOX_STATE: TableDefinition<u8, (u64, u64, u64, u64)> =
+    TableDefinition::new("outbox_state");
+
+/// (outbox stream, destination) -> the highest sequence number the destination acknowledged.
+pub(crate) const OUTBOX_CURSORS: TableDefinition<(u8, &str), u64> =
+    TableDefinition::new("outbox_cursors");
+
+/// Request id -> `uplink::down::RequestRecord`: rollout requests from central operations this
+/// site has seen, kept until 30 days after they expire.
+pub(crate) const SITE_REQUESTS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("site_requests");

@@ -64,6 +64,20 @@ fn tampered_body_or_other_domain_fails() {
         signed.verify(Domain::Rollback, &[public(1)], 1),
         Err(SigError::BadSignature)
     );
+    // A site request signed by the same key is no manifest, and the other way round.
+    let request = Signed::sign(Domain::SiteRequest, b"release 7".to_vec(), &[key(1)]);
+    assert_eq!(
+        request.verify(Domain::Manifest, &[public(1)], 1),
+        Err(SigError::BadSignature)
+    );
+    assert_eq!(
+        signed.verify(Domain::SiteRequest, &[public(1)], 1),
+        Err(SigError::BadSignature)
+    );
+    assert_eq!(
+        request.verify(Domain::SiteRequest, &[public(1)], 1),
+        Ok(&b"release 7"[..])
+    );
     let mut flipped = signed.clone();
     flipped.signatures[0].signature[0] ^= 1;
     assert_eq!(

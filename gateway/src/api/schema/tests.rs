@@ -121,8 +121,8 @@ fn the_document_is_openapi_3_1_with_every_route_and_bearer_auth() {
         })
         .sum();
     // Every route the router serves under /api/v1, /healthz and /metrics (with the three of
-    // /validations).
-    assert_eq!((paths.len(), operations), (45, 53));
+    // /validations and the one of /uplink).
+    assert_eq!((paths.len(), operations), (46, 54));
     for (path, item) in paths {
         for (method, op) in item.as_object().unwrap() {
             let open = op["security"] == serde_json::json!([{}]);
