@@ -283,7 +283,7 @@ impl Writer {
         let loaded = self.store.load()?;
         self.rows.clear();
         self.outbox.reloaded();
-        self.quota = storage::quota::Quota::new(self.settings.max_db_bytes, loaded.quota_cap);
+        self.quota = storage::quota::Quota::new(self.settings.max_db_bytes, loaded.quota_ratio);
         self.devices.clear();
         for mut device in loaded.devices {
             // Stored presence is history; who is connected now is in `connections`.

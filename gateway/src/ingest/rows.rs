@@ -69,10 +69,10 @@ impl Writer {
             return Ok(());
         }
         let row_bytes = t.row_bytes()?;
-        let before = self.quota.cap();
+        let before = self.quota.stored_ratio();
         let excess = self.quota.excess(self.store.file_size(), row_bytes);
-        if self.quota.cap() != before {
-            t.set_meta(storage::schema::META_QUOTA_CAP, self.quota.cap())?;
+        if self.quota.stored_ratio() != before {
+            t.set_meta(storage::schema::META_QUOTA_RATIO, self.quota.stored_ratio())?;
         }
         if excess == 0 {
             return Ok(());

@@ -161,8 +161,8 @@ pub struct Loaded {
     /// Newest telemetry and log keys per device, so new keys stay unique after a restart even
     /// if the clock went back.
     pub last_keys: std::collections::HashMap<String, (u64, u64)>,
-    /// The storage quota's cap on row bytes (0: not reached).
-    pub quota_cap: u64,
+    /// The storage quota's learned ratio (`storage::quota`; 0: unknown).
+    pub quota_ratio: u64,
 }
 
 impl Store {
@@ -485,7 +485,7 @@ impl Store {
             open_transfers,
             next_rollout_id: get(META_NEXT_ROLLOUT_ID)?,
             rollouts,
-            quota_cap: meta.get(META_QUOTA_CAP)?.map_or(0, |v| v.value()),
+            quota_ratio: meta.get(META_QUOTA_RATIO)?.map_or(0, |v| v.value()),
         })
     }
 

@@ -88,8 +88,9 @@ pub(crate) const META_NEXT_AUDIT_ID: &str = "next_audit_id";
 pub(crate) const META_ROWS_TELEMETRY: &str = "rows_telemetry";
 pub(crate) const META_ROWS_LOGS: &str = "rows_logs";
 pub(crate) const META_ROW_BYTES: &str = "row_bytes";
-/// The storage quota's current cap on row bytes (see `storage::quota`); 0 while not reached.
-pub(crate) const META_QUOTA_CAP: &str = "quota_cap";
+/// The storage quota's learned file bytes per row byte, in millionths (see `storage::quota`);
+/// 0 while unknown. (Databases of earlier versions hold an unused `quota_cap` too.)
+pub(crate) const META_QUOTA_RATIO: &str = "quota_ratio";
 
 /// (model, version, cohort) -> the drift engine's saved state of that stream: open windows,
 /// alert episodes and CUSUMs, so that a restart continues where it stopped. The value is the
