@@ -40,6 +40,9 @@ impl Drop for WriterGone {
     }
 }
 
+/// The storage writer's thread.
+pub const WRITER_THREAD: &str = "fg-writer";
+
 /// A writer that has not gone round its loop for this long is stuck (its loop wakes at least
 /// once a second; a commit on a slow SD card can take seconds, not a minute).
 pub const WRITER_STUCK: Duration = Duration::from_secs(60);
@@ -68,6 +71,7 @@ pub struct Gateway {
     writer_gone: CancellationToken,
     http: tokio::task::JoinHandle<()>,
     markers: std::sync::atomic::AtomicU64,
+    store: Store,
 }
 
 impl Gateway {
@@ -130,7 +134,7 @@ impl Gateway {
         let writer = {
             let gone = WriterGone(writer_gone.clone(), metrics.clone());
             std::thread::Builder::new()
-                .name("fg-writer".into())
+                .name(WRITER_THREAD.into())
                 .spawn(move || {
                     // Whatever ends the writer (a panic unwinds through this guard too), the
                     // gateway learns of it.
@@ -211,7 +215,7 @@ impl Gateway {
         .context("starting the uplink and webhooks")?;
         let tokens = api::access::load_tokens(&store, &token).context("loading API tokens")?;
         let api_state = Arc::new(ApiState {
-            store,
+            store: store.clone(),
             registry,
             control: control.clone(),
             metrics: metrics.clone(),
@@ -249,6 +253,7 @@ impl Gateway {
             writer_gone,
             http,
             markers: std::sync::atomic::AtomicU64::new(0),
+            store,
         })
     }
 
@@ -269,6 +274,13 @@ impl Gateway {
             .await
             .context("the storage writer stopped")?;
         done.await.context("the storage writer stopped")
+    }
+
+    /// Makes the storage writer panic at its next write, as a bug would (for tests of what a
+    /// crashed writer does to the gateway).
+    #[doc(hidden)]
+    pub fn crash_writer_at_next_write(&self) {
+        self.store.panic_next_write_on(WRITER_THREAD);
     }
 
     /// Resolves when the storage writer has stopped on its own, or has made no progress for

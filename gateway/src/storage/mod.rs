@@ -85,6 +85,8 @@ pub struct Store {
     commits: Arc<std::sync::atomic::AtomicU64>,
     /// Commits still to fail on purpose (see [`Store::fail_next_commits`]).
     fail_commits: Arc<std::sync::atomic::AtomicU64>,
+    /// Set: the next write on the thread of this name panics (see `panic_next_write_on`).
+    panic_on: Arc<std::sync::Mutex<Option<String>>>,
     /// An in-memory database (simulations) has no disk to sync: most of its commits are not
     /// durable, which redb makes much cheaper; every `DURABLE_EVERY`th is, so that redb frees
     /// the pages the others left behind.
@@ -183,6 +185,7 @@ impl Store {
             path,
             commits: Arc::default(),
             fail_commits: Arc::default(),
+            panic_on: Arc::default(),
             in_memory: false,
         };
         store.init_schema()?;
@@ -199,6 +202,7 @@ impl Store {
             path: PathBuf::new(),
             commits: Arc::default(),
             fail_commits: Arc::default(),
+            panic_on: Arc::default(),
             in_memory: true,
         };
         store.init_schema()?;
@@ -331,6 +335,26 @@ impl Store {
             .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Makes the next write on the thread named `thread` panic, as a bug would. For tests of
+    /// what a crashed writer does to the gateway.
+    #[doc(hidden)]
+    pub fn panic_next_write_on(&self, thread: &str) {
+        if let Ok(mut on) = self.panic_on.lock() {
+            *on = Some(thread.to_owned());
+        }
+    }
+
+    fn take_injected_panic(&self) -> bool {
+        let Ok(mut on) = self.panic_on.lock() else {
+            return false;
+        };
+        let here = std::thread::current().name() == on.as_deref();
+        if here {
+            *on = None;
+        }
+        here
+    }
+
     fn take_injected_failure(&self) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
         self.fail_commits
@@ -350,6 +374,10 @@ impl Store {
 
     /// Runs `f` in one write transaction and commits it durably if `f` succeeds.
     pub fn write<R>(&self, f: impl FnOnce(&mut Tables<'_>) -> Result<R>) -> Result<R> {
+        assert!(
+            !self.take_injected_panic(),
+            "a storage write panicked (injected by a test)"
+        );
         let mut txn = self.db.begin_write()?;
         if self.in_memory && !(self.commits() + 1).is_multiple_of(DURABLE_EVERY) {
             // Never refused for an in-memory database; if it were, the commit stays durable.

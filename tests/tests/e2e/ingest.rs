@@ -182,3 +182,90 @@ async fn a_burst_larger_than_every_queue_is_slowed_and_stored_whole() {
     assert!(full > 0, "the burst never filled the writer's queue");
     gw.stop().await;
 }
+
+/// `GET /healthz`: status code and body.
+async fn health(gw: &TestGateway) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = gw.http_url().trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut answer))
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    let status = answer[9..12].parse().unwrap();
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    (status, serde_json::from_str(body).unwrap_or_default())
+}
+
+/// A crashed writer is a crashed gateway: once the storage writer's thread panics, the message
+/// it was storing is never acknowledged, nor is anything a device sends afterwards, /healthz
+/// answers 503 with the reason, and `Gateway::failed` resolves (on which `fleetgate serve`
+/// exits non-zero, for systemd to restart it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_panics_acknowledges_nothing_more_fails_health_and_stops_the_gateway() {
+    let gw = TestGateway::start().await;
+    let one = gw.enroll("crash-1").await;
+    let two = gw.enroll("crash-2").await;
+    let (client, mut events) = connect(gw.mqtt_port(), "crash-1", &one.secret)
+        .await
+        .unwrap();
+    let topic = "fg/crash-1/telemetry/json";
+    client
+        .publish(topic, QoS::AtLeastOnce, false, telemetry(1))
+        .await
+        .unwrap();
+    await_acks(&mut events, 1).await;
+    assert_eq!(
+        health(&gw).await,
+        (200, json!({ "status": "ok" })),
+        "healthy before the crash"
+    );
+
+    gw.gateway().crash_writer_at_next_write();
+    client
+        .publish(topic, QoS::AtLeastOnce, false, telemetry(2))
+        .await
+        .unwrap();
+    let why = tokio::time::timeout(Duration::from_secs(10), gw.gateway().failed())
+        .await
+        .expect("the gateway notices within 10 s");
+    assert_eq!(why, "the storage writer stopped");
+    assert_eq!(
+        health(&gw).await,
+        (
+            503,
+            json!({ "status": "failing", "reason": "the storage writer has stopped" })
+        )
+    );
+    // The writer is gone: no acknowledgement can come any more. None came for message 2.
+    while let Some(p) = tests::device::next_incoming(&mut events, Duration::from_millis(500)).await
+    {
+        assert!(
+            !matches!(p, rumqttc::Packet::PubAck(_)),
+            "message 2 was acknowledged without a writer"
+        );
+    }
+    // A device that connects now is not acknowledged either: its session ends at its publish.
+    if let Ok((late, mut late_events)) = connect(gw.mqtt_port(), "crash-2", &two.secret).await {
+        late.publish(
+            "fg/crash-2/telemetry/json",
+            QoS::AtLeastOnce,
+            false,
+            telemetry(1),
+        )
+        .await
+        .unwrap();
+        while let Some(p) =
+            tests::device::next_incoming(&mut late_events, Duration::from_secs(2)).await
+        {
+            assert!(
+                !matches!(p, rumqttc::Packet::PubAck(_)),
+                "a publish after the crash was acknowledged"
+            );
+        }
+    }
+}
