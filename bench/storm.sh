@@ -56,7 +56,7 @@ TOML
     --rollback-key "$rollback_key" > "$work/sim.log" 2>&1 &
   sim=$!
   for _ in $(seq 1200); do
-    said=$(api "http://$http/api/v1/devices?limit=10000" | json 'sum(1 for x in d if x["models"])')
+    said=$(api "http://$http/api/v1/devices" | json 'sum(1 for x in d if x["models"])')
     [ "$said" -ge "$n" ] && break
     sleep 0.2
   done
