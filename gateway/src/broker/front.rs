@@ -373,7 +373,7 @@ impl Front {
         }
     }
 
-    async fn connection<S: DeviceStream>(
+    pub(super) async fn connection<S: DeviceStream>(
         self: Arc<Self>,
         mut stream: S,
         peer: SocketAddr,

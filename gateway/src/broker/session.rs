@@ -156,7 +156,7 @@ pub enum ReadError {
     clippy::large_enum_variant,
     reason = "lives on the stack for one call, never stored"
 )]
-enum Parsed {
+pub(super) enum Parsed {
     Packet(Packet, Option<(u8, u16)>),
     NeedMore,
     Oversized(usize),
@@ -169,7 +169,7 @@ enum Parsed {
 /// refused as soon as the header is in, without waiting for the rest. rumqttd's decoder is
 /// third-party code fed with hostile bytes: a panic in it is treated as a malformed packet
 /// rather than taking the task down (and is not printed: see [`quiet_panics`]).
-fn next_packet<P: Protocol>(proto: &mut P, buf: &mut BytesMut, max: usize) -> Parsed {
+pub(super) fn next_packet<P: Protocol>(proto: &mut P, buf: &mut BytesMut, max: usize) -> Parsed {
     if buf.is_empty() {
         return Parsed::NeedMore;
     }
