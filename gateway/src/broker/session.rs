@@ -893,12 +893,19 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
         match qos {
             1 => self.write(Packet::PubAck(PubAck { pkid, reason }, None)),
             2 => {
+                // The same code a QoS 1 publish gets (docs/protocol.md has one table for both).
                 let reason = match reason {
                     PubAckReason::Success => PubRecReason::Success,
+                    PubAckReason::NoMatchingSubscribers => PubRecReason::NoMatchingSubscribers,
+                    PubAckReason::UnspecifiedError => PubRecReason::UnspecifiedError,
+                    PubAckReason::ImplementationSpecificError => {
+                        PubRecReason::ImplementationSpecificError
+                    }
                     PubAckReason::NotAuthorized => PubRecReason::NotAuthorized,
+                    PubAckReason::TopicNameInvalid => PubRecReason::TopicNameInvalid,
+                    PubAckReason::PacketIdentifierInUse => PubRecReason::PacketIdentifierInUse,
                     PubAckReason::QuotaExceeded => PubRecReason::QuotaExceeded,
                     PubAckReason::PayloadFormatInvalid => PubRecReason::PayloadFormatInvalid,
-                    _ => PubRecReason::ImplementationSpecificError,
                 };
                 if reason != PubRecReason::Success && self.v5 {
                     // A refused QoS 2 publish is over: no PUBREL follows a failure code.

@@ -201,6 +201,8 @@ struct Conn {
     connack: Option<u8>,
     requested_keep_alive: u16,
     last_sent: Instant,
+    /// The longest the device sent nothing, up to `last_sent`.
+    silence: Duration,
     closed: Option<Instant>,
     dropped: bool,
     inbox: Vec<u8>,
@@ -359,6 +361,7 @@ impl Checker {
                     connack: None,
                     requested_keep_alive: 0,
                     last_sent: at,
+                    silence: Duration::ZERO,
                     closed: None,
                     dropped: false,
                     inbox: Vec::new(),
@@ -435,6 +438,13 @@ impl Checker {
                     {
                         c.kicked.get_or_insert((at, "revoked"));
                         set_deadline(c, at, SLACK, "its device was revoked");
+                        // A CONNECT still waiting for the device's previous session to end
+                        // is refused once it is its turn.
+                        if c.connack.is_none()
+                            && let Some(Expect::Codes(codes)) = &mut c.expect
+                        {
+                            codes.push(if c.v5_connack { 0x86 } else { 4 });
+                        }
                     }
                 }
                 Ok(())
@@ -484,11 +494,12 @@ impl Checker {
 
     fn sent(&mut self, at: Instant, conn: usize, bytes: &[u8]) -> Check {
         let c = &mut self.conns[conn];
-        c.last_sent = at;
         if c.closed.is_some() || c.ended.is_some() {
             // Nobody reads it.
             return Ok(());
         }
+        c.silence = c.silence.max(at.saturating_duration_since(c.last_sent));
+        c.last_sent = at;
         match c.phase {
             Phase::Connecting => {
                 c.stream.extend_from_slice(bytes);
@@ -837,7 +848,7 @@ impl Checker {
         }
     }
 
-    fn from_server(&mut self, at: Instant, conn: usize, packet: FromServer) -> Check {
+    fn from_server(&mut self, _at: Instant, conn: usize, packet: FromServer) -> Check {
         let limits = self.limits.clone();
         let settings = self.settings;
         let c = &mut self.conns[conn];
@@ -920,13 +931,12 @@ impl Checker {
                 }
                 // Everything up to this publish is with the writer, and committed.
                 if !settings.ack_on_receipt() {
-                    let epoch = epoch.ok_or_else(|| {
-                        format!("connection {conn}: acknowledgement before its session went online")
-                    })?;
                     for j in m.committed_upto..=idx {
                         let q = &m.pubs[j];
                         match q.delivered {
-                            Some((n, _)) => match self.commits.get(&(epoch, n)) {
+                            // A publish the writer took has its session online (checked
+                            // where it is taken): `epoch` is known.
+                            Some((n, _)) => match epoch.and_then(|e| self.commits.get(&(e, n))) {
                                 Some(true) => {}
                                 Some(false) => {
                                     return Err(format!(
@@ -1245,8 +1255,15 @@ impl Checker {
             // Reading the end of the stream means every packet before it was taken, the last
             // one included; a dropped connection can also fail a write first.
             "connection closed" => c.closed.is_some() && (c.dropped || terminal.is_none()),
+            // The device was silent for as long at least once. (Not necessarily the last
+            // time: the session may end long before its task does, and the writer take the
+            // offline long after that, when it is stalled; what the device sends in between
+            // stays in the pipe.)
             "keep alive timeout" => {
-                at.saturating_duration_since(c.last_sent) + Duration::from_millis(1)
+                c.ended
+                    .unwrap_or(at)
+                    .saturating_duration_since(c.last_sent)
+                    .max(c.silence) + Duration::from_millis(1)
                     >= m.keep_alive + m.keep_alive / 2
             }
             // The writer hears of the end after the session's last writes and close, which
