@@ -584,12 +584,21 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
                 self.disconnect_device(DisconnectReasonCode::UnspecifiedError);
                 return end;
             }
-            if let Step::End(end) = self.parse_packets() {
-                return end;
-            }
-            if let Err(end) = self.release() {
-                self.disconnect_device(DisconnectReasonCode::UnspecifiedError);
-                return end;
+            // Take what is read already before reading again: the next read may be the end
+            // of the stream, which must not pass over packets before it. Acknowledging a
+            // publish refused here (nothing to wait for) can make room for the next one.
+            loop {
+                if let Step::End(end) = self.parse_packets() {
+                    return end;
+                }
+                let full = !self.taking();
+                if let Err(end) = self.release() {
+                    self.disconnect_device(DisconnectReasonCode::UnspecifiedError);
+                    return end;
+                }
+                if !(full && self.taking()) {
+                    break;
+                }
             }
         }
     }

@@ -240,6 +240,34 @@ fn packets_read_before_the_end_of_the_stream_are_taken() {
     assert_eq!(outcome.ends.get("disconnect"), Some(&1), "{outcome:?}");
 }
 
+/// Found by the simulation: a session that held a publish it had refused itself (at
+/// `mqtt.max_inflight`) acknowledged it and then read again without taking the packets it
+/// had read already; when that read was the end of the stream, they were lost (here the
+/// DISCONNECT: the session ended as "connection closed" and would have sent a will).
+#[test]
+fn packets_after_a_refused_publish_are_taken_before_the_end_of_the_stream() {
+    let bytes = script(
+        // One publish in flight at a time.
+        Settings::default(),
+        vec![
+            // The writer takes nothing for 5 s: the first publish holds the session's only
+            // slot, and the rest waits in the connection.
+            Op::Writer { action: 5 },
+            connect(0, true),
+            publish(0, 1, TELEMETRY, JSON),
+            // `$SYS/x`: refused by the session itself.
+            publish(0, 1, 17, JSON),
+            Op::Disconnect { slot: 0, will: 0 },
+            Op::Close { slot: 0, how: 0 },
+            Op::Wait { ms: 6 },
+        ],
+    );
+    let outcome = run(&bytes).unwrap_or_else(|e| panic!("{e}\n{}", describe(&bytes)));
+    assert_eq!(outcome.delivered, 1);
+    assert_eq!(outcome.acks, 2);
+    assert_eq!(outcome.ends.get("disconnect"), Some(&1), "{outcome:?}");
+}
+
 /// Every input the fuzzer once failed on, fixed since.
 #[test]
 fn the_fuzzers_regressions_pass() {
