@@ -511,9 +511,12 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
                     unreported,
                     reported_at,
                     closing,
+                    ack_after_commit,
+                    sent,
                     ..
                 } = &mut *self;
-                let waiting = !pending.is_empty();
+                // After the commit, receipts also tell of a failure (see `release`).
+                let waiting = !pending.is_empty() || (*ack_after_commit && *sent > 0);
                 let token_at = held.as_ref().map(|h| h.until);
                 let report_at = (*unreported > 0).then(|| *reported_at + REJECTS_EVERY);
                 let closing_at = *closing;
@@ -860,13 +863,16 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
     /// Writes the acknowledgements that are due, in order. Fails when the writer lost a batch
     /// of this session's messages.
     fn release(&mut self) -> Result<(), End> {
+        // A failed commit ends the session even when it held only QoS 0 messages (none of
+        // them waits for an acknowledgement): the device is disconnected now, not at its next
+        // QoS 1 publish.
+        if self.ack_after_commit && self.receipts.is_failed() {
+            return Err(End::StorageFailed);
+        }
         if self.pending.is_empty() {
             return Ok(());
         }
         let upto = if self.ack_after_commit {
-            if self.receipts.is_failed() {
-                return Err(End::StorageFailed);
-            }
             let upto = self.receipts.upto();
             self.receipts.take_refused(upto, &mut self.refused);
             upto

@@ -297,6 +297,25 @@ fn a_publish_held_by_the_rate_limit_does_not_spin_its_session() {
     assert_eq!(outcome.acks, 1);
 }
 
+/// Found by cargo-fuzz: a failed commit that held only QoS 0 messages of a session left the
+/// session running (nothing waited for an acknowledgement), to end it as "storage failed" at
+/// its next QoS 1 publish, whenever that came.
+#[test]
+fn a_failed_commit_of_qos0_messages_ends_the_session() {
+    let bytes = script(
+        Settings::default(),
+        vec![
+            connect(0, true),
+            publish(0, 0, TELEMETRY, JSON),
+            Op::Writer { action: FAIL },
+            Op::Wait { ms: 6 },
+        ],
+    );
+    let outcome = run(&bytes).unwrap_or_else(|e| panic!("{e}\n{}", describe(&bytes)));
+    assert_eq!(outcome.failed_commits, 1);
+    assert_eq!(outcome.ends.get("storage failed"), Some(&1), "{outcome:?}");
+}
+
 /// The fuzzer's seeds (`fuzz/corpus/sessions/`), and every input it once failed on, fixed
 /// since (`fuzz/regressions/sessions/`).
 #[test]
