@@ -140,9 +140,18 @@ impl Pub {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Immediate {
     /// `reason`: `None` when either answer is right.
-    PubComp { pkid: u16, reason: Option<u8> },
-    SubAck { pkid: u16, codes: Vec<u8> },
-    UnsubAck { pkid: u16, codes: Vec<u8> },
+    PubComp {
+        pkid: u16,
+        reason: Option<u8>,
+    },
+    SubAck {
+        pkid: u16,
+        codes: Vec<u8>,
+    },
+    UnsubAck {
+        pkid: u16,
+        codes: Vec<u8>,
+    },
     PingResp,
 }
 
@@ -337,12 +346,11 @@ impl Checker {
     /// The oldest QoS 2 publish whose PUBREC the device read and has not released.
     pub fn due_pubrel(&self, conn: usize) -> Option<u16> {
         let m = self.conns.get(conn)?.model.as_ref()?;
-        let mut ids: Vec<u16> = m
-            .q2
-            .iter()
-            .filter(|(_, s)| **s == Q2::AwaitRel)
-            .map(|(id, _)| *id)
-            .collect();
+        let mut ids: Vec<u16> =
+            m.q2.iter()
+                .filter(|(_, s)| **s == Q2::AwaitRel)
+                .map(|(id, _)| *id)
+                .collect();
         ids.sort_unstable();
         ids.first().copied()
     }
@@ -550,14 +558,12 @@ impl Checker {
         }
         let v5 = level == 5;
         c.v5_connack = v5;
-        let mut proto = if v5 {
-            Proto::V5(V5)
-        } else {
-            Proto::V4(V4)
-        };
+        let mut proto = if v5 { Proto::V5(V5) } else { Proto::V4(V4) };
         let (connect, will, login) = match proto.next(&mut c.stream, limits.max_packet) {
             Parsed::NeedMore => return Ok(()),
-            Parsed::Packet(Packet::Connect(connect, _, will, _, login), _) => (connect, will, login),
+            Parsed::Packet(Packet::Connect(connect, _, will, _, login), _) => {
+                (connect, will, login)
+            }
             _ => {
                 c.phase = Phase::Refused;
                 c.expect = Some(Expect::Nothing);
@@ -610,9 +616,7 @@ impl Checker {
             return Ok(());
         }
         // The device budget, counted as the front counts it: sessions that hold their slot.
-        let holding = |c: &Conn| {
-            c.phase == Phase::Session && c.ended.is_none()
-        };
+        let holding = |c: &Conn| c.phase == Phase::Session && c.ended.is_none();
         let ending = |c: &Conn| {
             c.kicked.is_some()
                 || c.failed.is_some()
@@ -716,7 +720,8 @@ impl Checker {
                     let (qos, pkid) = peek.unwrap_or((0, 0));
                     let topic = String::from_utf8_lossy(&p.topic);
                     let permitted = policy::uplink(&m.device, &topic).ok();
-                    let fits = permitted.is_some_and(|(ch, _)| p.payload.len() <= max_message.of(ch));
+                    let fits =
+                        permitted.is_some_and(|(ch, _)| p.payload.len() <= max_message.of(ch));
                     let idx = m.pubs.len();
                     let mut retransmit = false;
                     if qos == 2 {
@@ -755,7 +760,8 @@ impl Checker {
                             Ok(s) => {
                                 let most = if s.channel == Downlink::Chunk { 0 } else { 1 };
                                 let qos = (f.qos as u8).min(most);
-                                m.subs.retain(|(ch, e, _)| (*ch, *e) != (s.channel, s.encoding));
+                                m.subs
+                                    .retain(|(ch, e, _)| (*ch, *e) != (s.channel, s.encoding));
                                 m.subs.push((s.channel, s.encoding, qos));
                                 m.granted_ever.push((s.channel, s.encoding, qos));
                                 codes.push(qos);
@@ -777,7 +783,8 @@ impl Checker {
                                     .subs
                                     .iter()
                                     .any(|(ch, e, _)| (*ch, *e) == (s.channel, s.encoding));
-                                m.subs.retain(|(ch, e, _)| (*ch, *e) != (s.channel, s.encoding));
+                                m.subs
+                                    .retain(|(ch, e, _)| (*ch, *e) != (s.channel, s.encoding));
                                 if had { 0 } else { 0x11 }
                             }
                             Err(_) => 0x11,
@@ -894,7 +901,10 @@ impl Checker {
             }
             return Ok(());
         };
-        ensure!(code == 0, "connection {conn}: {packet:?} after a refusing CONNACK");
+        ensure!(
+            code == 0,
+            "connection {conn}: {packet:?} after a refusing CONNACK"
+        );
         let epoch = c.epoch;
         let Some(m) = c.model.as_mut() else {
             return Ok(());
@@ -987,7 +997,10 @@ impl Checker {
                 Ok(())
             }
             FromServer::PubComp { pkid, reason } => {
-                let Some(Immediate::PubComp { pkid: want, reason: why }) = m.immediate.pop_front()
+                let Some(Immediate::PubComp {
+                    pkid: want,
+                    reason: why,
+                }) = m.immediate.pop_front()
                 else {
                     return Err(format!("connection {conn}: PUBCOMP {pkid} not due"));
                 };
@@ -1050,8 +1063,14 @@ impl Checker {
                         "connection {conn}: a publish the gateway was never given: {payload:02x?}"
                     ));
                 };
-                ensure!(d.queued, "connection {conn}: a direct message its session refused");
-                ensure!(!d.delivered, "connection {conn}: a direct message delivered twice");
+                ensure!(
+                    d.queued,
+                    "connection {conn}: a direct message its session refused"
+                );
+                ensure!(
+                    !d.delivered,
+                    "connection {conn}: a direct message delivered twice"
+                );
                 d.delivered = true;
                 ensure!(
                     d.device == m.device,
@@ -1066,9 +1085,9 @@ impl Checker {
                     String::from_utf8_lossy(&topic)
                 );
                 ensure!(
-                    m.granted_ever
-                        .iter()
-                        .any(|&(ch, e, g)| (ch, e) == (d.channel, d.encoding) && d.qos.min(g) == qos),
+                    m.granted_ever.iter().any(
+                        |&(ch, e, g)| (ch, e) == (d.channel, d.encoding) && d.qos.min(g) == qos
+                    ),
                     "connection {conn}: direct message at QoS {qos} (sent at {}, subscribed {:?})",
                     d.qos,
                     m.granted_ever
@@ -1157,7 +1176,9 @@ impl Checker {
                 verdict,
             } => {
                 let Some(&conn) = self.by_epoch.get(&epoch) else {
-                    return Err(format!("a message of session {epoch} before it went online"));
+                    return Err(format!(
+                        "a message of session {epoch} before it went online"
+                    ));
                 };
                 ensure!(
                     !self.offline.contains_key(&epoch),
@@ -1172,8 +1193,7 @@ impl Checker {
                     ensure!(!m.will_taken, "connection {conn}: two wills");
                     m.will_taken = true;
                     ensure!(
-                        m.will.as_ref()
-                            == Some(&(channel, encoding, payload.clone())),
+                        m.will.as_ref() == Some(&(channel, encoding, payload.clone())),
                         "connection {conn}: will {channel:?} {encoding:?} {payload:02x?}, expected {:?}",
                         m.will
                     );
@@ -1263,7 +1283,8 @@ impl Checker {
                 c.ended
                     .unwrap_or(at)
                     .saturating_duration_since(c.last_sent)
-                    .max(c.silence) + Duration::from_millis(1)
+                    .max(c.silence)
+                    + Duration::from_millis(1)
                     >= m.keep_alive + m.keep_alive / 2
             }
             // The writer hears of the end after the session's last writes and close, which

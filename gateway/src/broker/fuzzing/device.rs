@@ -216,7 +216,10 @@ pub(super) fn read_server(buf: &mut Vec<u8>, v5: bool) -> Result<Option<FromServ
             }
             let props = if v5 {
                 let mut r = &body[2..];
-                Some(read_connack_props(&mut r).ok_or_else(|| format!("CONNACK properties: {whole:02x?}"))?)
+                Some(
+                    read_connack_props(&mut r)
+                        .ok_or_else(|| format!("CONNACK properties: {whole:02x?}"))?,
+                )
             } else if body.len() != 2 {
                 return bad("v3.1.1 CONNACK with more than its two bytes");
             } else {

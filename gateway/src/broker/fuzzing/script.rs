@@ -65,7 +65,11 @@ impl Settings {
 
     /// Messages per second and burst.
     pub fn rate(&self) -> (f64, u32) {
-        if self.rate == 0 { (5.0, 3) } else { (1000.0, 1000) }
+        if self.rate == 0 {
+            (5.0, 3)
+        } else {
+            (1000.0, 1000)
+        }
     }
 
     pub fn max_connections(&self) -> usize {
@@ -401,7 +405,9 @@ pub const CUTS: [usize; 5] = [1, 2, 3, 5, 10];
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     /// A new connection in `slot` (the device drops whatever was there), nothing sent yet.
-    Open { slot: u8 },
+    Open {
+        slot: u8,
+    },
     /// A CONNECT on `slot`'s connection (a new one if the slot is empty).
     Connect {
         slot: u8,
@@ -422,8 +428,15 @@ pub enum Op {
         flags: u8,
     },
     /// The `back`-th last QoS 1/2 publish of the connection again, with DUP set.
-    Republish { slot: u8, back: u8 },
-    Ack { slot: u8, kind: u8, id: u8 },
+    Republish {
+        slot: u8,
+        back: u8,
+    },
+    Ack {
+        slot: u8,
+        kind: u8,
+        id: u8,
+    },
     /// `count` (1..=3) of the filters, at `qos`.
     Subscribe {
         slot: u8,
@@ -436,24 +449,56 @@ pub enum Op {
         filters: [u8; 3],
         count: u8,
     },
-    Ping { slot: u8 },
+    Ping {
+        slot: u8,
+    },
     /// `will`: 1 asks (v5) for the will to be sent anyway.
-    Disconnect { slot: u8, will: u8 },
-    ServerOnly { slot: u8, kind: u8 },
+    Disconnect {
+        slot: u8,
+        will: u8,
+    },
+    ServerOnly {
+        slot: u8,
+        kind: u8,
+    },
     /// Bytes as they are (at most 63).
-    Raw { slot: u8, bytes: Vec<u8> },
+    Raw {
+        slot: u8,
+        bytes: Vec<u8>,
+    },
     /// The first bytes of a publish; the rest goes before the slot's next bytes.
-    Half { slot: u8, cut: u8, qos: u8 },
+    Half {
+        slot: u8,
+        cut: u8,
+        qos: u8,
+    },
     /// `whole` 0: a fixed header announcing 256 MiB; 1: a whole packet one byte over the limit.
-    Oversize { slot: u8, whole: u8 },
-    StopReading { slot: u8, secs: u8 },
+    Oversize {
+        slot: u8,
+        whole: u8,
+    },
+    StopReading {
+        slot: u8,
+        secs: u8,
+    },
     /// `how` 0: the device closes its sending side; 1: it drops the connection.
-    Close { slot: u8, how: u8 },
-    Wait { ms: u8 },
-    Writer { action: u8 },
+    Close {
+        slot: u8,
+        how: u8,
+    },
+    Wait {
+        ms: u8,
+    },
+    Writer {
+        action: u8,
+    },
     /// The device's enrollment is revoked: its credential goes and its session is kicked.
-    Revoke { device: u8 },
-    Enroll { device: u8 },
+    Revoke {
+        device: u8,
+    },
+    Enroll {
+        device: u8,
+    },
     /// A message for `device`'s session; `big` 1: 200 bytes.
     Direct {
         device: u8,

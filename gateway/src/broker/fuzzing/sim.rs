@@ -186,7 +186,9 @@ impl Sim {
                 break;
             }
         }
-        self.finish().await.map_err(|e| format!("at the end: {e}"))?;
+        self.finish()
+            .await
+            .map_err(|e| format!("at the end: {e}"))?;
         Ok(self.checker.outcome.clone())
     }
 
@@ -456,7 +458,8 @@ impl Sim {
                 if whole == 0 {
                     self.send(slot, &[0x30, 0xff, 0xff, 0xff, 0x7f]);
                 } else {
-                    let topic = topic::format(s.device, Channel::Up(Uplink::Telemetry), Encoding::Json);
+                    let topic =
+                        topic::format(s.device, Channel::Up(Uplink::Telemetry), Encoding::Json);
                     // 1 + 2 (length) + 2 + topic + (v5: 1) + payload = MAX_PACKET + 1
                     let payload = vec![b'{'; MAX_PACKET + 1 - 5 - topic.len() - usize::from(s.v5)];
                     let p = device::publish(s.v5, 0, 0, 0, topic.as_bytes(), &payload);
@@ -466,7 +469,8 @@ impl Sim {
             }
             Op::StopReading { slot, secs } => {
                 if let Some(s) = self.slots[usize::from(slot)].as_ref() {
-                    let until = Instant::now() + Duration::from_secs(STOP_READING[usize::from(secs)]);
+                    let until =
+                        Instant::now() + Duration::from_secs(STOP_READING[usize::from(secs)]);
                     let _ = s.pause.send(Some(until));
                     self.trace.push(Event::ReadPaused {
                         conn: s.conn,
@@ -598,8 +602,12 @@ impl Sim {
                 format!("{{\"will\":{tag}}}").into_bytes(),
             )),
             Will::Foreign => Some((
-                topic::format(other(device), Channel::Up(Uplink::Telemetry), Encoding::Json)
-                    .into_bytes(),
+                topic::format(
+                    other(device),
+                    Channel::Up(Uplink::Telemetry),
+                    Encoding::Json,
+                )
+                .into_bytes(),
                 b"{}".to_vec(),
             )),
             Will::Downlink => Some((

@@ -101,7 +101,11 @@ fn committed_publishes_are_acknowledged_in_order_and_the_session_ends_on_disconn
                 publish(0, 2, TELEMETRY, JSON),
                 publish(0, 0, TELEMETRY, JSON),
                 Op::Writer { action: COMMIT },
-                Op::Ack { slot: 0, kind: 2, id: 0 },
+                Op::Ack {
+                    slot: 0,
+                    kind: 2,
+                    id: 0,
+                },
                 Op::Disconnect { slot: 0, will: 0 },
             ],
         );
@@ -149,7 +153,11 @@ fn a_server_only_packet_and_a_second_connect_are_counted_violations() {
     let outcome = run(&bytes).unwrap_or_else(|e| panic!("{e}\n{}", describe(&bytes)));
     // The second connection of d1 took over from the first (which may already have ended).
     assert_eq!(outcome.sessions, 2);
-    assert_eq!(outcome.ends.get("protocol violation"), Some(&2), "{outcome:?}");
+    assert_eq!(
+        outcome.ends.get("protocol violation"),
+        Some(&2),
+        "{outcome:?}"
+    );
 }
 
 #[test]
@@ -167,7 +175,11 @@ fn a_revoked_device_is_kicked_and_a_takeover_replaces_the_session() {
     let outcome = run(&bytes).unwrap_or_else(|e| panic!("{e}\n{}", describe(&bytes)));
     assert_eq!(outcome.sessions, 2);
     assert_eq!(outcome.ends.get("replaced by a new connection"), Some(&1));
-    assert_eq!(outcome.ends.get("enrollment revoked"), Some(&1), "{outcome:?}");
+    assert_eq!(
+        outcome.ends.get("enrollment revoked"),
+        Some(&1),
+        "{outcome:?}"
+    );
 }
 
 /// Found by the simulation: a QoS 2 publish the writer refused as unknown got PUBREC 0x83
@@ -352,5 +364,3 @@ proptest! {
         }
     }
 }
-
-

@@ -21,27 +21,54 @@ use crate::bus::{DirectError, Receipts, Refusal, WriterMsg};
 #[derive(Debug)]
 pub(super) enum Event {
     /// A connection was opened in a slot.
-    Opened { conn: usize },
+    Opened {
+        conn: usize,
+    },
     /// The device put these bytes on its connection (they arrive in this order).
-    Sent { conn: usize, bytes: Vec<u8> },
+    Sent {
+        conn: usize,
+        bytes: Vec<u8>,
+    },
     /// The device read these bytes from the gateway.
-    Received { conn: usize, bytes: Vec<u8> },
+    Received {
+        conn: usize,
+        bytes: Vec<u8>,
+    },
     /// The device reads nothing until then.
-    ReadPaused { conn: usize, until: Instant },
+    ReadPaused {
+        conn: usize,
+        until: Instant,
+    },
     /// The device closed its sending side (`dropped`: the whole connection).
-    DeviceClosed { conn: usize, dropped: bool },
+    DeviceClosed {
+        conn: usize,
+        dropped: bool,
+    },
     /// The gateway's task for the connection returned.
-    Ended { conn: usize, panicked: bool },
+    Ended {
+        conn: usize,
+        panicked: bool,
+    },
     Took(Taken),
     /// The writer's batch committed: the messages `(epoch, n)` in it, and how many messages
     /// with no receipt (wills).
-    Committed { msgs: Vec<(u64, u64)> },
+    Committed {
+        msgs: Vec<(u64, u64)>,
+    },
     /// The writer's batch failed to commit.
-    Failed { msgs: Vec<(u64, u64)> },
+    Failed {
+        msgs: Vec<(u64, u64)>,
+    },
     /// The writer takes nothing until then.
-    WriterStalled { until: Instant },
-    Revoked { device: &'static str },
-    Enrolled { device: &'static str },
+    WriterStalled {
+        until: Instant,
+    },
+    Revoked {
+        device: &'static str,
+    },
+    Enrolled {
+        device: &'static str,
+    },
     /// The gateway handed its session a message for `device`.
     Direct {
         device: &'static str,
