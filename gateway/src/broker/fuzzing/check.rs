@@ -107,11 +107,11 @@ enum Terminal {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Q2 {
     /// Publish `.0` sent, no PUBREC yet.
-    AwaitRec(usize),
+    Published(usize),
     /// PUBREC read, no PUBREL sent yet.
-    AwaitRel,
+    Recorded,
     /// PUBREL sent, no PUBCOMP yet.
-    AwaitComp,
+    Released,
 }
 
 #[derive(Debug)]
@@ -348,7 +348,7 @@ impl Checker {
         let m = self.conns.get(conn)?.model.as_ref()?;
         let mut ids: Vec<u16> =
             m.q2.iter()
-                .filter(|(_, s)| **s == Q2::AwaitRel)
+                .filter(|(_, s)| **s == Q2::Recorded)
                 .map(|(id, _)| *id)
                 .collect();
         ids.sort_unstable();
@@ -390,7 +390,7 @@ impl Checker {
                 Ok(())
             }
             Event::Sent { conn, bytes } => self.sent(at, conn, &bytes),
-            Event::Received { conn, bytes } => self.received(at, conn, &bytes),
+            Event::Received { conn, bytes } => self.received(conn, &bytes),
             Event::ReadPaused { conn, until } => {
                 self.conns[conn].pauses.push((at, until));
                 Ok(())
@@ -727,9 +727,9 @@ impl Checker {
                     if qos == 2 {
                         match m.q2.get(&pkid) {
                             None => {
-                                m.q2.insert(pkid, Q2::AwaitRec(idx));
+                                m.q2.insert(pkid, Q2::Published(idx));
                             }
-                            Some(&Q2::AwaitRec(j))
+                            Some(&Q2::Published(j))
                                 if !m.v5
                                     && m.pubs[j].payload == p.payload
                                     && m.pubs[j].permitted == permitted =>
@@ -801,8 +801,8 @@ impl Checker {
                 }
                 (Packet::PubRel(rel, _), _) => {
                     let reason = match m.q2.get(&rel.pkid) {
-                        Some(Q2::AwaitRel) => {
-                            m.q2.insert(rel.pkid, Q2::AwaitComp);
+                        Some(Q2::Recorded) => {
+                            m.q2.insert(rel.pkid, Q2::Released);
                             Some(0)
                         }
                         Some(_) => {
@@ -835,7 +835,7 @@ impl Checker {
         Ok(())
     }
 
-    fn received(&mut self, at: Instant, conn: usize, bytes: &[u8]) -> Check {
+    fn received(&mut self, conn: usize, bytes: &[u8]) -> Check {
         if self.conns[conn].phase == Phase::Untracked {
             return Ok(());
         }
@@ -851,11 +851,11 @@ impl Checker {
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(format!("connection {conn} got {e}")),
             };
-            self.from_server(at, conn, packet)?;
+            self.server_packet(conn, packet)?;
         }
     }
 
-    fn from_server(&mut self, _at: Instant, conn: usize, packet: FromServer) -> Check {
+    fn server_packet(&mut self, conn: usize, packet: FromServer) -> Check {
         let limits = self.limits.clone();
         let settings = self.settings;
         let c = &mut self.conns[conn];
@@ -932,11 +932,11 @@ impl Checker {
                     p.pkid
                 );
                 m.acked_upto = Some(idx);
-                if p.qos == 2 && matches!(m.q2.get(&pkid), Some(Q2::AwaitRec(_))) {
+                if p.qos == 2 && matches!(m.q2.get(&pkid), Some(Q2::Published(_))) {
                     if m.v5 && reason.unwrap_or(0) >= 0x80 {
                         m.q2.remove(&pkid);
                     } else {
-                        m.q2.insert(pkid, Q2::AwaitRel);
+                        m.q2.insert(pkid, Q2::Recorded);
                     }
                 }
                 // Everything up to this publish is with the writer, and committed.
@@ -1008,7 +1008,7 @@ impl Checker {
                     pkid == want && why.is_none_or(|w| reason.unwrap_or(0) == w),
                     "connection {conn}: PUBCOMP {pkid} {reason:?}, expected {want} {why:?}"
                 );
-                if m.q2.get(&pkid) == Some(&Q2::AwaitComp) {
+                if m.q2.get(&pkid) == Some(&Q2::Released) {
                     m.q2.remove(&pkid);
                 }
                 Ok(())

@@ -690,7 +690,7 @@ impl Sim {
             return;
         }
         s.prev_pkid = pkid;
-        if pkid == s.next_pkid || pkid > s.next_pkid {
+        if pkid >= s.next_pkid {
             s.next_pkid = pkid.checked_add(1).unwrap_or(1);
         }
         s.sent_qos.push(p.to_vec());
