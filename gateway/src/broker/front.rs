@@ -373,7 +373,7 @@ impl Front {
         }
     }
 
-    async fn connection<S: DeviceStream>(
+    pub(super) async fn connection<S: DeviceStream>(
         self: Arc<Self>,
         mut stream: S,
         peer: SocketAddr,
@@ -522,6 +522,19 @@ impl Front {
             let _ = send(&mut stream, &refuse(unavailable)).await;
             return;
         };
+        // The claim may have waited for the previous session to end, and the device's
+        // credential been revoked or rotated meanwhile: that kick went to the previous session
+        // only. A kick from now on finds this claim (credentials change before kicks), so one
+        // more check closes the gap.
+        if !self.credentials.check(&device, &login.password) {
+            self.metrics.refuse(
+                Refusal::BadCredentials,
+                &peer,
+                "credential revoked while waiting for the previous session to end",
+            );
+            let _ = send(&mut stream, &refuse(ConnectReturnCode::BadUserNamePassword)).await;
+            return;
+        }
 
         let requested = Duration::from_secs(u64::from(connect.keep_alive));
         let keep_alive = if requested.is_zero() || requested > self.max_keep_alive {

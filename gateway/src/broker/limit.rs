@@ -59,7 +59,10 @@ impl TokenBucket {
     }
 
     /// How long from `now` until the bucket holds a whole token (zero if it does). A bucket
-    /// that never refills is looked at again every second.
+    /// that never refills is looked at again every second. A wait is at least a millisecond
+    /// (the resolution of tokio's timers): a bucket a rounding error short of a token would
+    /// otherwise give a wait of zero while `try_take` still fails, and its session would spin
+    /// (for ever on a paused clock; found by the session simulation).
     pub fn until_token(&self, rate: Rate, now: Instant) -> std::time::Duration {
         let missing = 1.0 - self.tokens_at(rate, now);
         if missing <= 0.0 {
@@ -69,6 +72,7 @@ impl TokenBucket {
             return std::time::Duration::from_secs(1);
         }
         std::time::Duration::from_secs_f64(missing / rate.per_second)
+            .max(std::time::Duration::from_millis(1))
     }
 
     /// Tokens the bucket holds at `now`.

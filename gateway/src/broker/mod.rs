@@ -189,23 +189,6 @@ fn subscribe(mut tx: LinkTx, rx: &mut LinkRx, filter: &str) -> std::io::Result<L
 #[cfg(test)]
 mod tests;
 
-/// For the cargo-fuzz target `mqtt_packets` (`fuzz/`): the packet readers are private to this
-/// module.
+/// For the cargo-fuzz targets (`fuzz/`): ways in to what is private to this module.
 #[doc(hidden)]
-pub mod fuzzing {
-    /// Runs the front's and the sessions' readers of device bytes over `bytes`: the protocol
-    /// level of a CONNECT, the QoS and packet id of a PUBLISH, and every packet as MQTT 3.1.1
-    /// and 5. Returns the packets found per version; it must never panic (rumqttd's decoder is
-    /// guarded, but the fuzzer reports a caught panic too, which is what we want to know).
-    pub fn mqtt_packets(bytes: &[u8], max: usize) -> (usize, usize) {
-        let _ = super::front::connect_level(bytes);
-        let _ = super::session::peek_publish(bytes);
-        super::session::parse_all(bytes, max)
-    }
-
-    /// Runs `f` the way sessions run rumqttd's codec: a panic comes back as `None` and is not
-    /// printed; any other panic still is. For `gateway/tests/panics.rs`.
-    pub fn codec_guard<T>(f: impl FnOnce() -> T) -> Option<T> {
-        super::session::guarded(f).ok()
-    }
-}
+pub mod fuzzing;

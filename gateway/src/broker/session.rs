@@ -156,7 +156,7 @@ pub enum ReadError {
     clippy::large_enum_variant,
     reason = "lives on the stack for one call, never stored"
 )]
-enum Parsed {
+pub(super) enum Parsed {
     Packet(Packet, Option<(u8, u16)>),
     NeedMore,
     Oversized(usize),
@@ -169,7 +169,7 @@ enum Parsed {
 /// refused as soon as the header is in, without waiting for the rest. rumqttd's decoder is
 /// third-party code fed with hostile bytes: a panic in it is treated as a malformed packet
 /// rather than taking the task down (and is not printed: see [`quiet_panics`]).
-fn next_packet<P: Protocol>(proto: &mut P, buf: &mut BytesMut, max: usize) -> Parsed {
+pub(super) fn next_packet<P: Protocol>(proto: &mut P, buf: &mut BytesMut, max: usize) -> Parsed {
     if buf.is_empty() {
         return Parsed::NeedMore;
     }
@@ -511,9 +511,12 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
                     unreported,
                     reported_at,
                     closing,
+                    ack_after_commit,
+                    sent,
                     ..
                 } = &mut *self;
-                let waiting = !pending.is_empty();
+                // After the commit, receipts also tell of a failure (see `release`).
+                let waiting = !pending.is_empty() || (*ack_after_commit && *sent > 0);
                 let token_at = held.as_ref().map(|h| h.until);
                 let report_at = (*unreported > 0).then(|| *reported_at + REJECTS_EVERY);
                 let closing_at = *closing;
@@ -584,12 +587,21 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
                 self.disconnect_device(DisconnectReasonCode::UnspecifiedError);
                 return end;
             }
-            if let Step::End(end) = self.parse_packets() {
-                return end;
-            }
-            if let Err(end) = self.release() {
-                self.disconnect_device(DisconnectReasonCode::UnspecifiedError);
-                return end;
+            // Take what is read already before reading again: the next read may be the end
+            // of the stream, which must not pass over packets before it. Acknowledging a
+            // publish refused here (nothing to wait for) can make room for the next one.
+            loop {
+                if let Step::End(end) = self.parse_packets() {
+                    return end;
+                }
+                let full = !self.taking();
+                if let Err(end) = self.release() {
+                    self.disconnect_device(DisconnectReasonCode::UnspecifiedError);
+                    return end;
+                }
+                if !(full && self.taking()) {
+                    break;
+                }
             }
         }
     }
@@ -851,13 +863,16 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
     /// Writes the acknowledgements that are due, in order. Fails when the writer lost a batch
     /// of this session's messages.
     fn release(&mut self) -> Result<(), End> {
+        // A failed commit ends the session even when it held only QoS 0 messages (none of
+        // them waits for an acknowledgement): the device is disconnected now, not at its next
+        // QoS 1 publish.
+        if self.ack_after_commit && self.receipts.is_failed() {
+            return Err(End::StorageFailed);
+        }
         if self.pending.is_empty() {
             return Ok(());
         }
         let upto = if self.ack_after_commit {
-            if self.receipts.is_failed() {
-                return Err(End::StorageFailed);
-            }
             let upto = self.receipts.upto();
             self.receipts.take_refused(upto, &mut self.refused);
             upto
@@ -893,12 +908,19 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
         match qos {
             1 => self.write(Packet::PubAck(PubAck { pkid, reason }, None)),
             2 => {
+                // The same code a QoS 1 publish gets (docs/protocol.md has one table for both).
                 let reason = match reason {
                     PubAckReason::Success => PubRecReason::Success,
+                    PubAckReason::NoMatchingSubscribers => PubRecReason::NoMatchingSubscribers,
+                    PubAckReason::UnspecifiedError => PubRecReason::UnspecifiedError,
+                    PubAckReason::ImplementationSpecificError => {
+                        PubRecReason::ImplementationSpecificError
+                    }
                     PubAckReason::NotAuthorized => PubRecReason::NotAuthorized,
+                    PubAckReason::TopicNameInvalid => PubRecReason::TopicNameInvalid,
+                    PubAckReason::PacketIdentifierInUse => PubRecReason::PacketIdentifierInUse,
                     PubAckReason::QuotaExceeded => PubRecReason::QuotaExceeded,
                     PubAckReason::PayloadFormatInvalid => PubRecReason::PayloadFormatInvalid,
-                    _ => PubRecReason::ImplementationSpecificError,
                 };
                 if reason != PubRecReason::Success && self.v5 {
                     // A refused QoS 2 publish is over: no PUBREL follows a failure code.
