@@ -511,12 +511,12 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
                     unreported,
                     reported_at,
                     closing,
-                    ack_after_commit,
                     sent,
                     ..
                 } = &mut *self;
-                // After the commit, receipts also tell of a failure (see `release`).
-                let waiting = !pending.is_empty() || (*ack_after_commit && *sent > 0);
+                // Receipts also tell of a failed commit, which ends the session in either
+                // acknowledgement mode (see `release`).
+                let waiting = !pending.is_empty() || *sent > 0;
                 let token_at = held.as_ref().map(|h| h.until);
                 let report_at = (*unreported > 0).then(|| *reported_at + REJECTS_EVERY);
                 let closing_at = *closing;
@@ -865,8 +865,10 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
     fn release(&mut self) -> Result<(), End> {
         // A failed commit ends the session even when it held only QoS 0 messages (none of
         // them waits for an acknowledgement): the device is disconnected now, not at its next
-        // QoS 1 publish.
-        if self.ack_after_commit && self.receipts.is_failed() {
+        // QoS 1 publish. So it does with `ingest.ack = "receipt"`, where the batch's messages
+        // were acknowledged already: the device learns that something is wrong, and goes on
+        // over a fresh session once the writer has reloaded.
+        if self.receipts.is_failed() {
             return Err(End::StorageFailed);
         }
         if self.pending.is_empty() {

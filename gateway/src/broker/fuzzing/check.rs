@@ -425,12 +425,6 @@ impl Checker {
                 self.outcome.failed_commits += 1;
                 for (epoch, n) in msgs {
                     self.commits.insert((epoch, n), false);
-                    // With `ingest.ack = "receipt"` sessions do not end on a failed commit
-                    // (their publishes were acknowledged when queued): an open question, see
-                    // SECURITY.md, "Sessions as state machines".
-                    if self.settings.ack_on_receipt() {
-                        continue;
-                    }
                     if let Some(&i) = self.by_epoch.get(&epoch) {
                         let c = &mut self.conns[i];
                         c.failed.get_or_insert(at);

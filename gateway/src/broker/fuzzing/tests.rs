@@ -328,6 +328,28 @@ fn a_failed_commit_of_qos0_messages_ends_the_session() {
     assert_eq!(outcome.ends.get("storage failed"), Some(&1), "{outcome:?}");
 }
 
+/// Found by cargo-fuzz: with `ingest.ack = "receipt"` a failed commit left its sessions
+/// running (their publishes were acknowledged when queued), although the gateway counts them
+/// as disconnected (`ingest_sessions_failed`) and ARCHITECTURE.md says they end. They end.
+#[test]
+fn in_receipt_mode_a_failed_commit_ends_the_session_too() {
+    let bytes = script(
+        Settings {
+            ack: 3,
+            ..Settings::default()
+        },
+        vec![
+            connect(0, true),
+            publish(0, 1, TELEMETRY, JSON),
+            Op::Writer { action: FAIL },
+            Op::Wait { ms: 6 },
+        ],
+    );
+    let outcome = run(&bytes).unwrap_or_else(|e| panic!("{e}\n{}", describe(&bytes)));
+    assert_eq!(outcome.failed_commits, 1);
+    assert_eq!(outcome.ends.get("storage failed"), Some(&1), "{outcome:?}");
+}
+
 /// The fuzzer's seeds (`fuzz/corpus/sessions/`), and every input it once failed on, fixed
 /// since (`fuzz/regressions/sessions/`).
 #[test]
