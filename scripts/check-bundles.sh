@@ -74,4 +74,39 @@ done
 if python3 "$verify" "$work/old.fgb" --trust "$work/a.pub" --now $(( $(date +%s) * 1000 + 3600000 )) 2>/dev/null; then
   fail "an expired bundle verified"
 fi
-echo "PASS: the test vector and $i bundles made by the CLI verify independently; changed and expired ones do not"
+# Format 2: signed requirements and a golden set; both bound to this manifest.
+printf 'a,b,expected\n0.5,1.5,2\n-1,0.25,0\n' >"$work/golden.csv"
+"$fg" bundle sign "$work/art2" --kind model --name kws --version 2.0.0 --release 2 \
+  --require 'latency_p95_us<=15000' --require 'accuracy>=0.93' --golden "$work/golden.csv" \
+  --key "$work/a.key" --out "$work/v2.fgb" >/dev/null
+[ "$(head -c 9 "$work/v2.fgb" | tail -c 1 | od -An -tu1 | tr -d ' ')" = 2 ] \
+  || fail "a bundle with requirements is not format 2"
+python3 "$verify" "$work/v2.fgb" --trust "$work/a.pub" >"$work/v2.json" \
+  || fail "the format 2 bundle does not verify"
+python3 - "$work/v2.json" <<'PY' || fail "the verifier read other requirements"
+import json, sys
+m = json.load(open(sys.argv[1]))
+assert m["requirements"] == ["latency_p95_us<=15000", "accuracy>=0.93"], m
+assert m["golden_set_bytes"] > 0, m
+PY
+# A changed limit (the requirements' last byte, the f64's sign and exponent) and a changed
+# golden set (the file's last byte).
+python3 - "$work/v2.fgb" "$work" <<'PY'
+import sys
+sys.path.insert(0, "scripts")
+from verify_bundle import read_bundle
+data = bytearray(open(sys.argv[1], "rb").read())
+req_body = read_bundle(bytes(data))[5][0]
+at = bytes(data).index(req_body) + len(req_body) - 1
+for name, i in (("limit", at), ("golden", len(data) - 1)):
+    bad = bytearray(data)
+    bad[i] ^= 0x40
+    open(f"{sys.argv[2]}/changed-{name}.fgb", "wb").write(bad)
+PY
+for what in limit golden; do
+  if python3 "$verify" "$work/changed-$what.fgb" --trust "$work/a.pub" 2>"$work/err"; then
+    fail "a format 2 bundle with a changed $what verified"
+  fi
+  echo "changed $what refused: $(cat "$work/err")"
+done
+echo "PASS: the test vector and $((i + 1)) bundles made by the CLI verify independently; changed and expired ones do not"

@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import re
+import struct
 import sys
 import time
 
@@ -28,6 +29,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 MAGIC = b"FGBUNDLE"
+REQUIREMENTS_TAG = b"fleetgate/requirements/v1"
+MEASURES = ["latency_p50_us", "latency_p90_us", "latency_p95_us", "latency_p99_us",
+            "latency_max_us", "peak_ram_bytes", "energy_per_inference_uj", "accuracy"]
+MAX_RULES = 16
 MANIFEST_TAG = b"fleetgate/manifest/v1"
 MAX_SIGNATURES = 8
 NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -101,18 +106,44 @@ class Reader:
 
 
 def read_bundle(data):
+    """The bundle's parts; `validation` is (requirements body, their signatures, golden set
+    bytes) in format 2, None in format 1."""
     if not data.startswith(MAGIC):
         raise Invalid("not a fleetgate bundle (no FGBUNDLE magic)")
-    if len(data) < 9 or data[8] != 1:
-        raise Invalid("bundle format is not 1")
+    if len(data) < 9 or data[8] not in (1, 2):
+        raise Invalid("bundle format is neither 1 nor 2")
     r = Reader(data[9:])
     body = r.bytes()
     signatures = r.seq(lambda: (r.fixed(8), r.fixed(64)))
     artifact = r.bytes()
     lineage = dict(r.seq(lambda: (r.string(), r.string())))
     tags = r.seq(r.string)
+    validation = None
+    if data[8] == 2:
+        req_body = r.bytes()
+        req_signatures = r.seq(lambda: (r.fixed(8), r.fixed(64)))
+        validation = (req_body, req_signatures, r.bytes())
     r.done()
-    return body, signatures, artifact, lineage, tags
+    return body, signatures, artifact, lineage, tags, validation
+
+
+def read_requirements(body):
+    """Format byte 01, then postcard: two [u8; 32] (no length prefix), then the rules."""
+    if not body or body[0] != 1:
+        raise Invalid("the requirements body does not start with format byte 01")
+    r = Reader(body[1:])
+    manifest_sha256, golden_sha256 = r.fixed(32), r.fixed(32)
+    rules = []
+    for _ in range(r.varint()):
+        measure, bound = r.varint(), r.varint()
+        if measure >= len(MEASURES) or bound > 1:
+            raise Invalid(f"unknown measure {measure} or bound {bound}")
+        limit = struct.unpack("<d", r.fixed(8))[0]
+        rules.append(f"{MEASURES[measure]}{'<=' if bound == 0 else '>='}{limit:g}")
+    if len(rules) > MAX_RULES:
+        raise Invalid(f"more than {MAX_RULES} requirements")
+    r.done()
+    return manifest_sha256, golden_sha256, rules
 
 
 def read_manifest(body):
@@ -182,10 +213,10 @@ def key_id(public):
     return hashlib.sha256(public).digest()[:8]
 
 
-def check_signatures(body, signatures, trusted, threshold):
+def check_signatures(body, signatures, trusted, threshold, tag=MANIFEST_TAG):
     if len(signatures) > MAX_SIGNATURES:
         raise Invalid(f"more than {MAX_SIGNATURES} signatures")
-    message = bytes([len(MANIFEST_TAG)]) + MANIFEST_TAG + body
+    message = bytes([len(tag)]) + tag + body
     by_id = {key_id(k): k for k in trusted}
     seen, valid, bad = set(), 0, 0
     for kid, sig in signatures:
@@ -211,7 +242,7 @@ def check_signatures(body, signatures, trusted, threshold):
 
 
 def verify(data, trusted, threshold, now_ms):
-    body, signatures, artifact, lineage, tags = read_bundle(data)
+    body, signatures, artifact, lineage, tags, validation = read_bundle(data)
     valid = check_signatures(body, signatures, trusted, threshold)
     m = read_manifest(body)
     if now_ms >= m["expires_ms"]:
@@ -224,6 +255,19 @@ def verify(data, trusted, threshold, now_ms):
         raise Invalid("the artifact's chunks do not match the manifest's Merkle root")
     m["valid_signatures"] = valid
     m["lineage"], m["tags"] = lineage, tags
+    if validation is not None:
+        req_body, req_signatures, golden = validation
+        try:
+            check_signatures(req_body, req_signatures, trusted, threshold, REQUIREMENTS_TAG)
+        except Invalid as e:
+            raise Invalid(f"requirements: {e}")
+        manifest_sha256, golden_sha256, rules = read_requirements(req_body)
+        if manifest_sha256 != hashlib.sha256(body).digest():
+            raise Invalid("the requirements are bound to another manifest")
+        want = hashlib.sha256(golden).digest() if golden else bytes(32)
+        if golden_sha256 != want:
+            raise Invalid("the requirements are bound to another golden set")
+        m["requirements"], m["golden_set_bytes"] = rules, len(golden)
     return m
 
 
@@ -260,7 +304,7 @@ def check_vector(path):
         raise Invalid("the chunk leaves differ from vector-leaves")
     if merkle_root(leaves) != doc_block(doc, "root"):
         raise Invalid("the Merkle root differs from vector-root")
-    body, signatures, got_artifact, _, _ = read_bundle(data)
+    body, signatures, got_artifact, _, _, _ = read_bundle(data)
     if body != doc_block(doc, "body") or signatures[0][1] != doc_block(doc, "signature"):
         raise Invalid("the bundle's body or signature differs from its block")
     if got_artifact != artifact:

@@ -348,7 +348,7 @@ impl Store {
         let Ok(mut on) = self.panic_on.lock() else {
             return false;
         };
-        let here = std::thread::current().name() == on.as_deref();
+        let here = on.is_some() && std::thread::current().name() == on.as_deref();
         if here {
             *on = None;
         }
