@@ -33,7 +33,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use fleetgate_config::MaxMessageBytes;
 use fleetgate_protocol::{Channel, Downlink, Encoding, Uplink, topic};
 use rumqttd::protocol::{
@@ -78,6 +78,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> DeviceStream for T {}
 /// Writes all of `bytes` and flushes them (a TLS stream holds them back until flushed).
 pub(crate) async fn send<S: DeviceStream>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
     stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+/// Writes `buf` out, taking from its front what each write took, then flushes. Cancelled (a
+/// kick, a timeout), `buf` holds exactly the bytes still to go, so whatever is written later
+/// continues the same packet instead of repeating its start.
+async fn write_out<S: DeviceStream>(stream: &mut S, buf: &mut BytesMut) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        let n = stream.write(buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        buf.advance(n);
+    }
     stream.flush().await
 }
 
@@ -483,7 +497,7 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
         }
         let mut was_reading = true;
         loop {
-            if let Err(end) = self.flush(kick).await {
+            if let Err(end) = self.flush(claim).await {
                 return end;
             }
             if self.closing.is_some() && self.pending.is_empty() && self.stalled.is_none() {
@@ -1042,20 +1056,23 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
     /// Writes what is buffered. A device that stops reading is cut off after
     /// [`WRITE_TIMEOUT`]; a kick (but the shutdown kick, which lets the last acknowledgements
     /// out) interrupts the wait at once.
-    async fn flush(&mut self, kick: &CancellationToken) -> Result<(), End> {
+    async fn flush(&mut self, claim: &Claim) -> Result<(), End> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
         let closing = self.closing.is_some();
-        let write = tokio::time::timeout(WRITE_TIMEOUT, send(&mut self.stream, &self.wbuf));
+        let write =
+            tokio::time::timeout(WRITE_TIMEOUT, write_out(&mut self.stream, &mut self.wbuf));
         let written = tokio::select! {
             biased;
-            _ = kick.cancelled(), if !closing => return Err(End::Kicked(Kick::TakenOver)),
+            _ = claim.kick.cancelled(), if !closing => {
+                let why = claim.reason.get().copied().unwrap_or(Kick::TakenOver);
+                return Err(End::Kicked(why));
+            }
             w = write => w,
         };
         match written {
             Ok(Ok(())) => {
-                self.wbuf.clear();
                 if self.wbuf.capacity() > 64 * 1024 {
                     self.wbuf = BytesMut::new();
                 }
