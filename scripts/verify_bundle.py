@@ -77,6 +77,14 @@ class Reader:
         self.pos += n
         return out
 
+    def raw(self, n):
+        """`n` bytes as they are (a float: 8 bytes, little-endian)."""
+        if self.pos + n > len(self.data):
+            raise Invalid("truncated")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
     def fixed(self, n):
         out = self.bytes()
         if len(out) != n:
@@ -128,7 +136,8 @@ def read_bundle(data):
 
 
 def read_requirements(body):
-    """Format byte 01, then postcard: two [u8; 32] (no length prefix), then the rules."""
+    """Format byte 01, then postcard: two 32-byte hashes (as bytes, like every fixed array
+    here), then the rules."""
     if not body or body[0] != 1:
         raise Invalid("the requirements body does not start with format byte 01")
     r = Reader(body[1:])
@@ -138,7 +147,7 @@ def read_requirements(body):
         measure, bound = r.varint(), r.varint()
         if measure >= len(MEASURES) or bound > 1:
             raise Invalid(f"unknown measure {measure} or bound {bound}")
-        limit = struct.unpack("<d", r.fixed(8))[0]
+        limit = struct.unpack("<d", r.raw(8))[0]
         rules.append(f"{MEASURES[measure]}{'<=' if bound == 0 else '>='}{limit:g}")
     if len(rules) > MAX_RULES:
         raise Invalid(f"more than {MAX_RULES} requirements")
