@@ -4,36 +4,22 @@
 //! acknowledged. These run the `fleetgate` binary (a real process to kill) against a simulated
 //! fleet in this process.
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use ed25519_dalek::SigningKey;
-use fleetgate::cli::ApiClient;
 use fleetgate::registry::bundle::BundleFile;
-use fleetgate::registry::keys::hex;
 use fleetgate_protocol::manifest::{ManifestSpec, RuntimeReq};
 use fleetgate_protocol::{ArtifactKind, Compat};
 use fleetgate_sim::FleetSpec;
 use fleetgate_sim::fleet::Fleet;
 use fleetgate_sim::updater::{DeviceProfile, Faults, Trust};
 use serde_json::{Value, json};
+use support::{GatewayProcess as Gateway, TOKEN, release_key};
 use tokio_util::sync::CancellationToken;
-
-const TOKEN: &str = "kill-test-token-0123456789abcdef";
-
-fn release_key() -> SigningKey {
-    SigningKey::from_bytes(&[9; 32])
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// sim-model 2.0.0 (release 2) for the simulator's hardware, signed by the release key.
 fn bundle() -> Vec<u8> {
@@ -59,33 +45,13 @@ fn bundle() -> Vec<u8> {
     BundleFile::sign(artifact, spec, &[release_key()], BTreeMap::new(), vec![]).encode()
 }
 
-/// A gateway process on fixed ports and a data directory that outlive it.
-struct Gateway {
-    config: PathBuf,
-    log: PathBuf,
-    mqtt: u16,
-    http: u16,
-    child: Option<Child>,
-}
-
-impl Gateway {
-    fn new(dir: &Path, stages: &str) -> Gateway {
-        let (mqtt, http) = (free_port(), free_port());
-        let config = dir.join("gateway.toml");
-        let public = hex(release_key().verifying_key().as_bytes());
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[mqtt]
-listen = "127.0.0.1:{mqtt}"
-[http]
-listen = "127.0.0.1:{http}"
-token = "{TOKEN}"
-[storage]
-data_dir = "{data}"
-[registry]
-trusted_keys = ["{public}"]
+/// A gateway process whose rollout policy has `stages`, short bakes and gate windows; its
+/// ports and data directory outlive it.
+fn gateway(dir: &Path, stages: &str) -> Gateway {
+    Gateway::new(
+        dir,
+        &format!(
+            r#"
 [rollouts.policy]
 stages = {stages}
 bake = "3s"
@@ -94,86 +60,12 @@ window = "3s"
 confirm = "1s"
 wait = "30s"
 min_samples = 20
-"#,
-                data = dir.join("data").display()
-            ),
-        )
-        .unwrap();
-        Gateway {
-            config,
-            log: dir.join("gateway.log"),
-            mqtt,
-            http,
-            child: None,
-        }
-    }
+"#
+        ),
+    )
+}
 
-    fn api(&self) -> ApiClient {
-        ApiClient::new(&format!("http://127.0.0.1:{}", self.http), TOKEN)
-    }
-
-    /// Starts the process and waits (bounded) until its API answers.
-    async fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
-            .args(["serve", "--config"])
-            .arg(&self.config)
-            .env("FLEETGATE_LOG", "info")
-            .env_remove("FLEETGATE_API_TOKEN")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("fleetgate starts");
-        self.child = Some(child);
-        let url = format!("http://127.0.0.1:{}/healthz", self.http);
-        for _ in 0..200 {
-            let up = tokio::task::spawn_blocking({
-                let url = url.clone();
-                move || ureq::get(&url).call().is_ok()
-            })
-            .await
-            .unwrap();
-            if up {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "the gateway did not start: {}",
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        );
-    }
-
-    /// SIGKILL: no shutdown, no flush.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
-    }
-
-    async fn get(&self, path: &str) -> Value {
-        let api = self.api();
-        let path = path.to_owned();
-        tokio::task::spawn_blocking(move || api.get(&path))
-            .await
-            .unwrap()
-            .unwrap_or_else(|e| panic!("GET: {e}"))
-    }
-
-    async fn post(&self, path: &str, body: Value) -> Value {
-        let api = self.api();
-        let path = path.to_owned();
-        tokio::task::spawn_blocking(move || api.post(&path, &body))
-            .await
-            .unwrap()
-            .unwrap_or_else(|e| panic!("POST: {e}"))
-    }
-
+impl Gateway {
     /// Polls a rollout until `done` holds for it (at most `limit`).
     async fn wait(&self, id: u64, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + limit;
@@ -185,12 +77,6 @@ min_samples = 20
             assert!(tokio::time::Instant::now() < deadline, "rollout {id}: {r}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -287,7 +173,7 @@ async fn fleet_state(gw: &Gateway) -> (BTreeMap<String, u64>, BTreeMap<u64, u64>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_killed_mid_stage_finishes_the_same_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let mut gw = Gateway::new(dir.path(), r#"["10", "50%", "100%"]"#);
+    let mut gw = gateway(dir.path(), r#"["10", "50%", "100%"]"#);
     gw.start().await;
     let (fleet, stop) = setup(&gw, 60, |_| Faults::default()).await;
     let created = gw
@@ -352,7 +238,7 @@ async fn a_rollout_killed_mid_stage_finishes_the_same_after_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollback_killed_as_it_starts_reaches_every_device_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let mut gw = Gateway::new(dir.path(), r#"["40", "100%"]"#);
+    let mut gw = gateway(dir.path(), r#"["40", "100%"]"#);
     gw.start().await;
     // One device in ten fails to install: more than the 10 % the first stage allows.
     let (fleet, stop) = setup(&gw, 60, |i| Faults {
@@ -419,7 +305,7 @@ async fn a_rollback_killed_as_it_starts_reaches_every_device_after_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_kills_under_load_lose_nothing_the_api_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
-    let mut gw = Gateway::new(dir.path(), r#"["100%"]"#);
+    let mut gw = gateway(dir.path(), r#"["100%"]"#);
     gw.start().await;
     let url = format!("http://127.0.0.1:{}", gw.http);
     let creds = tokio::task::spawn_blocking(move || {
@@ -577,7 +463,7 @@ async fn sigkill_during_a_stream_keeps_every_acknowledged_message() {
     const DEVICES: usize = 8;
     const KILLS: u64 = 4;
     let dir = tempfile::tempdir().unwrap();
-    let mut gw = Gateway::new(dir.path(), r#"["100%"]"#);
+    let mut gw = gateway(dir.path(), r#"["100%"]"#);
     gw.start().await;
     let url = format!("http://127.0.0.1:{}", gw.http);
     let creds = tokio::task::spawn_blocking(move || {

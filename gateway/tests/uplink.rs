@@ -9,6 +9,8 @@
 //! - a webhook that fails its first deliveries gets every alert exactly once, in order,
 //!   across a restart of the gateway.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use fleetgate::cli::ApiClient;
 use fleetgate::registry::bundle::BundleFile;
 use fleetgate::registry::keys::hex;
 use fleetgate_protocol::manifest::{ManifestSpec, RuntimeReq};
@@ -26,25 +27,14 @@ use fleetgate_sim::FleetSpec;
 use fleetgate_sim::behaviour::DataShape;
 use fleetgate_sim::fleet::Fleet;
 use serde_json::{Value, json};
+use support::{GatewayProcess, TOKEN, free_port, release_key, terminate};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-const TOKEN: &str = "uplink-test-token-0123456789abcdef";
 const PREFIX: &str = "fleetgate";
-
-fn release_key() -> SigningKey {
-    SigningKey::from_bytes(&[9; 32])
-}
 
 fn operator_key() -> SigningKey {
     SigningKey::from_bytes(&[21; 32])
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// Polls `check` (a blocking call) every 100 ms until it returns `Some`, for at most `limit`.
@@ -62,20 +52,6 @@ async fn until<T: Send + 'static>(
         }
         assert!(Instant::now() < deadline, "timed out waiting: {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Sends SIGTERM to a process (by its pid) and waits for it to exit.
-fn terminate(child: &mut Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -241,119 +217,32 @@ impl Drop for Consumer {
     }
 }
 
-/// A `fleetgate` process with its own ports and data directory, which outlive it.
+/// A `fleetgate` process named for its site, with its own ports and data directory, which
+/// outlive it.
 struct Site {
     name: String,
-    config: PathBuf,
-    log: PathBuf,
-    mqtt: u16,
-    http: u16,
-    child: Option<Child>,
+    process: GatewayProcess,
+}
+
+impl std::ops::Deref for Site {
+    type Target = GatewayProcess;
+    fn deref(&self) -> &GatewayProcess {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Site {
+    fn deref_mut(&mut self) -> &mut GatewayProcess {
+        &mut self.process
+    }
 }
 
 impl Site {
     fn new(dir: &Path, name: &str, extra: &str) -> Site {
-        let dir = dir.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let (mqtt, http) = (free_port(), free_port());
-        let config = dir.join("gateway.toml");
-        let public = hex(release_key().verifying_key().as_bytes());
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[mqtt]
-listen = "127.0.0.1:{mqtt}"
-[http]
-listen = "127.0.0.1:{http}"
-token = "{TOKEN}"
-[storage]
-data_dir = "{data}"
-[registry]
-trusted_keys = ["{public}"]
-{extra}
-"#,
-                data = dir.join("data").display()
-            ),
-        )
-        .unwrap();
         Site {
             name: name.to_owned(),
-            config,
-            log: dir.join("gateway.log"),
-            mqtt,
-            http,
-            child: None,
+            process: GatewayProcess::new(&dir.join(name), extra),
         }
-    }
-
-    fn api(&self) -> ApiClient {
-        ApiClient::new(&format!("http://127.0.0.1:{}", self.http), TOKEN)
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http)
-    }
-
-    async fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
-            .args(["serve", "--config"])
-            .arg(&self.config)
-            .env("FLEETGATE_LOG", "info")
-            .env_remove("FLEETGATE_API_TOKEN")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("fleetgate starts");
-        self.child = Some(child);
-        let url = format!("{}/healthz", self.url());
-        let log = self.log.clone();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let u = url.clone();
-            let up = tokio::task::spawn_blocking(move || ureq::get(&u).call().is_ok())
-                .await
-                .unwrap();
-            if up {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the gateway did not start: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGKILL: no shutdown, no flush.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
-    }
-
-    /// SIGTERM: the gateway shuts down cleanly.
-    async fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            tokio::task::spawn_blocking(move || terminate(&mut child))
-                .await
-                .unwrap();
-        }
-    }
-
-    async fn get(&self, path: &str) -> Value {
-        let (api, path) = (self.api(), path.to_owned());
-        tokio::task::spawn_blocking(move || api.get(&path))
-            .await
-            .unwrap()
-            .unwrap_or_else(|e| panic!("GET: {e}"))
     }
 
     /// Polls `GET path` until `done` holds (at most `limit`).
@@ -413,12 +302,6 @@ trusted_keys = ["{public}"]
             .find(|d| d["destination"] == "upstream")
             .map_or(0, |d| d["depth"].as_u64().unwrap());
         (head, depth)
-    }
-}
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
