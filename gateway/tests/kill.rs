@@ -409,6 +409,7 @@ async fn stream_acknowledged(
     id: String,
     secret: String,
     stop: CancellationToken,
+    progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> u64 {
     let mut opts = rumqttc::MqttOptions::new(&id, "127.0.0.1", port);
     opts.set_credentials(&id, &secret);
@@ -444,7 +445,10 @@ async fn stream_acknowledged(
         // gateway already stored is a duplicate it does not store twice).
         tokio::select! {
             got = acks.recv() => match got {
-                Some(()) => acked = seq,
+                Some(()) => {
+                    acked = seq;
+                    progress.fetch_add(1, Relaxed);
+                }
                 None => break,
             },
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -479,6 +483,7 @@ async fn sigkill_during_a_stream_keeps_every_acknowledged_message() {
     .unwrap()
     .unwrap();
     let stop = CancellationToken::new();
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let streams: Vec<_> = creds
         .iter()
         .map(|c| {
@@ -487,22 +492,36 @@ async fn sigkill_during_a_stream_keeps_every_acknowledged_message() {
                 c.id.clone(),
                 c.secret.clone(),
                 stop.clone(),
+                progress.clone(),
             ))
         })
         .collect();
-    // Kill moments between 0.3 and 1.1 s apart, from a seed the failure message names.
+    // Each kill comes once the devices have had 100 messages acknowledged since the last start
+    // (however fast the machine is), then after a random 0 to 0.8 s more, from a seed the
+    // failure message names: every kill falls into a running stream.
     let seed = fleetgate::clock::now_ms();
     let mut x = seed;
+    let streamed = async |since: u64| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while progress.load(Relaxed) < since + 100 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the devices stopped streaming (seed {seed})"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
     for _ in 0..KILLS {
         x = x
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let wait = 300 + (x >> 33) % 800;
-        tokio::time::sleep(Duration::from_millis(wait)).await;
+        streamed(progress.load(Relaxed)).await;
+        tokio::time::sleep(Duration::from_millis((x >> 33) % 800)).await;
         gw.kill();
         gw.start().await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // And a stream after the last start too.
+    streamed(progress.load(Relaxed)).await;
     stop.cancel();
     let mut total = 0;
     for (c, stream) in creds.iter().zip(streams) {
@@ -525,8 +544,9 @@ async fn sigkill_during_a_stream_keeps_every_acknowledged_message() {
             c.id
         );
     }
+    assert_eq!(total, progress.load(Relaxed), "seed {seed}");
     assert!(
-        total > 100 * DEVICES as u64,
+        total >= 100 * (KILLS + 1),
         "only {total} messages in the run"
     );
 }
