@@ -274,6 +274,19 @@ impl Site {
         .unwrap()
     }
 
+    /// A metric once it has reached `want` (or, after 10 s, as it is): for counters of what
+    /// this site handles while the test watches another.
+    async fn metric_reaching(&self, line: &str, want: f64) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = self.metric(line).await;
+            if v >= want || Instant::now() >= deadline {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn metric(&self, line: &str) -> f64 {
         let url = format!("{}/metrics", self.url());
         let text = tokio::task::spawn_blocking(move || {
@@ -1072,9 +1085,13 @@ async fn bundles_and_rollout_requests_come_down_through_the_same_checks() {
             .await,
         1.0
     );
+    // Site B answers on its own time (the test waited for site A's replies).
     assert_eq!(
-        b.metric("fleetgate_uplink_requests_refused_total{reason=\"not_permitted\"} ")
-            .await,
+        b.metric_reaching(
+            "fleetgate_uplink_requests_refused_total{reason=\"not_permitted\"} ",
+            4.0
+        )
+        .await,
         4.0
     );
     // Replies and rollout decisions are as docs/uplink.md describes them.
