@@ -47,6 +47,33 @@ impl Default for DataShape {
     }
 }
 
+/// `rows` reference rows of what a device with the default [`DataShape`] sends: 4 standard
+/// normal features (`f0`..`f3`), predicted classes 0, 1 and 2 at 70/20/10 %, confidence 0.9.
+/// Deterministic (a fixed xorshift seed, Box-Muller), for baselines the simulator's fleet
+/// should match.
+pub fn reference_csv(rows: usize) -> String {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut uniform = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let mut out = String::from("f0,f1,f2,f3,prediction,confidence\n");
+    for i in 0..rows {
+        let row: Vec<String> = (0..4)
+            .map(|_| {
+                let (u, v) = (uniform(), uniform());
+                let z = (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos();
+                format!("{z:.6}")
+            })
+            .collect();
+        let class = [0, 0, 0, 0, 0, 0, 0, 1, 1, 2][i % 10];
+        out.push_str(&format!("{},{class},0.9\n", row.join(",")));
+    }
+    out
+}
+
 /// Parses class weights separated by `sep` (e.g. `0.7,0.2,0.1`): at most
 /// [`limits::MAX_CLASSES`], each finite and not negative, with a positive sum.
 pub fn parse_classes(text: &str, sep: char) -> Result<Vec<f32>, String> {

@@ -342,20 +342,7 @@ pub async fn run(spec: BurstSpec, stop: CancellationToken) -> Result<BurstReport
         )
         .await;
     let raw = swarm.burst(spec.messages, spec.timeout, load.drain).await;
-    let verify = if spec.verify {
-        swarm.verify().await
-    } else {
-        None
-    };
-    let unmatched = swarm.unmatched();
-    if unmatched > 0 {
-        swarm.notes.push(format!(
-            "{unmatched} publishes went out without a sequence number to match: the \
-             acknowledged numbers are not exact"
-        ));
-    }
-    let notes = swarm.notes.clone();
-    swarm.close().await;
+    let (verify, notes) = swarm.finish(spec.verify).await;
     Ok(BurstReport {
         target: load.target.name(),
         broker: format!("{}:{}", load.host, load.port),

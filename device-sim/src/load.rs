@@ -351,20 +351,7 @@ pub async fn run(spec: LoadSpec, stop: CancellationToken) -> Result<LoadReport, 
     let steady = swarm
         .phase("steady", spec.rate, spec.duration, spec.linger, spec.drain)
         .await;
-    let verify = if spec.verify {
-        swarm.verify().await
-    } else {
-        None
-    };
-    let unmatched = swarm.unmatched();
-    if unmatched > 0 {
-        swarm.notes.push(format!(
-            "{unmatched} publishes went out without a sequence number to match: the \
-             acknowledged numbers are not exact"
-        ));
-    }
-    let notes = swarm.notes.clone();
-    swarm.close().await;
+    let (verify, notes) = swarm.finish(spec.verify).await;
     Ok(LoadReport {
         target: spec.target.name(),
         broker: format!("{}:{}", spec.host, spec.port),

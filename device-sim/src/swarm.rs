@@ -1127,6 +1127,23 @@ impl Swarm {
         }
     }
 
+    /// Ends a run: reads back what the gateway stored if `verify`, notes publishes that went
+    /// out without a sequence number to match, then closes every client. Returns the read-back
+    /// and the run's notes.
+    pub async fn finish(mut self, verify: bool) -> (Option<VerifyReport>, Vec<String>) {
+        let verified = if verify { self.verify().await } else { None };
+        let unmatched = self.unmatched();
+        if unmatched > 0 {
+            self.notes.push(format!(
+                "{unmatched} publishes went out without a sequence number to match: the \
+                 acknowledged numbers are not exact"
+            ));
+        }
+        let notes = self.notes.clone();
+        self.close().await;
+        (verified, notes)
+    }
+
     /// Disconnects every client (a DISCONNECT each, bounded) and waits for their tasks.
     pub async fn close(mut self) {
         self.plan.send_replace(Plan::Idle);

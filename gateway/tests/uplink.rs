@@ -342,30 +342,6 @@ fn bundle(version: &str, release: u64) -> Vec<u8> {
     BundleFile::sign(artifact, spec, &[release_key()], BTreeMap::new(), vec![]).encode()
 }
 
-/// 4 standard normal features, classes 70/20/10 %: what the simulator sends by default.
-fn reference_csv() -> String {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut uniform = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    let mut out = String::from("f0,f1,f2,f3,prediction,confidence\n");
-    for i in 0..5000 {
-        let row: Vec<String> = (0..4)
-            .map(|_| {
-                let (u, v) = (uniform(), uniform());
-                let z = (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos();
-                format!("{z:.6}")
-            })
-            .collect();
-        let class = [0, 0, 0, 0, 0, 0, 0, 1, 1, 2][i % 10];
-        out.push_str(&format!("{},{class},0.9\n", row.join(",")));
-    }
-    out
-}
-
 /// Registers sim-model 1.0.0 and its baseline on a site.
 async fn model_with_baseline(site: &Site) {
     let api = site.api();
@@ -380,7 +356,7 @@ async fn model_with_baseline(site: &Site) {
     tokio::task::spawn_blocking(move || {
         ureq::post(&url)
             .header("Authorization", &format!("Bearer {TOKEN}"))
-            .send(reference_csv().as_bytes())
+            .send(fleetgate_sim::behaviour::reference_csv(5000).as_bytes())
             .unwrap()
     })
     .await

@@ -319,3 +319,21 @@ fn class_weights_and_regressions_parse_with_clear_errors() {
         assert!(got.contains(error), "{text}: {got}");
     }
 }
+
+#[test]
+fn reference_rows_are_the_default_shape_and_the_same_every_time() {
+    let csv = reference_csv(1000);
+    assert_eq!(csv, reference_csv(1000));
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("f0,f1,f2,f3,prediction,confidence"));
+    let rows: Vec<Vec<f64>> = lines
+        .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(rows.len(), 1000);
+    let classes = |c: f64| rows.iter().filter(|r| r[4] == c).count();
+    assert_eq!((classes(0.0), classes(1.0), classes(2.0)), (700, 200, 100));
+    assert!(rows.iter().all(|r| r.len() == 6 && r[5] == 0.9));
+    let mean = rows.iter().map(|r| r[0]).sum::<f64>() / 1000.0;
+    let var = rows.iter().map(|r| (r[0] - mean).powi(2)).sum::<f64>() / 999.0;
+    assert!(mean.abs() < 0.1 && (var - 1.0).abs() < 0.15, "{mean} {var}");
+}

@@ -12,36 +12,9 @@ use tests::release::{model, public};
 use tests::{TestGateway, config, device};
 use tokio_util::sync::CancellationToken;
 
-/// 20,000 reference rows of 4 standard normal features, classes 70/20/10 %, confidence 0.9.
+/// 20,000 reference rows of what the simulator's devices send by default.
 pub(crate) fn reference_csv() -> String {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut uniform = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    let mut out = String::from("f0,f1,f2,f3,prediction,confidence\n");
-    for i in 0..20_000 {
-        let row: Vec<String> = (0..4)
-            .map(|_| {
-                let (u, v) = (uniform(), uniform());
-                format!(
-                    "{:.6}",
-                    (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-                )
-            })
-            .collect();
-        let class = if i % 10 < 7 {
-            0
-        } else if i % 10 < 9 {
-            1
-        } else {
-            2
-        };
-        out.push_str(&format!("{},{class},0.9\n", row.join(",")));
-    }
-    out
+    fleetgate_sim::behaviour::reference_csv(20_000)
 }
 
 async fn send(
