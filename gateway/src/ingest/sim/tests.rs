@@ -1,15 +1,26 @@
 use super::*;
 
-/// Seeds to run: `FLEETGATE_SIM_SEED` replays one; `FLEETGATE_SIM_SEEDS` (from
-/// `FLEETGATE_SIM_FIRST`) runs more than the default.
-fn seeds(default: u64, offset: u64) -> Vec<u64> {
+/// Seeds run by each test run, split into shards (tests of their own, which the test runner
+/// runs side by side): seeds with chaos for `random_runs`, and pairs (without and with chaos)
+/// for `decides_the_same`.
+const CHAOS_SEEDS: u64 = 1600;
+const CHAOS_SHARDS: u64 = 4;
+const PAIRED_SEEDS: u64 = 400;
+const PAIRED_SHARDS: u64 = 2;
+
+/// The seeds of shard `shard` of `shards`: `FLEETGATE_SIM_SEED` replays one (in the first shard
+/// only); `FLEETGATE_SIM_SEEDS` (from `FLEETGATE_SIM_FIRST`) runs another number of seeds
+/// than `default`. `offset` keeps the two tests' seeds apart.
+fn seeds(default: u64, offset: u64, shard: u64, shards: u64) -> Vec<u64> {
     let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
     if let Some(seed) = var("FLEETGATE_SIM_SEED") {
-        return vec![seed];
+        return if shard == 0 { vec![seed] } else { Vec::new() };
     }
     let n = var("FLEETGATE_SIM_SEEDS").unwrap_or(default);
     let first = var("FLEETGATE_SIM_FIRST").unwrap_or(0) + offset;
-    (first..first + n).collect()
+    (first..first + n)
+        .filter(|s| (s - first) % shards == shard)
+        .collect()
 }
 
 /// A regression is rolled back once a gate could compare; a release that does not regress
@@ -24,9 +35,8 @@ fn deserved(e: &Ending) -> &'static str {
 
 /// Random fleets, event orders, restarts and failed commits: every invariant holds after
 /// every step, and every rollout ends as its release deserves.
-#[test]
-fn random_runs_with_restarts_and_failed_commits_hold_every_invariant() {
-    let seeds = seeds(32, 0);
+fn random_runs(shard: u64) {
+    let seeds = seeds(CHAOS_SEEDS, 0, shard, CHAOS_SHARDS);
     let mut judged = 0;
     for &seed in &seeds {
         let ending = run(seed, Chaos::ALL, 600);
@@ -46,11 +56,30 @@ fn random_runs_with_restarts_and_failed_commits_hold_every_invariant() {
     );
 }
 
+#[test]
+fn random_runs_with_restarts_and_failed_commits_hold_every_invariant_1() {
+    random_runs(0);
+}
+
+#[test]
+fn random_runs_with_restarts_and_failed_commits_hold_every_invariant_2() {
+    random_runs(1);
+}
+
+#[test]
+fn random_runs_with_restarts_and_failed_commits_hold_every_invariant_3() {
+    random_runs(2);
+}
+
+#[test]
+fn random_runs_with_restarts_and_failed_commits_hold_every_invariant_4() {
+    random_runs(3);
+}
+
 /// The same fleets without restarts, failures or stale events end as deserved too, and the
 /// same way whenever both runs judged.
-#[test]
-fn a_rollout_decides_the_same_with_and_without_restarts() {
-    for seed in seeds(16, 1_000_000) {
+fn decides_the_same(shard: u64) {
+    for seed in seeds(PAIRED_SEEDS, 1_000_000, shard, PAIRED_SHARDS) {
         let calm = run(seed, Chaos::NONE, 600);
         let chaotic = run(seed, Chaos::ALL, 600);
         assert_eq!(
@@ -72,4 +101,14 @@ fn a_rollout_decides_the_same_with_and_without_restarts() {
             );
         }
     }
+}
+
+#[test]
+fn a_rollout_decides_the_same_with_and_without_restarts_1() {
+    decides_the_same(0);
+}
+
+#[test]
+fn a_rollout_decides_the_same_with_and_without_restarts_2() {
+    decides_the_same(1);
 }
