@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
-use fleetgate_protocol::{Downlink, Encoding, Uplink};
+use fleetgate_protocol::{Downlink, Encoding, FeatureBins, InputSample, Telemetry, Uplink};
 
 /// The writer's queue of device messages and presence (bounded by `ingest.queue`).
 pub type WriterTx = flume::Sender<WriterMsg>;
@@ -40,7 +40,7 @@ pub struct Uplinks {
 #[derive(Debug)]
 pub enum QueueError {
     /// No room (in messages or bytes): wait with [`Uplinks::send`].
-    Full(UplinkMsg),
+    Full(Box<UplinkMsg>),
     /// The writer is gone.
     Closed,
 }
@@ -66,7 +66,8 @@ impl Uplinks {
     }
 
     fn cost(&self, m: &UplinkMsg) -> u32 {
-        let bytes = m.payload.len() + m.device.len() + MESSAGE_OVERHEAD;
+        let decoded = m.telemetry.as_deref().map_or(0, decoded_bytes);
+        let bytes = m.payload.len() + m.device.len() + MESSAGE_OVERHEAD + decoded;
         // A message larger than the whole budget waits for all of it.
         bytes.min(self.max) as u32
     }
@@ -77,14 +78,14 @@ impl Uplinks {
             return Err(QueueError::Closed);
         }
         let Ok(permit) = self.room.clone().try_acquire_many_owned(self.cost(&m)) else {
-            return Err(QueueError::Full(m));
+            return Err(QueueError::Full(Box::new(m)));
         };
         m.room = Some(permit);
         match self.tx.try_send(WriterMsg::Uplink(m)) {
             Ok(()) => Ok(()),
             Err(flume::TrySendError::Full(WriterMsg::Uplink(mut m))) => {
                 m.room = None;
-                Err(QueueError::Full(m))
+                Err(QueueError::Full(Box::new(m)))
             }
             Err(_) => Err(QueueError::Closed),
         }
@@ -105,6 +106,28 @@ impl Uplinks {
             .await
             .map_err(|_| QueueError::Closed)
     }
+}
+
+/// Memory a decoded telemetry message holds, its heap included.
+pub fn decoded_bytes(t: &Telemetry) -> usize {
+    use std::mem::size_of;
+    let model = t.model.as_ref().map_or(0, |m| {
+        m.name.capacity()
+            + m.version.pre.len()
+            + m.version.build.len()
+            + m.class_counts.capacity() * size_of::<u32>()
+    });
+    let samples = t.samples.capacity() * size_of::<InputSample>()
+        + t.samples
+            .iter()
+            .map(|s| s.values.capacity() * size_of::<f32>())
+            .sum::<usize>();
+    let bins = t.bins.capacity() * size_of::<FeatureBins>()
+        + t.bins
+            .iter()
+            .map(|b| b.counts.capacity() * size_of::<u32>())
+            .sum::<usize>();
+    size_of::<Telemetry>() + model + samples + bins
 }
 
 /// What sessions send the writer.
@@ -132,7 +155,13 @@ pub struct UplinkMsg {
     pub session: u64,
     pub channel: Uplink,
     pub encoding: Encoding,
+    /// The payload as published; empty once the session has decoded it (`telemetry`).
     pub payload: Bytes,
+    /// A telemetry payload the session decoded and found within the protocol's bounds, so
+    /// that the writer, the one thread every message passes, does not spend its time on it.
+    /// `None` for other channels, and for a payload that did not decode (the writer decodes
+    /// it again and refuses it with its reason).
+    pub telemetry: Option<Box<Telemetry>>,
     pub received_us: u64,
     /// Where to report what became of the message, and its number in its session: `None` for
     /// messages nobody waits for (a will).

@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use fleetgate_config::MaxMessageBytes;
-use fleetgate_protocol::{Channel, Downlink, Encoding, Uplink, topic};
+use fleetgate_protocol::{Channel, Downlink, Encoding, Telemetry, Uplink, topic};
 use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, Packet, PingResp, Protocol, PubAck, PubAckReason, PubComp,
     PubCompReason, PubRec, PubRecReason, Publish, QoS, SubAck, SubscribeReasonCode, UnsubAck,
@@ -53,6 +53,24 @@ use crate::bus::{
 };
 use crate::clock::now_us;
 use crate::metrics::{Metrics, Reject};
+
+/// Decodes a telemetry payload here, in the session, rather than in the writer, which every
+/// message passes one at a time: what decodes and passes the protocol's bounds goes on decoded
+/// (and its bytes are let go); anything else goes on as it came, for the writer to decode and
+/// refuse with its reason.
+fn predecode(
+    channel: Uplink,
+    encoding: Encoding,
+    payload: Bytes,
+) -> (Bytes, Option<Box<Telemetry>>) {
+    if channel != Uplink::Telemetry {
+        return (payload, None);
+    }
+    match fleetgate_protocol::decode::<Telemetry>(&payload, encoding) {
+        Ok(t) => (Bytes::new(), Some(Box::new(t))),
+        Err(_) => (payload, None),
+    }
+}
 
 /// A device that does not read what it is sent for this long is disconnected.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -823,12 +841,14 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
         }
         let n = self.sent + 1;
         self.sent = n;
+        let (payload, telemetry) = predecode(channel, encoding, publish.payload);
         let msg = UplinkMsg {
             device: self.device.clone(),
             session: self.epoch,
             channel,
             encoding,
-            payload: publish.payload,
+            payload,
+            telemetry,
             received_us: now_us(),
             receipt: Some((self.receipts.clone(), n)),
             room: None,
@@ -839,7 +859,7 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
             Err(QueueError::Full(msg)) => {
                 self.metrics.writer_queue_full.inc();
                 let uplinks = self.uplinks.clone();
-                self.stalled = Some((Box::pin(async move { uplinks.send(msg).await }), n));
+                self.stalled = Some((Box::pin(async move { uplinks.send(*msg).await }), n));
             }
             Err(QueueError::Closed) => return Step::End(End::WriterGone),
         }
@@ -1110,6 +1130,7 @@ impl<P: Protocol + Send, S: DeviceStream> Session<P, S> {
                     channel: will.channel,
                     encoding: will.encoding,
                     payload: will.payload,
+                    telemetry: None,
                     received_us: now_us(),
                     receipt: None,
                     room: None,

@@ -10,6 +10,7 @@ fn msg(device: &str, payload: usize) -> UplinkMsg {
         channel: Uplink::Telemetry,
         encoding: Encoding::Json,
         payload: Bytes::from(vec![b'x'; payload]),
+        telemetry: None,
         received_us: 0,
         receipt: None,
         room: None,
@@ -67,7 +68,7 @@ async fn the_queue_is_bounded_in_bytes_and_frees_them_when_the_writer_is_done() 
     // A waiting send goes in once the writer has dropped one.
     let waiting = {
         let q = q.clone();
-        tokio::spawn(async move { q.send(back).await })
+        tokio::spawn(async move { q.send(*back).await })
     };
     tokio::task::yield_now().await;
     assert!(!waiting.is_finished());
@@ -103,4 +104,32 @@ fn a_message_larger_than_the_budget_takes_all_of_it() {
     q.try_send(msg("d1", 5000)).unwrap();
     assert_eq!(q.bytes_used(), 1000);
     assert!(matches!(q.try_send(msg("d1", 1)), Err(QueueError::Full(_))));
+}
+
+#[test]
+fn a_message_the_session_decoded_holds_its_decoded_size_of_the_budget() {
+    let (tx, _rx) = flume::bounded(10);
+    let q = Uplinks::new(tx, 1 << 20);
+    let sample = InputSample {
+        values: vec![0.5; 100],
+        prediction: None,
+        confidence: None,
+    };
+    let t = Telemetry {
+        boot: 0,
+        seq: 1,
+        time_ms: 0,
+        hw: Default::default(),
+        model: None,
+        samples: vec![sample; 10],
+        bins: Vec::new(),
+    };
+    let decoded = decoded_bytes(&t);
+    // Ten samples of 100 values each, on the heap, and the vector holding them.
+    let heap = 10 * 100 * 4 + 10 * size_of::<InputSample>();
+    assert_eq!(decoded, size_of::<Telemetry>() + heap);
+    let mut m = msg("d1", 0);
+    m.telemetry = Some(Box::new(t));
+    q.try_send(m).unwrap();
+    assert_eq!(q.bytes_used(), 2 + MESSAGE_OVERHEAD + decoded);
 }

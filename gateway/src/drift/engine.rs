@@ -446,7 +446,9 @@ impl StreamView<'_> {
 #[derive(Debug)]
 pub struct Engine {
     settings: Settings,
-    baselines: HashMap<(String, Version), Option<Arc<Baseline>>>,
+    /// Baselines looked up, by model and version (`None`: the version has none). Nested, so
+    /// that the lookup for every message needs no key of its own.
+    baselines: HashMap<String, HashMap<Version, Option<Arc<Baseline>>>>,
     streams: BTreeMap<StreamKey, Stream>,
     /// Verdict history from before a restart, for streams not created yet.
     restored: HashMap<StreamKey, Vec<Evaluation>>,
@@ -498,21 +500,21 @@ impl Engine {
 
     /// Whether the baseline of this model version has been looked up.
     pub fn knows(&self, model: &str, version: &Version) -> bool {
-        self.baselines
-            .contains_key(&(model.to_owned(), version.clone()))
+        self.cached(model, version).is_some()
+    }
+
+    fn cached(&self, model: &str, version: &Version) -> Option<&Option<Arc<Baseline>>> {
+        self.baselines.get(model)?.get(version)
     }
 
     /// Model versions whose baseline lookup is cached.
     pub fn known_versions(&self) -> usize {
-        self.baselines.len()
+        self.baselines.values().map(HashMap::len).sum()
     }
 
     /// A model version's baseline, if it has one and it was set.
     pub fn baseline(&self, model: &str, version: &Version) -> Option<Arc<Baseline>> {
-        self.baselines
-            .get(&(model.to_owned(), version.clone()))
-            .cloned()
-            .flatten()
+        self.cached(model, version).cloned().flatten()
     }
 
     /// Sets (or clears) a model version's baseline; its windows start over.
@@ -527,15 +529,20 @@ impl Engine {
         self.streams
             .retain(|k, _| !(k.model == model && k.version == *version));
         self.baselines
-            .insert((model.to_owned(), version.clone()), baseline);
+            .entry(model.to_owned())
+            .or_default()
+            .insert(version.clone(), baseline);
     }
 
     /// Forgets every model version looked up without a baseline (they are looked up again
     /// when seen); returns how many. Versions with a baseline stay: the registry bounds them.
     pub fn forget_unknown_versions(&mut self) -> usize {
-        let before = self.baselines.len();
-        self.baselines.retain(|_, b| b.is_some());
-        before - self.baselines.len()
+        let before = self.known_versions();
+        for versions in self.baselines.values_mut() {
+            versions.retain(|_, b| b.is_some());
+        }
+        self.baselines.retain(|_, versions| !versions.is_empty());
+        before - self.known_versions()
     }
 
     /// Verdict history loaded from storage after a restart (oldest first): used for streams
@@ -645,11 +652,7 @@ impl Engine {
         let Some(model) = &tel.model else {
             return (events, observed);
         };
-        let Some(Some(baseline)) = self
-            .baselines
-            .get(&(model.name.clone(), model.version.clone()))
-            .cloned()
-        else {
+        let Some(Some(baseline)) = self.cached(&model.name, &model.version).cloned() else {
             return (events, observed);
         };
         let contribution = Self::contribution(&baseline, tel, &mut observed);

@@ -130,10 +130,7 @@ impl Writer {
         if tel.samples.is_empty() && tel.bins.is_empty() && model.class_counts.is_empty() {
             return Ok(());
         }
-        if self
-            .baseline(&model.name.clone(), &model.version.clone())
-            .is_none()
-        {
+        if self.baseline(&model.name, &model.version).is_none() {
             return Ok(());
         }
         let cohort = self.cohort(device);

@@ -1,9 +1,10 @@
 //! The storage writer: the one owner of device state, presence, alerts and commands.
 //!
 //! Everything that changes stored state passes through one thread: device messages and
-//! presence from the sessions, and operator requests from the API. It takes what is queued (up
-//! to `ingest.batch` messages, waiting at most `ingest.commit_delay` for more), applies it to
-//! its in-memory state and writes it in one transaction. Effects that leave the writer
+//! presence from the sessions, and operator requests from the API. It opens a transaction at
+//! the first thing queued and applies what is queued to its in-memory state as it takes it, up
+//! to `ingest.batch` messages or until `ingest.commit_delay` has passed since the first, and
+//! commits them together. Effects that leave the writer
 //! (acknowledgements to devices, command publishes, session kicks, API replies, metric counts)
 //! happen only after the commit, so nothing is announced that a crash could undo.
 //!
@@ -18,7 +19,7 @@
 //! - The writer is the gateway: if it cannot go on (its state cannot be reloaded), it stops,
 //!   and the gateway stops with it (see `app`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -356,11 +357,17 @@ impl Writer {
                 Some((_, deadline, _)) => (*deadline).min(next_retention).min(next_tick),
                 None => next_retention.min(next_tick),
             };
-            let items = self.collect(&msgs, &controls, wake_at);
-            self.metrics.queue_depth.set(msgs.len() as i64);
-
-            if !items.is_empty() {
-                let effects = self.apply_batch(items)?;
+            if let Some(first) = next_item(&msgs, &controls, wake_at) {
+                let intake = Intake {
+                    msgs: &msgs,
+                    controls: &controls,
+                    buffer: VecDeque::from([first]),
+                    taken: 1,
+                    max: self.settings.batch,
+                    close_at: Instant::now() + self.settings.commit_delay,
+                };
+                let effects = self.apply_items(intake)?;
+                self.metrics.queue_depth.set(msgs.len() as i64);
                 if let Some(stop) = self.finish_batch(effects) {
                     stopping = Some(stop);
                 }
@@ -391,47 +398,19 @@ impl Writer {
         }
     }
 
-    /// The next batch: waits until something arrives (or `wake_at`), then takes what is queued,
-    /// waiting up to `ingest.commit_delay` for more while the batch has room.
-    fn collect(
-        &self,
-        msgs: &flume::Receiver<WriterMsg>,
-        controls: &flume::Receiver<Control>,
-        wake_at: Instant,
-    ) -> Vec<Item> {
-        let next = |until: Instant| {
-            flume::Selector::new()
-                .recv(controls, |c| c.ok().map(Item::Control))
-                .recv(msgs, |m| m.ok().map(Item::Msg))
-                .wait_deadline(until)
-                .ok()
-                .flatten()
-        };
-        let Some(first) = next(wake_at) else {
-            return Vec::new();
-        };
-        let mut items = vec![first];
-        let close_at = Instant::now() + self.settings.commit_delay;
-        loop {
-            // Operator requests first, so that a sync registered before its marker was queued
-            // is always applied before the marker.
-            items.extend(controls.try_iter().map(Item::Control));
-            let room = self.settings.batch.saturating_sub(items.len());
-            items.extend(msgs.try_iter().take(room).map(Item::Msg));
-            if items.len() >= self.settings.batch || Instant::now() >= close_at {
-                return items;
-            }
-            match next(close_at) {
-                Some(item) => items.push(item),
-                None => return items,
-            }
-        }
+    /// Applies a batch collected beforehand (tests and the simulation).
+    #[cfg(test)]
+    fn apply_batch(&mut self, items: Vec<Item>) -> Result<Effects, storage::StorageError> {
+        self.apply_items(items.into_iter())
     }
 
-    /// Applies a batch in one transaction. A failed commit fails the receipts of the sessions
-    /// whose messages were in it, answers the API with the error and reloads; only a failed
-    /// reload is returned (the writer cannot go on).
-    fn apply_batch(&mut self, items: Vec<Item>) -> Result<Effects, storage::StorageError> {
+    /// Applies the items `items` yields, as it yields them, in one transaction. A failed commit
+    /// fails the receipts of the sessions whose messages were in it, answers the API with the
+    /// error and reloads; only a failed reload is returned (the writer cannot go on).
+    fn apply_items(
+        &mut self,
+        items: impl Iterator<Item = Item>,
+    ) -> Result<Effects, storage::StorageError> {
         let mut fx = Effects::default();
         let result = self.store.clone().write(|t| {
             for item in items {
@@ -555,14 +534,14 @@ impl Writer {
         fx: &mut Effects,
     ) -> storage::Result<()> {
         match msg {
-            WriterMsg::Uplink(m) => {
+            WriterMsg::Uplink(mut m) => {
                 if m.rejected > 0
                     && let Some(s) = self.devices.get_mut(&m.device)
                 {
                     s.device.counters.rejected += m.rejected;
                     s.dirty = true;
                 }
-                let refused = self.apply_uplink(t, &m, fx)?;
+                let refused = self.apply_uplink(t, &mut m, fx)?;
                 if let Some((receipts, n)) = m.receipt {
                     if let Some(why) = refused {
                         receipts.refuse(n, why);
@@ -618,5 +597,67 @@ impl Writer {
 mod sim;
 #[cfg(test)]
 mod testing;
+/// Waits until a device message or an operator request arrives, or until `until`.
+fn next_item(
+    msgs: &flume::Receiver<WriterMsg>,
+    controls: &flume::Receiver<Control>,
+    until: Instant,
+) -> Option<Item> {
+    flume::Selector::new()
+        .recv(controls, |c| c.ok().map(Item::Control))
+        .recv(msgs, |m| m.ok().map(Item::Msg))
+        .wait_deadline(until)
+        .ok()
+        .flatten()
+}
+
+/// The items of one batch, taken from the queues while the writer applies them: the batch
+/// closes at `ingest.batch` items, or `ingest.commit_delay` after its first item, whichever
+/// comes first. Taking them as they are applied (rather than collecting the batch first and
+/// then applying it) keeps the writer working through the commit delay: messages that arrive
+/// during it are applied as they arrive, and the commit follows the last one at once.
+struct Intake<'q> {
+    msgs: &'q flume::Receiver<WriterMsg>,
+    controls: &'q flume::Receiver<Control>,
+    /// Taken from the queues, not yet applied.
+    buffer: VecDeque<Item>,
+    /// Taken from the queues so far, the buffer included.
+    taken: usize,
+    max: usize,
+    close_at: Instant,
+}
+
+impl Iterator for Intake<'_> {
+    type Item = Item;
+
+    fn next(&mut self) -> Option<Item> {
+        loop {
+            if let Some(item) = self.buffer.pop_front() {
+                return Some(item);
+            }
+            if self.taken >= self.max {
+                return None;
+            }
+            // Operator requests first, so that a sync registered before its marker was queued
+            // is always applied before the marker.
+            self.buffer
+                .extend(self.controls.try_iter().map(Item::Control));
+            let room = self.max.saturating_sub(self.taken + self.buffer.len());
+            self.buffer
+                .extend(self.msgs.try_iter().take(room).map(Item::Msg));
+            self.taken += self.buffer.len();
+            if !self.buffer.is_empty() {
+                continue;
+            }
+            if Instant::now() >= self.close_at {
+                return None;
+            }
+            let item = next_item(self.msgs, self.controls, self.close_at)?;
+            self.taken += 1;
+            return Some(item);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -19,21 +19,21 @@ use crate::storage::{self, Removed, Stream, Tables};
 /// Rows of one device and stream: (key, record encoding), in key order.
 type DeviceRows = Vec<(u64, Vec<u8>)>;
 
-/// The rows a batch will store, per device and stream, in arrival order.
+/// The rows a batch will store, per device and stream (indexed by `Stream as usize`), in
+/// arrival order.
 #[derive(Debug, Default)]
 pub(super) struct Rows {
-    pending: BTreeMap<(String, Stream), DeviceRows>,
+    pending: BTreeMap<String, [DeviceRows; 2]>,
 }
 
 impl Rows {
     pub(super) fn push(&mut self, stream: Stream, device: &str, key: u64, row: Vec<u8>) {
-        match self.pending.get_mut(&(device.to_owned(), stream)) {
-            Some(rows) => rows.push((key, row)),
-            None => {
-                self.pending
-                    .insert((device.to_owned(), stream), vec![(key, row)]);
-            }
-        }
+        // Looked up by `&str`: no allocation for a device already in the batch.
+        let rows = match self.pending.get_mut(device) {
+            Some(rows) => rows,
+            None => self.pending.entry(device.to_owned()).or_default(),
+        };
+        rows[stream as usize].push((key, row));
     }
 
     pub(super) fn clear(&mut self) {
@@ -45,20 +45,25 @@ impl Writer {
     /// Writes the batch's rows, trims each device to its limits, then holds the quota.
     pub(super) fn store_rows(&mut self, t: &mut Tables<'_>) -> storage::Result<()> {
         let pending = std::mem::take(&mut self.rows.pending);
-        for ((device, stream), rows) in pending {
-            t.append_rows(stream, &device, &rows)?;
-            let Some(s) = self.devices.get_mut(&device) else {
-                continue;
-            };
-            let (keep, count) = match stream {
-                Stream::Telemetry => (
-                    self.settings.telemetry_per_device,
-                    &mut s.device.telemetry_rows,
-                ),
-                Stream::Logs => (self.settings.logs_per_device, &mut s.device.log_rows),
-            };
-            t.trim_device(stream, &device, keep, count)?;
-            s.dirty = true;
+        for (device, [telemetry, logs]) in pending {
+            for (stream, rows) in [(Stream::Telemetry, telemetry), (Stream::Logs, logs)] {
+                if rows.is_empty() {
+                    continue;
+                }
+                t.append_rows(stream, &device, &rows)?;
+                let Some(s) = self.devices.get_mut(&device) else {
+                    continue;
+                };
+                let (keep, count) = match stream {
+                    Stream::Telemetry => (
+                        self.settings.telemetry_per_device,
+                        &mut s.device.telemetry_rows,
+                    ),
+                    Stream::Logs => (self.settings.logs_per_device, &mut s.device.log_rows),
+                };
+                t.trim_device(stream, &device, keep, count)?;
+                s.dirty = true;
+            }
         }
         self.hold_quota(t)
     }

@@ -288,6 +288,7 @@ impl Sim {
             channel,
             encoding: Encoding::Postcard,
             payload: payload.into(),
+            telemetry: None,
             received_us: self.clock_us,
             receipt: Some((d.receipts.clone(), d.sent)),
             room: None,

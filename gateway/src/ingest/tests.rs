@@ -111,6 +111,7 @@ impl Harness {
             channel,
             encoding,
             payload,
+            telemetry: None,
             received_us: self.clock_us,
             receipt: None,
             room: None,
@@ -964,4 +965,54 @@ fn a_rollout_matching_no_device_is_refused_and_blocks_nothing() {
         })
         .unwrap();
     assert_eq!(created.record.planned, 1);
+}
+
+/// A batch takes from the queues as the writer applies it: at most `ingest.batch` items
+/// (the rest stay queued for the next), operator requests before the messages queued with
+/// them, and no waiting once its deadline has passed.
+#[test]
+fn a_batch_takes_at_most_its_size_with_operator_requests_first() {
+    let (msg_tx, msgs) = flume::unbounded();
+    let (control_tx, controls) = flume::unbounded();
+    for n in 1..=10 {
+        msg_tx.send(WriterMsg::FlushMarker(n)).unwrap();
+    }
+    let (reply, _answer) = oneshot::channel();
+    control_tx
+        .send(Control::Revoke {
+            id: "d1".into(),
+            reply,
+        })
+        .unwrap();
+    let first = next_item(&msgs, &controls, Instant::now()).expect("queued");
+    let intake = Intake {
+        msgs: &msgs,
+        controls: &controls,
+        buffer: VecDeque::from([first]),
+        taken: 1,
+        max: 4,
+        close_at: Instant::now() + Duration::from_secs(60),
+    };
+    let taken: Vec<String> = intake
+        .map(|item| match item {
+            Item::Msg(WriterMsg::FlushMarker(n)) => format!("marker {n}"),
+            Item::Control(Control::Revoke { id, .. }) => format!("revoke {id}"),
+            _ => "other".into(),
+        })
+        .collect();
+    // The selector takes the operator request first, then the batch fills up to 4.
+    assert_eq!(taken, ["revoke d1", "marker 1", "marker 2", "marker 3"]);
+    assert_eq!(msgs.len(), 7, "the rest stays queued");
+
+    // Past its deadline, with nothing queued, a batch closes without waiting.
+    let (_tx, empty) = flume::unbounded::<WriterMsg>();
+    let mut intake = Intake {
+        msgs: &empty,
+        controls: &controls,
+        buffer: VecDeque::new(),
+        taken: 1,
+        max: 4,
+        close_at: Instant::now(),
+    };
+    assert!(intake.next().is_none());
 }

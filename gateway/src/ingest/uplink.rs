@@ -57,7 +57,7 @@ impl Writer {
     pub(super) fn apply_uplink(
         &mut self,
         t: &mut Tables<'_>,
-        m: &UplinkMsg,
+        m: &mut UplinkMsg,
         fx: &mut Effects,
     ) -> storage::Result<Option<Refusal>> {
         if self
@@ -140,10 +140,11 @@ impl Writer {
     fn telemetry(
         &mut self,
         t: &mut Tables<'_>,
-        m: &UplinkMsg,
+        m: &mut UplinkMsg,
         fx: &mut Effects,
     ) -> storage::Result<Handled> {
-        let tel = match self.decode::<Telemetry>(m) {
+        let decoded = m.telemetry.take().map(|tel| *tel);
+        let tel = match decoded.map_or_else(|| self.decode::<Telemetry>(m), Ok) {
             Ok(tel) => tel,
             Err(why) => return Ok(Handled::Refused(why)),
         };

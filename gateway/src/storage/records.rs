@@ -31,7 +31,9 @@ pub trait Record: Serialize + DeserializeOwned {
     const VERSION: u8;
 
     fn encode(&self) -> Vec<u8> {
-        let mut out = vec![Self::VERSION];
+        // Most records fit; postcard would otherwise grow the vector a few bytes at a time.
+        let mut out = Vec::with_capacity(128);
+        out.push(Self::VERSION);
         // Serializing our own plain structs into a Vec cannot fail.
         postcard::to_io(self, &mut out).expect("postcard encoding of a record");
         out

@@ -189,3 +189,23 @@ fn a_packet_announcing_more_than_the_limit_is_refused_before_it_arrives() {
     assert_eq!(announced_len(&[0x30, 0x80]), None, "incomplete");
     assert_eq!(announced_len(&[0x30]), None);
 }
+
+/// Telemetry that decodes within bounds goes to the writer decoded, without its bytes; what
+/// does not decode, and every other channel, goes as it came.
+#[test]
+fn the_session_decodes_telemetry_and_leaves_the_rest_to_the_writer() {
+    let good = br#"{"seq": 7, "hw": {"temp_c": 41.5}}"#;
+    let (payload, decoded) = predecode(Uplink::Telemetry, Encoding::Json, Bytes::from_static(good));
+    let t = decoded.expect("decoded");
+    assert_eq!((t.seq, t.hw.temp_c), (7, Some(41.5)));
+    assert!(payload.is_empty());
+
+    let bad = br#"{"seq": "seven"}"#;
+    let (payload, decoded) = predecode(Uplink::Telemetry, Encoding::Json, Bytes::from_static(bad));
+    assert!(decoded.is_none());
+    assert_eq!(&payload[..], bad);
+
+    let (payload, decoded) = predecode(Uplink::Log, Encoding::Json, Bytes::from_static(good));
+    assert!(decoded.is_none());
+    assert_eq!(&payload[..], good);
+}

@@ -91,6 +91,7 @@ impl H {
             channel,
             encoding: Encoding::Postcard,
             payload: encode(m, Encoding::Postcard).unwrap().into(),
+            telemetry: None,
             received_us: self.clock_us,
             receipt: None,
             room: None,
