@@ -13,7 +13,8 @@
 //! - A publish then passes the topic policy and its channel's size limit
 //!   (`limits.max_message_bytes`); a refused one is answered (v5 PUBACK 0x87, 0x83) and counted
 //!   by reason and per device.
-//! - An accepted publish goes to the writer's bounded queue. A QoS 1 PUBACK (QoS 2 PUBREC) is
+//! - An accepted publish goes to the writer's bounded queue (telemetry that decodes within the
+//!   protocol's bounds goes decoded, see `predecode`). A QoS 1 PUBACK (QoS 2 PUBREC) is
 //!   written only once the writer has committed the message (`bus::Receipts`), with the
 //!   writer's verdict as its v5 reason code, and in the order the publishes arrived. With
 //!   `ingest.ack = "receipt"` it is written once the message is in the writer's queue.

@@ -593,10 +593,6 @@ impl Writer {
     }
 }
 
-#[cfg(test)]
-mod sim;
-#[cfg(test)]
-mod testing;
 /// Waits until a device message or an operator request arrives, or until `until`.
 fn next_item(
     msgs: &flume::Receiver<WriterMsg>,
@@ -659,5 +655,9 @@ impl Iterator for Intake<'_> {
     }
 }
 
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod testing;
 #[cfg(test)]
 mod tests;
