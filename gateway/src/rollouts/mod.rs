@@ -251,6 +251,9 @@ impl Engine {
                 validate: None,
             },
         );
+        // As when it finished live: a rollout with nobody left to act on leaves memory (else a
+        // restart would bring an ended rollout back to take late joiners).
+        self.forget_finished(id);
     }
 
     pub fn record(&self, id: u64) -> Option<&RolloutRecord> {

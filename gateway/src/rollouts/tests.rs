@@ -806,6 +806,22 @@ fn a_completed_rollout_lets_go_of_its_devices() {
     assert_eq!(w.records[&2].planned, 20);
 }
 
+/// A completed rollout with nobody left to update leaves memory, so it takes no late joiner.
+/// Restored from storage (a restart, or the reload after a failed commit) it came back and
+/// took one: a device that said hello after the reload joined a rollout that had ended
+/// (found by the simulation, seed 1378, with telemetry while time ran on).
+#[test]
+fn a_completed_rollout_stays_forgotten_after_a_restart() {
+    let mut w = World::new(20);
+    w.create(1, policy());
+    w.run(1, Duration::from_secs(120));
+    assert_eq!(w.state(1), RolloutState::Completed);
+    assert_eq!(w.engine.active().count(), 0);
+    w.restart();
+    assert_eq!(w.engine.active().count(), 0, "the ended rollout came back");
+    assert!(w.engine.record(1).is_none());
+}
+
 /// Issue 12, defect 3: a rollout with no device (a label typo) was accepted, stayed running
 /// and blocked every other rollout of its model. It is refused, with why.
 #[test]
