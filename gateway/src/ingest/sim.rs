@@ -16,9 +16,9 @@
 //! - a device is online in storage exactly when the writer holds its connection.
 //!
 //! At the end, with every device back and time run on (until the rollout ends, then past every
-//! timer), the rollout has the outcome the release deserves (rolled back when it regresses, completed when not, whatever the restarts and
-//! failures), every device runs exactly one of the two versions, as its rollout state says,
-//! and no transfer is stuck.
+//! timer), the rollout has the outcome the release deserves (rolled back when it regresses,
+//! completed when not, whatever the restarts and failures), every device runs exactly one of
+//! the two versions, as its rollout state says, and no transfer is stuck.
 //!
 //! A failing seed is printed and replays exactly: `FLEETGATE_SIM_SEED=<seed> cargo nextest run
 //! -p fleetgate ingest::sim`. `FLEETGATE_SIM_SEEDS=<n>` (and `FLEETGATE_SIM_FIRST`) run more;
@@ -476,9 +476,15 @@ impl Sim {
         self.devices[i].behaviour.reboot();
     }
 
-    /// Time passes: devices send telemetry now and then, and the writer's timers run.
+    /// A random step of time (see [`Sim::advance`]).
     fn tick(&mut self) {
         let ms = self.rng.random_range(100..1200);
+        self.advance(ms);
+    }
+
+    /// `ms` milliseconds pass: devices send telemetry now and then, and the writer's timers
+    /// run.
+    fn advance(&mut self, ms: u64) {
         let before = self.now_ms() / 1000;
         self.clock_us += ms * 1000;
         crate::clock::set_thread_clock(Some(self.clock_us));
@@ -680,12 +686,7 @@ impl Sim {
         // Time runs on past every timer (gate waits, device and stall timeouts): a rollout that
         // ended stays as it ended, and nothing starts moving again.
         let ended = self.rollout_state();
-        self.clock_us += RUN_ON.as_micros() as u64;
-        crate::clock::set_thread_clock(Some(self.clock_us));
-        self.writer()
-            .tick()
-            .unwrap_or_else(|e| panic!("seed {seed}: the writer cannot go on: {e}"));
-        self.after_commit();
+        self.advance(RUN_ON.as_millis() as u64);
         while !self.queue.is_empty() {
             self.write();
         }
